@@ -1,0 +1,60 @@
+"""gen-ai-frames: enrich tabular data with LLM output.
+
+>>> from gen_ai_frames import create_client
+>>> client = create_client(provider="openai", api_key="sk-...", model_name="gpt-4o-mini")
+"""
+
+from __future__ import annotations
+
+from .client import Client
+from .errors import (
+    APIConnectionError,
+    APIStatusError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
+    ConfigurationError,
+    ContentFilterError,
+    ContextLengthError,
+    FailedPromptsWarning,
+    GenAIError,
+    InvalidPromptError,
+    MalformedResponseError,
+    NotFoundError,
+    NotSentError,
+    PermissionDeniedError,
+    RateLimitError,
+    RequestError,
+    ServerError,
+)
+from .factory import create_client
+from .providers import providers
+from .retry import RetryPolicy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "APIConnectionError",
+    "APIStatusError",
+    "APITimeoutError",
+    "AuthenticationError",
+    "BadRequestError",
+    "Client",
+    "ConfigurationError",
+    "ContentFilterError",
+    "ContextLengthError",
+    "FailedPromptsWarning",
+    "GenAIError",
+    "InvalidPromptError",
+    "MalformedResponseError",
+    "NotFoundError",
+    "NotSentError",
+    "PermissionDeniedError",
+    "RateLimitError",
+    "RequestError",
+    "RetryPolicy",
+    "ServerError",
+    "__version__",
+    "create_client",
+    "providers",
+]

@@ -1,0 +1,216 @@
+"""Every error gen-ai-frames raises or reports, each with a message and a suggestion.
+
+The tree::
+
+    GenAIError
+    ├── ConfigurationError (also ValueError)      bad arguments or setup, raised before any request
+    ├── CheckpointError                            see gen_ai_frames.checkpoint
+    └── RequestError                               one prompt failed; carried per row in batch results
+        ├── InvalidPromptError                     None, NaN, empty or non-text prompt: never sent
+        ├── NotSentError                           not sent: the run stopped early (fatal error, budget)
+        ├── APIConnectionError                     connection refused, reset, DNS, TLS
+        │   └── APITimeoutError                    no answer within ``timeout``
+        ├── MalformedResponseError                 not JSON, or JSON of the wrong shape (e.g. a proxy page)
+        ├── ContentFilterError                     the provider withheld the answer
+        └── APIStatusError                         the provider answered an HTTP error status
+            ├── BadRequestError                    400, 422
+            │   └── ContextLengthError             the prompt plus max_tokens exceed the context window
+            ├── AuthenticationError                401 (fatal: stops the run)
+            ├── PermissionDeniedError              403 (fatal)
+            ├── NotFoundError                      404: unknown model or wrong endpoint path (fatal)
+            ├── ConflictError                      409
+            ├── RateLimitError                     429
+            └── ServerError                        5xx, 529 (provider overloaded)
+
+Batch calls never raise ``RequestError`` for one row: they return it as a dict (see
+:meth:`RequestError.to_dict`) so one bad row never loses the others.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "APIConnectionError",
+    "APIStatusError",
+    "APITimeoutError",
+    "AuthenticationError",
+    "BadRequestError",
+    "ConfigurationError",
+    "ConflictError",
+    "ContentFilterError",
+    "ContextLengthError",
+    "FailedPromptsWarning",
+    "GenAIError",
+    "InvalidPromptError",
+    "MalformedResponseError",
+    "NotFoundError",
+    "NotSentError",
+    "PermissionDeniedError",
+    "RateLimitError",
+    "RequestError",
+    "ServerError",
+]
+
+
+class GenAIError(Exception):
+    """Base class of every exception raised by gen-ai-frames."""
+
+
+class ConfigurationError(GenAIError, ValueError):
+    """A bad argument or setting, found before any request is sent.
+
+    >>> raise ConfigurationError("temperature must be in [0, 2], got 5")
+    Traceback (most recent call last):
+    ...
+    gen_ai_frames.errors.ConfigurationError: temperature must be in [0, 2], got 5
+    """
+
+
+class FailedPromptsWarning(UserWarning):
+    """Some prompts of a batch failed; the batch call returned ``None`` for them."""
+
+
+class RequestError(GenAIError):
+    """One prompt's request failed. ``suggestion`` says what to do about it.
+
+    ``retryable`` tells whether sending the same request again may succeed; ``fatal`` whether every
+    other request of the run would fail the same way (a bad key, an unknown model), which stops a run.
+    """
+
+    default_suggestion = "See the message for details."
+    retryable_by_default = False
+    fatal = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        suggestion: str | None = None,
+        status_code: int | None = None,
+        retryable: bool | None = None,
+        attempts: int = 0,
+        retry_after: float | None = None,
+        sent: bool = True,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.suggestion = suggestion or self.default_suggestion
+        self.status_code = status_code
+        self.retryable = self.retryable_by_default if retryable is None else retryable
+        self.attempts = attempts
+        self.retry_after = retry_after
+        self.sent = sent
+
+    @property
+    def type(self) -> str:
+        """The error's class name, e.g. ``"RateLimitError"``: stable, good for grouping."""
+        return type(self).__name__
+
+    def to_dict(self) -> dict[str, Any]:
+        """The error as the plain dict that batch calls return.
+
+        >>> AuthenticationError("bad key", status_code=401).to_dict()["type"]
+        'AuthenticationError'
+        """
+        return {
+            "message": self.message,
+            "suggestion": self.suggestion,
+            "type": self.type,
+            "status_code": self.status_code,
+            "retryable": self.retryable,
+            "attempts": self.attempts,
+            "sent": self.sent,
+        }
+
+    def __str__(self) -> str:
+        return f"{self.message} Suggestion: {self.suggestion}"
+
+    def __repr__(self) -> str:
+        return f"{self.type}(message={self.message!r}, status_code={self.status_code!r})"
+
+
+class InvalidPromptError(RequestError):
+    default_suggestion = "Give every row a non-empty text prompt, or drop the rows without one."
+
+
+class NotSentError(RequestError):
+    default_suggestion = "Fix the cause named in the message, then run again: finished rows are kept."
+
+
+class APIConnectionError(RequestError):
+    default_suggestion = (
+        "Check that the server is running at that URL and reachable from this machine "
+        "(scheme, host, port, proxy, TLS settings)."
+    )
+    retryable_by_default = True
+
+
+class APITimeoutError(APIConnectionError):
+    default_suggestion = (
+        "Raise `timeout`, lower `max_tokens`, or lower `max_concurrent` if the server is overloaded."
+    )
+
+
+class MalformedResponseError(RequestError):
+    default_suggestion = (
+        "The endpoint did not answer like an LLM API: check that `endpoint` points at the API base "
+        "URL (e.g. ending in /v1) and not at a web page or a proxy's login page."
+    )
+
+
+class ContentFilterError(RequestError):
+    default_suggestion = "The provider's content filter withheld the answer: rephrase the prompt."
+
+
+class APIStatusError(RequestError):
+    default_suggestion = "Check the provider's status page and the request parameters."
+
+
+class BadRequestError(APIStatusError):
+    default_suggestion = "The provider rejected the request: check the parameters named in the message."
+
+
+class ContextLengthError(BadRequestError):
+    default_suggestion = (
+        "The prompt plus `max_tokens` is longer than the model's context window: shorten the prompt, "
+        "lower `max_tokens`, or use a model with a larger context."
+    )
+
+
+class AuthenticationError(APIStatusError):
+    default_suggestion = "Check the API key: pass `api_key=` or set the provider's key variable."
+    fatal = True
+
+
+class PermissionDeniedError(APIStatusError):
+    default_suggestion = "The key is valid but may not use this model or endpoint: check its permissions."
+    fatal = True
+
+
+class NotFoundError(APIStatusError):
+    default_suggestion = (
+        "Check `model_name` (is the model available to this key?) and `endpoint` "
+        "(the API base URL, e.g. https://api.openai.com/v1)."
+    )
+    fatal = True
+
+
+class ConflictError(APIStatusError):
+    retryable_by_default = True
+
+
+class RateLimitError(APIStatusError):
+    default_suggestion = (
+        "The provider is rate limiting: lower `max_concurrent`, set `requests_per_minute` or "
+        "`tokens_per_minute`, or raise `max_retries`."
+    )
+    retryable_by_default = True
+
+
+class ServerError(APIStatusError):
+    default_suggestion = (
+        "The provider had a server error or is overloaded: retry later, raise `max_retries`, "
+        "or lower `max_concurrent`."
+    )
+    retryable_by_default = True

@@ -1,0 +1,91 @@
+"""``create_client``: the entry point of the batch processing API."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import ssl
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from .client import Client
+from .errors import ConfigurationError
+from .providers import get_provider
+from .providers.base import normalize_endpoint
+from .retry import RetryPolicy
+from .transport import AiohttpTransport, HttpxTransport, Transport
+
+if TYPE_CHECKING:
+    import httpx
+
+__all__ = ["create_client"]
+
+
+def create_client(
+    provider: str = "openai",
+    api_key: str | None = None,
+    endpoint: str | None = None,
+    model_name: str | None = None,
+    *,
+    max_retries: int = 3,
+    retry: RetryPolicy | None = None,
+    verify: bool | str | ssl.SSLContext = True,
+    http_client: httpx.AsyncClient | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+    **provider_options: Any,
+) -> Client:
+    """Build a client for one model of one provider.
+
+    ``api_key`` falls back to the provider's environment variable (``OPENAI_API_KEY`` for
+    ``"openai"``). ``verify`` controls TLS verification (``False``, or a CA bundle path).
+    ``http_client`` (an ``httpx.AsyncClient``) or ``transport`` (e.g. ``httpx.MockTransport``) send
+    through httpx instead of the default aiohttp transport.
+
+    >>> client = create_client(provider="openai", api_key="sk-...", model_name="gpt-4o-mini")
+    >>> client
+    Client(provider='openai', model_name='gpt-4o-mini', endpoint='https://api.openai.com/v1')
+    """
+    provider_class = get_provider(provider)
+    if endpoint is None:
+        endpoint = provider_class.default_endpoint
+        if endpoint is None:
+            raise ConfigurationError(f"provider {provider!r} needs `endpoint=` (its API base URL)")
+    endpoint = normalize_endpoint(endpoint)
+    if model_name is None:
+        model_name = provider_class.default_model
+        if model_name is None:
+            raise ConfigurationError(f"provider {provider!r} needs `model_name=`")
+    if not isinstance(model_name, str) or not model_name.strip():
+        raise ConfigurationError(f"model_name must be a non-empty string, got {model_name!r}")
+    if api_key is None and provider_class.api_key_env:
+        api_key = os.environ.get(provider_class.api_key_env) or None
+    if api_key is None and provider_class.requires_api_key and not is_local(endpoint):
+        raise ConfigurationError(
+            f"no API key for provider {provider!r}: set the {provider_class.api_key_env} environment variable "
+            "or pass api_key=..."
+            if provider_class.api_key_env else f"no API key for provider {provider!r}: pass api_key=..."
+        )
+    instance = provider_class(api_key=api_key, endpoint=endpoint, model_name=model_name, **provider_options)
+
+    def make_transport() -> Transport:
+        if http_client is not None or transport is not None:
+            return HttpxTransport(http_client, transport=transport, verify=verify)
+        return AiohttpTransport(verify=verify)
+
+    return Client(instance, make_transport, max_retries=max_retries, retry=retry)
+
+
+def is_local(endpoint: str) -> bool:
+    """True for loopback endpoints, which usually need no key (a local vLLM, Ollama, llama.cpp).
+
+    >>> is_local("http://127.0.0.1:8000/v1"), is_local("https://api.openai.com/v1")
+    (True, False)
+    """
+    host = urlsplit(endpoint).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return address.is_loopback or address.is_unspecified

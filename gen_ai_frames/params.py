@@ -1,0 +1,76 @@
+"""Generation parameters and their validation: bad values fail before any request is sent."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .errors import ConfigurationError
+
+__all__ = ["GenerationParams", "Message", "validate_positive_int"]
+
+#: One chat message: ``{"role": "user", "content": "Hi"}``.
+Message = dict[str, str]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GenerationParams:
+    """What to ask the model for, shared by every prompt of a call.
+
+    >>> GenerationParams(max_tokens=100, temperature=0.7).max_tokens
+    100
+    >>> GenerationParams(temperature=5)
+    Traceback (most recent call last):
+    ...
+    gen_ai_frames.errors.ConfigurationError: temperature must be a number in [0, 2], got 5
+    """
+
+    max_tokens: int = 256
+    temperature: float = 0
+    top_p: float = 1.0
+    timeout: float = 60
+    system_prompt: str | None = None
+    stop: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        validate_positive_int("max_tokens", self.max_tokens)
+        _check_number("temperature", self.temperature, "in [0, 2]", lambda v: 0 <= v <= 2)
+        _check_number("top_p", self.top_p, "in (0, 1]", lambda v: 0 < v <= 1)
+        _check_number("timeout", self.timeout, "> 0 (seconds)", lambda v: v > 0)
+        if self.system_prompt is not None and not isinstance(self.system_prompt, str):
+            raise ConfigurationError(
+                f"system_prompt must be a string or None, got {type(self.system_prompt).__name__}"
+            )
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What makes answers differ: stored in checkpoints to refuse resuming with other settings."""
+        values = asdict(self)
+        values.pop("timeout")  # a longer timeout does not change an answer
+        if values["stop"] is not None:
+            values["stop"] = list(values["stop"])
+        return values
+
+
+def validate_positive_int(name: str, value: object, *, minimum: int = 1) -> int:
+    """Return ``value`` if it is an int >= ``minimum``, else raise a ConfigurationError naming it.
+
+    >>> validate_positive_int("max_concurrent", 0)
+    Traceback (most recent call last):
+    ...
+    gen_ai_frames.errors.ConfigurationError: max_concurrent must be an integer >= 1, got 0
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ConfigurationError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_number(name: str, value: object, allowed: str, ok: Any) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or math.isnan(value)
+        or not ok(value)
+    ):
+        raise ConfigurationError(f"{name} must be a number {allowed}, got {value!r}")

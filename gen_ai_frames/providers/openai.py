@@ -1,0 +1,132 @@
+"""The OpenAI HTTP API, spoken by OpenAI and by compatible servers (vLLM, Ollama, llama.cpp, ...).
+
+Chat Completions by default (``api="chat"``); the legacy Completions API with ``api="completions"``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from ..errors import ConfigurationError, ContentFilterError, MalformedResponseError, RequestError
+from ..params import GenerationParams, Message
+from ..transport import HttpRequest, HttpResponse
+from .base import Completion, Provider, dumps, error_for_status
+
+__all__ = ["OpenAIProvider"]
+
+
+class OpenAIProvider(Provider):
+    """OpenAI-compatible provider.
+
+    >>> provider = OpenAIProvider(api_key="sk-test", endpoint="http://127.0.0.1:8000/v1", model_name="m")
+    >>> request = provider.build_request([{"role": "user", "content": "Hi"}], GenerationParams())
+    >>> request.url
+    'http://127.0.0.1:8000/v1/chat/completions'
+    """
+
+    name: ClassVar[str] = "openai"
+    api_key_env: ClassVar[str | None] = "OPENAI_API_KEY"
+    default_endpoint: ClassVar[str | None] = "https://api.openai.com/v1"
+    default_model: ClassVar[str | None] = "gpt-4o-mini"
+
+    def __init__(self, *, api_key: str | None, endpoint: str, model_name: str, api: str = "chat",
+                 organization: str | None = None, **options: Any) -> None:
+        super().__init__(api_key=api_key, endpoint=endpoint, model_name=model_name, **options)
+        if api not in ("chat", "completions"):
+            raise ConfigurationError(f"api must be 'chat' or 'completions', got {api!r}")
+        self.api = api
+        self._headers = {"content-type": "application/json", "accept": "application/json"}
+        if api_key:
+            self._headers["authorization"] = f"Bearer {api_key}"
+        if organization:
+            self._headers["openai-organization"] = organization
+        self._url = f"{endpoint}/chat/completions" if api == "chat" else f"{endpoint}/completions"
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {**super().fingerprint(), "api": self.api}
+
+    def build_request(self, messages: list[Message], params: GenerationParams) -> HttpRequest:
+        body: dict[str, Any] = {
+            "model": self.model_name,
+            "max_tokens": params.max_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+        }
+        if params.stop:
+            body["stop"] = list(params.stop)
+        if self.api == "chat":
+            if params.system_prompt is not None and not any(m.get("role") == "system" for m in messages):
+                messages = [{"role": "system", "content": params.system_prompt}, *messages]
+            body["messages"] = messages
+        else:
+            body["prompt"] = _flatten(messages, params.system_prompt)
+        return HttpRequest("POST", self._url, self._headers, dumps(body))
+
+    def parse_response(self, response: HttpResponse) -> Completion:
+        if response.status >= 400:
+            raise self._error(response)
+        data = self.parse_json(response)
+        if not isinstance(data, dict):
+            raise MalformedResponseError(f"expected a JSON object, got {type(data).__name__}",
+                                         status_code=response.status)
+        if "error" in data and "choices" not in data:
+            # Some proxies answer 200 with an error object inside.
+            raise self._error(response, data, status=_status_from_error(data["error"]))
+        try:
+            choice = data["choices"][0]
+            finish_reason = choice.get("finish_reason")
+            text = choice["message"].get("content") if self.api == "chat" else choice.get("text")
+        except (KeyError, IndexError, TypeError, AttributeError):
+            raise MalformedResponseError(
+                "the answer is JSON but has no choices[0]"
+                + (".message.content" if self.api == "chat" else ".text")
+                + f" (keys: {', '.join(map(str, data)) or 'none'})",
+                status_code=response.status,
+            ) from None
+        if finish_reason == "content_filter":
+            raise ContentFilterError("the provider's content filter withheld the answer "
+                                     "(finish_reason 'content_filter')", status_code=response.status)
+        if text is None:
+            raise MalformedResponseError(f"the answer has no text (finish_reason {finish_reason!r})",
+                                         status_code=response.status)
+        usage = data.get("usage") or {}
+        return Completion(str(text), finish_reason, usage.get("prompt_tokens"), usage.get("completion_tokens"))
+
+    def _error(self, response: HttpResponse, data: Any = None, status: int | None = None) -> RequestError:
+        status = status or response.status
+        if data is None:
+            try:
+                data = self.parse_json(response)
+            except MalformedResponseError:
+                data = None
+        error = data.get("error") if isinstance(data, dict) else None
+        if isinstance(error, dict):
+            message = str(error.get("message") or error.get("type") or "no message")
+            code = error.get("code") or error.get("type")
+        elif isinstance(error, str):
+            message, code = error, None
+        else:
+            preview = response.body[:80].decode("utf-8", "replace").replace("\n", " ")
+            message, code = (f"no error details in the answer (starts with {preview!r})" if preview
+                             else "empty answer"), None
+        return error_for_status(status, f"HTTP {status}: {message}", code=str(code) if code else None,
+                                key_suggestion=self.key_suggestion())
+
+
+def _status_from_error(error: Any) -> int:
+    if isinstance(error, dict):
+        for name in ("status", "code", "status_code"):
+            value = error.get(name)
+            if isinstance(value, int) and 400 <= value < 600:
+                return value
+    return 400
+
+
+def _flatten(messages: list[Message], system_prompt: str | None) -> str:
+    """Render chat messages as one prompt for the Completions API."""
+    parts = [system_prompt] if system_prompt else []
+    if len(messages) == 1 and messages[0].get("role") == "user":
+        parts.append(messages[0]["content"])
+    else:
+        parts.extend(f"{m.get('role', 'user')}: {m.get('content', '')}" for m in messages)
+    return "\n\n".join(parts)

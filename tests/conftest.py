@@ -1,0 +1,65 @@
+"""Shared fixtures: no test sees the developer's real API keys, and no test sleeps for backoff."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from gen_ai_frames import create_client
+from gen_ai_frames.client import Client
+from gen_ai_frames.retry import RetryPolicy
+
+KEY_VARIABLES = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "AZURE_OPENAI_API_KEY", "AZURE_OPENAI_ENDPOINT",
+                 "GEMINI_API_KEY", "TOGETHER_API_KEY", "GROQ_API_KEY", "OPENROUTER_API_KEY",
+                 "MISTRAL_API_KEY", "DEEPSEEK_API_KEY", "VLLM_API_KEY", "LMSTUDIO_API_KEY")
+
+#: Backoff short enough that retry tests take milliseconds.
+FAST_RETRY = RetryPolicy(initial_delay=0.001, max_delay=0.01, jitter=0.0)
+
+FAKE_KEY = "sk-test-DO-NOT-LEAK-8f3a2b"
+
+
+@pytest.fixture(autouse=True)
+def _no_real_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in KEY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+
+def chat_answer(text: str, *, finish_reason: str = "stop", prompt_tokens: int = 3,
+                completion_tokens: int = 2) -> dict[str, Any]:
+    """An OpenAI Chat Completions answer body."""
+    return {
+        "id": "chatcmpl-1", "object": "chat.completion", "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens},
+    }
+
+
+def last_user_message(request: httpx.Request) -> str:
+    return json.loads(request.content)["messages"][-1]["content"]
+
+
+@pytest.fixture
+def mock_client() -> Callable[..., Client]:
+    """Build a client whose requests go to ``handler`` (an httpx.MockTransport handler)."""
+
+    def build(handler: Callable[[httpx.Request], httpx.Response], **options: Any) -> Client:
+        options.setdefault("retry", FAST_RETRY)
+        return create_client(provider="openai", api_key=FAKE_KEY, endpoint="http://127.0.0.1:9/v1",
+                             model_name="m", transport=httpx.MockTransport(handler), **options)
+
+    return build
+
+
+@pytest.fixture
+def fake_server() -> Iterator[Any]:
+    """A real OpenAI-compatible server on a loopback port."""
+    from gen_ai_frames.testing import FakeServer
+
+    with FakeServer() as server:
+        yield server
