@@ -1,0 +1,583 @@
+"""Tests for gen_ai_frames.testing.fake_server (the fake OpenAI server)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gen_ai_frames.testing import FakeServer
+from gen_ai_frames.testing.fake_server import FAULTS
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------ helpers
+def post(
+    url: str,
+    payload: Any = None,
+    *,
+    key: str | None = None,
+    raw: bytes | None = None,
+    timeout: float = 10,
+) -> tuple[int, dict[str, str], bytes]:
+    """POST JSON with urllib; return (status, lower-cased headers, body) even for errors."""
+    data = raw if raw is not None else json.dumps(payload).encode()
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(url, data=data, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read()
+    except urllib.error.HTTPError as exc:
+        with exc:  # closes the underlying response: no ResourceWarning
+            return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def chat(server: FakeServer, text: str, **extra: Any) -> tuple[int, dict[str, str], Any]:
+    key = extra.pop("key", None)
+    payload = {"model": "fake-model", "messages": [{"role": "user", "content": text}], **extra}
+    status, headers, body = post(server.url + "/chat/completions", payload, key=key)
+    try:
+        parsed: Any = json.loads(body)
+    except ValueError:
+        parsed = body
+    return status, headers, parsed
+
+
+@pytest.fixture
+def server() -> Iterator[FakeServer]:
+    with FakeServer() as srv:
+        yield srv
+
+
+# --------------------------------------------------------------- basic answer
+def test_chat_echo_and_usage(server: FakeServer) -> None:
+    payload = {
+        "model": "gpt-test",
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "first question"},
+            {"role": "assistant", "content": "an answer"},
+            {"role": "user", "content": "hello big world"},
+        ],
+    }
+    status, headers, body = post(server.url + "/chat/completions", payload)
+    assert status == 200
+    assert headers["content-type"].startswith("application/json")
+    data = json.loads(body)
+    assert data["object"] == "chat.completion"
+    assert data["model"] == "gpt-test"
+    assert data["id"].startswith("chatcmpl-")
+    assert isinstance(data["created"], int)
+    (choice,) = data["choices"]
+    assert choice["message"] == {"role": "assistant", "content": "echo: hello big world"}
+    assert choice["finish_reason"] == "stop"
+    # prompt tokens = whitespace words of all messages (2 + 2 + 2 + 3)
+    assert data["usage"] == {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}
+
+    # Same route without the /v1 prefix, and content given as parts.
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "x y"}]}]}
+    status, _, body = post(server.base_url + "/chat/completions", parts)
+    assert status == 200
+    data = json.loads(body)
+    assert data["choices"][0]["message"]["content"] == "echo: x y"
+    assert data["model"] == "fake-model"  # default when the request has none
+
+    stats = server.stats()
+    assert stats["requests"] == 2
+    assert stats["per_prompt"] == {"hello big world": 1, "x y": 1}
+    assert stats["outcomes"] == {"hello big world": ["ok"], "x y": ["ok"]}
+    assert stats["status_counts"] == {"200": 2}
+    assert stats["in_flight"] == 0
+
+
+def test_max_tokens_truncates_with_length(server: FakeServer) -> None:
+    status, _, data = chat(server, "one two three four five", max_tokens=3)
+    assert status == 200
+    choice = data["choices"][0]
+    assert choice["message"]["content"] == "echo: one two"
+    assert choice["finish_reason"] == "length"
+    assert data["usage"]["completion_tokens"] == 3
+    _, _, data = chat(server, "short", max_tokens=3)
+    assert data["choices"][0]["finish_reason"] == "stop"
+
+
+def test_completions_endpoint(server: FakeServer) -> None:
+    status, _, body = post(server.url + "/completions", {"model": "m", "prompt": "say hi"})
+    assert status == 200
+    data = json.loads(body)
+    assert data["object"] == "text_completion"
+    assert data["id"].startswith("cmpl-")
+    assert data["choices"][0]["text"] == "echo: say hi"
+    assert data["choices"][0]["finish_reason"] == "stop"
+    assert data["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+
+    # Without /v1, a batch of prompts -> one choice each, in order.
+    status, _, body = post(server.base_url + "/completions", {"prompt": ["a", "b c"]})
+    data = json.loads(body)
+    assert [c["text"] for c in data["choices"]] == ["echo: a", "echo: b c"]
+    assert [c["index"] for c in data["choices"]] == [0, 1]
+
+    status, _, body = post(server.url + "/completions", {"prompt": "1 2 3 4", "max_tokens": 2})
+    choice = json.loads(body)["choices"][0]
+    assert (choice["text"], choice["finish_reason"]) == ("echo: 1", "length")
+
+
+# ------------------------------------------------------------ errors / config
+def test_auth_401_never_echoes_key() -> None:
+    secret = "sk-very-secret-123"
+    with FakeServer(api_key=secret) as server:
+        payload = {"messages": [{"role": "user", "content": "hi"}]}
+        for key in (None, "wrong", secret + "x"):
+            status, _, body = post(server.url + "/chat/completions", payload, key=key)
+            assert status == 401
+            err = json.loads(body)["error"]
+            assert err["type"] == "invalid_request_error"
+            assert err["code"] == "invalid_api_key"
+            assert err["param"] is None
+            assert secret not in body.decode()
+        status, _, _ = post(server.url + "/chat/completions", payload, key=secret)
+        assert status == 200
+        stats = server.stats()
+        assert stats["outcomes"]["hi"] == ["auth_error"] * 3 + ["ok"]
+        assert stats["status_counts"] == {"401": 3, "200": 1}
+        # Neither the stats, the config nor repr() reveal the key.
+        assert secret not in json.dumps(stats)
+        assert secret not in json.dumps(get_json(server.base_url + "/config"))
+        assert secret not in repr(server)
+
+
+def test_unknown_model_404_and_bad_json_400() -> None:
+    with FakeServer(models=["good-model"]) as server:
+        status, _, data = chat(server, "hi")  # model "fake-model" is not in the list
+        assert status == 404
+        assert data["error"]["code"] == "model_not_found"
+        assert data["error"]["type"] == "invalid_request_error"
+        assert "fake-model" in data["error"]["message"]
+        payload = {"model": "good-model", "messages": [{"role": "user", "content": "hi"}]}
+        assert post(server.url + "/chat/completions", payload)[0] == 200
+
+        status, _, body = post(server.url + "/chat/completions", raw=b"{not json")
+        assert status == 400
+        assert json.loads(body)["error"]["type"] == "invalid_request_error"
+        status, _, body = post(server.url + "/chat/completions", {"model": "good-model"})
+        assert status == 400
+        assert json.loads(body)["error"]["param"] == "messages"
+        assert server.stats()["status_counts"] == {"404": 1, "200": 1, "400": 2}
+
+
+def test_stats_reset_and_config_over_http(server: FakeServer) -> None:
+    chat(server, "hi")
+    assert get_json(server.base_url + "/stats")["requests"] == 1
+    status, _, body = post(server.base_url + "/reset", {})
+    assert status == 200
+    assert get_json(server.base_url + "/stats")["requests"] == 0
+
+    status, _, body = post(server.base_url + "/config", {"api_key": "k2", "latency": 0.01})
+    assert status == 200
+    cfg = json.loads(body)
+    assert cfg["api_key_set"] is True and cfg["latency"] == 0.01 and "api_key" not in cfg
+    assert chat(server, "hi")[0] == 401
+    assert post(server.url + "/chat/completions",
+                {"messages": [{"role": "user", "content": "hi"}]}, key="k2")[0] == 200
+    status, _, body = post(server.base_url + "/config", {"chaos": {"nope": 1}})
+    assert status == 400
+    status, _, body = post(server.base_url + "/config", {"no_such_setting": 1})
+    assert status == 400
+
+    server.configure(api_key=None, latency=0)
+    assert chat(server, "hi")[0] == 200
+    with pytest.raises(ValueError):
+        server.configure(port=1234)
+    with pytest.raises(TypeError):
+        FakeServer(no_such_setting=1)
+    with pytest.raises(ValueError):
+        FakeServer(chaos={"500": 0.7, "502": 0.7})
+
+
+def test_latency(server: FakeServer) -> None:
+    server.configure(latency=0.15)
+    t0 = time.perf_counter()
+    assert chat(server, "slowish")[0] == 200
+    assert time.perf_counter() - t0 >= 0.14
+    server.configure(latency=0, latency_median=0.05, latency_sigma=0.1, seed=3)
+    t0 = time.perf_counter()
+    assert chat(server, "lognormal")[0] == 200
+    assert 0.02 < time.perf_counter() - t0 < 2
+
+
+# ----------------------------------------------------------------- directives
+def test_directive_status_and_retry_after(server: FakeServer) -> None:
+    status, headers, data = chat(server, "boom [[status=503]]")
+    assert status == 503
+    assert data["error"]["type"] == "server_error"
+    assert "retry-after" not in headers
+
+    status, headers, data = chat(server, "limited [[status=429]] [[retry_after=2]]")
+    assert status == 429
+    assert headers["retry-after"] == "2"
+    assert data["error"]["code"] == "rate_limit_exceeded"
+    status, headers, _ = chat(server, "plain limit [[status=429]]")
+    assert status == 429 and "retry-after" not in headers
+
+    outcomes = server.stats()["outcomes"]
+    assert outcomes["boom [[status=503]]"] == ["503"]
+    assert outcomes["limited [[status=429]] [[retry_after=2]]"] == ["429_retry_after"]
+    assert outcomes["plain limit [[status=429]]"] == ["429_plain"]
+
+
+def test_directive_fail_times(server: FakeServer) -> None:
+    prompt = "flaky [[fail_times=2]]"
+    assert [chat(server, prompt)[0] for _ in range(4)] == [500, 500, 200, 200]
+    prompt2 = "flaky429 [[fail_times=1]] [[status=429]] [[retry_after=0.01]]"
+    s1, h1, _ = chat(server, prompt2)
+    time.sleep(0.02)
+    s2, _, data = chat(server, prompt2)
+    assert (s1, h1["retry-after"], s2) == (429, "0.01", 200)
+    assert data["choices"][0]["message"]["content"] == "echo: " + prompt2
+    stats = server.stats()
+    assert stats["outcomes"][prompt] == ["500", "500", "ok", "ok"]
+    assert stats["outcomes"][prompt2] == ["429_retry_after", "ok"]
+    assert stats["per_prompt"][prompt] == 4
+    # reset() starts the attempt count again
+    server.reset()
+    assert chat(server, prompt)[0] == 500
+
+
+def test_directive_html_context_length_content_filter_error_body(server: FakeServer) -> None:
+    status, headers, body = chat(server, "page [[html]]")
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    assert body.startswith(b"<!DOCTYPE html>")
+
+    status, _, data = chat(server, "too long [[context_length]]")
+    assert status == 400
+    assert data["error"]["code"] == "context_length_exceeded"
+
+    status, _, data = chat(server, "bad words [[content_filter]]")
+    assert status == 200
+    choice = data["choices"][0]
+    assert choice["finish_reason"] == "content_filter"
+    assert choice["message"]["content"] is None
+
+    status, _, data = chat(server, "oops [[error_body]]")
+    assert status == 200
+    assert "choices" not in data and data["error"]["message"]
+
+    t0 = time.perf_counter()
+    status, _, data = chat(server, "nap [[sleep=0.1]]")
+    assert status == 200 and time.perf_counter() - t0 >= 0.09
+
+    assert server.stats()["outcome_counts"] == {
+        "html": 1, "context_length": 1, "content_filter": 1, "error_body": 1, "ok": 1,
+    }
+
+
+# ---------------------------------------------------------------------- chaos
+async def _aio_chat(session: aiohttp.ClientSession, url: str, prompt: str) -> tuple[int, Any]:
+    """Return (status, parsed JSON or text); raises aiohttp.ClientError on broken answers."""
+    payload = {"model": "m", "messages": [{"role": "user", "content": prompt}]}
+    async with session.post(url + "/chat/completions", json=payload) as resp:
+        raw = await resp.read()
+        if resp.content_type == "application/json":
+            return resp.status, json.loads(raw)
+        return resp.status, raw.decode()
+
+
+def test_each_chaos_fault() -> None:
+    async def run(server: FakeServer) -> None:
+        async with aiohttp.ClientSession() as session:
+            for fault in FAULTS:
+                server.configure(chaos={fault: 1.0})
+                prompt = f"fault {fault}"
+                if fault in ("reset", "truncated"):
+                    with pytest.raises(aiohttp.ClientError):
+                        await _aio_chat(session, server.url, prompt)
+                    await asyncio.sleep(0.02)  # let the server finish its side
+                    assert server.stats()["outcomes"][prompt] == [fault]
+                    continue
+                payload = {"model": "m", "messages": [{"role": "user", "content": prompt}]}
+                async with session.post(server.url + "/chat/completions", json=payload) as r:
+                    status, headers, raw = r.status, r.headers, await r.read()
+                assert server.stats()["outcomes"][prompt] == [fault]
+                if fault == "429_retry_after":
+                    assert status == 429
+                    assert headers["retry-after"] == "0.05"
+                    assert headers["retry-after-ms"] == "50"
+                    await asyncio.sleep(0.06)  # stay out of the window
+                elif fault == "429_plain":
+                    assert status == 429 and "retry-after" not in headers
+                elif fault in ("500", "502", "503", "529"):
+                    assert status == int(fault)
+                    assert json.loads(raw)["error"]["message"]
+                elif fault == "html":
+                    assert status == 200 and headers["content-type"].startswith("text/html")
+                elif fault == "wrong_shape":
+                    data = json.loads(raw)
+                    assert status == 200 and "choices" not in data
+                else:
+                    data = json.loads(raw)
+                    assert status == 200
+                    choice = data["choices"][0]
+                    if fault == "slow":
+                        assert choice["message"]["content"] == "echo: " + prompt
+                    elif fault == "length":
+                        assert choice["finish_reason"] == "length"
+                        content = choice["message"]["content"]
+                        assert ("echo: " + prompt).startswith(content)
+                        assert len(content) < len("echo: " + prompt)
+                    elif fault == "content_filter":
+                        assert choice["finish_reason"] == "content_filter"
+                        assert choice["message"]["content"] is None
+        assert server.stats()["retry_after_violations"] == 0
+
+    with FakeServer(chaos_retry_after=0.05, chaos_slow_seconds=0.05) as server:
+        asyncio.run(run(server))
+
+
+def _run_chaos_batch(seed: int, prompts: list[str], attempts: int = 6) -> tuple[dict, dict]:
+    """Send every prompt concurrently, retrying failures; return (client view, stats)."""
+    chaos = {"500": 0.2, "429_plain": 0.1, "wrong_shape": 0.1, "reset": 0.05}
+
+    async def one(session: aiohttp.ClientSession, url: str, prompt: str) -> list[str]:
+        seen = []
+        for _ in range(attempts):
+            try:
+                status, data = await _aio_chat(session, url, prompt)
+            except aiohttp.ClientError:
+                seen.append("reset")
+                continue
+            if status != 200:
+                seen.append(str(status))
+            elif "choices" not in data:
+                seen.append("wrong_shape")
+            else:
+                assert data["choices"][0]["message"]["content"] == "echo: " + prompt
+                seen.append("ok")
+                break
+        return seen
+
+    async def run(url: str) -> dict[str, list[str]]:
+        async with aiohttp.ClientSession() as session:
+            views = await asyncio.gather(*(one(session, url, p) for p in prompts))
+        return dict(zip(prompts, views))
+
+    with FakeServer(chaos=chaos, seed=seed) as server:
+        client_view = asyncio.run(run(server.url))
+        stats = server.stats()
+    return client_view, stats
+
+
+def test_chaos_is_deterministic_and_recorded() -> None:
+    prompts = [f"prompt number {i}" for i in range(40)]
+    view1, stats1 = _run_chaos_batch(7, prompts)
+    view2, stats2 = _run_chaos_batch(7, prompts)
+    _, stats3 = _run_chaos_batch(8, prompts)
+    # Same seed -> same faults per prompt and attempt, whatever the arrival order.
+    assert stats1["outcomes"] == stats2["outcomes"]
+    assert stats1["outcomes"] != stats3["outcomes"]
+    # The server's record matches what the client saw, attempt by attempt
+    # (429_plain shows up as status "429" on the client side).
+    server_view = {
+        p: ["429" if o == "429_plain" else o for o in outs]
+        for p, outs in stats1["outcomes"].items()
+    }
+    assert server_view == view1
+    faults = {o for outs in stats1["outcomes"].values() for o in outs}
+    assert {"ok", "500"} <= faults and faults <= {"ok", "500", "429_plain", "wrong_shape", "reset"}
+    assert stats1["requests"] == sum(len(v) for v in view1.values())
+    assert stats1["per_prompt"] == {p: len(v) for p, v in view1.items()}
+    assert stats1["in_flight"] == 0
+
+
+# ------------------------------------------------------- retry-after windows
+def test_retry_after_violations_are_counted() -> None:
+    with FakeServer(retry_after_grace=0.2) as server:
+        status, headers, _ = chat(server, "limit me [[status=429]] [[retry_after=0.6]]")
+        assert status == 429 and headers["retry-after"] == "0.6"
+        assert chat(server, "inside the grace period")[0] == 200  # t < grace: allowed
+        time.sleep(0.25)
+        assert chat(server, "too early")[0] == 200  # inside the window: a violation
+        time.sleep(0.4)
+        assert chat(server, "after the window")[0] == 200
+        stats = server.stats()
+        assert stats["retry_after_windows_opened"] == 1
+        assert stats["retry_after_violations"] == 1
+        (detail,) = stats["retry_after_violation_details"]
+        assert detail["prompt"] == "too early"
+        assert detail["path"] == "/v1/chat/completions"
+        assert detail["window_start"] <= detail["at"] < detail["window_end"]
+        server.reset()
+        assert server.stats()["retry_after_violations"] == 0
+
+
+def test_chaos_429_opens_window_and_ms_header() -> None:
+    with FakeServer(chaos={"429_retry_after": 1.0}, chaos_retry_after=0.3,
+                    retry_after_grace=0.0) as server:
+        status, headers, _ = chat(server, "a")
+        assert (status, headers["retry-after"], headers["retry-after-ms"]) == (429, "0.3", "300")
+        server.configure(chaos={})
+        time.sleep(0.05)
+        chat(server, "b")
+        time.sleep(0.3)
+        chat(server, "c")
+        assert server.stats()["retry_after_violations"] == 1
+
+
+# ----------------------------------------------------------------- in flight
+def test_max_in_flight_counts_concurrent_requests() -> None:
+    async def run(url: str, n: int) -> list[int]:
+        connector = aiohttp.TCPConnector(limit=100)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            results = await asyncio.gather(*(_aio_chat(session, url, f"p{i}") for i in range(n)))
+        return [status for status, _ in results]
+
+    with FakeServer(latency=0.4) as server:
+        assert asyncio.run(run(server.url, 20)) == [200] * 20
+        stats = server.stats()
+        assert stats["max_in_flight"] == 20
+        assert stats["in_flight"] == 0
+        assert stats["requests"] == 20
+        server.reset()
+        assert asyncio.run(run(server.url, 3)) == [200] * 3
+        assert server.stats()["max_in_flight"] == 3
+
+
+def test_client_disconnect_during_slow_answer_frees_the_slot() -> None:
+    async def run(url: str) -> None:
+        timeout = aiohttp.ClientTimeout(total=0.1)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            with pytest.raises(asyncio.TimeoutError):
+                await _aio_chat(session, url, "never mind")
+
+    with FakeServer(chaos={"slow": 1.0}, chaos_slow_seconds=30) as server:
+        asyncio.run(run(server.url))
+        deadline = time.monotonic() + 2
+        while server.stats()["in_flight"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stats = server.stats()
+        assert stats["in_flight"] == 0
+        assert stats["outcomes"]["never mind"] == ["slow"]
+
+
+def test_start_stop_and_restart() -> None:
+    server = FakeServer()
+    with pytest.raises(RuntimeError):
+        server.url
+    server.start()
+    try:
+        assert server.url.startswith("http://127.0.0.1:") and server.url.endswith("/v1")
+        assert chat(server, "x")[0] == 200
+    finally:
+        server.stop()
+    server.stop()  # idempotent
+    assert not server.running
+    with server:  # can be started again
+        assert chat(server, "y")[0] == 200
+
+
+# ---------------------------------------------------------------- command line
+def _spawn_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-W", "error", "-m", "gen_ai_frames.testing.fake_server", *args],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def _listening_line(proc: subprocess.Popen) -> str:
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 20)
+    if not ready:
+        pytest.fail("fake server CLI did not print its listening line")
+    return proc.stdout.readline()
+
+
+def _stop_cli(proc: subprocess.Popen, sig: int) -> tuple[str, str]:
+    proc.send_signal(sig)
+    return proc.communicate(timeout=10)
+
+
+def test_cli_prints_listening_line_and_stops_on_signals() -> None:
+    # Both processes start together: their start-up (interpreter + imports)
+    # overlaps, which keeps this test short.
+    procs = [
+        _spawn_cli("--port", "0", "--latency", "0.01", "--api-key-env", "FAKE_SERVER_TEST_KEY",
+                   "--chaos", '{"500": 0.0}', "--seed", "1",
+                   env={"FAKE_SERVER_TEST_KEY": "cli-secret"}),
+        _spawn_cli("--access-log"),
+    ]
+    try:
+        line = _listening_line(procs[0])
+        assert line.startswith("listening on http://127.0.0.1:")
+        url = line.split()[-1]
+        assert url.endswith("/v1")
+        payload = {"messages": [{"role": "user", "content": "from cli"}]}
+        assert post(url + "/chat/completions", payload)[0] == 401
+        status, _, body = post(url + "/chat/completions", payload, key="cli-secret")
+        assert status == 200
+        assert json.loads(body)["choices"][0]["message"]["content"] == "echo: from cli"
+        assert get_json(url.removesuffix("/v1") + "/stats")["requests"] == 2
+        out, err = _stop_cli(procs[0], signal.SIGTERM)
+        assert procs[0].returncode == 0
+        assert out == ""  # exactly one line was printed
+        assert err == ""  # no warnings, no access log, no key
+        assert "cli-secret" not in line
+
+        url2 = _listening_line(procs[1]).split()[-1]
+        assert post(url2 + "/completions", {"prompt": "p"})[0] == 200
+        _, err = _stop_cli(procs[1], signal.SIGINT)
+        assert procs[1].returncode == 0
+        assert "POST /v1/completions" in err  # --access-log logs to stderr
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+            else:
+                proc.communicate()
+
+
+_HEAVY_CHECK = (
+    "import sys; heavy = {'pandas', 'numpy', 'pyarrow'} & set(sys.modules); "
+    "assert not heavy, f'heavy modules imported: {sorted(heavy)}'"
+)
+
+
+def test_module_runs_as_a_plain_script_without_the_package() -> None:
+    """The module only needs aiohttp, so `python path/to/fake_server.py` works
+    too and never imports the package's heavy dependencies."""
+    script = REPO_ROOT / "gen_ai_frames" / "testing" / "fake_server.py"
+    code = (
+        "import runpy, sys; sys.argv = ['fake_server', '--help']\n"
+        "try:\n"
+        f"    runpy.run_path({str(script)!r}, run_name='__main__')\n"
+        "except SystemExit:\n"
+        "    pass\n" + _HEAVY_CHECK
+    )
+    result = subprocess.run([sys.executable, "-W", "error", "-c", code], cwd="/",
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "--latency-median" in result.stdout
