@@ -1,0 +1,1019 @@
+"""The checkpoint store: results written as they arrive, so a long run survives a kernel death.
+
+A checkpoint is a directory::
+
+    my_run.ckpt/
+        .lock                   flock()ed by the run using it; the OS drops the lock when the process dies
+        manifest.json           format version, fingerprint of the run's settings, list of parts
+        part-00000001.parquet   records, one row per prompt answered (or failed)
+        part-00000002.parquet
+        ...
+
+Crash safety comes from ordering, not from a database:
+
+* a part is written to ``part-N.parquet.tmp``, fsynced, renamed into place, and the directory fsynced;
+* only then is ``manifest.json`` rewritten the same way (tmp, fsync, rename, directory fsync).
+
+``os.replace`` is atomic, so a reader sees either the old or the new manifest, and the manifest only
+lists parts that are complete on disk. A crash between the two renames leaves a part the manifest does
+not list: it is ignored, and deleted on the next :meth:`Checkpoint.open`.
+
+Records are matched to input rows by ``(prompt_hash, occurrence)`` (see :func:`row_keys`) rather than
+by row position, so inserting, appending or editing rows of the input frame only invalidates those
+rows. When a key is stored more than once, the record written last wins. The manifest lists parts from
+oldest to newest, and that order (not the part number) decides which record is the latest.
+
+Appending 500 rows at a time would leave thousands of small files, so parts are compacted like an LSM
+tree: each part has a level; when ``compact_every`` adjacent parts share a level they are merged into one
+part of the next level. Files stay at most ``(compact_every - 1) * levels`` with
+``levels ~ log(appends, compact_every)``: a million rows written 500 at a time leave under 50 parts.
+
+>>> import tempfile, os
+>>> path = os.path.join(tempfile.mkdtemp(), "run.ckpt")
+>>> with Checkpoint.open(path, {"model": "m"}) as ckpt:
+...     ckpt.append(make_records(["Hi", "Hi"], responses=["Hello", "Hey"]))
+>>> read_checkpoint(path)["response"].tolist()
+['Hello', 'Hey']
+>>> checkpoint_status(path)["done"]
+2
+
+POSIX only: locking uses ``fcntl.flock``.
+"""
+
+from __future__ import annotations
+
+import copy
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import threading
+import urllib.parse
+import warnings
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import ConfigurationError, GenAIError
+
+__all__ = [
+    "RECORD_SCHEMA",
+    "RESULT_COLUMNS",
+    "Checkpoint",
+    "CheckpointCorruptError",
+    "CheckpointError",
+    "CheckpointLockedError",
+    "CheckpointMismatchError",
+    "checkpoint_status",
+    "make_records",
+    "prompt_hash",
+    "read_checkpoint",
+    "row_keys",
+]
+
+#: Columns of the result frame, after ``prompt``.
+RESULT_COLUMNS = [
+    "response",
+    "error",
+    "error_type",
+    "error_suggestion",
+    "status_code",
+    "attempts",
+    "finish_reason",
+    "prompt_tokens",
+    "completion_tokens",
+    "latency_s",
+]
+
+#: Schema of one stored record. ``position`` is the row's position in the input frame when it was
+#: written; ``(prompt_hash, occurrence)`` is the key used to match records to rows on resume.
+RECORD_SCHEMA = pa.schema(
+    [
+        pa.field("position", pa.int64(), nullable=False),
+        pa.field("prompt_hash", pa.string(), nullable=False),
+        pa.field("occurrence", pa.int32(), nullable=False),
+        pa.field("prompt", pa.string()),
+        pa.field("response", pa.string()),
+        pa.field("error", pa.string()),
+        pa.field("error_type", pa.string()),
+        pa.field("error_suggestion", pa.string()),
+        pa.field("status_code", pa.int32()),
+        pa.field("attempts", pa.int32()),
+        pa.field("finish_reason", pa.string()),
+        pa.field("prompt_tokens", pa.int64()),
+        pa.field("completion_tokens", pa.int64()),
+        pa.field("latency_s", pa.float64()),
+    ]
+)
+
+_KEY_COLUMNS = ["prompt_hash", "occurrence"]
+_REQUIRED_COLUMNS = ("position", "prompt_hash", "occurrence")
+
+_FORMAT = "gen_ai_frames.checkpoint"
+_FORMAT_VERSION = 1
+_MANIFEST = "manifest.json"
+_LOCK = ".lock"
+_PART_RE = re.compile(r"^part-(\d+)\.parquet$")
+# Only files we create are ever deleted: the directory may be one the user also keeps other files in.
+_TMP_RE = re.compile(r"^(part-\d+\.parquet|manifest\.json)\.tmp$")
+
+_START_FRESH = (
+    "To start fresh, pass resume=False (this deletes the results stored there), "
+    "or use another checkpoint path."
+)
+
+
+class CheckpointError(GenAIError):
+    """A checkpoint cannot be opened, read or written. The message says what to do."""
+
+
+class CheckpointLockedError(CheckpointError):
+    """Another run (or another open :class:`Checkpoint` in this process) holds the checkpoint's lock."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint was written with other settings (provider, model, parameters...)."""
+
+
+class CheckpointCorruptError(CheckpointError):
+    """The manifest or a part file is not a readable gen-ai-frames checkpoint."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Row keys
+
+
+def prompt_hash(prompt: str) -> str:
+    """Stable hex digest (blake2b, 16 bytes) of the UTF-8 prompt.
+
+    ``surrogatepass`` lets lone surrogates (which pandas happily stores) hash instead of raising.
+
+    >>> prompt_hash("Hi")
+    '72b2ca007b26e13625a7d479daf3691f'
+    >>> prompt_hash("\\ud800") == prompt_hash("\\ud800")
+    True
+    """
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+    return hashlib.blake2b(prompt.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
+def row_keys(prompts: Sequence[str]) -> list[tuple[str, int]]:
+    """``(prompt_hash, occurrence)`` per row; ``occurrence`` counts earlier rows with the same prompt.
+
+    Matching rows by key instead of position means inserting, appending or editing rows only
+    invalidates those rows; duplicates are told apart by their rank among identical prompts.
+
+    >>> [occ for _, occ in row_keys(["a", "b", "a", "a"])]
+    [0, 0, 1, 2]
+    """
+    seen: Counter[str] = Counter()
+    keys = []
+    for prompt in prompts:
+        digest = prompt_hash(prompt)
+        keys.append((digest, seen[digest]))
+        seen[digest] += 1
+    return keys
+
+
+def make_records(
+    prompts: Sequence[str],
+    *,
+    positions: Sequence[int] | None = None,
+    responses: Sequence[str | None] | None = None,
+    **columns: Sequence[Any],
+) -> pd.DataFrame:
+    """A records frame for :meth:`Checkpoint.append`, keyed like :func:`row_keys`.
+
+    ``positions`` defaults to ``0..n-1``; other keyword arguments fill result columns by name.
+    Occurrences are counted within ``prompts`` only, so pass the whole input's keys yourself when
+    writing a slice of a larger frame.
+
+    >>> make_records(["a", "a"], responses=["x", None])[["position", "occurrence", "response"]]
+       position  occurrence response
+    0         0           0        x
+    1         1           1     <NA>
+    """
+    keys = row_keys(prompts)
+    n = len(keys)
+    data: dict[str, Any] = {
+        "position": list(range(n)) if positions is None else list(positions),
+        "prompt_hash": [h for h, _ in keys],
+        "occurrence": [o for _, o in keys],
+        "prompt": list(prompts),
+    }
+    if responses is not None:
+        data["response"] = list(responses)
+    data.update({name: list(values) for name, values in columns.items()})
+    # object dtype: pandas' own str dtype cannot even hold a lone surrogate; _to_table fixes them.
+    frame = pd.DataFrame({name: pd.Series(values, dtype=object) for name, values in data.items()})
+    return _table_to_frame(_to_table(frame))
+
+
+# --------------------------------------------------------------------------------------------------
+# Fingerprint
+
+
+def _normalize_fingerprint(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
+    """Round-trip through JSON, so tuples and lists (and int keys and str keys) compare equal."""
+    if not isinstance(fingerprint, Mapping):
+        raise ConfigurationError(
+            f"fingerprint must be a dict of the run's settings, got {type(fingerprint).__name__}"
+        )
+    try:
+        text = json.dumps(dict(fingerprint), sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(
+            f"fingerprint must hold only JSON values (str, number, bool, None, list, dict): {exc}"
+        ) from exc
+    normalized: dict[str, Any] = json.loads(text)
+    _refuse_secrets(normalized, "")
+    return normalized
+
+
+_SECRET_WORDS = frozenset({"key", "token", "secret", "password", "passwd", "authorization"})
+_SECRET_SUBSTRINGS = ("apikey", "secret", "password", "accesstoken", "authtoken")
+
+
+def _looks_secret(name: str) -> bool:
+    """Whether a setting's name says it holds a credential.
+
+    Matches whole words (snake, kebab or camel case) rather than substrings, because ``max_tokens``
+    is in every fingerprint and must not be taken for a token.
+
+    >>> [_looks_secret(n) for n in ("api_key", "apiKey", "X-Api-Key", "client_secret", "max_tokens")]
+    [True, True, True, True, False]
+    """
+    words = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower()
+    if any(word in _SECRET_WORDS for word in re.split(r"[^a-z0-9]+", words)):
+        return True
+    compact = re.sub(r"[^a-z0-9]", "", name.lower())
+    return any(part in compact for part in _SECRET_SUBSTRINGS)
+
+
+def _refuse_secrets(value: Any, where: str) -> None:
+    """Raise if a credential-looking key holds a value: manifests are plain text and get shared.
+
+    ``None``, numbers and bools are allowed (a credential is text), e.g. ``{"token_limit": 100}``.
+    """
+    if isinstance(value, dict):
+        for name, item in value.items():
+            path = f"{where}.{name}" if where else str(name)
+            if _looks_secret(str(name)) and item is not None and not isinstance(item, (int, float)):
+                raise ConfigurationError(
+                    f"Refusing to store fingerprint key {path!r} in a checkpoint: its name says it "
+                    "holds a credential, and checkpoints are plain files. Leave secrets out of the "
+                    "fingerprint (set the value to None if the key must be there)."
+                )
+            _refuse_secrets(item, path)
+    elif isinstance(value, str) and "://" in value:
+        _refuse_url_secrets(value, where)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _refuse_secrets(item, f"{where}[{i}]")
+
+
+def _refuse_url_secrets(url: str, where: str) -> None:
+    """Endpoints may carry credentials too: ``https://user:pw@host`` or ``...?key=...``."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return  # not a URL after all
+    names = [name for name, _ in urllib.parse.parse_qsl(parts.query, keep_blank_values=False)]
+    if password or any(_looks_secret(name) for name in names):
+        raise ConfigurationError(
+            f"Refusing to store fingerprint key {where!r} in a checkpoint: the URL carries a "
+            "credential (a password or a key/token query parameter). Store the URL without it."
+        )
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and (value or not prefix):
+        flat: dict[str, Any] = {}
+        for name, item in value.items():
+            flat.update(_flatten(item, f"{prefix}.{name}" if prefix else str(name)))
+        return flat
+    return {prefix: value}
+
+
+_MISSING = object()
+
+
+def _fingerprint_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Lines ``key: old -> new`` for every differing (dotted, for nested dicts) key."""
+    flat_old, flat_new = _flatten(old), _flatten(new)
+
+    def show(v: Any) -> str:
+        return "<missing>" if v is _MISSING else json.dumps(v)
+
+    lines = []
+    for name in sorted(set(flat_old) | set(flat_new)):
+        a, b = flat_old.get(name, _MISSING), flat_new.get(name, _MISSING)
+        if a != b:
+            lines.append(f"  {name}: {show(a)} -> {show(b)}")
+    return lines
+
+
+# --------------------------------------------------------------------------------------------------
+# Tables and frames
+
+
+def _to_table(records: pd.DataFrame | pa.Table) -> pa.Table:
+    """Validate and cast ``records`` to :data:`RECORD_SCHEMA`; absent result columns become null."""
+    if isinstance(records, pd.DataFrame):
+        if len(set(map(str, records.columns))) != records.shape[1]:
+            raise ValueError(f"Duplicate record columns in {list(records.columns)}")
+        try:
+            try:
+                records = pa.Table.from_pandas(records, preserve_index=False)
+            except UnicodeEncodeError:
+                # Parquet strings are UTF-8; only then pay for scanning every string.
+                records = pa.Table.from_pandas(_without_surrogates(records), preserve_index=False)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise ValueError(f"Records cannot be converted to Arrow: {exc}") from exc
+    if not isinstance(records, pa.Table):
+        raise TypeError(
+            f"records must be a pandas DataFrame or a pyarrow Table, got {type(records).__name__}"
+        )
+    names = records.column_names
+    n = records.num_rows
+    unknown = sorted(set(names) - set(RECORD_SCHEMA.names))
+    if unknown:
+        raise ValueError(f"Unknown record columns {unknown}; allowed: {RECORD_SCHEMA.names}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"Duplicate record columns in {names}")
+    missing = [name for name in _REQUIRED_COLUMNS if name not in names]
+    if missing:
+        raise ValueError(f"Records need the key columns {missing} (see row_keys())")
+
+    arrays = []
+    for field in RECORD_SCHEMA:
+        if field.name not in names:
+            arrays.append(pa.nulls(n, field.type))
+            continue
+        try:
+            array = records.column(field.name).cast(field.type)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+            raise ValueError(f"Record column {field.name!r} is not {field.type}: {exc}") from exc
+        if not field.nullable and array.null_count:
+            raise ValueError(f"Record column {field.name!r} must not contain nulls")
+        arrays.append(array)
+    return pa.Table.from_arrays(arrays, schema=RECORD_SCHEMA)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _fix_text(value: Any) -> Any:
+    """Lone surrogates -> U+FFFD (a split pair is joined). Non-strings pass through."""
+    if isinstance(value, str) and _SURROGATE.search(value):
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return value
+
+
+def _without_surrogates(frame: pd.DataFrame) -> pd.DataFrame:
+    """A copy of ``frame`` whose text can be written as UTF-8.
+
+    Lone surrogates get into object columns (e.g. from JSON ``"\\ud800"`` escapes) but cannot be
+    stored. Keys are unaffected: :func:`prompt_hash` hashes the original prompt.
+    """
+    fixed = {
+        name: frame[name].map(_fix_text) if frame[name].dtype == object else frame[name]
+        for name in frame.columns
+    }
+    return pd.DataFrame(fixed, index=frame.index)
+
+
+def _dedup_latest(table: pa.Table) -> pa.Table:
+    """Keep the last row per ``(prompt_hash, occurrence)``, in the order the survivors were written."""
+    if table.num_rows == 0:
+        return table
+    order = pa.array(np.arange(table.num_rows, dtype=np.int64))
+    last = (
+        table.select(_KEY_COLUMNS)
+        .append_column("__row", order)
+        .group_by(_KEY_COLUMNS, use_threads=False)
+        .aggregate([("__row", "max")])
+        .column("__row_max")
+    )
+    if len(last) == table.num_rows:
+        return table  # no duplicates: skip the copy
+    return table.take(last.sort())
+
+
+_NULLABLE_TYPES = {
+    pa.string(): pd.StringDtype(),
+    pa.large_string(): pd.StringDtype(),
+    pa.int64(): pd.Int64Dtype(),
+    pa.int32(): pd.Int32Dtype(),
+}
+
+
+def _table_to_frame(table: pa.Table) -> pd.DataFrame:
+    # pandas nullable dtypes: a missing status_code stays <NA> instead of turning the column into floats.
+    return table.to_pandas(types_mapper=_NULLABLE_TYPES.get)
+
+
+# --------------------------------------------------------------------------------------------------
+# Files
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make renames in ``path`` durable. Some filesystems cannot fsync a directory: that is fine."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass  # best effort: whatever is left is cleaned up on the next open
+
+
+def _write_atomic(
+    final: Path, write: Callable[[BinaryIO], object], on_replaced: Callable[[], None] | None = None
+) -> None:
+    """``write(file)`` into ``final.tmp``, fsync, rename over ``final``, fsync the directory.
+
+    On error before the rename the tmp file is removed and the old ``final`` (if any) is untouched.
+    ``on_replaced`` runs right after the rename, before the directory fsync (which may still fail).
+    """
+    tmp = final.with_name(final.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    if on_replaced is not None:
+        on_replaced()
+    _fsync_dir(final.parent)
+
+
+def _part_name(seq: int) -> str:
+    return f"part-{seq:08d}.parquet"
+
+
+def _corrupt_part_message(file: Path, problem: str) -> str:
+    return (
+        f"Checkpoint part {file} is {problem}. To recover, open the checkpoint with "
+        "Checkpoint.open(path, fingerprint, repair=True), which drops missing or unreadable parts "
+        f"from the manifest (or delete {file.name} first); either way its rows will be generated "
+        "again on resume."
+    )
+
+
+def _read_part(file: Path) -> pa.Table:
+    try:
+        # An explicit file object so the handle is closed even when the read fails.
+        with open(file, "rb") as f:
+            table = pq.read_table(f)
+        return table.select(RECORD_SCHEMA.names).cast(RECORD_SCHEMA)
+    except FileNotFoundError as exc:
+        raise CheckpointCorruptError(_corrupt_part_message(file, "missing")) from exc
+    except (OSError, pa.ArrowException, KeyError, ValueError) as exc:
+        raise CheckpointCorruptError(_corrupt_part_message(file, f"unreadable ({exc})")) from exc
+
+
+def _check_part(file: Path, rows: int) -> None:
+    """Cheap check at open: the file exists and its footer is intact (a truncated file fails here)."""
+    try:
+        with open(file, "rb") as f:
+            metadata = pq.read_metadata(f)
+    except FileNotFoundError as exc:
+        raise CheckpointCorruptError(_corrupt_part_message(file, "missing")) from exc
+    except (OSError, pa.ArrowException) as exc:
+        raise CheckpointCorruptError(_corrupt_part_message(file, f"unreadable ({exc})")) from exc
+    if metadata.num_rows != rows:
+        raise CheckpointCorruptError(
+            _corrupt_part_message(
+                file, f"inconsistent (manifest says {rows} rows, file has {metadata.num_rows})"
+            )
+        )
+
+
+def _read_manifest(directory: Path) -> dict[str, Any] | None:
+    """The parsed, validated manifest, or None if there is none."""
+    file = directory / _MANIFEST
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointCorruptError(f"Cannot read checkpoint manifest {file}: {exc}. {_START_FRESH}")
+    try:
+        manifest = json.loads(text)
+    except ValueError as exc:
+        raise CheckpointCorruptError(
+            f"Checkpoint manifest {file} is not valid JSON ({exc}). {_START_FRESH}"
+        ) from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
+        raise CheckpointCorruptError(
+            f"{file} is not a gen-ai-frames checkpoint manifest. {_START_FRESH}"
+        )
+    if manifest.get("version") != _FORMAT_VERSION:
+        raise CheckpointCorruptError(
+            f"Checkpoint {directory} has format version {manifest.get('version')!r}; this version of "
+            f"gen-ai-frames reads version {_FORMAT_VERSION}. {_START_FRESH}"
+        )
+    parts = manifest.get("parts")
+    valid = (
+        isinstance(manifest.get("fingerprint"), dict)
+        and isinstance(manifest.get("next_seq"), int)
+        and isinstance(parts, list)
+        and all(
+            isinstance(p, dict)
+            and isinstance(p.get("file"), str)
+            and _PART_RE.match(p["file"])  # also keeps part names from pointing outside the directory
+            and isinstance(p.get("level"), int)
+            and isinstance(p.get("rows"), int)
+            for p in parts
+        )
+    )
+    if not valid:
+        raise CheckpointCorruptError(f"Checkpoint manifest {file} is malformed. {_START_FRESH}")
+    return manifest
+
+
+def _load_parts(directory: Path, parts: Sequence[Mapping[str, Any]]) -> pa.Table:
+    tables = [_read_part(directory / p["file"]) for p in parts]
+    if not tables:
+        return RECORD_SCHEMA.empty_table()
+    return pa.concat_tables(tables)
+
+
+def _read_snapshot(path: str | os.PathLike[str]) -> tuple[dict[str, Any], pa.Table]:
+    """Manifest and latest-wins records, without a lock.
+
+    A run may compact (and delete parts) between our reading the manifest and its parts: if a part
+    turns out missing and the manifest has changed meanwhile, read again.
+    """
+    directory = Path(os.fspath(path))
+    for _ in range(10):
+        manifest = _read_manifest(directory)
+        if manifest is None:
+            what = "does not exist" if not directory.exists() else "has no manifest.json"
+            raise CheckpointError(f"No checkpoint at {directory}: the path {what}.")
+        try:
+            return manifest, _dedup_latest(_load_parts(directory, manifest["parts"]))
+        except CheckpointCorruptError:
+            if _read_manifest(directory) == manifest:
+                raise
+    raise CheckpointError(f"Checkpoint {directory} kept changing while being read; try again.")
+
+
+# --------------------------------------------------------------------------------------------------
+# The store
+
+
+class Checkpoint:
+    """An open, locked checkpoint directory. Create with :meth:`open`.
+
+    >>> import tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "run.ckpt")
+    >>> with Checkpoint.open(path, {"model": "m"}) as ckpt:
+    ...     ckpt.append(make_records(["a", "b"], responses=["A", "B"]))
+    ...     len(ckpt.records())
+    2
+    """
+
+    def __init__(
+        self,
+        *,
+        _path: Path,
+        _fingerprint: dict[str, Any],
+        _lock_fd: int,
+        _manifest: dict[str, Any],
+        _compact_every: int,
+    ) -> None:
+        # Private: use Checkpoint.open(), which takes the lock and loads or creates the manifest.
+        self._path = _path
+        self._fingerprint = _fingerprint
+        self._lock_fd: int | None = _lock_fd
+        self._manifest = _manifest
+        self._compact_every = _compact_every
+        # The accessor may call append() from worker threads; parts and the manifest are not thread-safe.
+        self._mutex = threading.RLock()
+
+    # ---------------------------------------------------------------------------------- opening
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        fingerprint: Mapping[str, Any],
+        *,
+        resume: bool = True,
+        compact_every: int = 16,
+        repair: bool = False,
+    ) -> Checkpoint:
+        """Open (or create) the checkpoint at directory ``path`` and lock it for this run.
+
+        ``fingerprint`` (JSON values: provider, model, endpoint, generation parameters) must equal the
+        stored one when resuming. ``resume=False`` deletes stored results and starts empty.
+        ``repair=True`` drops missing or unreadable parts from the manifest, with a warning.
+
+        >>> import tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "run.ckpt")
+        >>> ckpt = Checkpoint.open(path, {"model": "a"})
+        >>> ckpt.close()
+        >>> try:
+        ...     Checkpoint.open(path, {"model": "b"})
+        ... except CheckpointMismatchError as exc:
+        ...     print(str(exc).splitlines()[1])
+          model: "a" -> "b"
+        """
+        normalized = _normalize_fingerprint(fingerprint)
+        if isinstance(compact_every, bool) or not isinstance(compact_every, int) or compact_every < 2:
+            raise ConfigurationError(f"compact_every must be an integer >= 2, got {compact_every!r}")
+        directory = Path(os.fspath(path))
+        fd = _lock_directory(directory)
+        try:
+            manifest = _prepare(directory, normalized, resume=resume, repair=repair)
+        except BaseException:
+            os.close(fd)  # closing the only descriptor releases the flock
+            raise
+        return cls(
+            _path=directory,
+            _fingerprint=normalized,
+            _lock_fd=fd,
+            _manifest=manifest,
+            _compact_every=compact_every,
+        )
+
+    # ---------------------------------------------------------------------------------- reading
+
+    @property
+    def path(self) -> Path:
+        """The checkpoint directory."""
+        return self._path
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        """The run's settings stored in the manifest (a copy)."""
+        return copy.deepcopy(self._fingerprint)
+
+    @property
+    def closed(self) -> bool:
+        return self._lock_fd is None
+
+    def records(self) -> pd.DataFrame:
+        """All stored records, the latest per ``(prompt_hash, occurrence)``, with RECORD_SCHEMA columns.
+
+        String columns have the pandas ``string`` dtype and integer columns nullable ``Int64``/``Int32``.
+        """
+        with self._mutex:
+            self._check_open()
+            table = _load_parts(self._path, self._manifest["parts"])
+        return _table_to_frame(_dedup_latest(table))
+
+    # ---------------------------------------------------------------------------------- writing
+
+    def append(self, records: pd.DataFrame | pa.Table) -> None:
+        """Store ``records`` durably as one new part (see the module docstring for the protocol).
+
+        Raises CheckpointError if the disk refuses the write; earlier parts stay intact and readable.
+
+        >>> import tempfile, os
+        >>> with Checkpoint.open(os.path.join(tempfile.mkdtemp(), "c"), {}) as ckpt:
+        ...     ckpt.append(make_records(["a"], responses=["first"]))
+        ...     ckpt.append(make_records(["a"], responses=["second"]))
+        ...     ckpt.records()["response"].tolist()
+        ['second']
+        """
+        table = _to_table(records)
+        if table.num_rows == 0:
+            return
+        with self._mutex:
+            self._check_open()
+            self._add_part(table, level=0, replaces=())
+            self._maybe_compact()
+
+    def _add_part(self, table: pa.Table, *, level: int, replaces: Sequence[str]) -> None:
+        """Write ``table`` as a part and commit a manifest listing it.
+
+        ``replaces``: adjacent parts the new one supersedes (compaction); it takes their place in
+        the precedence order, else it goes last (newest).
+        """
+        manifest = self._manifest
+        seq = manifest["next_seq"]
+        name = _part_name(seq)
+        file = self._path / name
+        entry = {"file": name, "level": level, "rows": table.num_rows}
+        parts = list(manifest["parts"])
+        if replaces:
+            index = [p["file"] for p in parts].index(replaces[0])
+            parts[index : index + len(replaces)] = [entry]
+        else:
+            parts.append(entry)
+        new_manifest = {**manifest, "next_seq": seq + 1, "parts": parts}
+        try:
+            _write_atomic(file, lambda f: pq.write_table(table, f))
+        except OSError as exc:
+            raise CheckpointError(
+                f"Could not write checkpoint part {file}: {exc}. Results stored before are intact; "
+                "free disk space or fix permissions, then run again to resume."
+            ) from exc
+        try:
+            self._commit(new_manifest)
+        except OSError as exc:
+            if self._manifest is not new_manifest:
+                _remove_quietly(file)  # unlisted, so ignored anyway; don't leave it around
+            raise CheckpointError(
+                f"Could not write checkpoint manifest {self._path / _MANIFEST}: {exc}. Results stored "
+                "before are intact; free disk space or fix permissions, then run again to resume."
+            ) from exc
+
+    def _commit(self, manifest: dict[str, Any]) -> None:
+        def adopt() -> None:
+            # The rename is done: the new manifest is what a reader (or the next open) sees, so adopt
+            # it even if the directory fsync that follows fails.
+            self._manifest = manifest
+
+        _write_manifest(self._path, manifest, on_replaced=adopt)
+
+    def _maybe_compact(self) -> None:
+        """Merge runs of ``compact_every`` adjacent same-level parts into one part of the next level.
+
+        Only adjacent parts are merged, so the merged part can take their place in the precedence
+        order. A failure only warns: the appended records are already safe, and the next append
+        tries again.
+        """
+        while True:
+            run = self._find_run()
+            if run is None:
+                return
+            level, names = run
+            try:
+                merged = _dedup_latest(_load_parts(self._path, [{"file": n} for n in names]))
+                self._add_part(merged, level=level + 1, replaces=names)
+            except CheckpointError as exc:
+                warnings.warn(
+                    f"Checkpoint compaction failed, will retry on the next append: {exc}",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                return
+            for name in names:
+                _remove_quietly(self._path / name)
+
+    def _find_run(self) -> tuple[int, list[str]] | None:
+        parts = self._manifest["parts"]
+        start = 0
+        for i in range(1, len(parts) + 1):
+            if i == len(parts) or parts[i]["level"] != parts[start]["level"]:
+                if i - start >= self._compact_every:
+                    chosen = parts[start : start + self._compact_every]
+                    return parts[start]["level"], [p["file"] for p in chosen]
+                start = i
+        return None
+
+    # ---------------------------------------------------------------------------------- closing
+
+    def close(self) -> None:
+        """Release the lock. Idempotent."""
+        with self._mutex:
+            fd, self._lock_fd = self._lock_fd, None
+            if fd is not None:
+                # Explicit unlock: a forked child may share this descriptor and would keep the lock.
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                finally:
+                    os.close(fd)
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # A notebook user may drop the object without closing it; don't keep the lock until exit.
+        fd = getattr(self, "_lock_fd", None)
+        if fd is not None:
+            self._lock_fd = None
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _check_open(self) -> None:
+        if self._lock_fd is None:
+            raise CheckpointError(f"Checkpoint {self._path} is closed; open it again to use it.")
+
+    def __repr__(self) -> str:
+        parts = self._manifest["parts"]
+        state = ", closed" if self.closed else ""
+        return (
+            f"Checkpoint(path={str(self._path)!r}, parts={len(parts)}, "
+            f"records={sum(p['rows'] for p in parts)}{state})"
+        )
+
+
+def _lock_directory(directory: Path) -> int:
+    """Create ``directory`` if needed and return a descriptor holding its exclusive flock."""
+    fix = "fix its permissions or choose another checkpoint path"
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(
+            f"Checkpoint path {directory} is a file; pass a directory path (it is created if missing)."
+        )
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(f"Cannot create checkpoint directory {directory}: {exc}; {fix}.") from exc
+    # access() rather than waiting for the first append to fail, hours into a run.
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise CheckpointError(f"Checkpoint directory {directory} is not writable; {fix}.")
+    lock_file = directory / _LOCK
+    try:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise CheckpointError(f"Cannot create lock file {lock_file}: {exc}; {fix}.") from exc
+    try:
+        # flock, not a pid file: the kernel releases it when the holder dies, even on SIGKILL.
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _read_holder(fd)
+        os.close(fd)
+        raise CheckpointLockedError(
+            f"Checkpoint {directory} is being used by another run{holder}. Wait for that run to "
+            "finish or stop it (in a notebook, close() the other Checkpoint or restart its kernel), "
+            "or use another checkpoint path. A run that died releases the lock automatically."
+        ) from None
+    except OSError as exc:
+        os.close(fd)
+        raise CheckpointError(
+            f"Cannot lock {lock_file}: {exc}; choose a checkpoint path on a local disk."
+        ) from exc
+    try:
+        # Informational only, for the message above; the flock is what excludes.
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError:
+        pass
+    return fd
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        pid = int(os.pread(fd, 32, 0).decode().strip())
+    except (OSError, ValueError):
+        return ""
+    return " (this process)" if pid == os.getpid() else f" (process {pid})"
+
+
+def _prepare(
+    directory: Path, fingerprint: dict[str, Any], *, resume: bool, repair: bool
+) -> dict[str, Any]:
+    """Under the lock: clean up after crashes, check the manifest, and return it (new if needed)."""
+    for entry in os.scandir(directory):
+        if _TMP_RE.match(entry.name):
+            _remove_quietly(Path(entry.path))  # half-written by a run that died
+    manifest = None if not resume else _read_manifest(directory)
+    if manifest is not None and manifest["fingerprint"] != fingerprint:
+        diff = _fingerprint_diff(manifest["fingerprint"], fingerprint)
+        raise CheckpointMismatchError(
+            f"Checkpoint {directory} was written with other settings:\n"
+            + "\n".join(diff)
+            + f"\n{_START_FRESH}"
+        )
+    if manifest is not None:
+        manifest = _check_parts(directory, manifest, repair=repair)
+    listed = set() if manifest is None else {p["file"] for p in manifest["parts"]}
+    highest = 0
+    for entry in os.scandir(directory):
+        match = _PART_RE.match(entry.name)
+        if match and entry.name not in listed:
+            # resume=False, or written by a run that died before listing it in the manifest.
+            _remove_quietly(Path(entry.path))
+        elif match:
+            highest = max(highest, int(match.group(1)))
+    if manifest is None:
+        manifest = {
+            "format": _FORMAT,
+            "version": _FORMAT_VERSION,
+            "fingerprint": fingerprint,
+            "next_seq": 1,
+            "parts": [],
+        }
+    else:
+        manifest["next_seq"] = max(manifest["next_seq"], highest + 1)
+    try:
+        _write_manifest(directory, manifest)
+    except OSError as exc:
+        raise CheckpointError(
+            f"Cannot write checkpoint manifest in {directory}: {exc}; fix its permissions, free "
+            "disk space or choose another checkpoint path."
+        ) from exc
+    return manifest
+
+
+def _write_manifest(
+    directory: Path, manifest: dict[str, Any], on_replaced: Callable[[], None] | None = None
+) -> None:
+    data = json.dumps(manifest, indent=1).encode("utf-8")
+    _write_atomic(directory / _MANIFEST, lambda f: f.write(data), on_replaced=on_replaced)
+
+
+def _check_parts(directory: Path, manifest: dict[str, Any], *, repair: bool) -> dict[str, Any]:
+    if not repair:
+        for part in manifest["parts"]:
+            _check_part(directory / part["file"], part["rows"])
+        return manifest
+    kept, dropped = [], []
+    for part in manifest["parts"]:
+        try:
+            # Repair reads whole parts: a corrupt page in the middle passes the footer check.
+            table = _read_part(directory / part["file"])
+            if table.num_rows != part["rows"]:
+                raise CheckpointCorruptError("row count differs from the manifest")
+        except CheckpointCorruptError:
+            dropped.append(part["file"])
+        else:
+            kept.append(part)
+    if dropped:
+        warnings.warn(
+            f"Checkpoint {directory}: dropped missing or unreadable parts {dropped}; "
+            "their rows will be generated again.",
+            UserWarning,
+            stacklevel=4,
+        )
+    return {**manifest, "parts": kept}
+
+
+# --------------------------------------------------------------------------------------------------
+# Read-only access
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """The result frame stored in the checkpoint at ``path``, read without taking the lock.
+
+    One row per input position, sorted, indexed by ``position``; columns ``prompt`` and
+    :data:`RESULT_COLUMNS`, strings as pandas ``string`` dtype and integers as nullable ``Int64``.
+    Safe to call while a run is writing (you see the state of the last completed append).
+
+    If rows were inserted into the input between runs, a position may have been written for two
+    different prompts; the record written last is shown.
+
+    >>> import tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "run.ckpt")
+    >>> with Checkpoint.open(path, {}) as ckpt:
+    ...     ckpt.append(make_records(["a", "b"], responses=["A", None], error=[None, "boom"]))
+    >>> frame = read_checkpoint(path)
+    >>> frame.index.tolist(), frame["response"].tolist(), frame["error"].tolist()
+    ([0, 1], ['A', <NA>], [<NA>, 'boom'])
+    """
+    _, table = _read_snapshot(path)
+    frame = _table_to_frame(table)
+    # Among equal positions keep the one written last: drop_duplicates preserves write order.
+    frame = frame.drop_duplicates("position", keep="last")
+    frame = frame.sort_values("position", kind="stable")
+    index = pd.Index(frame["position"].to_numpy(dtype=np.int64), name="position")
+    result = frame[["prompt", *RESULT_COLUMNS]].set_axis(index, axis=0)
+    ints = {c: "Int64" for c in ("status_code", "attempts", "prompt_tokens", "completion_tokens")}
+    return result.astype(ints)
+
+
+def checkpoint_status(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Counts for a CLI ``status`` command, read without taking the lock.
+
+    >>> import tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "run.ckpt")
+    >>> with Checkpoint.open(path, {"model": "m"}) as ckpt:
+    ...     ckpt.append(make_records(["a", "b"], responses=["A", None],
+    ...                              error=[None, "slow"], error_type=[None, "APITimeoutError"]))
+    >>> status = checkpoint_status(path)
+    >>> status["total"], status["done"], status["failed"], status["errors_by_type"]
+    (2, 1, 1, {'APITimeoutError': 1})
+    """
+    manifest, table = _read_snapshot(path)
+    errors = table.filter(table.column("error").is_valid()).column("error_type").to_pylist()
+    by_type = Counter("unknown" if t is None else t for t in errors)
+    return {
+        "path": str(Path(os.fspath(path))),
+        "total": table.num_rows,
+        "done": table.num_rows - table.column("response").null_count,
+        "failed": len(errors),
+        "errors_by_type": dict(by_type.most_common()),
+        "parts": len(manifest["parts"]),
+        "fingerprint": manifest["fingerprint"],
+    }
