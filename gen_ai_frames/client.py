@@ -246,6 +246,8 @@ def check_prompt(prompt: object) -> InvalidPromptError | None:
     >>> check_prompt("  ").message
     'the prompt is empty or only whitespace'
     """
+    if isinstance(prompt, InvalidPromptError):  # a row already judged unsendable, e.g. by a template
+        return prompt
     if prompt is None or _is_missing(prompt):
         return InvalidPromptError("the prompt is missing (None or NaN)", sent=False)
     if not isinstance(prompt, str):

@@ -81,6 +81,8 @@ class Engine:
         self.max_concurrent = max_concurrent
         self.retry = retry
         self._sleep = sleep
+        #: The error that stopped the last run early (a bad key, an unknown model), if any.
+        self.fatal: RequestError | None = None
 
     async def run(self, items: Iterable[list[Message]], params: GenerationParams) -> list[Result]:
         """Results for ``items`` in the same order."""
@@ -105,6 +107,7 @@ class Engine:
         """
         iterator = iter(items)
         state = _RunState()
+        self.fatal = None
         queue: asyncio.Queue[Any] = asyncio.Queue()
         done_marker = object()
 
@@ -181,7 +184,7 @@ class Engine:
                     await self._sleep(delay)
                 continue
             if error.fatal and state.fatal is None:
-                state.fatal = error
+                state.fatal = self.fatal = error
             return Result(error=error, latency_s=time.monotonic() - started, attempts=attempts)
 
     def _connection_error(self, err: TransportError) -> APIConnectionError:

@@ -1,0 +1,260 @@
+"""Row runs: prompts in, one result per row out, with dedupe, checkpoints and a progress bar.
+
+The accessor, the CLI and the Dask engine all run rows through :func:`run_rows`. Rows are fed to
+the engine lazily and answers are written to the checkpoint every ``chunk_size`` rows, so
+concurrency never drains at a chunk boundary and a crash loses only the rows in flight plus at
+most one unwritten chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+
+from .checkpoint import RECORD_SCHEMA, RESULT_COLUMNS, Checkpoint, row_keys
+from .client import Client, check_prompt
+from .engine import Result
+from .errors import ConfigurationError, RequestError
+from .params import GenerationParams, validate_positive_int
+
+__all__ = ["DETAIL_COLUMNS", "RowResults", "run_rows"]
+
+logger = logging.getLogger("gen_ai_frames")
+
+#: Extra columns of ``details=True``, after ``response`` and ``error``.
+DETAIL_COLUMNS = [c for c in RESULT_COLUMNS if c not in ("response", "error")]
+
+# How often a slow run writes what it has even if a chunk is not full: bounds the loss of a crash
+# in time as well as in rows.
+FLUSH_INTERVAL_S = 10.0
+
+
+@dataclass
+class RowResults:
+    """One value per row for each of ``RESULT_COLUMNS``; ``sent`` counts requests made this run."""
+
+    columns: dict[str, list[Any]]
+    restored: int = 0
+    sent: int = 0
+    fatal: RequestError | None = None
+
+    def frame_columns(self, details: bool) -> dict[str, pd.api.extensions.ExtensionArray]:
+        names = RESULT_COLUMNS if details else ["response", "error"]
+        return {name: pd.array(self.columns[name], dtype=_DTYPES[name]) for name in names}
+
+
+_DTYPES = {"response": "string", "error": "string", "error_type": "string", "error_suggestion": "string",
+           "status_code": "Int64", "attempts": "Int64", "finish_reason": "string", "prompt_tokens": "Int64",
+           "completion_tokens": "Int64", "latency_s": "Float64"}
+
+
+@dataclass
+class _Progress:
+    """A tqdm.auto bar showing rows done of total, rate and errors so far; a no-op when disabled."""
+
+    total: int
+    enabled: bool
+    initial: int = 0
+    errors: int = 0
+    bar: Any = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        if self.enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, initial=self.initial, unit="row", desc="gen-ai-frames",
+                            dynamic_ncols=True)
+            self.bar.set_postfix(errors=self.errors, refresh=False)
+
+    def advance(self, rows: int, failed: bool) -> None:
+        if self.bar is None:
+            return
+        if failed:
+            self.errors += rows
+            self.bar.set_postfix(errors=self.errors, refresh=False)
+        self.bar.update(rows)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+async def run_rows(
+    prompts: Sequence[object],
+    *,
+    client: Client,
+    params: GenerationParams,
+    max_concurrent: int = 5,
+    max_retries: int | None = None,
+    chunk_size: int = 500,
+    checkpoint: str | os.PathLike[str] | None = None,
+    resume: bool = True,
+    retry_errors: bool = False,
+    dedupe: bool | None = None,
+    progress: bool = True,
+) -> RowResults:
+    """Answer every row's prompt; see :meth:`GenAIAccessor.generate` for the options.
+
+    >>> results = await run_rows(["Hi", None], client=client, params=GenerationParams())  # doctest: +SKIP
+    >>> results.columns["error"][1]  # doctest: +SKIP
+    'the prompt is missing (None or NaN)'
+    """
+    validate_positive_int("chunk_size", chunk_size)
+    validate_positive_int("max_concurrent", max_concurrent)
+    if dedupe is None:
+        dedupe = params.temperature == 0  # identical prompts give identical answers only then
+    n = len(prompts)
+    columns: dict[str, list[Any]] = {name: [None] * n for name in RESULT_COLUMNS}
+    outcome = RowResults(columns)
+
+    # Rows that cannot be sent fail at once; the others are grouped by prompt (dedupe).
+    valid: list[int] = []
+    for i, prompt in enumerate(prompts):
+        problem = check_prompt(prompt)
+        if problem is None:
+            valid.append(i)
+        else:
+            _store(columns, i, Result(error=problem))
+    keys = row_keys([prompts[i] for i in valid])  # type: ignore[misc]
+
+    store = None
+    if checkpoint is not None:
+        fingerprint = {**client.fingerprint(), **params.fingerprint()}
+        store = await asyncio.to_thread(Checkpoint.open, checkpoint, fingerprint, resume=resume)
+    try:
+        todo = valid
+        position_key = dict(zip(valid, keys))
+        if store is not None:
+            todo, moved = _restore(store, valid, keys, columns, retry_errors)
+            outcome.restored = len(valid) - len(todo)
+            if moved:  # rows inserted above earlier answers: record where those answers sit now
+                await _flush(store, moved, prompts, columns, position_key)
+        groups: dict[str, list[int]] = {}
+        for i in todo:
+            groups.setdefault(prompts[i] if dedupe else i, []).append(i)  # type: ignore[arg-type]
+
+        bar = _Progress(total=n, enabled=progress, initial=n - len(todo))
+        bar.errors = sum(1 for e in columns["error"] if e is not None)
+        try:
+            await _send_groups(groups, prompts, client, params, max_concurrent, max_retries, chunk_size,
+                               store, columns, position_key, bar, outcome)
+        finally:
+            bar.close()
+    finally:
+        if store is not None:
+            await asyncio.to_thread(store.close)
+    return outcome
+
+
+def _restore(store: Checkpoint, valid: list[int], keys: list[tuple[str, int]], columns: dict[str, list[Any]],
+             retry_errors: bool) -> tuple[list[int], list[int]]:
+    """Fill rows answered by an earlier run from the checkpoint.
+
+    Returns the rows still to send, and the restored rows whose position changed since they were stored.
+    """
+    records = store.records()
+    if records.empty:
+        return valid, []
+    stored = {
+        (h, int(o)): (int(p), row)
+        for h, o, p, row in zip(records["prompt_hash"], records["occurrence"], records["position"],
+                                records[RESULT_COLUMNS].itertuples(index=False, name=None))
+    }
+    error_index = RESULT_COLUMNS.index("error")
+    todo, moved = [], []
+    for i, key in zip(valid, keys):
+        position, row = stored.get(key, (None, None))
+        if row is None or (retry_errors and not pd.isna(row[error_index])):
+            todo.append(i)
+            continue
+        for name, value in zip(RESULT_COLUMNS, row):
+            columns[name][i] = None if pd.isna(value) else value
+        if position != i:
+            moved.append(i)
+    return todo, moved
+
+
+async def _send_groups(groups: dict[Any, list[int]], prompts: Sequence[object], client: Client,
+                       params: GenerationParams, max_concurrent: int, max_retries: int | None,
+                       chunk_size: int, store: Checkpoint | None, columns: dict[str, list[Any]],
+                       position_key: dict[int, tuple[str, int]], bar: _Progress, outcome: RowResults) -> None:
+    if not groups:
+        return
+
+    def items() -> Iterator[tuple[list[int], list[dict[str, str]]]]:
+        for rows in groups.values():
+            yield rows, [{"role": "user", "content": prompts[rows[0]]}]  # type: ignore[dict-item]
+
+    pending: list[int] = []  # rows answered but not yet in the checkpoint
+    last_flush = time.monotonic()
+    async with client.engine(max_concurrent=max_concurrent, max_retries=max_retries) as engine:
+        try:
+            async for rows, result in engine.stream(items(), params):
+                sent = result.error is None or result.error.sent
+                outcome.sent += sent
+                for i in rows:
+                    _store(columns, i, result)
+                bar.advance(len(rows), result.error is not None)
+                if store is not None and sent:  # unsent rows stay out of the checkpoint: a resume sends them
+                    pending.extend(rows)
+                    if len(pending) >= chunk_size or time.monotonic() - last_flush > FLUSH_INTERVAL_S:
+                        await _flush(store, pending, prompts, columns, position_key)
+                        pending, last_flush = [], time.monotonic()
+        except BaseException:
+            if store is not None and pending:
+                # Save what was paid for before the error propagates; the error itself matters more.
+                with contextlib.suppress(Exception):
+                    await _flush(store, pending, prompts, columns, position_key)
+            raise
+        if store is not None and pending:
+            await _flush(store, pending, prompts, columns, position_key)
+        outcome.fatal = engine.fatal
+
+
+async def _flush(store: Checkpoint, rows: list[int], prompts: Sequence[object], columns: dict[str, list[Any]],
+                 position_key: dict[int, tuple[str, int]]) -> None:
+    table = pa.table(
+        {
+            "position": pa.array(rows, pa.int64()),
+            "prompt_hash": [position_key[i][0] for i in rows],
+            "occurrence": pa.array([position_key[i][1] for i in rows], pa.int32()),
+            "prompt": [prompts[i] for i in rows],
+            **{name: [columns[name][i] for i in rows] for name in RESULT_COLUMNS},
+        }
+    ).cast(RECORD_SCHEMA)
+    # Parquet encoding and fsync happen off the loop, so requests keep flowing meanwhile.
+    await asyncio.to_thread(store.append, table)
+
+
+def _store(columns: dict[str, list[Any]], i: int, result: Result) -> None:
+    error = result.error
+    columns["response"][i] = result.text
+    columns["error"][i] = None if error is None else error.message
+    columns["error_type"][i] = None if error is None else error.type
+    columns["error_suggestion"][i] = None if error is None else error.suggestion
+    columns["status_code"][i] = None if error is None else error.status_code
+    columns["attempts"][i] = result.attempts if error is None else error.attempts
+    columns["finish_reason"][i] = result.finish_reason
+    columns["prompt_tokens"][i] = result.prompt_tokens
+    columns["completion_tokens"][i] = result.completion_tokens
+    columns["latency_s"][i] = result.latency_s
+
+
+def summarize_errors(columns: dict[str, list[Any]]) -> Counter[str]:
+    """Count failed rows by error type."""
+    return Counter(t for t in columns["error_type"] if t is not None)
+
+
+def check_unknown(options: dict[str, Any], where: str) -> None:
+    if options:
+        raise ConfigurationError(f"unknown option(s) for {where}: {', '.join(sorted(options))}")
