@@ -50,7 +50,8 @@ def create_client(
         endpoint = provider_class.default_endpoint
         if endpoint is None:
             raise ConfigurationError(f"provider {provider!r} needs `endpoint=` (its API base URL)")
-    endpoint = normalize_endpoint(endpoint)
+    if provider_class.uses_http:
+        endpoint = normalize_endpoint(endpoint)
     if model_name is None:
         model_name = provider_class.default_model
         if model_name is None:
@@ -59,7 +60,7 @@ def create_client(
         raise ConfigurationError(f"model_name must be a non-empty string, got {model_name!r}")
     if api_key is None and provider_class.api_key_env:
         api_key = os.environ.get(provider_class.api_key_env) or None
-    if api_key is None and provider_class.requires_api_key and not is_local(endpoint):
+    if api_key is None and provider_class.requires_api_key and not (provider_class.uses_http and is_local(endpoint)):
         raise ConfigurationError(
             f"no API key for provider {provider!r}: set the {provider_class.api_key_env} environment variable "
             "or pass api_key=..."
@@ -68,6 +69,9 @@ def create_client(
     instance = provider_class(api_key=api_key, endpoint=endpoint, model_name=model_name, **provider_options)
 
     def make_transport() -> Transport:
+        own = instance.create_transport()
+        if own is not None:
+            return own
         if http_client is not None or transport is not None:
             return HttpxTransport(http_client, transport=transport, verify=verify)
         return AiohttpTransport(verify=verify)

@@ -27,7 +27,7 @@ from ..errors import (
     ServerError,
 )
 from ..params import GenerationParams, Message
-from ..transport import HttpRequest, HttpResponse
+from ..transport import HttpRequest, HttpResponse, Transport
 
 try:  # orjson parses answers ~3x faster; the standard library is the fallback
     import orjson
@@ -70,6 +70,8 @@ class Provider:
     default_model: ClassVar[str | None] = None
     #: False for servers that need no key (local servers, Ollama).
     requires_api_key: ClassVar[bool] = True
+    #: False for providers that answer in-process (the embedded local model): no endpoint URL.
+    uses_http: ClassVar[bool] = True
 
     def __init__(self, *, api_key: str | None, endpoint: str, model_name: str, **options: Any) -> None:
         if options:
@@ -86,6 +88,10 @@ class Provider:
     def fingerprint(self) -> dict[str, Any]:
         """What identifies the model answering: stored in checkpoints (never the key)."""
         return {"provider": self.name, "endpoint": redact_url(self.endpoint), "model": self.model_name}
+
+    def create_transport(self) -> Transport | None:
+        """A transport of the provider's own (e.g. an in-process model), or None for HTTP."""
+        return None
 
     def build_request(self, messages: list[Message], params: GenerationParams) -> HttpRequest:
         raise NotImplementedError
