@@ -61,6 +61,8 @@ class GenAIAccessor:
         timeout: float = 60,
         max_concurrent: int = 5,
         max_retries: int | None = None,
+        requests_per_minute: float | None = None,
+        tokens_per_minute: float | None = None,
         **client_options: Any,
     ) -> pd.DataFrame:
         """Return a copy of the frame with a ``response`` and an ``error`` column.
@@ -71,6 +73,8 @@ class GenAIAccessor:
         the same path resumes (``resume=False`` starts over, ``retry_errors=True`` resends failed rows).
         ``dedupe`` sends identical prompts once (default: when ``temperature`` is 0). ``details=True``
         adds error type, suggestion, status code, attempts, finish reason, token counts and latency.
+        ``requests_per_minute`` / ``tokens_per_minute`` cap the run's rate; a 429 pauses the whole run
+        for its Retry-After and the progress bar says so.
 
         >>> out = df.genai.generate(column="prompt", client=client, checkpoint="run.ckpt")  # doctest: +SKIP
         >>> out[out["error"].notna()]  # doctest: +SKIP
@@ -80,7 +84,8 @@ class GenAIAccessor:
             response_column=response_column, error_column=error_column, chunk_size=chunk_size,
             checkpoint=checkpoint, resume=resume, retry_errors=retry_errors, dedupe=dedupe, progress=progress,
             details=details, overwrite=overwrite, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-            timeout=timeout, max_concurrent=max_concurrent, max_retries=max_retries, **client_options,
+            timeout=timeout, max_concurrent=max_concurrent, max_retries=max_retries,
+            requests_per_minute=requests_per_minute, tokens_per_minute=tokens_per_minute, **client_options,
         ))
 
     async def agenerate(
@@ -106,6 +111,8 @@ class GenAIAccessor:
         timeout: float = 60,
         max_concurrent: int = 5,
         max_retries: int | None = None,
+        requests_per_minute: float | None = None,
+        tokens_per_minute: float | None = None,
         **client_options: Any,
     ) -> pd.DataFrame:
         """Async twin of :meth:`generate`.
@@ -127,6 +134,7 @@ class GenAIAccessor:
         out = df.copy(deep=False)  # the caller's frame stays untouched
         results = await run_rows(
             prompts, client=client, params=params, max_concurrent=max_concurrent, max_retries=max_retries,
+            requests_per_minute=requests_per_minute, tokens_per_minute=tokens_per_minute,
             chunk_size=chunk_size, checkpoint=checkpoint, resume=resume, retry_errors=retry_errors,
             dedupe=dedupe, progress=progress and len(df) > 0,
         )

@@ -17,6 +17,7 @@ from ._sync import run_sync
 from .engine import Engine, Result
 from .errors import ConfigurationError, FailedPromptsWarning, InvalidPromptError, RequestError
 from .params import GenerationParams, Message, validate_positive_int
+from .ratelimit import RateLimiter
 from .providers.base import Provider, redact_url
 from .retry import RetryPolicy
 from .transport import Transport
@@ -40,11 +41,17 @@ class Client:
         *,
         max_retries: int = 3,
         retry: RetryPolicy | None = None,
+        requests_per_minute: float | None = None,
+        tokens_per_minute: float | None = None,
     ) -> None:
         self.provider = provider
         self._transport_factory = transport_factory
         validate_positive_int("max_retries", max_retries, minimum=0)
         self.retry = retry or RetryPolicy(max_retries=max_retries)
+        RateLimiter(requests_per_minute, tokens_per_minute)  # validates both
+        #: Default rate limits of every run of this client; each call may override them.
+        self.requests_per_minute = requests_per_minute
+        self.tokens_per_minute = tokens_per_minute
 
     def __repr__(self) -> str:
         return (f"Client(provider={self.provider.name!r}, model_name={self.provider.model_name!r}, "
@@ -59,8 +66,12 @@ class Client:
         return self.provider.fingerprint()
 
     @asynccontextmanager
-    async def engine(self, *, max_concurrent: int = 5, max_retries: int | None = None) -> AsyncIterator[Engine]:
+    async def engine(self, *, max_concurrent: int = 5, max_retries: int | None = None,
+                     requests_per_minute: float | None = None, tokens_per_minute: float | None = None,
+                     on_status: Callable[[str | None], None] | None = None) -> AsyncIterator[Engine]:
         """An engine with a fresh transport, closed on exit. The accessor streams through it.
+
+        Rate limits left at None fall back to the client's.
 
         >>> async with client.engine(max_concurrent=64) as engine:  # doctest: +SKIP
         ...     results = await engine.run([[{"role": "user", "content": "Hi"}]], GenerationParams())
@@ -72,9 +83,16 @@ class Client:
             retry = RetryPolicy(max_retries=max_retries, initial_delay=retry.initial_delay,
                                 max_delay=retry.max_delay, jitter=retry.jitter,
                                 max_retry_after=retry.max_retry_after)
+        if requests_per_minute is None:
+            requests_per_minute = self.requests_per_minute
+        if tokens_per_minute is None:
+            tokens_per_minute = self.tokens_per_minute
+        RateLimiter(requests_per_minute, tokens_per_minute)  # validates before the transport opens
         transport = self._transport_factory()
         try:
-            yield Engine(self.provider, transport, max_concurrent=max_concurrent, retry=retry)
+            yield Engine(self.provider, transport, max_concurrent=max_concurrent, retry=retry,
+                         requests_per_minute=requests_per_minute, tokens_per_minute=tokens_per_minute,
+                         on_status=on_status)
         finally:
             await transport.aclose()
 
@@ -105,6 +123,8 @@ class Client:
         *,
         system_prompt: str | None = None,
         max_retries: int | None = None,
+        requests_per_minute: float | None = None,
+        tokens_per_minute: float | None = None,
     ) -> Any:
         """Answer many prompts concurrently; results come back in the order of ``prompts``.
 
@@ -118,7 +138,8 @@ class Client:
         'InvalidPromptError'
         """
         results = run_sync(self._batch(prompts, max_tokens, temperature, top_p, timeout, concurrent,
-                                       max_concurrent, system_prompt, max_retries))
+                                       max_concurrent, system_prompt, max_retries, requests_per_minute,
+                                       tokens_per_minute))
         return _batch_output(results, return_error)
 
     async def agenerate_batch_response(
@@ -134,18 +155,22 @@ class Client:
         *,
         system_prompt: str | None = None,
         max_retries: int | None = None,
+        requests_per_minute: float | None = None,
+        tokens_per_minute: float | None = None,
     ) -> Any:
         """Async twin of :meth:`generate_batch_response`.
 
         >>> responses = await client.agenerate_batch_response(["Hi"])  # doctest: +SKIP
         """
         results = await self._batch(prompts, max_tokens, temperature, top_p, timeout, concurrent,
-                                    max_concurrent, system_prompt, max_retries)
+                                    max_concurrent, system_prompt, max_retries, requests_per_minute,
+                                    tokens_per_minute)
         return _batch_output(results, return_error)
 
     async def _batch(self, prompts: Sequence[str], max_tokens: int, temperature: float, top_p: float,
                      timeout: float, concurrent: bool, max_concurrent: int, system_prompt: str | None,
-                     max_retries: int | None) -> list[Result]:
+                     max_retries: int | None, requests_per_minute: float | None,
+                     tokens_per_minute: float | None) -> list[Result]:
         params = GenerationParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                   timeout=timeout, system_prompt=system_prompt)
         validate_positive_int("max_concurrent", max_concurrent)
@@ -159,8 +184,9 @@ class Client:
             else:
                 results[i] = Result(error=problem)
         if to_send:
-            async with self.engine(max_concurrent=max_concurrent if concurrent else 1,
-                                   max_retries=max_retries) as engine:
+            async with self.engine(max_concurrent=max_concurrent if concurrent else 1, max_retries=max_retries,
+                                   requests_per_minute=requests_per_minute,
+                                   tokens_per_minute=tokens_per_minute) as engine:
                 async for i, result in engine.stream(to_send, params):
                     results[i] = result
         return results  # type: ignore[return-value]

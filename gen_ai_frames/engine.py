@@ -22,6 +22,7 @@ from .errors import (
 )
 from .params import GenerationParams, Message
 from .providers.base import Provider, redact_url
+from .ratelimit import AdaptiveConcurrency, RateLimiter, ratelimit_wait
 from .retry import RetryPolicy, parse_retry_after
 from .transport import HttpResponse, Transport, TransportError
 
@@ -48,20 +49,42 @@ class Result:
 
 
 class _RunState:
-    """What all workers of one run share: the early-stop cause and a run-wide pause after a 429."""
+    """What all workers of one run share: the early-stop cause, the run-wide pause after a 429,
+    the rate limiter and the adaptive concurrency limit."""
 
-    __slots__ = ("fatal", "paused_until")
+    __slots__ = ("fatal", "paused_until", "limiter", "concurrency", "clock", "on_status", "status")
 
-    def __init__(self) -> None:
+    def __init__(self, max_concurrent: int, limiter: RateLimiter | None, clock: Callable[[], float],
+                 on_status: Callable[[str | None], None] | None) -> None:
         self.fatal: RequestError | None = None
         self.paused_until = 0.0
+        self.limiter = limiter
+        self.concurrency = AdaptiveConcurrency(max_concurrent, clock=clock)
+        self.clock = clock
+        self.on_status = on_status
+        self.status: str | None = None
 
-    def pause(self, seconds: float) -> None:
-        self.paused_until = max(self.paused_until, time.monotonic() + seconds)
+    def pause(self, seconds: float, reason: str) -> None:
+        until = self.clock() + seconds
+        if until > self.paused_until:
+            self.paused_until = until
+            self.set_status(f"{reason}, waiting {seconds:.0f} s")
+
+    def set_status(self, status: str | None) -> None:
+        if status != self.status:
+            self.status = status
+            if self.on_status is not None:
+                self.on_status(status)
 
 
 class Engine:
     """Sends prompts through a provider and a transport.
+
+    ``requests_per_minute`` / ``tokens_per_minute`` cap the run's rate (tokens estimated from the
+    prompt length plus ``max_tokens``, corrected by reported usage). A 429 with Retry-After, or
+    rate-limit headers at zero, pause every request of the run; bursts of 429s halve the
+    concurrency, which grows back by one per window of successes, never above ``max_concurrent``.
+    ``on_status`` hears about pauses (the progress bar shows them).
 
     >>> engine = Engine(provider, transport, max_concurrent=64)  # doctest: +SKIP
     >>> results = await engine.run([[{"role": "user", "content": "Hi"}]], GenerationParams())  # doctest: +SKIP
@@ -74,23 +97,30 @@ class Engine:
         *,
         max_concurrent: int = 5,
         retry: RetryPolicy = RetryPolicy(),
+        requests_per_minute: float | None = None,
+        tokens_per_minute: float | None = None,
+        on_status: Callable[[str | None], None] | None = None,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.provider = provider
         self.transport = transport
         self.max_concurrent = max_concurrent
         self.retry = retry
+        self.on_status = on_status
         self._sleep = sleep
+        self._clock = clock
+        self._limiter = (RateLimiter(requests_per_minute, tokens_per_minute, clock=clock)
+                         if requests_per_minute or tokens_per_minute else None)
         #: The error that stopped the last run early (a bad key, an unknown model), if any.
         self.fatal: RequestError | None = None
 
     async def run(self, items: Iterable[list[Message]], params: GenerationParams) -> list[Result]:
         """Results for ``items`` in the same order."""
         results: list[Result | None] = []
-        indexed = ((i, messages) for i, messages in enumerate(items))
 
         def keyed() -> Iterable[tuple[int, list[Message]]]:
-            for i, messages in indexed:
+            for i, messages in enumerate(items):
                 results.append(None)
                 yield i, messages
 
@@ -106,7 +136,7 @@ class Engine:
         ``items`` is consumed lazily, at most ``max_concurrent`` ahead of the answers.
         """
         iterator = iter(items)
-        state = _RunState()
+        state = _RunState(self.max_concurrent, self._limiter, self._clock, self.on_status)
         self.fatal = None
         queue: asyncio.Queue[Any] = asyncio.Queue()
         done_marker = object()
@@ -139,53 +169,82 @@ class Engine:
                 task.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
 
+    async def _wait_while_paused(self, state: _RunState) -> None:
+        # A loop, not one sleep: another 429 may extend the pause while this worker waits.
+        while (wait := state.paused_until - self._clock()) > 0:
+            await self._sleep(wait)
+        state.set_status(None)
+
     async def _send(self, messages: list[Message], params: GenerationParams, state: _RunState) -> Result:
         try:
             request = self.provider.build_request(messages, params)
         except (TypeError, ValueError) as err:  # e.g. a lone surrogate that cannot be encoded as JSON
             return Result(error=InvalidPromptError(f"the prompt cannot be sent: {err}", sent=False))
-        started = time.monotonic()
+        estimated = _estimate_tokens(messages, params) if state.limiter is not None else 0
+        started = self._clock()
         attempts = 0
         while True:
-            wait = state.paused_until - time.monotonic()
-            if wait > 0:
-                await self._sleep(wait)
-            if state.fatal is not None:
-                return Result(error=_not_sent(state.fatal), attempts=attempts)
-            attempts += 1
-            response: HttpResponse | None = None
+            await self._wait_while_paused(state)
+            await state.concurrency.acquire()
             try:
-                async with asyncio.timeout(params.timeout):
-                    response = await self.transport.send(request)
-                completion = self.provider.parse_response(response)
-            except TimeoutError:
-                error: RequestError = APITimeoutError(
-                    f"no answer from {redact_url(self.provider.endpoint)} within timeout={params.timeout:g} s"
-                )
-            except TransportError as err:
-                error = self._connection_error(err)
-            except RequestError as err:
-                error = err
-                if response is not None and error.retry_after is None:
-                    error.retry_after = parse_retry_after(response.headers)
-            else:
-                return Result(
-                    completion.text, None, completion.finish_reason, completion.prompt_tokens,
-                    completion.completion_tokens, time.monotonic() - started, attempts,
-                )
+                if state.limiter is not None:
+                    wait = state.limiter.reserve(estimated)
+                    if wait > 0:
+                        await self._sleep(wait)
+                    if state.paused_until > self._clock():
+                        continue  # a 429 arrived while this request waited for its slot
+                if state.fatal is not None:
+                    return Result(error=_not_sent(state.fatal), attempts=attempts)
+                attempts += 1
+                response: HttpResponse | None = None
+                try:
+                    async with asyncio.timeout(params.timeout):
+                        response = await self.transport.send(request)
+                    completion = self.provider.parse_response(response)
+                except TimeoutError:
+                    error: RequestError = APITimeoutError(
+                        f"no answer from {redact_url(self.provider.endpoint)} within timeout={params.timeout:g} s"
+                    )
+                except TransportError as err:
+                    error = self._connection_error(err)
+                except RequestError as err:
+                    error = err
+                    if response is not None and error.retry_after is None:
+                        error.retry_after = parse_retry_after(response.headers)
+                else:
+                    state.concurrency.on_success()
+                    if state.limiter is not None and completion.prompt_tokens is not None:
+                        state.limiter.correct(estimated, completion.prompt_tokens + (completion.completion_tokens or 0))
+                    self._respect_ratelimit_headers(response, state)
+                    return Result(
+                        completion.text, None, completion.finish_reason, completion.prompt_tokens,
+                        completion.completion_tokens, self._clock() - started, attempts,
+                    )
+            finally:
+                state.concurrency.release()
             error.attempts = attempts
+            if response is not None:
+                self._respect_ratelimit_headers(response, state)
+            if error.status_code == 429:
+                state.concurrency.on_rate_limited()
             if error.retryable and attempts <= self.retry.max_retries:
                 delay = self.retry.delay(attempts, error.retry_after)
                 if error.status_code == 429 and error.retry_after:
                     # The server asked the whole client to wait, not just this request: the pause
                     # holds every worker at the top of the loop, this one included.
-                    state.pause(delay)
+                    state.pause(delay, "rate limited")
                 else:
                     await self._sleep(delay)
                 continue
             if error.fatal and state.fatal is None:
                 state.fatal = self.fatal = error
-            return Result(error=error, latency_s=time.monotonic() - started, attempts=attempts)
+            return Result(error=error, latency_s=self._clock() - started, attempts=attempts)
+
+    @staticmethod
+    def _respect_ratelimit_headers(response: HttpResponse | None, state: _RunState) -> None:
+        wait = None if response is None else ratelimit_wait(response.headers)
+        if wait:
+            state.pause(wait, "rate limit budget used up")
 
     def _connection_error(self, err: TransportError) -> APIConnectionError:
         endpoint = redact_url(self.provider.endpoint)
@@ -210,6 +269,12 @@ class Engine:
             error.fatal = True
             return error
         return APIConnectionError(f"request to {endpoint} failed: {err}")
+
+
+def _estimate_tokens(messages: list[Message], params: GenerationParams) -> int:
+    """A request's token cost before the answer tells: ~4 characters a token, plus the answer budget."""
+    characters = sum(len(m.get("content") or "") for m in messages) + len(params.system_prompt or "")
+    return characters // 4 + 1 + params.max_tokens
 
 
 def _not_sent(cause: RequestError) -> RequestError:

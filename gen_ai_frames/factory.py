@@ -29,6 +29,8 @@ def create_client(
     *,
     max_retries: int = 3,
     retry: RetryPolicy | None = None,
+    requests_per_minute: float | None = None,
+    tokens_per_minute: float | None = None,
     verify: bool | str | ssl.SSLContext = True,
     http_client: httpx.AsyncClient | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
@@ -36,6 +38,7 @@ def create_client(
 ) -> Client:
     """Build a client for one model of one provider.
 
+    ``requests_per_minute`` / ``tokens_per_minute`` are the default rate limits of every run.
     ``api_key`` falls back to the provider's environment variable (``OPENAI_API_KEY`` for
     ``"openai"``). ``verify`` controls TLS verification (``False``, or a CA bundle path).
     ``http_client`` (an ``httpx.AsyncClient``) or ``transport`` (e.g. ``httpx.MockTransport``) send
@@ -76,7 +79,8 @@ def create_client(
             return HttpxTransport(http_client, transport=transport, verify=verify)
         return AiohttpTransport(verify=verify)
 
-    return Client(instance, make_transport, max_retries=max_retries, retry=retry)
+    return Client(instance, make_transport, max_retries=max_retries, retry=retry,
+                  requests_per_minute=requests_per_minute, tokens_per_minute=tokens_per_minute)
 
 
 def is_local(endpoint: str) -> bool:

@@ -76,13 +76,27 @@ class _Progress:
                             dynamic_ncols=True)
             self.bar.set_postfix(errors=self.errors, refresh=False)
 
+    status: str | None = None
+
     def advance(self, rows: int, failed: bool) -> None:
         if self.bar is None:
             return
         if failed:
             self.errors += rows
-            self.bar.set_postfix(errors=self.errors, refresh=False)
+            self._postfix(refresh=False)
         self.bar.update(rows)
+
+    def show_status(self, status: str | None) -> None:
+        """Shown beside the counts, e.g. "rate limited, waiting 12 s"; None clears it."""
+        self.status = status
+        if self.bar is not None:
+            self._postfix(refresh=True)
+
+    def _postfix(self, refresh: bool) -> None:
+        fields: dict[str, Any] = {"errors": self.errors}
+        if self.status:
+            fields["status"] = self.status
+        self.bar.set_postfix(fields, refresh=refresh)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -96,6 +110,8 @@ async def run_rows(
     params: GenerationParams,
     max_concurrent: int = 5,
     max_retries: int | None = None,
+    requests_per_minute: float | None = None,
+    tokens_per_minute: float | None = None,
     chunk_size: int = 500,
     checkpoint: str | os.PathLike[str] | None = None,
     resume: bool = True,
@@ -146,7 +162,9 @@ async def run_rows(
         bar = _Progress(total=n, enabled=progress, initial=n - len(todo))
         bar.errors = sum(1 for e in columns["error"] if e is not None)
         try:
-            await _send_groups(groups, prompts, client, params, max_concurrent, max_retries, chunk_size,
+            limits = {"max_concurrent": max_concurrent, "max_retries": max_retries,
+                      "requests_per_minute": requests_per_minute, "tokens_per_minute": tokens_per_minute}
+            await _send_groups(groups, prompts, client, params, limits, chunk_size,
                                store, columns, position_key, bar, outcome)
         finally:
             bar.close()
@@ -185,8 +203,7 @@ def _restore(store: Checkpoint, valid: list[int], keys: list[tuple[str, int]], c
 
 
 async def _send_groups(groups: dict[Any, list[int]], prompts: Sequence[object], client: Client,
-                       params: GenerationParams, max_concurrent: int, max_retries: int | None,
-                       chunk_size: int, store: Checkpoint | None, columns: dict[str, list[Any]],
+                       params: GenerationParams, limits: dict[str, Any], chunk_size: int, store: Checkpoint | None, columns: dict[str, list[Any]],
                        position_key: dict[int, tuple[str, int]], bar: _Progress, outcome: RowResults) -> None:
     if not groups:
         return
@@ -197,7 +214,7 @@ async def _send_groups(groups: dict[Any, list[int]], prompts: Sequence[object], 
 
     pending: list[int] = []  # rows answered but not yet in the checkpoint
     last_flush = time.monotonic()
-    async with client.engine(max_concurrent=max_concurrent, max_retries=max_retries) as engine:
+    async with client.engine(**limits, on_status=bar.show_status) as engine:
         try:
             async for rows, result in engine.stream(items(), params):
                 sent = result.error is None or result.error.sent

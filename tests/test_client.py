@@ -155,14 +155,17 @@ def run_engine(handler: Callable[[httpx.Request], Any], prompts: list[str], *, m
                retry: RetryPolicy = RetryPolicy(max_retries=3, jitter=0.0)) -> tuple[list[Any], list[float]]:
     """Run the engine with a recording, instant sleep: lets tests check backoff without waiting."""
     slept: list[float] = []
+    now = [1000.0]
 
     async def fake_sleep(seconds: float) -> None:
         slept.append(seconds)
+        now[0] += seconds
 
     async def main() -> list[Any]:
         provider = OpenAIProvider(api_key=FAKE_KEY, endpoint="http://127.0.0.1:9/v1", model_name="m")
         transport = HttpxTransport(transport=httpx.MockTransport(handler))
-        engine = Engine(provider, transport, max_concurrent=max_concurrent, retry=retry, sleep=fake_sleep)
+        engine = Engine(provider, transport, max_concurrent=max_concurrent, retry=retry, sleep=fake_sleep,
+                        clock=lambda: now[0])
         try:
             return await engine.run([[{"role": "user", "content": p}] for p in prompts], GenerationParams())
         finally:
@@ -187,7 +190,7 @@ def test_429_waits_as_the_server_asks(headers: dict[str, str], expected_sleep: f
 
     results, slept = run_engine(limited, ["a"])
     assert results[0].text == "echo: a" and results[0].attempts == 2
-    assert slept == [pytest.approx(expected_sleep, abs=0.05)]
+    assert slept == [expected_sleep]
 
 
 def test_backoff_grows_exponentially_between_attempts() -> None:
