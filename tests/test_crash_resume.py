@@ -45,7 +45,8 @@ def test_sigkill_at_random_moments_then_resume(fake_server: Any, tmp_path: Path)
     df = pd.DataFrame({"prompt": [f"row {i}" for i in range(ROWS)], "n": range(ROWS)})
     source, target, ckpt = tmp_path / "in.parquet", tmp_path / "out.parquet", tmp_path / "run.ckpt"
     df.to_parquet(source)
-    args = [str(source), str(target), str(ckpt), fake_server.url, str(MAX_CONCURRENT), str(CHUNK_SIZE)]
+    args = [str(source), str(target), str(ckpt), fake_server.url, "--max-concurrent", str(MAX_CONCURRENT),
+            "--chunk-size", str(CHUNK_SIZE)]
 
     for _ in range(KILLS):
         kill_mid_run(start(args), fake_server, rng)
@@ -56,7 +57,7 @@ def test_sigkill_at_random_moments_then_resume(fake_server: Any, tmp_path: Path)
     _, err = final.communicate(timeout=300)
     assert final.returncode == 0, err.decode()
 
-    out = pd.read_parquet(target)
+    out = pd.read_parquet(target)[["prompt", "n", "response", "error"]]
     expected = df.assign(response=["echo: " + p for p in df["prompt"]], error=pd.NA)
     expected = expected.astype({"response": "string", "error": "string"})
     pd.testing.assert_frame_equal(out, expected)
