@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import os
 import string
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 import pandas as pd
 
 from ._sync import run_sync
-from .client import Client
+from .client import Client, check_prompt
 from .errors import ConfigurationError, InvalidPromptError
 from .factory import create_client
 from .params import GenerationParams
+from .pricing import Estimate, estimate_tokens, price_for
 from .runner import DETAIL_COLUMNS, run_rows
 
 __all__ = ["GenAIAccessor", "build_prompts"]
@@ -63,6 +64,8 @@ class GenAIAccessor:
         max_retries: int | None = None,
         requests_per_minute: float | None = None,
         tokens_per_minute: float | None = None,
+        max_cost: float | None = None,
+        prices: Mapping[str, tuple[float, float]] | None = None,
         **client_options: Any,
     ) -> pd.DataFrame:
         """Return a copy of the frame with a ``response`` and an ``error`` column.
@@ -74,7 +77,9 @@ class GenAIAccessor:
         ``dedupe`` sends identical prompts once (default: when ``temperature`` is 0). ``details=True``
         adds error type, suggestion, status code, attempts, finish reason, token counts and latency.
         ``requests_per_minute`` / ``tokens_per_minute`` cap the run's rate; a 429 pauses the whole run
-        for its Retry-After and the progress bar says so.
+        for its Retry-After and the progress bar says so. ``max_cost`` (US dollars) stops sending once
+        this run's spend reaches it, priced from ``prices`` (see :meth:`estimate`); unsent rows get
+        a ``NotSentError`` and a later run with a higher budget continues from the checkpoint.
 
         >>> out = df.genai.generate(column="prompt", client=client, checkpoint="run.ckpt")  # doctest: +SKIP
         >>> out[out["error"].notna()]  # doctest: +SKIP
@@ -85,7 +90,8 @@ class GenAIAccessor:
             checkpoint=checkpoint, resume=resume, retry_errors=retry_errors, dedupe=dedupe, progress=progress,
             details=details, overwrite=overwrite, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
             timeout=timeout, max_concurrent=max_concurrent, max_retries=max_retries,
-            requests_per_minute=requests_per_minute, tokens_per_minute=tokens_per_minute, **client_options,
+            requests_per_minute=requests_per_minute, tokens_per_minute=tokens_per_minute, max_cost=max_cost,
+            prices=prices, **client_options,
         ))
 
     async def agenerate(
@@ -113,6 +119,8 @@ class GenAIAccessor:
         max_retries: int | None = None,
         requests_per_minute: float | None = None,
         tokens_per_minute: float | None = None,
+        max_cost: float | None = None,
+        prices: Mapping[str, tuple[float, float]] | None = None,
         **client_options: Any,
     ) -> pd.DataFrame:
         """Async twin of :meth:`generate`.
@@ -135,7 +143,7 @@ class GenAIAccessor:
         results = await run_rows(
             prompts, client=client, params=params, max_concurrent=max_concurrent, max_retries=max_retries,
             requests_per_minute=requests_per_minute, tokens_per_minute=tokens_per_minute,
-            chunk_size=chunk_size, checkpoint=checkpoint, resume=resume, retry_errors=retry_errors,
+            max_cost=max_cost, prices=prices, chunk_size=chunk_size, checkpoint=checkpoint, resume=resume, retry_errors=retry_errors,
             dedupe=dedupe, progress=progress and len(df) > 0,
         )
         if results.fatal is not None:
@@ -143,6 +151,50 @@ class GenAIAccessor:
         for name, values in results.frame_columns(details).items():
             out[new_columns[name]] = values
         return out
+
+
+    def estimate(
+        self,
+        column: Hashable | None = None,
+        *,
+        template: str | None = None,
+        client: Client | None = None,
+        model_name: str | None = None,
+        provider: str | None = None,
+        system_prompt: str | None = None,
+        max_tokens: int = 256,
+        temperature: float = 0,
+        dedupe: bool | None = None,
+        prices: Mapping[str, tuple[float, float]] | None = None,
+    ) -> Estimate:
+        """What a run would send and cost, without sending anything.
+
+        Prompt tokens are estimated at about 4 characters a token (no tokenizer is needed); the
+        completion budget assumes every answer uses all of ``max_tokens``, so the cost is an upper
+        bound. Prices come from :data:`gen_ai_frames.pricing.DEFAULT_PRICES`, overridden by ``prices``
+        (USD per million tokens, ``{"model": (input, output)}``).
+
+        >>> df = pd.DataFrame({"prompt": ["What is 2 + 2?", "Name a colour.", "What is 2 + 2?"]})
+        >>> estimate = df.genai.estimate(column="prompt", model_name="gpt-4o-mini", max_tokens=10)
+        >>> estimate.requests, estimate.prompt_tokens, estimate.max_completion_tokens
+        (2, 8, 20)
+        """
+        GenerationParams(max_tokens=max_tokens, temperature=temperature, system_prompt=system_prompt)
+        if client is not None:
+            model_name, provider = client.model_name, client.provider.name
+        if model_name is None:
+            raise ConfigurationError("estimate needs model_name= (or client=) to look up its price")
+        prompts = [p for p in build_prompts(self._df, column, template) if check_prompt(p) is None]
+        if dedupe is None:
+            dedupe = temperature == 0
+        sent = list(dict.fromkeys(prompts)) if dedupe else prompts
+        system_tokens = estimate_tokens(system_prompt) if system_prompt else 0
+        return Estimate(
+            rows=len(self._df), requests=len(sent),
+            prompt_tokens=sum(estimate_tokens(p) + system_tokens for p in sent),  # type: ignore[arg-type]
+            max_completion_tokens=len(sent) * max_tokens,
+            price=price_for(model_name, prices, provider), tokenizer="estimated at ~4 characters a token",
+        )
 
 
 def _output_names(response_column: str, error_column: str, details: bool) -> dict[str, str]:

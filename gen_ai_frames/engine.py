@@ -18,6 +18,7 @@ from .errors import (
     APIConnectionError,
     APITimeoutError,
     InvalidPromptError,
+    NotSentError,
     RequestError,
 )
 from .params import GenerationParams, Message
@@ -114,6 +115,7 @@ class Engine:
                          if requests_per_minute or tokens_per_minute else None)
         #: The error that stopped the last run early (a bad key, an unknown model), if any.
         self.fatal: RequestError | None = None
+        self._state: _RunState | None = None
 
     async def run(self, items: Iterable[list[Message]], params: GenerationParams) -> list[Result]:
         """Results for ``items`` in the same order."""
@@ -136,7 +138,7 @@ class Engine:
         ``items`` is consumed lazily, at most ``max_concurrent`` ahead of the answers.
         """
         iterator = iter(items)
-        state = _RunState(self.max_concurrent, self._limiter, self._clock, self.on_status)
+        state = self._state = _RunState(self.max_concurrent, self._limiter, self._clock, self.on_status)
         self.fatal = None
         queue: asyncio.Queue[Any] = asyncio.Queue()
         done_marker = object()
@@ -168,6 +170,11 @@ class Engine:
             for task in workers:
                 task.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
+
+    def stop(self, reason: NotSentError) -> None:
+        """Stop sending (e.g. a budget is spent): requests in flight finish, the rest get ``reason``."""
+        if self._state is not None and self._state.fatal is None:
+            self._state.fatal = reason
 
     async def _wait_while_paused(self, state: _RunState) -> None:
         # A loop, not one sleep: another 429 may extend the pause while this worker waits.
@@ -280,6 +287,8 @@ def _estimate_tokens(messages: list[Message], params: GenerationParams) -> int:
 def _not_sent(cause: RequestError) -> RequestError:
     """The error given to prompts that were not sent because the run stopped early: the cause's
     own type (an unsent row of a run with a bad key is an AuthenticationError too), marked unsent."""
+    if isinstance(cause, NotSentError):  # a deliberate stop: its message already explains
+        return NotSentError(cause.message, suggestion=cause.suggestion, retryable=False, sent=False)
     return type(cause)(
         f"not sent: the run stopped early because another request failed with {cause.type}: {cause.message}",
         suggestion=cause.suggestion, status_code=cause.status_code, retryable=False, sent=False,

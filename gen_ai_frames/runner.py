@@ -14,8 +14,8 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -24,8 +24,9 @@ import pyarrow as pa
 from .checkpoint import RECORD_SCHEMA, RESULT_COLUMNS, Checkpoint, row_keys
 from .client import Client, check_prompt
 from .engine import Result
-from .errors import ConfigurationError, RequestError
+from .errors import ConfigurationError, NotSentError, RequestError
 from .params import GenerationParams, validate_positive_int
+from .pricing import Spend, estimate_tokens, price_for
 
 __all__ = ["DETAIL_COLUMNS", "RowResults", "run_rows"]
 
@@ -58,32 +59,28 @@ _DTYPES = {"response": "string", "error": "string", "error_type": "string", "err
            "completion_tokens": "Int64", "latency_s": "Float64"}
 
 
-@dataclass
 class _Progress:
-    """A tqdm.auto bar showing rows done of total, rate and errors so far; a no-op when disabled."""
+    """A tqdm.auto bar: rows done of total, rate, errors, tokens and spend so far, and pauses.
 
-    total: int
-    enabled: bool
-    initial: int = 0
-    errors: int = 0
-    bar: Any = field(default=None, init=False)
+    A no-op when disabled.
+    """
 
-    def __post_init__(self) -> None:
-        if self.enabled:
+    def __init__(self, total: int, enabled: bool, initial: int, errors: int, spend: Spend) -> None:
+        self.errors = errors
+        self.spend = spend
+        self.status: str | None = None
+        self.bar: Any = None
+        if enabled:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=self.total, initial=self.initial, unit="row", desc="gen-ai-frames",
-                            dynamic_ncols=True)
-            self.bar.set_postfix(errors=self.errors, refresh=False)
-
-    status: str | None = None
+            self.bar = tqdm(total=total, initial=initial, unit="row", desc="gen-ai-frames", dynamic_ncols=True)
+            self._postfix(refresh=False)
 
     def advance(self, rows: int, failed: bool) -> None:
         if self.bar is None:
             return
-        if failed:
-            self.errors += rows
-            self._postfix(refresh=False)
+        self.errors += rows if failed else 0
+        self._postfix(refresh=False)
         self.bar.update(rows)
 
     def show_status(self, status: str | None) -> None:
@@ -93,7 +90,9 @@ class _Progress:
             self._postfix(refresh=True)
 
     def _postfix(self, refresh: bool) -> None:
-        fields: dict[str, Any] = {"errors": self.errors}
+        fields: dict[str, Any] = {"errors": self.errors, "tokens": _short(self.spend.tokens)}
+        if self.spend.usd is not None:
+            fields["spend"] = f"${self.spend.usd:.4f}"
         if self.status:
             fields["status"] = self.status
         self.bar.set_postfix(fields, refresh=refresh)
@@ -101,6 +100,14 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _short(count: int) -> str:
+    """1234567 -> '1.2M': compact enough for a progress bar."""
+    for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if count >= limit:
+            return f"{count / limit:.1f}{suffix}"
+    return str(count)
 
 
 async def run_rows(
@@ -118,6 +125,8 @@ async def run_rows(
     retry_errors: bool = False,
     dedupe: bool | None = None,
     progress: bool = True,
+    max_cost: float | None = None,
+    prices: Mapping[str, tuple[float, float]] | None = None,
 ) -> RowResults:
     """Answer every row's prompt; see :meth:`GenAIAccessor.generate` for the options.
 
@@ -127,6 +136,15 @@ async def run_rows(
     """
     validate_positive_int("chunk_size", chunk_size)
     validate_positive_int("max_concurrent", max_concurrent)
+    spend = Spend(price_for(client.model_name, prices, client.provider.name))
+    if max_cost is not None:
+        if isinstance(max_cost, bool) or not isinstance(max_cost, (int, float)) or not max_cost > 0:
+            raise ConfigurationError(f"max_cost must be a number of US dollars > 0, got {max_cost!r}")
+        if spend.price is None:
+            raise ConfigurationError(
+                f"max_cost needs the price of model {client.model_name!r}, which is not in the price table: "
+                "pass prices={model_name: (input, output)} in USD per million tokens"
+            )
     if dedupe is None:
         dedupe = params.temperature == 0  # identical prompts give identical answers only then
     n = len(prompts)
@@ -159,13 +177,13 @@ async def run_rows(
         for i in todo:
             groups.setdefault(prompts[i] if dedupe else i, []).append(i)  # type: ignore[arg-type]
 
-        bar = _Progress(total=n, enabled=progress, initial=n - len(todo))
-        bar.errors = sum(1 for e in columns["error"] if e is not None)
+        bar = _Progress(n, progress, initial=n - len(todo), spend=spend,
+                        errors=sum(1 for e in columns["error"] if e is not None))
         try:
             limits = {"max_concurrent": max_concurrent, "max_retries": max_retries,
                       "requests_per_minute": requests_per_minute, "tokens_per_minute": tokens_per_minute}
             await _send_groups(groups, prompts, client, params, limits, chunk_size,
-                               store, columns, position_key, bar, outcome)
+                               store, columns, position_key, bar, outcome, max_cost)
         finally:
             bar.close()
     finally:
@@ -204,7 +222,8 @@ def _restore(store: Checkpoint, valid: list[int], keys: list[tuple[str, int]], c
 
 async def _send_groups(groups: dict[Any, list[int]], prompts: Sequence[object], client: Client,
                        params: GenerationParams, limits: dict[str, Any], chunk_size: int, store: Checkpoint | None, columns: dict[str, list[Any]],
-                       position_key: dict[int, tuple[str, int]], bar: _Progress, outcome: RowResults) -> None:
+                       position_key: dict[int, tuple[str, int]], bar: _Progress, outcome: RowResults,
+                       max_cost: float | None) -> None:
     if not groups:
         return
 
@@ -219,6 +238,12 @@ async def _send_groups(groups: dict[Any, list[int]], prompts: Sequence[object], 
             async for rows, result in engine.stream(items(), params):
                 sent = result.error is None or result.error.sent
                 outcome.sent += sent
+                if result.error is None:
+                    bar.spend.add(result.prompt_tokens if result.prompt_tokens is not None
+                                  else estimate_tokens(prompts[rows[0]]),  # type: ignore[arg-type]
+                                  result.completion_tokens or 0)
+                    if max_cost is not None and bar.spend.usd >= max_cost:  # type: ignore[operator]
+                        engine.stop(_budget_reached(max_cost, bar.spend))
                 for i in rows:
                     _store(columns, i, result)
                 bar.advance(len(rows), result.error is not None)
@@ -253,6 +278,16 @@ async def _flush(store: Checkpoint, rows: list[int], prompts: Sequence[object], 
     await asyncio.to_thread(store.append, table)
 
 
+def _budget_reached(max_cost: float, spend: Spend) -> NotSentError:
+    return NotSentError(
+        f"not sent: the run reached max_cost=${max_cost:g} (${spend.usd:.4f} spent on "
+        f"{spend.tokens:,} tokens)",
+        suggestion="Run again with a higher max_cost (or none) to continue: with a checkpoint, "
+                   "answered rows are kept and only these rows are sent.",
+        sent=False,
+    )
+
+
 def _store(columns: dict[str, list[Any]], i: int, result: Result) -> None:
     error = result.error
     columns["response"][i] = result.text
@@ -270,8 +305,3 @@ def _store(columns: dict[str, list[Any]], i: int, result: Result) -> None:
 def summarize_errors(columns: dict[str, list[Any]]) -> Counter[str]:
     """Count failed rows by error type."""
     return Counter(t for t in columns["error_type"] if t is not None)
-
-
-def check_unknown(options: dict[str, Any], where: str) -> None:
-    if options:
-        raise ConfigurationError(f"unknown option(s) for {where}: {', '.join(sorted(options))}")

@@ -1,0 +1,138 @@
+"""Token prices, token estimates and spend: what a run will cost before it starts, and what it
+has cost so far.
+
+Prices are US dollars per million tokens, ``(input, output)``. The built-in table is a snapshot of
+public list prices and goes stale: pass ``prices={"my-model": (0.15, 0.60)}`` to override or extend
+it. A model matches its own entry or the longest entry its name starts with
+(``gpt-4o-mini-2024-07-18`` uses ``gpt-4o-mini``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .errors import ConfigurationError
+
+__all__ = ["DEFAULT_PRICES", "Estimate", "Spend", "estimate_tokens", "price_for"]
+
+#: USD per million tokens (input, output), list prices as published by the vendors in 2025.
+DEFAULT_PRICES: dict[str, tuple[float, float]] = {
+    "gpt-4o-mini": (0.15, 0.60),
+    "gpt-4o": (2.50, 10.00),
+    "gpt-4.1-nano": (0.10, 0.40),
+    "gpt-4.1-mini": (0.40, 1.60),
+    "gpt-4.1": (2.00, 8.00),
+    "gpt-3.5-turbo": (0.50, 1.50),
+    "o3-mini": (1.10, 4.40),
+    "claude-3-5-haiku": (0.80, 4.00),
+    "claude-3-haiku": (0.25, 1.25),
+    "claude-3-5-sonnet": (3.00, 15.00),
+    "claude-3-7-sonnet": (3.00, 15.00),
+    "claude-sonnet-4": (3.00, 15.00),
+    "claude-opus-4": (15.00, 75.00),
+    "gemini-2.0-flash": (0.10, 0.40),
+    "gemini-1.5-flash": (0.075, 0.30),
+    "gemini-1.5-pro": (1.25, 5.00),
+    "gemini-2.5-flash": (0.30, 2.50),
+    "gemini-2.5-pro": (1.25, 10.00),
+    "mistral-small": (0.20, 0.60),
+    "mistral-large": (2.00, 6.00),
+    "deepseek-chat": (0.27, 1.10),
+}
+
+#: Characters per token of English text for BPE tokenizers: the estimate used without a tokenizer.
+CHARS_PER_TOKEN = 4
+
+
+def estimate_tokens(text: str) -> int:
+    """Estimated tokens of ``text`` (about 4 characters a token, at least 1).
+
+    >>> estimate_tokens("What is the capital of France?")
+    8
+    """
+    return max(1, -(-len(text) // CHARS_PER_TOKEN))
+
+
+def price_for(model: str, prices: Mapping[str, tuple[float, float]] | None = None,
+              provider: str | None = None) -> tuple[float, float] | None:
+    """The ``(input, output)`` USD price per million tokens of ``model``, or None when unknown.
+
+    >>> price_for("gpt-4o-mini-2024-07-18")
+    (0.15, 0.6)
+    >>> price_for("my-model", {"my-model": (1.0, 2.0)})
+    (1.0, 2.0)
+    >>> price_for("anything", provider="local")
+    (0.0, 0.0)
+    """
+    table = {**DEFAULT_PRICES, **(prices or {})}
+    for name, price in (prices or {}).items():
+        if not (isinstance(price, tuple | list) and len(price) == 2 and all(
+                isinstance(p, int | float) and p >= 0 for p in price)):
+            raise ConfigurationError(
+                f"prices[{name!r}] must be (input, output) USD per million tokens, e.g. (0.15, 0.60); got {price!r}")
+    if model in table:
+        return tuple(table[model])  # type: ignore[return-value]
+    if provider in ("local", "ollama", "lmstudio"):
+        return (0.0, 0.0)  # runs on your own machine
+    matches = [name for name in table if model.startswith(name)]
+    if matches:
+        return tuple(table[max(matches, key=len)])  # type: ignore[return-value]
+    return None
+
+
+@dataclass
+class Spend:
+    """Tokens and dollars spent so far by a run."""
+
+    price: tuple[float, float] | None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add(self, prompt_tokens: int, completion_tokens: int) -> None:
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += completion_tokens
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def usd(self) -> float | None:
+        if self.price is None:
+            return None
+        return (self.prompt_tokens * self.price[0] + self.completion_tokens * self.price[1]) / 1e6
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What a run will send, and its cost at most (every answer using all of ``max_tokens``).
+
+    >>> Estimate(rows=10, requests=8, prompt_tokens=400, max_completion_tokens=800,
+    ...          price=(1.0, 2.0), tokenizer="estimated").max_cost_usd
+    0.002
+    """
+
+    rows: int
+    requests: int
+    prompt_tokens: int
+    max_completion_tokens: int
+    price: tuple[float, float] | None
+    tokenizer: str
+
+    @property
+    def prompt_cost_usd(self) -> float | None:
+        return None if self.price is None else self.prompt_tokens * self.price[0] / 1e6
+
+    @property
+    def max_cost_usd(self) -> float | None:
+        if self.price is None:
+            return None
+        return (self.prompt_tokens * self.price[0] + self.max_completion_tokens * self.price[1]) / 1e6
+
+    def __str__(self) -> str:
+        cost = ("unknown price: pass prices={model: (input, output)} in USD per million tokens"
+                if self.max_cost_usd is None else f"at most ${self.max_cost_usd:,.4f} "
+                f"(${self.prompt_cost_usd:,.4f} for the prompts)")
+        return (f"{self.rows:,} rows, {self.requests:,} requests, {self.prompt_tokens:,} prompt tokens "
+                f"({self.tokenizer}), up to {self.max_completion_tokens:,} completion tokens; cost {cost}")
