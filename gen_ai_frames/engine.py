@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from .errors import (
     APIConnectionError,
     APITimeoutError,
+    ConfigurationError,
     InvalidPromptError,
     NotSentError,
     RequestError,
@@ -185,6 +186,8 @@ class Engine:
     async def _send(self, messages: list[Message], params: GenerationParams, state: _RunState) -> Result:
         try:
             request = self.provider.build_request(messages, params)
+        except ConfigurationError:
+            raise  # a setting the provider cannot take (e.g. Anthropic's temperature > 1): fail the call
         except (TypeError, ValueError) as err:  # e.g. a lone surrogate that cannot be encoded as JSON
             return Result(error=InvalidPromptError(f"the prompt cannot be sent: {err}", sent=False))
         estimated = _estimate_tokens(messages, params) if state.limiter is not None else 0

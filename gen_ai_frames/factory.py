@@ -49,10 +49,14 @@ def create_client(
     Client(provider='openai', model_name='gpt-4o-mini', endpoint='https://api.openai.com/v1')
     """
     provider_class = get_provider(provider)
+    # A provider may read its endpoint from the environment (Azure: AZURE_OPENAI_ENDPOINT).
+    endpoint = getattr(provider_class, "endpoint_from_env", lambda given: given)(endpoint)
     if endpoint is None:
         endpoint = provider_class.default_endpoint
         if endpoint is None:
-            raise ConfigurationError(f"provider {provider!r} needs `endpoint=` (its API base URL)")
+            endpoint_env = getattr(provider_class, "endpoint_env", None)
+            raise ConfigurationError(f"provider {provider!r} needs `endpoint=` (its API base URL)"
+                                     + (f" or the {endpoint_env} environment variable" if endpoint_env else ""))
     if provider_class.uses_http:
         endpoint = normalize_endpoint(endpoint)
     if model_name is None:

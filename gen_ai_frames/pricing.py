@@ -25,6 +25,7 @@ DEFAULT_PRICES: dict[str, tuple[float, float]] = {
     "gpt-4.1": (2.00, 8.00),
     "gpt-3.5-turbo": (0.50, 1.50),
     "o3-mini": (1.10, 4.40),
+    "claude-haiku-4-5": (1.00, 5.00),
     "claude-3-5-haiku": (0.80, 4.00),
     "claude-3-haiku": (0.25, 1.25),
     "claude-3-5-sonnet": (3.00, 15.00),

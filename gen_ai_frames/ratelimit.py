@@ -26,8 +26,8 @@ class RateLimiter:
     corrected with the usage the answer reports (:meth:`correct`).
 
     >>> limiter = RateLimiter(requests_per_minute=600)
-    >>> limiter.reserve(tokens=0, now=100.0), limiter.reserve(tokens=0, now=100.0)
-    (0.0, 0.1)
+    >>> [round(limiter.reserve(tokens=0, now=100.0), 6) for _ in range(3)]
+    [0.0, 0.1, 0.2]
     """
 
     def __init__(self, requests_per_minute: float | None = None, tokens_per_minute: float | None = None,

@@ -581,3 +581,174 @@ def test_module_runs_as_a_plain_script_without_the_package() -> None:
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     assert "--latency-median" in result.stdout
+
+
+# ------------------------------------------------------------ vendor dialects
+def post_headers(url: str, payload: Any, headers: dict[str, str]) -> tuple[int, dict[str, str], Any]:
+    """POST JSON with the given headers; return (status, lower-cased headers, parsed JSON)."""
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(),
+                                 headers={"Content-Type": "application/json", **headers}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, {k.lower(): v for k, v in exc.headers.items()}, json.loads(exc.read())
+
+
+def anthropic(server: FakeServer, text: str, key: str | None = None, **extra: Any) -> tuple[int, dict, Any]:
+    payload = {"model": "claude-test", "max_tokens": 50, "system": "be brief",
+               "messages": [{"role": "user", "content": text}], **extra}
+    return post_headers(server.endpoint_for("anthropic") + "/messages", payload,
+                        {"x-api-key": key} if key else {})
+
+
+def azure(server: FakeServer, text: str, key: str | None = None, version: str | None = "2024-10-21",
+          deployment: str = "my-dep") -> tuple[int, dict, Any]:
+    url = server.endpoint_for("azure") + f"/openai/deployments/{deployment}/chat/completions"
+    if version:
+        url += f"?api-version={version}"
+    return post_headers(url, {"messages": [{"role": "user", "content": text}]}, {"api-key": key} if key else {})
+
+
+def gemini(server: FakeServer, text: str, key: str | None = None, model: str = "gemini-test",
+           **extra: Any) -> tuple[int, dict, Any]:
+    payload = {"contents": [{"role": "user", "parts": [{"text": text}]}],
+               "systemInstruction": {"parts": [{"text": "be brief"}]},
+               "generationConfig": {"maxOutputTokens": 50}, **extra}
+    return post_headers(server.endpoint_for("gemini") + f"/models/{model}:generateContent", payload,
+                        {"x-goog-api-key": key} if key else {})
+
+
+def test_endpoint_for_each_provider(server: FakeServer) -> None:
+    assert server.endpoint_for("openai") == server.endpoint_for("anthropic") == server.url
+    assert server.endpoint_for("azure") == server.base_url
+    assert server.endpoint_for("gemini") == server.base_url + "/v1beta"
+
+
+def test_anthropic_dialect_answers_and_checks_the_request() -> None:
+    with FakeServer(api_key="k") as server:
+        status, _, data = anthropic(server, "hello there", key="k")
+        assert status == 200
+        assert data["type"] == "message" and data["role"] == "assistant" and data["model"] == "claude-test"
+        assert data["content"] == [{"type": "text", "text": "echo: hello there"}]
+        assert data["stop_reason"] == "end_turn"
+        assert data["usage"] == {"input_tokens": 4, "output_tokens": 3}  # system words count too
+
+        status, _, data = anthropic(server, "hello there", key="wrong")
+        assert (status, data["type"], data["error"]["type"]) == (401, "error", "authentication_error")
+        assert anthropic(server, "no key")[2]["error"]["message"] == "x-api-key header is required"
+        # What the real API refuses, the fake refuses too.
+        valid = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+        for payload, fragment in [
+            ({"model": "m", "messages": valid["messages"]}, "max_tokens: Field required"),
+            ({**valid, "temperature": 1.5}, "temperature"),
+            ({**valid, "messages": [{"role": "system", "content": "x"}]}, "top-level `system`"),
+            ({**valid, "stop": ["x"]}, "stop: Extra inputs are not permitted"),
+        ]:
+            status, _, data = post_headers(server.url + "/messages", payload, {"x-api-key": "k"})
+            assert status == 400 and data["error"]["type"] == "invalid_request_error"
+            assert fragment in data["error"]["message"]
+        assert server.stats()["outcome_counts"]["auth_error"] == 2
+
+
+def test_anthropic_dialect_directives() -> None:
+    with FakeServer(api_key="k") as server:
+        expected = {529: "overloaded_error", 429: "rate_limit_error", 400: "invalid_request_error",
+                    404: "not_found_error", 500: "api_error", 413: "request_too_large"}
+        for code, kind in expected.items():
+            status, _, data = anthropic(server, f"x [[status={code}]]", key="k")
+            assert (status, data["type"], data["error"]["type"]) == (code, "error", kind)
+        status, headers, _ = anthropic(server, "y [[status=429]] [[retry_after=0.01]]", key="k")
+        assert (status, headers["retry-after"]) == (429, "0.01")
+        status, _, data = anthropic(server, "z [[content_filter]]", key="k")
+        assert (status, data["stop_reason"], data["content"]) == (200, "refusal", [])
+        status, _, data = anthropic(server, "one two three four five", key="k", max_tokens=3)
+        assert (data["content"][0]["text"], data["stop_reason"]) == ("echo: one two", "max_tokens")
+        assert "prompt is too long" in anthropic(server, "w [[context_length]]", key="k")[2]["error"]["message"]
+        status, _, data = anthropic(server, "v [[error_body]]", key="k")
+        assert status == 200 and data["type"] == "error"
+
+
+def test_azure_dialect() -> None:
+    with FakeServer(api_key="k", models=["my-dep"]) as server:
+        status, _, data = azure(server, "hello", key="k")
+        assert status == 200
+        assert data["choices"][0]["message"]["content"] == "echo: hello"
+        assert data["model"] == "my-dep"  # the deployment plays the model
+        assert data["prompt_filter_results"][0]["content_filter_results"]["hate"]["filtered"] is False
+        assert azure(server, "hello", key="wrong")[0] == 401
+        # A bearer token is not Azure's key header.
+        url = server.base_url + "/openai/deployments/my-dep/chat/completions?api-version=1"
+        assert post(url, {"messages": [{"role": "user", "content": "hi"}]}, key="k")[0] == 401
+        status, _, data = azure(server, "hello", key="k", version=None)
+        assert (status, data["error"]["code"]) == (404, "404")
+        status, _, data = azure(server, "hello", key="k", deployment="other")
+        assert (status, data["error"]["code"]) == (404, "DeploymentNotFound")
+        status, _, data = azure(server, "bad [[content_filter]]", key="k")
+        assert (status, data["error"]["code"]) == (400, "content_filter")
+        assert data["error"]["innererror"]["code"] == "ResponsibleAIPolicyViolation"
+        status, headers, data = azure(server, "slow down [[status=429]] [[retry_after=0.01]]", key="k")
+        assert (status, data["error"]["code"], headers["retry-after"]) == (429, "429", "0.01")
+        assert "2024-10-21" in data["error"]["message"]
+        assert server.stats()["outcomes"]["hello"] == ["ok", "auth_error", "bad_request", "model_not_found"]
+
+
+def test_gemini_dialect() -> None:
+    with FakeServer(api_key="k") as server:
+        status, headers, data = gemini(server, "hello there", key="k")
+        assert status == 200
+        (candidate,) = data["candidates"]
+        assert candidate["content"] == {"parts": [{"text": "echo: hello there"}], "role": "model"}
+        assert candidate["finishReason"] == "STOP"
+        assert data["usageMetadata"] == {"promptTokenCount": 4, "candidatesTokenCount": 3, "totalTokenCount": 7}
+        assert data["modelVersion"] == "gemini-test"
+        # The key also works as ?key= (Google accepts both).
+        url = server.endpoint_for("gemini") + "/models/g:generateContent?key=k"
+        assert post_headers(url, {"contents": [{"parts": [{"text": "q"}]}]}, {})[0] == 200
+
+        status, _, data = gemini(server, "hello", key="wrong")
+        assert (status, data["error"]["status"]) == (400, "INVALID_ARGUMENT")
+        assert data["error"]["details"][0]["reason"] == "API_KEY_INVALID"
+        status, _, data = gemini(server, "hello")
+        assert (status, data["error"]["status"]) == (403, "PERMISSION_DENIED")
+
+        status, headers, data = gemini(server, "wait [[status=429]] [[retry_after=0.25]]", key="k")
+        assert (status, data["error"]["status"]) == (429, "RESOURCE_EXHAUSTED")
+        assert "retry-after" not in headers  # Gemini says it in the body
+        assert data["error"]["details"] == [{"@type": "type.googleapis.com/google.rpc.RetryInfo",
+                                             "retryDelay": "0.25s"}]
+        assert server.stats()["retry_after_windows_opened"] == 1
+        time.sleep(0.26)
+
+        status, _, data = gemini(server, "x [[content_filter]]", key="k")
+        assert status == 200 and data["promptFeedback"]["blockReason"] == "SAFETY" and "candidates" not in data
+        status, _, data = gemini(server, "one two three four", key="k",
+                                 generationConfig={"max_output_tokens": 2})  # snake_case is accepted
+        assert (data["candidates"][0]["content"]["parts"][0]["text"],
+                data["candidates"][0]["finishReason"]) == ("echo: one", "MAX_TOKENS")
+        for extra, fragment in [({"generationConfig": {"max_tokens": 5}}, 'Unknown name "max_tokens"'),
+                                ({"messages": []}, 'Unknown name "messages"'),
+                                ({"contents": [{"role": "assistant", "parts": [{"text": "x"}]}]}, "valid role")]:
+            status, _, data = gemini(server, "hi", key="k", **extra)
+            assert (status, data["error"]["status"]) == (400, "INVALID_ARGUMENT")
+            assert fragment in data["error"]["message"]
+        for code, name in [(500, "INTERNAL"), (503, "UNAVAILABLE"), (404, "NOT_FOUND")]:
+            status, _, data = gemini(server, f"e [[status={code}]]", key="k")
+            assert (status, data["error"]["code"], data["error"]["status"]) == (code, code, name)
+        url = server.endpoint_for("gemini") + "/models/g:streamGenerateContent"
+        assert post_headers(url, {"contents": []}, {"x-goog-api-key": "k"})[0] == 404
+
+
+def test_dialects_share_chaos_and_stats() -> None:
+    with FakeServer(chaos={"wrong_shape": 1.0}) as server:
+        assert "content" not in anthropic(server, "a")[2]
+        assert "candidates" not in gemini(server, "b")[2]
+        assert "choices" not in azure(server, "c")[2]
+        server.configure(chaos={"length": 1.0})
+        assert anthropic(server, "one two three four")[2]["stop_reason"] == "max_tokens"
+        assert gemini(server, "one two three four")[2]["candidates"][0]["finishReason"] == "MAX_TOKENS"
+        stats = server.stats()
+    assert stats["requests"] == 5
+    assert stats["outcomes"] == {"a": ["wrong_shape"], "b": ["wrong_shape"], "c": ["wrong_shape"],
+                                 "one two three four": ["length", "length"]}

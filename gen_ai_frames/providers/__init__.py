@@ -5,10 +5,14 @@ A plugin package declares::
 
     [project.entry-points."gen_ai_frames.providers"]
     myllm = "myllm_plugin:MyLLMProvider"     # a subclass of gen_ai_frames.providers.base.Provider
+
+Listing providers reads names only: no provider module is imported until one is asked for, so a
+plugin with heavy dependencies (or a broken one) costs nothing until it is used.
 """
 
 from __future__ import annotations
 
+import importlib
 from importlib.metadata import entry_points
 
 from ..errors import ConfigurationError
@@ -19,9 +23,22 @@ __all__ = ["ENTRY_POINT_GROUP", "Completion", "OpenAIProvider", "Provider", "get
 
 ENTRY_POINT_GROUP = "gen_ai_frames.providers"
 
-# Used when the package runs from a source tree that was never installed (no entry points).
+# Used when the package runs from a source tree that was never installed (no entry points), or
+# from an install made before a provider was added. Keep in step with pyproject.toml.
 _BUILTIN: dict[str, str] = {
     "openai": "gen_ai_frames.providers.openai:OpenAIProvider",
+    "anthropic": "gen_ai_frames.providers.anthropic:AnthropicProvider",
+    "azure": "gen_ai_frames.providers.azure:AzureOpenAIProvider",
+    "gemini": "gen_ai_frames.providers.gemini:GeminiProvider",
+    "ollama": "gen_ai_frames.providers.presets:OllamaProvider",
+    "vllm": "gen_ai_frames.providers.presets:VLLMProvider",
+    "lmstudio": "gen_ai_frames.providers.presets:LMStudioProvider",
+    "together": "gen_ai_frames.providers.presets:TogetherProvider",
+    "groq": "gen_ai_frames.providers.presets:GroqProvider",
+    "openrouter": "gen_ai_frames.providers.presets:OpenRouterProvider",
+    "mistral": "gen_ai_frames.providers.presets:MistralProvider",
+    "deepseek": "gen_ai_frames.providers.presets:DeepSeekProvider",
+    "local": "gen_ai_frames.local:LocalProvider",
 }
 
 
@@ -35,19 +52,39 @@ def _registered() -> dict[str, str]:
 def providers() -> list[str]:
     """Names of the providers available to ``create_client``, built-in and plugins.
 
-    >>> "openai" in providers()
+    >>> {"openai", "anthropic", "azure", "gemini", "ollama", "local"} <= set(providers())
     True
     """
     return sorted(_registered())
 
 
 def get_provider(name: str) -> type[Provider]:
-    """The provider class registered as ``name``; a ConfigurationError listing the known ones."""
+    """The provider class registered as ``name``; a ConfigurationError listing the known ones.
+
+    >>> get_provider("anthropic").__name__
+    'AnthropicProvider'
+    """
     registered = _registered()
     if name not in registered:
         raise ConfigurationError(
             f"unknown provider {name!r}; known providers: {', '.join(sorted(registered))}"
         )
-    module_name, _, attribute = registered[name].partition(":")
-    module = __import__(module_name, fromlist=[attribute])
-    return getattr(module, attribute)  # type: ignore[no-any-return]
+    target = registered[name]
+    module_name, _, attribute = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name != module_name:
+            raise  # a dependency of the provider is missing: its own message says which
+        raise ConfigurationError(
+            f"provider {name!r} is registered as {target!r}, but module {module_name!r} is not installed"
+        ) from err
+    provider_class = module
+    for part in attribute.split(".") if attribute else ():
+        provider_class = getattr(provider_class, part, None)
+    if not (isinstance(provider_class, type) and issubclass(provider_class, Provider)):
+        raise ConfigurationError(
+            f"provider {name!r} is registered as {target!r}, which is not a subclass of "
+            "gen_ai_frames.providers.base.Provider"
+        )
+    return provider_class

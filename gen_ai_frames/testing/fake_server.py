@@ -1,9 +1,28 @@
-"""An OpenAI-compatible fake LLM server for tests, notebooks and benchmarks.
+"""A fake LLM server for tests, notebooks and benchmarks, speaking OpenAI's API
+and the dialects of Anthropic, Azure OpenAI and Gemini.
 
 The server answers ``POST /v1/chat/completions`` and ``POST /v1/completions``
 (also without the ``/v1`` prefix) with a deterministic answer,
 ``"echo: " + <last user message or prompt>``, so a test can check that every
-row of a result got *its own* answer back.  On top of that it can simulate
+row of a result got *its own* answer back.  The same model also answers, each
+in its vendor's request, answer and error shapes:
+
+* Anthropic Messages: ``POST /v1/messages`` (key in ``x-api-key``; requires
+  ``max_tokens``, refuses a ``system`` message role and temperature > 1;
+  ``[[content_filter]]`` answers ``stop_reason: "refusal"``)
+* Azure OpenAI: ``POST /openai/deployments/{deployment}/chat/completions``
+  (and ``/completions``) with ``?api-version=...`` (key in ``api-key``; the
+  deployment plays the model; ``[[content_filter]]`` answers 400 ``content_filter``
+  as Azure's prompt filter does)
+* Gemini: ``POST /v1beta/models/{model}:generateContent`` (key in
+  ``x-goog-api-key`` or ``?key=``; a wrong key answers 400 ``API_KEY_INVALID``
+  as Google does; a 429 says how long to wait in a ``RetryInfo`` detail of the
+  body, not in headers; ``[[content_filter]]`` blocks the prompt with
+  ``promptFeedback.blockReason``)
+
+:meth:`FakeServer.endpoint_for` gives the ``endpoint=`` to pass to
+``create_client`` for each provider.  Directives, chaos, latency and stats work
+the same in every dialect.  On top of that it can simulate
 everything a real provider does to a client: latency, auth errors, unknown
 models, rate limits with ``retry-after``, 5xx errors, connection resets,
 truncated bodies, HTML error pages, wrong JSON shapes, ... either on demand
@@ -32,7 +51,7 @@ directives are read) is the text of the last ``user`` message for chat, or
 
 Directives, written anywhere in the prompt, for targeted tests:
 
-* ``[[status=NNN]]``: answer NNN with an OpenAI error body; for 429 add
+* ``[[status=NNN]]``: answer NNN with the dialect's error body; for 429 add
   ``[[retry_after=S]]`` (``retry-after: S`` header) and/or
   ``[[retry_after_ms=MS]]`` (``retry-after-ms`` header)
 * ``[[fail_times=N]]``: the first N attempts of this exact prompt fail with
@@ -189,12 +208,13 @@ _STATUS_ERRORS: dict[int, tuple[str, str, str | None]] = {
 
 
 class _BadRequest(Exception):
-    """Raised while reading a request to answer 400 with an OpenAI error body."""
+    """Raised while reading a request to answer 400 (or ``status``) with the dialect's error body."""
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        self.status = status
 
 
 def _error_payload(
@@ -304,6 +324,589 @@ def _validate(settings: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+# ------------------------------------------------------------------ dialects
+#
+# The same fake model speaks several vendors' APIs. A dialect knows one vendor's wire format:
+# where the key goes, where the prompt and the options are in the body, and what answers and
+# errors look like. FakeLLM._answer does everything else (stats, directives, chaos, latency)
+# once for all of them, so every dialect gets the same test tools.
+
+_ANTHROPIC_ERRORS: dict[int, tuple[str, str]] = {
+    # status: (type, message)
+    400: ("invalid_request_error", "Bad request (injected by FakeServer)."),
+    401: ("authentication_error", "invalid x-api-key"),
+    402: ("billing_error", "Billing error (injected by FakeServer)."),
+    403: ("permission_error", "Your API key does not have permission to use the specified resource."),
+    404: ("not_found_error", "Not found (injected by FakeServer)."),
+    413: ("request_too_large", "Request exceeds the maximum allowed number of bytes."),
+    429: ("rate_limit_error", "Number of requests has exceeded your rate limit (injected by FakeServer)."),
+    500: ("api_error", "Internal server error (injected by FakeServer)."),
+    504: ("timeout_error", "Request timed out (injected by FakeServer)."),
+    529: ("overloaded_error", "Overloaded"),
+}
+
+# Fields the Messages API accepts; it rejects any other ("Extra inputs are not permitted").
+_ANTHROPIC_FIELDS = frozenset({
+    "model", "messages", "max_tokens", "system", "temperature", "top_p", "top_k", "stop_sequences",
+    "stream", "metadata", "tools", "tool_choice", "thinking", "service_tier", "container", "mcp_servers",
+})
+
+_GEMINI_STATUS: dict[int, str] = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    409: "ABORTED",
+    429: "RESOURCE_EXHAUSTED",
+    499: "CANCELLED",
+    500: "INTERNAL",
+    501: "NOT_IMPLEMENTED",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+# Google's JSON parser rejects unknown fields; it accepts lowerCamel and snake_case names.
+_GEMINI_FIELDS = frozenset({
+    "contents", "systemInstruction", "generationConfig", "safetySettings", "tools", "toolConfig",
+    "cachedContent", "labels",
+})
+_GEMINI_CONFIG_FIELDS = frozenset({
+    "stopSequences", "responseMimeType", "responseSchema", "responseJsonSchema", "responseModalities",
+    "candidateCount", "maxOutputTokens", "temperature", "topP", "topK", "seed", "presencePenalty",
+    "frequencyPenalty", "responseLogprobs", "logprobs", "enableEnhancedCivicAnswers", "speechConfig",
+    "thinkingConfig", "mediaResolution",
+})
+
+_AZURE_FILTER_RESULTS = {
+    name: {"filtered": False, "severity": "safe"} for name in ("hate", "self_harm", "sexual", "violence")
+}
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(word.capitalize() for word in rest)
+
+
+def _answer_text(prompt: str, outcome: str, max_tokens: int | None) -> tuple[str | None, str]:
+    """The echo answer and why it ended: ``"stop"``, ``"length"`` or ``"content_filter"``."""
+    text = "echo: " + prompt
+    if outcome == "content_filter":
+        return None, "content_filter"
+    if outcome == "length":
+        words = text.split()
+        return " ".join(words[: max(1, len(words) // 2)]), "length"
+    if max_tokens is not None:
+        words = text.split()
+        if len(words) > max_tokens:
+            return " ".join(words[: max(0, max_tokens)]), "length"
+    return text, "stop"
+
+
+def _int_option(value: Any, name: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise _BadRequest(f"{name} must be an integer", param=name)
+    try:
+        return int(value)
+    except ValueError:
+        raise _BadRequest(f"{name} must be an integer", param=name) from None
+
+
+class _OpenAIDialect:
+    """OpenAI Chat Completions (``chat=True``) or legacy Completions."""
+
+    name = "openai"
+    #: True when the key is sent as ``Authorization: Bearer <key>``.
+    bearer = True
+    #: Gemini tells clients how long to wait in the error body, not in headers.
+    retry_in_body = False
+    parse_error_message = (
+        "We could not parse the JSON body of your request. (HINT: This likely "
+        "means you aren't using your HTTP library correctly.)"
+    )
+
+    def __init__(self, chat: bool) -> None:
+        self.chat = chat
+
+    def credential(self, request: web.Request) -> bytes:
+        return request.headers.get("Authorization", "").encode()
+
+    def auth_error(self, request: web.Request) -> web.Response:
+        return _error_response(401)
+
+    def extract(self, data: Any, request: web.Request) -> tuple[list[str], int]:
+        """Prompt(s) used for the answer/stats, and the prompt token count."""
+        if not isinstance(data, dict):
+            raise _BadRequest("The request body must be a JSON object.")
+        if self.chat:
+            messages = data.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise _BadRequest("'messages' is a required property", param="messages")
+            last_user: str | None = None
+            last_any: str | None = None
+            tokens = 0
+            for msg in messages:
+                if not isinstance(msg, dict):
+                    raise _BadRequest("each message must be an object", param="messages")
+                text = _content_text(msg.get("content"))
+                tokens += _word_count(text)
+                if text is not None:
+                    last_any = text
+                    if msg.get("role") == "user":
+                        last_user = text
+            prompt = last_user if last_user is not None else (last_any or "")
+            return [prompt], max(1, tokens)
+        prompt = data.get("prompt")
+        if isinstance(prompt, str):
+            prompts = [prompt]
+        elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            prompts = list(prompt)  # legacy batch: one choice per prompt
+        elif isinstance(prompt, list) and prompt:
+            prompts = [str(prompt)]  # token ids: echo them as text
+        else:
+            raise _BadRequest("'prompt' is a required property", param="prompt")
+        return prompts, max(1, sum(_word_count(p) for p in prompts))
+
+    def model(self, data: dict[str, Any], request: web.Request) -> Any:
+        return data.get("model")
+
+    def options(self, data: dict[str, Any], request: web.Request) -> tuple[int, int | None]:
+        """``(n, max_tokens)``; raises _BadRequest for values the API refuses."""
+        if data.get("stream"):
+            raise _BadRequest("stream=true is not supported by FakeServer", param="stream")
+        try:
+            n = int(data.get("n") or 1)
+            max_tokens = data.get("max_completion_tokens", data.get("max_tokens"))
+            max_tokens = None if max_tokens is None else int(max_tokens)
+        except (TypeError, ValueError):
+            raise _BadRequest("n and max_tokens must be integers") from None
+        if not 1 <= n <= _MAX_N:
+            raise _BadRequest(f"n must be between 1 and {_MAX_N}", param="n")
+        return n, max_tokens
+
+    def bad_request(self, exc: _BadRequest) -> web.Response:
+        return _error_response(exc.status, exc.message, param=exc.param)
+
+    def model_not_found(self, model: str) -> web.Response:
+        return _error_response(
+            404, f"The model `{model}` does not exist or you do not have access to it.",
+            code="model_not_found", param="model",
+        )
+
+    def error(self, status: int, headers: Mapping[str, str] | None, retry_after: float | None,
+              request: web.Request) -> web.Response:
+        return _error_response(status, headers=headers)
+
+    def context_length(self) -> web.Response:
+        return _error_response(
+            400,
+            "This model's maximum context length is 4096 tokens. However, your "
+            "messages resulted in more tokens. Please reduce the length of the "
+            "messages.",
+            code="context_length_exceeded",
+            param="messages",
+        )
+
+    def error_body(self) -> web.Response:
+        return _json_response(_error_payload(
+            "The server had an error while processing your request "
+            "(error body with status 200, injected by FakeServer).",
+            "server_error",
+        ))
+
+    def success(self, model: str, prompts: list[str], n: int, max_tokens: int | None,
+                prompt_tokens: int, outcome: str, seq: int) -> dict[str, Any] | web.Response:
+        """A success body (or the ``wrong_shape``/``length``/``content_filter`` variant)."""
+        if self.chat:
+            prompts = prompts[-1:]
+        answers: list[tuple[str | None, str]] = []
+        for prompt in prompts:
+            answers.extend([_answer_text(prompt, outcome, max_tokens)] * n)
+        completion_tokens = max(1, sum(_word_count(t) for t, _ in answers))
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+        created = int(time.time())
+        if self.chat:
+            body: dict[str, Any] = {
+                "id": f"chatcmpl-fake{seq:010d}",
+                "object": "chat.completion",
+                "created": created,
+                "model": model,
+                "choices": [
+                    {
+                        "index": i,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": None,
+                        "finish_reason": finish,
+                    }
+                    for i, (text, finish) in enumerate(answers)
+                ],
+                "usage": usage,
+            }
+        else:
+            body = {
+                "id": f"cmpl-fake{seq:010d}",
+                "object": "text_completion",
+                "created": created,
+                "model": model,
+                "choices": [
+                    {
+                        "index": i,
+                        "text": text if text is not None else "",
+                        "logprobs": None,
+                        "finish_reason": finish,
+                    }
+                    for i, (text, finish) in enumerate(answers)
+                ],
+                "usage": usage,
+            }
+        if outcome == "wrong_shape":
+            # Looks like a success but has no "choices": the client must not crash.
+            del body["choices"]
+            body["result"] = answers[0][0]
+        return body
+
+
+class _AzureDialect(_OpenAIDialect):
+    """Azure OpenAI: OpenAI bodies, the deployment in the path, ``api-key`` header,
+    ``api-version`` query parameter, and a prompt filter that answers 400 ``content_filter``."""
+
+    name = "azure"
+    bearer = False
+
+    def credential(self, request: web.Request) -> bytes:
+        return request.headers.get("api-key", "").encode()
+
+    def auth_error(self, request: web.Request) -> web.Response:
+        return self.error(401, None, None, request)
+
+    def model(self, data: dict[str, Any], request: web.Request) -> Any:
+        return request.match_info["deployment"]
+
+    def options(self, data: dict[str, Any], request: web.Request) -> tuple[int, int | None]:
+        if not request.query.get("api-version"):
+            raise _BadRequest("Resource not found", status=404)
+        return super().options(data, request)
+
+    def bad_request(self, exc: _BadRequest) -> web.Response:
+        if exc.status == 404:
+            return _json_response({"error": {"code": "404", "message": exc.message}}, status=404)
+        return super().bad_request(exc)
+
+    def model_not_found(self, model: str) -> web.Response:
+        return _json_response({"error": {
+            "code": "DeploymentNotFound",
+            "message": "The API deployment for this resource does not exist. If you created the "
+                       "deployment within the last 5 minutes, please wait a moment and try again.",
+        }}, status=404)
+
+    def error(self, status: int, headers: Mapping[str, str] | None, retry_after: float | None,
+              request: web.Request) -> web.Response:
+        message = _STATUS_ERRORS.get(status, (f"Error {status} (injected by FakeServer).",))[0]
+        if status == 401:
+            message = ("Access denied due to invalid subscription key or wrong API endpoint. Make sure "
+                       "to provide a valid key for an active subscription and use a correct regional "
+                       "API endpoint for your resource.")
+        elif status == 429:
+            version = request.query.get("api-version", "")
+            message = (f"Requests to the ChatCompletions_Create Operation under Azure OpenAI API version "
+                       f"{version} have exceeded call rate limit of your current OpenAI S0 pricing tier "
+                       "(injected by FakeServer).")
+        return _json_response({"error": {"code": str(status), "message": message}}, status=status,
+                              headers=headers)
+
+    def success(self, model: str, prompts: list[str], n: int, max_tokens: int | None,
+                prompt_tokens: int, outcome: str, seq: int) -> dict[str, Any] | web.Response:
+        if outcome == "content_filter":
+            # Azure filters the prompt before the model sees it, and says so with a 400.
+            return _json_response({"error": {
+                "message": "The response was filtered due to the prompt triggering Azure OpenAI's "
+                           "content management policy. Please modify your prompt and retry.",
+                "type": None,
+                "param": "prompt",
+                "code": "content_filter",
+                "status": 400,
+                "innererror": {
+                    "code": "ResponsibleAIPolicyViolation",
+                    "content_filter_result": {
+                        **_AZURE_FILTER_RESULTS, "violence": {"filtered": True, "severity": "high"},
+                    },
+                },
+            }}, status=400)
+        body = super().success(model, prompts, n, max_tokens, prompt_tokens, outcome, seq)
+        if isinstance(body, dict) and "choices" in body:
+            body["prompt_filter_results"] = [
+                {"prompt_index": 0, "content_filter_results": _AZURE_FILTER_RESULTS}
+            ]
+            for choice in body["choices"]:
+                choice["content_filter_results"] = _AZURE_FILTER_RESULTS
+        return body
+
+
+class _AnthropicDialect(_OpenAIDialect):
+    """Anthropic Messages API: ``x-api-key`` header, top-level ``system``, required ``max_tokens``."""
+
+    name = "anthropic"
+    bearer = False
+    parse_error_message = "There was an error parsing the body of your request: it is not valid JSON."
+
+    def __init__(self) -> None:
+        super().__init__(chat=True)
+
+    def credential(self, request: web.Request) -> bytes:
+        return request.headers.get("x-api-key", "").encode()
+
+    def auth_error(self, request: web.Request) -> web.Response:
+        message = "invalid x-api-key" if "x-api-key" in request.headers else "x-api-key header is required"
+        return self._error_response(401, message)
+
+    @staticmethod
+    def _error_response(status: int, message: str | None = None, type_: str | None = None,
+                        headers: Mapping[str, str] | None = None, http_status: int | None = None) -> web.Response:
+        default_type, default_message = _ANTHROPIC_ERRORS.get(
+            status, ("api_error" if status >= 500 else "invalid_request_error",
+                     f"Error {status} (injected by FakeServer).")
+        )
+        body = {
+            "type": "error",
+            "error": {"type": type_ or default_type, "message": message or default_message},
+            "request_id": "req_fake",
+        }
+        return _json_response(body, status=http_status or status, headers=headers)
+
+    def extract(self, data: Any, request: web.Request) -> tuple[list[str], int]:
+        if not isinstance(data, dict):
+            raise _BadRequest("The request body must be a JSON object.")
+        for name in data:
+            if name not in _ANTHROPIC_FIELDS:
+                raise _BadRequest(f"{name}: Extra inputs are not permitted")
+        messages = data.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise _BadRequest("messages: Field required" if messages is None
+                              else "messages: at least one message is required")
+        system = data.get("system")
+        tokens = _word_count(_content_text(system)) if system is not None else 0
+        prompt = ""
+        for msg in messages:
+            if not isinstance(msg, dict):
+                raise _BadRequest("messages: each message must be an object")
+            role = msg.get("role")
+            if role == "system":
+                raise _BadRequest('messages: Unexpected role "system". The Messages API accepts a top-level '
+                                  '`system` parameter, not "system" as an input message role.')
+            if role not in ("user", "assistant"):
+                raise _BadRequest(f"messages: Input should be 'user' or 'assistant', got {role!r}")
+            text = _content_text(msg.get("content")) or ""
+            tokens += _word_count(text)
+            if role == "user":
+                prompt = text
+        return [prompt], max(1, tokens)
+
+    def options(self, data: dict[str, Any], request: web.Request) -> tuple[int, int | None]:
+        if "model" not in data:
+            raise _BadRequest("model: Field required")
+        if data.get("stream"):
+            raise _BadRequest("stream=true is not supported by FakeServer")
+        if "max_tokens" not in data:
+            raise _BadRequest("max_tokens: Field required")
+        max_tokens = _int_option(data["max_tokens"], "max_tokens")
+        if max_tokens is None or max_tokens < 1:
+            raise _BadRequest("max_tokens: Input should be greater than or equal to 1")
+        temperature = data.get("temperature")
+        if isinstance(temperature, (int, float)) and not 0 <= temperature <= 1:
+            raise _BadRequest("temperature: Input should be less than or equal to 1")
+        return 1, max_tokens
+
+    def bad_request(self, exc: _BadRequest) -> web.Response:
+        return self._error_response(exc.status, exc.message)
+
+    def model_not_found(self, model: str) -> web.Response:
+        return self._error_response(404, f"model: {model}")
+
+    def error(self, status: int, headers: Mapping[str, str] | None, retry_after: float | None,
+              request: web.Request) -> web.Response:
+        return self._error_response(status, headers=headers)
+
+    def context_length(self) -> web.Response:
+        return self._error_response(400, "prompt is too long: 200001 tokens > 200000 maximum")
+
+    def error_body(self) -> web.Response:
+        return self._error_response(500, "Internal server error (error body with status 200, "
+                                         "injected by FakeServer).", http_status=200)
+
+    def success(self, model: str, prompts: list[str], n: int, max_tokens: int | None,
+                prompt_tokens: int, outcome: str, seq: int) -> dict[str, Any] | web.Response:
+        text, finish = _answer_text(prompts[-1], outcome, max_tokens)
+        stop_reason = {"stop": "end_turn", "length": "max_tokens", "content_filter": "refusal"}[finish]
+        body: dict[str, Any] = {
+            "id": f"msg_fake{seq:010d}",
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [] if text is None else [{"type": "text", "text": text}],
+            "stop_reason": stop_reason,
+            "stop_sequence": None,
+            "usage": {"input_tokens": prompt_tokens, "output_tokens": max(1, _word_count(text))},
+        }
+        if outcome == "wrong_shape":
+            del body["content"]
+            body["completion"] = text
+        return body
+
+
+class _GeminiDialect(_OpenAIDialect):
+    """Gemini ``models/{model}:generateContent``: ``x-goog-api-key`` header (or ``?key=``),
+    ``contents``/``parts``, ``generationConfig``, google.rpc error bodies."""
+
+    name = "gemini"
+    bearer = False
+    retry_in_body = True
+    parse_error_message = "Invalid JSON payload received. Unexpected token."
+
+    def __init__(self) -> None:
+        super().__init__(chat=True)
+
+    def credential(self, request: web.Request) -> bytes:
+        return (request.headers.get("x-goog-api-key") or request.query.get("key") or "").encode()
+
+    def auth_error(self, request: web.Request) -> web.Response:
+        if not self.credential(request):
+            return self._error_response(
+                403, "Method doesn't allow unregistered callers (callers without established identity). "
+                     "Please use API Key or other form of API consumer identity to call this API.")
+        # Google answers a wrong key with 400, not 401.
+        return self._error_response(400, "API key not valid. Please pass a valid API key.", details=[{
+            "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+            "reason": "API_KEY_INVALID",
+            "domain": "googleapis.com",
+            "metadata": {"service": "generativelanguage.googleapis.com"},
+        }])
+
+    @staticmethod
+    def _error_response(status: int, message: str | None = None, details: list[Any] | None = None,
+                        http_status: int | None = None) -> web.Response:
+        error: dict[str, Any] = {
+            "code": status,
+            "message": message or f"Error {status} (injected by FakeServer).",
+            "status": _GEMINI_STATUS.get(status, "INTERNAL" if status >= 500 else "FAILED_PRECONDITION"),
+        }
+        if details:
+            error["details"] = details
+        return _json_response({"error": error}, status=http_status or status)
+
+    def extract(self, data: Any, request: web.Request) -> tuple[list[str], int]:
+        if not isinstance(data, dict):
+            raise _BadRequest("Invalid JSON payload received. Expected an object.")
+        for name in data:
+            if _camel(name) not in _GEMINI_FIELDS:
+                raise _BadRequest(f'Invalid JSON payload received. Unknown name "{name}": Cannot find field.')
+        config = data.get("generationConfig", data.get("generation_config")) or {}
+        if not isinstance(config, dict):
+            raise _BadRequest("Invalid JSON payload received. generationConfig must be an object.")
+        for name in config:
+            if _camel(name) not in _GEMINI_CONFIG_FIELDS:
+                raise _BadRequest(f'Invalid JSON payload received. Unknown name "{name}" at '
+                                  "'generation_config': Cannot find field.")
+        contents = data.get("contents")
+        if not isinstance(contents, list) or not contents:
+            raise _BadRequest("* GenerateContentRequest.contents: contents is not specified")
+        system = data.get("systemInstruction", data.get("system_instruction"))
+        tokens = 0
+        if isinstance(system, dict):
+            tokens += _word_count(_content_text(system.get("parts")))
+        prompt = ""
+        for content in contents:
+            if not isinstance(content, dict) or not isinstance(content.get("parts"), list):
+                raise _BadRequest("* GenerateContentRequest.contents: contents.parts must not be empty.")
+            role = content.get("role")
+            if role not in (None, "user", "model"):
+                raise _BadRequest("Please use a valid role: user, model.")
+            text = _content_text(content["parts"]) or ""
+            tokens += _word_count(text)
+            if role != "model":
+                prompt = text
+        return [prompt], max(1, tokens)
+
+    def model(self, data: dict[str, Any], request: web.Request) -> Any:
+        return request.match_info["model_action"].rpartition(":")[0]
+
+    def options(self, data: dict[str, Any], request: web.Request) -> tuple[int, int | None]:
+        config = data.get("generationConfig", data.get("generation_config")) or {}
+        max_tokens = _int_option(config.get("maxOutputTokens", config.get("max_output_tokens")),
+                                 "maxOutputTokens")
+        temperature = config.get("temperature")
+        if isinstance(temperature, (int, float)) and not 0 <= temperature <= 2:
+            raise _BadRequest("* GenerateContentRequest.generation_config.temperature: must be in [0, 2]")
+        return 1, max_tokens
+
+    def bad_request(self, exc: _BadRequest) -> web.Response:
+        return self._error_response(exc.status, exc.message)
+
+    def model_not_found(self, model: str) -> web.Response:
+        return self._error_response(
+            404, f"models/{model} is not found for API version v1beta, or is not supported for "
+                 "generateContent. Call ListModels to see the list of available models and their "
+                 "supported methods.")
+
+    def error(self, status: int, headers: Mapping[str, str] | None, retry_after: float | None,
+              request: web.Request) -> web.Response:
+        details = None
+        if status == 429 and retry_after is not None:
+            details = [{"@type": "type.googleapis.com/google.rpc.RetryInfo",
+                        "retryDelay": f"{retry_after:g}s"}]
+        message = ("You exceeded your current quota (injected by FakeServer)." if status == 429 else None)
+        return self._error_response(status, message, details)
+
+    def context_length(self) -> web.Response:
+        return self._error_response(
+            400, "The input token count (1048577) exceeds the maximum number of tokens allowed (1048576).")
+
+    def error_body(self) -> web.Response:
+        return self._error_response(500, "An internal error has occurred (error body with status 200, "
+                                         "injected by FakeServer).", http_status=200)
+
+    def success(self, model: str, prompts: list[str], n: int, max_tokens: int | None,
+                prompt_tokens: int, outcome: str, seq: int) -> dict[str, Any] | web.Response:
+        text, finish = _answer_text(prompts[-1], outcome, max_tokens)
+        if text is None:
+            # A blocked prompt: no candidates at all, only the feedback.
+            return {
+                "promptFeedback": {"blockReason": "SAFETY"},
+                "usageMetadata": {"promptTokenCount": prompt_tokens, "totalTokenCount": prompt_tokens},
+                "modelVersion": model,
+            }
+        completion_tokens = max(1, _word_count(text))
+        body: dict[str, Any] = {
+            "candidates": [{
+                "content": {"parts": [{"text": text}], "role": "model"},
+                "finishReason": "MAX_TOKENS" if finish == "length" else "STOP",
+                "index": 0,
+            }],
+            "usageMetadata": {
+                "promptTokenCount": prompt_tokens,
+                "candidatesTokenCount": completion_tokens,
+                "totalTokenCount": prompt_tokens + completion_tokens,
+            },
+            "modelVersion": model,
+            "responseId": f"fake{seq:010d}",
+        }
+        if outcome == "wrong_shape":
+            del body["candidates"]
+            body["result"] = text
+        return body
+
+
+_OPENAI_CHAT = _OpenAIDialect(chat=True)
+_OPENAI_COMPLETIONS = _OpenAIDialect(chat=False)
+_AZURE_CHAT = _AzureDialect(chat=True)
+_AZURE_COMPLETIONS = _AzureDialect(chat=False)
+_ANTHROPIC = _AnthropicDialect()
+_GEMINI = _GeminiDialect()
+
+
 class FakeLLM:
     """The fake server's state and aiohttp handlers, independent of how it is run.
 
@@ -323,6 +926,7 @@ class FakeLLM:
         self.settings["chaos"] = {}
         self._latency_rng = random.Random(0)
         self._auth_header: bytes | None = None
+        self._key: bytes | None = None
         self.configure(**settings)
         self.reset()
 
@@ -336,6 +940,7 @@ class FakeLLM:
         key = self.settings["api_key"]
         # Pre-encode once so the per-request check is a single compare_digest.
         self._auth_header = None if key is None else b"Bearer " + key.encode()
+        self._key = None if key is None else key.encode()  # other dialects send the bare key
         # Cumulative table so choosing a fault is one uniform draw.
         self._chaos_table: list[tuple[float, str]] = []
         acc = 0.0
@@ -417,13 +1022,19 @@ class FakeLLM:
 
     # ------------------------------------------------------------------- aiohttp
     def make_app(self) -> web.Application:
-        """The aiohttp application (API routes with and without ``/v1``)."""
+        """The aiohttp application: OpenAI routes with and without ``/v1``, and the other dialects'."""
         # Large prompts are legitimate; aiohttp's default limit is 1 MiB.
         app = web.Application(client_max_size=64 * 1024**2)
         for prefix in ("/v1", ""):
             app.router.add_post(prefix + "/chat/completions", self._handle_chat)
             app.router.add_post(prefix + "/completions", self._handle_completions)
             app.router.add_get(prefix + "/models", self._handle_models)
+            app.router.add_post(prefix + "/messages", self._handle_anthropic)
+        deployment = "/openai/deployments/{deployment}"
+        app.router.add_post(deployment + "/chat/completions", self._handle_azure_chat)
+        app.router.add_post(deployment + "/completions", self._handle_azure_completions)
+        for version in ("/v1beta", "/v1"):
+            app.router.add_post(version + "/models/{model_action}", self._handle_gemini)
         app.router.add_get("/stats", self._handle_stats)
         app.router.add_post("/reset", self._handle_reset)
         app.router.add_get("/config", self._handle_get_config)
@@ -476,19 +1087,37 @@ class FakeLLM:
         return _json_response({"object": "list", "data": data})
 
     async def _handle_chat(self, request: web.Request) -> web.StreamResponse:
-        return await self._handle_llm(request, chat=True)
+        return await self._handle_llm(request, _OPENAI_CHAT)
 
     async def _handle_completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._handle_llm(request, chat=False)
+        return await self._handle_llm(request, _OPENAI_COMPLETIONS)
 
-    async def _handle_llm(self, request: web.Request, chat: bool) -> web.StreamResponse:
+    async def _handle_anthropic(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle_llm(request, _ANTHROPIC)
+
+    async def _handle_azure_chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle_llm(request, _AZURE_CHAT)
+
+    async def _handle_azure_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle_llm(request, _AZURE_COMPLETIONS)
+
+    async def _handle_gemini(self, request: web.Request) -> web.StreamResponse:
+        model, _, method = request.match_info["model_action"].rpartition(":")
+        if method != "generateContent" or not model:
+            # Only the non-streaming method is faked; anything else is an unknown route.
+            return _GeminiDialect._error_response(
+                404, f"Method {method or request.match_info['model_action']!r} is not supported "
+                     "by FakeServer (only :generateContent).")
+        return await self._handle_llm(request, _GEMINI)
+
+    async def _handle_llm(self, request: web.Request, dialect: _OpenAIDialect) -> web.StreamResponse:
         arrival = time.monotonic()
         self.requests += 1
         self.in_flight += 1
         if self.in_flight > self.max_in_flight:
             self.max_in_flight = self.in_flight
         try:
-            resp = await self._answer(request, chat, arrival)
+            resp = await self._answer(request, dialect, arrival)
         finally:
             # Also runs when aiohttp cancels the handler (client went away).
             self.in_flight -= 1
@@ -498,7 +1127,7 @@ class FakeLLM:
 
     # --------------------------------------------------------------- the answer
     async def _answer(
-        self, request: web.Request, chat: bool, arrival: float
+        self, request: web.Request, dialect: _OpenAIDialect, arrival: float
     ) -> web.StreamResponse:
         settings = self.settings
         window = self._window_at(arrival)
@@ -510,17 +1139,14 @@ class FakeLLM:
         try:
             data = _loads(body)
         except ValueError:
-            parse_error = (
-                "We could not parse the JSON body of your request. (HINT: This likely "
-                "means you aren't using your HTTP library correctly.)"
-            )
+            parse_error = dialect.parse_error_message
         prompts: list[str] = []
         prompt_key: str | None = None
         bad: _BadRequest | None = None
         prompt_tokens = 0
         if parse_error is None:
             try:
-                prompts, prompt_tokens = self._extract(data, chat)
+                prompts, prompt_tokens = dialect.extract(data, request)
                 prompt_key = prompts[0] if len(prompts) == 1 else "\n".join(prompts)
             except _BadRequest as exc:
                 bad = exc
@@ -541,60 +1167,45 @@ class FakeLLM:
                     "prompt": prompt_key,
                 })
 
-        auth = self._auth_header
-        if auth is not None:
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, auth):
+        expected = self._auth_header if dialect.bearer else self._key
+        if expected is not None:
+            if not hmac.compare_digest(dialect.credential(request), expected):
                 self._record(prompt_key, "auth_error")
-                return _error_response(401)
+                return dialect.auth_error(request)
 
         if parse_error is not None:
             self._record(None, "bad_request")
-            return _error_response(400, parse_error)
+            return dialect.bad_request(_BadRequest(parse_error))
         if bad is not None:
             self._record(prompt_key, "bad_request")
-            return _error_response(400, bad.message, param=bad.param)
+            return dialect.bad_request(bad)
 
-        model = data.get("model")
+        model = dialect.model(data, request)
         models = settings["models"]
         if models is not None:
             if model is None:
                 self._record(prompt_key, "bad_request")
-                return _error_response(400, "you must provide a model parameter", param="model")
+                return dialect.bad_request(_BadRequest("you must provide a model parameter", param="model"))
             if model not in models:
                 self._record(prompt_key, "model_not_found")
-                return _error_response(
-                    404,
-                    f"The model `{model}` does not exist or you do not have access to it.",
-                    code="model_not_found",
-                    param="model",
-                )
+                return dialect.model_not_found(model)
         if not isinstance(model, str):
             model = settings["default_model"]
-        if data.get("stream"):
-            self._record(prompt_key, "bad_request")
-            return _error_response(400, "stream=true is not supported by FakeServer",
-                                   param="stream")
         try:
-            n = int(data.get("n") or 1)
-            max_tokens = data.get("max_completion_tokens", data.get("max_tokens"))
-            max_tokens = None if max_tokens is None else int(max_tokens)
-        except (TypeError, ValueError):
+            n, max_tokens = dialect.options(data, request)
+        except _BadRequest as exc:
             self._record(prompt_key, "bad_request")
-            return _error_response(400, "n and max_tokens must be integers")
-        if not 1 <= n <= _MAX_N:
-            self._record(prompt_key, "bad_request")
-            return _error_response(400, f"n must be between 1 and {_MAX_N}", param="n")
+            return dialect.bad_request(exc)
 
         # Directives ("[[...]]") only exist in targeted tests: cheap substring test first.
-        directive_text = prompts[-1] if chat else prompt_key or ""
+        directive_text = prompts[-1] if dialect.chat else prompt_key or ""
         directives: dict[str, Any] = {}
         if "[[" in directive_text:
             try:
                 directives = self._parse_directives(directive_text)
             except _BadRequest as exc:
                 self._record(prompt_key, "bad_request")
-                return _error_response(400, exc.message)
+                return dialect.bad_request(exc)
 
         outcome, status, retry_after = self._decide(directives, prompt_key or "", attempt)
         self._record(prompt_key, outcome)
@@ -619,71 +1230,32 @@ class FakeLLM:
                     headers["retry-after-ms"] = str(int(retry_after * 1000))
             if "retry_after_ms" in directives:
                 headers["retry-after-ms"] = str(int(directives["retry_after_ms"]))
+            wait: float | None = None
             if status == 429 and headers:
-                seconds = retry_after
-                if seconds is None:
-                    seconds = directives["retry_after_ms"] / 1000.0
-                self._open_window(seconds)
+                wait = retry_after
+                if wait is None:
+                    wait = directives["retry_after_ms"] / 1000.0
+                self._open_window(wait)
+            if dialect.retry_in_body:
+                headers = {}  # the wait travels in the error body instead
             if outcome == "context_length":
-                return _error_response(
-                    400,
-                    "This model's maximum context length is 4096 tokens. However, your "
-                    "messages resulted in more tokens. Please reduce the length of the "
-                    "messages.",
-                    code="context_length_exceeded",
-                    param="messages",
-                )
-            return _error_response(status, headers=headers or None)
+                return dialect.context_length()
+            return dialect.error(status, headers or None, wait, request)
 
         if outcome == "html":
             return web.Response(body=_HTML_PAGE, content_type="text/html", charset="utf-8")
         if outcome == "error_body":
-            return _json_response(_error_payload(
-                "The server had an error while processing your request "
-                "(error body with status 200, injected by FakeServer).",
-                "server_error",
-            ))
+            return dialect.error_body()
 
         self._next_id += 1
-        payload = self._completion(chat, model, prompts, n, max_tokens, prompt_tokens, outcome)
+        payload = dialect.success(model, prompts, n, max_tokens, prompt_tokens, outcome, self._next_id)
+        if isinstance(payload, web.StreamResponse):
+            return payload
         if outcome == "reset":
             return await self._send_reset(request, _dumps(payload))
         if outcome == "truncated":
             return await self._send_truncated(request, _dumps(payload))
         return _json_response(payload)
-
-    def _extract(self, data: Any, chat: bool) -> tuple[list[str], int]:
-        """Prompt(s) used for the answer/stats, and the prompt token count."""
-        if not isinstance(data, dict):
-            raise _BadRequest("The request body must be a JSON object.")
-        if chat:
-            messages = data.get("messages")
-            if not isinstance(messages, list) or not messages:
-                raise _BadRequest("'messages' is a required property", param="messages")
-            last_user: str | None = None
-            last_any: str | None = None
-            tokens = 0
-            for msg in messages:
-                if not isinstance(msg, dict):
-                    raise _BadRequest("each message must be an object", param="messages")
-                text = _content_text(msg.get("content"))
-                tokens += _word_count(text)
-                if text is not None:
-                    last_any = text
-                    if msg.get("role") == "user":
-                        last_user = text
-            prompt = last_user if last_user is not None else (last_any or "")
-            return [prompt], max(1, tokens)
-        prompt = data.get("prompt")
-        if isinstance(prompt, str):
-            prompts = [prompt]
-        elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-            prompts = list(prompt)  # legacy batch: one choice per prompt
-        elif isinstance(prompt, list) and prompt:
-            prompts = [str(prompt)]  # token ids: echo them as text
-        else:
-            raise _BadRequest("'prompt' is a required property", param="prompt")
-        return prompts, max(1, sum(_word_count(p) for p in prompts))
 
     @staticmethod
     def _parse_directives(text: str) -> dict[str, Any]:
@@ -756,80 +1328,6 @@ class FakeLLM:
             return name, int(name[:3]), None
         return name, 200, None
 
-    def _completion(
-        self,
-        chat: bool,
-        model: str,
-        prompts: list[str],
-        n: int,
-        max_tokens: int | None,
-        prompt_tokens: int,
-        outcome: str,
-    ) -> dict[str, Any]:
-        """A success body (or the ``wrong_shape``/``length``/``content_filter`` variant)."""
-        if chat:
-            prompts = prompts[-1:]
-        answers: list[tuple[str | None, str]] = []
-        for prompt in prompts:
-            text: str | None = "echo: " + prompt
-            finish = "stop"
-            if outcome == "content_filter":
-                text, finish = None, "content_filter"
-            elif outcome == "length":
-                words = text.split()
-                text, finish = " ".join(words[: max(1, len(words) // 2)]), "length"
-            elif max_tokens is not None:
-                words = text.split()
-                if len(words) > max_tokens:
-                    text, finish = " ".join(words[: max(0, max_tokens)]), "length"
-            answers.extend([(text, finish)] * n)
-        completion_tokens = max(1, sum(_word_count(t) for t, _ in answers))
-        usage = {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        }
-        created = int(time.time())
-        if chat:
-            body: dict[str, Any] = {
-                "id": f"chatcmpl-fake{self._next_id:010d}",
-                "object": "chat.completion",
-                "created": created,
-                "model": model,
-                "choices": [
-                    {
-                        "index": i,
-                        "message": {"role": "assistant", "content": text},
-                        "logprobs": None,
-                        "finish_reason": finish,
-                    }
-                    for i, (text, finish) in enumerate(answers)
-                ],
-                "usage": usage,
-            }
-        else:
-            body = {
-                "id": f"cmpl-fake{self._next_id:010d}",
-                "object": "text_completion",
-                "created": created,
-                "model": model,
-                "choices": [
-                    {
-                        "index": i,
-                        "text": text if text is not None else "",
-                        "logprobs": None,
-                        "finish_reason": finish,
-                    }
-                    for i, (text, finish) in enumerate(answers)
-                ],
-                "usage": usage,
-            }
-        if outcome == "wrong_shape":
-            # Looks like a success but has no "choices": the client must not crash.
-            del body["choices"]
-            body["result"] = answers[0][0]
-        return body
-
     @staticmethod
     async def _send_reset(request: web.Request, body: bytes) -> web.StreamResponse:
         """Headers and half the body, then a hard close (RST) of the connection."""
@@ -871,7 +1369,8 @@ class FakeServer:
 
     * ``host`` (``"127.0.0.1"``), ``port`` (0 = a free port), ``access_log``
       (False), ``shutdown_timeout`` (0.25 s to let in-flight answers finish on stop)
-    * ``api_key``: require ``Authorization: Bearer <api_key>``
+    * ``api_key``: require ``Authorization: Bearer <api_key>`` (or the key in
+      the dialect's own header: ``x-api-key``, ``api-key``, ``x-goog-api-key``)
     * ``models``: accepted model names (others: 404 ``model_not_found``);
       ``default_model`` is echoed when the request has none
     * ``latency`` (s), or ``latency_median`` + ``latency_sigma`` (lognormal)
@@ -917,6 +1416,16 @@ class FakeServer:
     def url(self) -> str:
         """OpenAI base URL: ``http://127.0.0.1:PORT/v1``."""
         return self.base_url + "/v1"
+
+    def endpoint_for(self, provider: str) -> str:
+        """The ``endpoint=`` that makes ``create_client(provider=...)`` talk to this server:
+        the resource URL for ``"azure"``, ``.../v1beta`` for ``"gemini"``, else :attr:`url`
+        (OpenAI, its compatible presets, and Anthropic, whose base URL also ends in ``/v1``)."""
+        if provider == "azure":
+            return self.base_url
+        if provider == "gemini":
+            return self.base_url + "/v1beta"
+        return self.url
 
     # --------------------------------------------------------------- lifecycle
     def start(self) -> FakeServer:
