@@ -77,6 +77,8 @@ class Client:
         ...     results = await engine.run([[{"role": "user", "content": "Hi"}]], GenerationParams())
         """
         validate_positive_int("max_concurrent", max_concurrent)
+        if self.provider.max_parallel is not None:
+            max_concurrent = min(max_concurrent, self.provider.max_parallel)
         retry = self.retry
         if max_retries is not None:
             validate_positive_int("max_retries", max_retries, minimum=0)

@@ -89,6 +89,15 @@ class Provider:
         """What identifies the model answering: stored in checkpoints (never the key)."""
         return {"provider": self.name, "endpoint": redact_url(self.endpoint), "model": self.model_name}
 
+    @property
+    def max_parallel(self) -> int | None:
+        """The most requests this provider can work on at once, if it has a limit of its own.
+
+        An in-process model answers only so many prompts at a time; a larger ``max_concurrent``
+        would only queue requests, and the queue time would count against ``timeout``.
+        """
+        return None
+
     def create_transport(self) -> Transport | None:
         """A transport of the provider's own (e.g. an in-process model), or None for HTTP."""
         return None
