@@ -13,7 +13,6 @@ import contextlib
 import logging
 import os
 import time
-from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -300,8 +299,3 @@ def _store(columns: dict[str, list[Any]], i: int, result: Result) -> None:
     columns["prompt_tokens"][i] = result.prompt_tokens
     columns["completion_tokens"][i] = result.completion_tokens
     columns["latency_s"][i] = result.latency_s
-
-
-def summarize_errors(columns: dict[str, list[Any]]) -> Counter[str]:
-    """Count failed rows by error type."""
-    return Counter(t for t in columns["error_type"] if t is not None)
