@@ -5,13 +5,14 @@ from __future__ import annotations
 import ipaddress
 import os
 import ssl
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from .client import Client
 from .errors import ConfigurationError
 from .providers import get_provider
-from .providers.base import normalize_endpoint
+from .providers.base import Provider, normalize_endpoint
 from .retry import RetryPolicy
 from .transport import AiohttpTransport, HttpxTransport, Transport
 
@@ -75,16 +76,28 @@ def create_client(
         )
     instance = provider_class(api_key=api_key, endpoint=endpoint, model_name=model_name, **provider_options)
 
-    def make_transport() -> Transport:
-        own = instance.create_transport()
-        if own is not None:
-            return own
-        if http_client is not None or transport is not None:
-            return HttpxTransport(http_client, transport=transport, verify=verify)
-        return AiohttpTransport(verify=verify)
-
+    make_transport = _TransportFactory(instance, http_client, transport, verify)
     return Client(instance, make_transport, max_retries=max_retries, retry=retry,
                   requests_per_minute=requests_per_minute, tokens_per_minute=tokens_per_minute)
+
+
+@dataclass(frozen=True)
+class _TransportFactory:
+    """Makes a fresh transport for each run. A module-level class, not a closure, so that a Client
+    pickles (Dask ships clients to its workers)."""
+
+    provider: Provider
+    http_client: httpx.AsyncClient | None
+    transport: httpx.AsyncBaseTransport | None
+    verify: bool | str | ssl.SSLContext
+
+    def __call__(self) -> Transport:
+        own = self.provider.create_transport()
+        if own is not None:
+            return own
+        if self.http_client is not None or self.transport is not None:
+            return HttpxTransport(self.http_client, transport=self.transport, verify=self.verify)
+        return AiohttpTransport(verify=self.verify)
 
 
 def is_local(endpoint: str) -> bool:

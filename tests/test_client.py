@@ -408,3 +408,12 @@ def test_public_names_are_exported() -> None:
     for name in gen_ai_frames.__all__:
         assert hasattr(gen_ai_frames, name), name
     assert "openai" in gen_ai_frames.providers()
+
+
+def test_client_pickles_for_worker_processes(fake_server: Any) -> None:
+    import pickle
+
+    client = create_client(endpoint=fake_server.url, model_name="m", api_key=FAKE_KEY, max_retries=1)
+    copy = pickle.loads(pickle.dumps(client))
+    assert repr(copy) == repr(client) and copy.retry == client.retry
+    assert copy.generate_response("hi") == "echo: hi"

@@ -1,0 +1,398 @@
+"""``ddf.genai.generate``: the pandas accessor, run partition by partition on a Dask cluster.
+
+``import gen_ai_frames.dask`` registers the ``genai`` accessor on Dask DataFrames (install with
+``pip install gen-ai-frames[dask]``). Each partition is answered by the pandas accessor
+(:meth:`gen_ai_frames.accessor.GenAIAccessor.generate`), so rows, errors, dedupe and checkpoints
+behave exactly as with pandas; the result is a lazy Dask DataFrame with the new columns.
+
+>>> import dask.dataframe as dd, pandas as pd
+>>> import gen_ai_frames.dask
+>>> ddf = dd.from_pandas(pd.DataFrame({"text": ["a cat", "a dog"]}), npartitions=2)
+>>> out = ddf.genai.generate(template="Describe {text}.", provider="openai",
+...                          endpoint="http://127.0.0.1:8000/v1", model_name="m")
+>>> list(out.columns), out.npartitions      # lazy: nothing was sent yet
+(['text', 'response', 'error'], 2)
+>>> out.compute()  # doctest: +SKIP
+
+What travels to the workers is a client *configuration*, not a connection: either the
+``create_client`` options (each task builds its own client, with a fresh connection pool, on the
+worker) or a :class:`~gen_ai_frames.client.Client` object, which must pickle (cloudpickle). Either
+way the API key travels inside the pickled task to the scheduler and the workers (it never appears
+in a repr, a task name or a log line); when ``api_key`` is not given it is read from the provider's
+environment variable *on the calling machine*, exactly as the pandas accessor does, and shipped.
+
+Checkpoints: ``checkpoint="runs/enrich"`` gives every partition its own checkpoint directory,
+``runs/enrich/partition-00007/``, so a task that fails or whose worker dies resumes where it
+stopped when Dask runs it again, and a later ``compute()`` of the same run resumes the whole run.
+The directory must be a filesystem path every worker sees at the same place (see docs/distributed.md).
+
+Concurrency is per run: ``max_concurrent`` is the total for the whole run, split over the
+partitions that run at the same time (see :func:`plan_concurrency`).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dask
+import dask.dataframe as dd
+import dask.local
+import pandas as pd
+from dask.dataframe.extensions import register_dataframe_accessor
+
+from .checkpoint import Checkpoint
+from .client import Client
+from .errors import ConfigurationError
+from .factory import create_client
+from .params import GenerationParams, validate_positive_int
+from .providers import get_provider
+from .providers.base import redact_url
+
+__all__ = ["DaskGenAIAccessor", "partition_checkpoint", "plan_concurrency"]
+
+#: Written in a partition's checkpoint directory by a ``resume=False`` run; see ``_start_over_once``.
+RUN_MARKER = ".dask-run-id"
+
+
+# --------------------------------------------------------------------------------------------------
+# Concurrency planning
+
+
+def plan_concurrency(
+    total: int,
+    npartitions: int,
+    partitions_in_flight: int | None = None,
+    *,
+    scheduler: Any = None,
+) -> tuple[int, int]:
+    """``(partitions_in_flight, per_partition)``: how a run's ``total`` limit is split.
+
+    ``partitions_in_flight`` defaults to ``min(npartitions, slots)`` where ``slots`` is the number
+    of worker threads of the distributed cluster ``compute()`` would use now, else Dask's
+    ``num_workers`` setting, else ``os.cpu_count()`` (1 for the synchronous scheduler). Each
+    partition then gets ``max(1, total // partitions_in_flight)``, so the partitions running at
+    once never exceed ``total`` together, unless ``total < partitions_in_flight`` (each still gets 1).
+    Rate limits are divided by ``partitions_in_flight`` too, exactly (they may be fractional).
+
+    The cluster is looked at when ``generate()`` is called: pass ``partitions_in_flight`` when
+    it will have more threads at ``compute()`` time (an adaptive cluster still scaling up).
+
+    >>> plan_concurrency(64, npartitions=10, partitions_in_flight=4)
+    (4, 16)
+    >>> plan_concurrency(4, npartitions=1, partitions_in_flight=8)   # never more than the partitions
+    (1, 4)
+    >>> plan_concurrency(3, npartitions=8, partitions_in_flight=8)   # at least 1 each
+    (8, 1)
+    """
+    validate_positive_int("max_concurrent", total)
+    validate_positive_int("npartitions", npartitions)
+    if partitions_in_flight is None:
+        slots = _scheduler_slots(scheduler)
+        # No workers yet (an adaptive cluster scaling up): assume every partition may run at
+        # once, the split that can never exceed the total.
+        in_flight = npartitions if slots is None else min(npartitions, slots)
+    else:
+        validate_positive_int("partitions_in_flight", partitions_in_flight)
+        in_flight = min(npartitions, partitions_in_flight)
+    return in_flight, max(1, total // in_flight)
+
+
+def _scheduler_slots(scheduler: Any) -> int | None:
+    """How many tasks the scheduler ``compute()`` would use runs at once; None if unknown (no workers)."""
+    if scheduler is None:
+        scheduler = dask.base.get_scheduler()
+    owner = getattr(scheduler, "__self__", None)  # a distributed Client's bound ``get``
+    if owner is not None and hasattr(owner, "nthreads"):
+        threads = sum(owner.nthreads().values())
+        return threads or None
+    if scheduler is dask.local.get_sync:
+        return 1
+    return int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
+
+
+def _split_rate(total: float, parts: int) -> float:
+    """A run's rate limit per partition: an exact share (rates may be fractional), never rounded up.
+
+    >>> _split_rate(100, 3)
+    33.333333333333336
+    """
+    if isinstance(total, bool) or not isinstance(total, (int, float)) or total <= 0:
+        return total  # the pandas accessor rejects it with its own message
+    return total if parts == 1 else total / parts
+
+
+# --------------------------------------------------------------------------------------------------
+# What a task carries
+
+
+class _ClientConfig:
+    """What a worker needs to get a client: a picklable :class:`Client`, or ``create_client`` options.
+
+    The repr hides everything but provider, model and (redacted) endpoint: the options may hold the
+    API key, and Dask prints task arguments in some error messages.
+    """
+
+    __slots__ = ("client", "options")
+
+    def __init__(self, client: Client | None, options: Mapping[str, Any]) -> None:
+        self.client = client
+        self.options = dict(options)
+
+    def build(self) -> Client:
+        return self.client if self.client is not None else create_client(**self.options)
+
+    def __repr__(self) -> str:
+        if self.client is not None:
+            return f"_ClientConfig({self.client!r})"
+        endpoint = self.options.get("endpoint")
+        return (f"_ClientConfig(provider={self.options.get('provider', 'openai')!r}, "
+                f"model_name={self.options.get('model_name')!r}, "
+                f"endpoint={None if endpoint is None else redact_url(str(endpoint))!r})")
+
+    def __getstate__(self) -> tuple[Client | None, dict[str, Any]]:
+        return self.client, self.options
+
+    def __setstate__(self, state: tuple[Client | None, dict[str, Any]]) -> None:
+        self.client, self.options = state
+
+
+@dataclass(frozen=True)
+class _PartitionJob:
+    """Everything one partition task needs, in one picklable object (the same for every partition)."""
+
+    column: Hashable | None
+    template: str | None
+    client: _ClientConfig
+    accessor_options: dict[str, Any]
+    checkpoint: str | None
+    resume: bool
+    run_id: str
+    params: GenerationParams = field(repr=False)
+
+
+def partition_checkpoint(root: str | os.PathLike[str], number: int) -> Path:
+    """The checkpoint directory of partition ``number`` of a run checkpointed under ``root``.
+
+    Read one partition's answers with :func:`gen_ai_frames.checkpoint.read_checkpoint` on it.
+
+    >>> partition_checkpoint("/data/run.ckpt", 7).as_posix()
+    '/data/run.ckpt/partition-00007'
+    """
+    return Path(os.fspath(root)) / f"partition-{number:05d}"
+
+
+def _partition_number(number: int) -> pd.DataFrame:
+    """One row holding a partition's number: see :func:`_numbered`."""
+    return pd.DataFrame({"partition": pd.Series([number], dtype="int64")})
+
+
+def _numbered(ddf: dd.DataFrame) -> dd.DataFrame:
+    """A one-row-per-partition collection of partition numbers, aligned with ``ddf``'s partitions.
+
+    Why not ``partition_info``: Dask numbers tasks within the expression it finally runs, and it
+    moves a selection of partitions (``out.partitions[7]``, ``out.head()``) below
+    ``map_partitions``, so partition 7 would be told it is number 0 and use partition 0's
+    checkpoint. A collection passed alongside is sliced the same way as the data, so each
+    partition always gets its own number.
+    """
+    return dd.from_map(_partition_number, range(ddf.npartitions), label="genai-partition-number",
+                       meta=_partition_number(0).iloc[:0], enforce_metadata=False)
+
+
+def _generate_partition(part: pd.DataFrame, job: _PartitionJob,
+                        numbers: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One task: the pandas accessor on one partition, with that partition's own checkpoint."""
+    client = job.client.build()
+    checkpoint: Path | None = None
+    resume = job.resume
+    if job.checkpoint is not None:
+        if numbers is None or len(numbers) != 1:
+            # Without its number a partition could share (and fight over) another's directory.
+            raise RuntimeError("gen_ai_frames.dask: a checkpointed partition task got no partition number")
+        checkpoint = partition_checkpoint(job.checkpoint, int(numbers["partition"].iloc[0]))
+        if not resume:
+            _start_over_once(checkpoint, job, client)
+            resume = True
+    return part.genai.generate(job.column, client=client, template=job.template, checkpoint=checkpoint,
+                               resume=resume, progress=False, **job.accessor_options)
+
+
+def _start_over_once(directory: Path, job: _PartitionJob, client: Client) -> None:
+    """``resume=False``: empty the partition's checkpoint on the run's first attempt only.
+
+    A task is run again when its worker dies; if that attempt started over too, ``resume=False``
+    would throw away what the first attempt paid for. So the first attempt empties the checkpoint
+    and *then* writes the run's id next to it; an attempt that finds its run id resumes. (A crash
+    between the two steps just empties it again.)
+    """
+    marker = directory / RUN_MARKER
+    try:
+        if marker.read_text(encoding="utf-8") == job.run_id:
+            return
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    # The fingerprint must be the one the runner stores, or its own (resume=True) open refuses it.
+    fingerprint = {**client.fingerprint(), **job.params.fingerprint()}
+    Checkpoint.open(directory, fingerprint, resume=False).close()
+    tmp = marker.with_name(marker.name + ".tmp")
+    tmp.write_text(job.run_id, encoding="utf-8")
+    os.replace(tmp, marker)
+
+
+# --------------------------------------------------------------------------------------------------
+# The accessor
+
+
+@register_dataframe_accessor("genai")
+class DaskGenAIAccessor:
+    """LLM generation over a Dask DataFrame's rows, one pandas accessor call per partition."""
+
+    def __init__(self, ddf: dd.DataFrame) -> None:
+        self._ddf = ddf
+
+    def generate(
+        self,
+        column: Hashable | None = None,
+        *,
+        client: Client | None = None,
+        template: str | None = None,
+        system_prompt: str | None = None,
+        response_column: str = "response",
+        error_column: str = "error",
+        chunk_size: int = 500,
+        checkpoint: str | os.PathLike[str] | None = None,
+        resume: bool = True,
+        retry_errors: bool = False,
+        dedupe: bool | None = None,
+        progress: bool = False,
+        details: bool = False,
+        overwrite: bool = False,
+        max_tokens: int = 256,
+        temperature: float = 0,
+        top_p: float = 1.0,
+        timeout: float = 60,
+        max_concurrent: int = 5,
+        max_retries: int | None = None,
+        requests_per_minute: float | None = None,
+        tokens_per_minute: float | None = None,
+        partitions_in_flight: int | None = None,
+        **client_options: Any,
+    ) -> dd.DataFrame:
+        """A lazy copy of the frame with ``response`` and ``error`` columns (more with ``details=True``).
+
+        Options are those of the pandas accessor, with these differences:
+
+        * ``max_concurrent`` (and ``requests_per_minute``/``tokens_per_minute``) is the total for
+          the run, split over the partitions that run at once (:func:`plan_concurrency`);
+          ``partitions_in_flight=`` overrides how many that is.
+        * ``checkpoint`` is a directory holding one checkpoint per partition
+          (``partition-00007/``). Resuming needs the same partitioning (same ``npartitions`` and
+          rows per partition); rows that moved to another partition are sent again.
+          ``resume=False`` discards what was stored before this call; recomputing the returned
+          frame, or a task Dask runs again after a worker died, resumes.
+        * ``progress`` is ignored: bars are always off inside workers (watch the Dask dashboard,
+          or ``distributed.progress(out.persist())``).
+        * ``requests_per_minute`` / ``tokens_per_minute`` (or, when not given, those of ``client``)
+          are run totals too, divided exactly by the partitions in flight. A 429 pauses only the
+          partition that received it (each task paces itself; partitions do not coordinate).
+
+        Settings are checked now, on the caller's side (an unknown column or provider fails here,
+        not on a worker); nothing is sent before ``compute()``.
+
+        >>> out = ddf.genai.generate(column="prompt", provider="openai", model_name="gpt-4o-mini",
+        ...                          checkpoint="/shared/runs/enrich", max_concurrent=64)  # doctest: +SKIP
+        >>> out.to_parquet("/shared/out/")  # doctest: +SKIP
+        """
+        ddf = self._ddf
+        del progress  # documented as ignored: a bar per worker task would only fill the worker logs
+        accessor_options: dict[str, Any] = dict(
+            system_prompt=system_prompt, response_column=response_column, error_column=error_column,
+            chunk_size=chunk_size, retry_errors=retry_errors, dedupe=dedupe, details=details,
+            overwrite=overwrite, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+            timeout=timeout, max_retries=max_retries,
+        )
+        in_flight, per_partition = plan_concurrency(max_concurrent, ddf.npartitions, partitions_in_flight,
+                                                    scheduler=dask.base.get_scheduler(collections=[ddf]))
+        accessor_options["max_concurrent"] = per_partition
+        # Rate limits given for the call, else the client's own defaults: both are run totals here.
+        limits = {"requests_per_minute": requests_per_minute, "tokens_per_minute": tokens_per_minute}
+        for name, value in limits.items():
+            if value is None and client is not None:
+                value = getattr(client, name, None)
+            if value is not None:
+                accessor_options[name] = _split_rate(value, in_flight)
+        config = _client_config(client, client_options)
+        # The pandas accessor on the empty meta frame checks every option (columns, template
+        # fields, names, the client) and gives the exact output columns and dtypes, sending nothing.
+        meta = ddf._meta.genai.generate(column, client=config.build(), template=template, progress=False,
+                                        **accessor_options)
+        params = GenerationParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                  timeout=timeout, system_prompt=system_prompt)
+        job = _PartitionJob(column=column, template=template, client=config,
+                            accessor_options=accessor_options, checkpoint=_checkpoint_root(checkpoint),
+                            resume=resume, run_id=uuid.uuid4().hex, params=params)
+        if job.checkpoint is None:
+            return ddf.map_partitions(_generate_partition, job, meta=meta)
+        # align_dataframes=False: pair partition i with number i, whatever the divisions.
+        return ddf.map_partitions(_generate_partition, job, _numbered(ddf), meta=meta, align_dataframes=False)
+
+
+def _client_config(client: Client | None, options: dict[str, Any]) -> _ClientConfig:
+    if client is not None:
+        if options:
+            raise ConfigurationError(
+                f"pass either client= or client options ({', '.join(sorted(options))}), not both"
+            )
+        if not isinstance(client, Client):
+            raise ConfigurationError(f"client must come from create_client(), got {type(client).__name__}")
+        config = _ClientConfig(client, {})
+    else:
+        options = dict(options)
+        if options.get("api_key") is None:
+            # Read the key where the pandas accessor would (the caller's environment), so workers
+            # on other machines need no copy of it. None leaves the lookup to the worker.
+            provider = get_provider(options.get("provider", "openai"))
+            if provider.api_key_env and os.environ.get(provider.api_key_env):
+                options["api_key"] = os.environ[provider.api_key_env]
+        config = _ClientConfig(None, options)
+    _check_picklable(config)
+    return config
+
+
+def _check_picklable(config: _ClientConfig) -> None:
+    import cloudpickle  # a dependency of dask
+
+    try:
+        cloudpickle.dumps(config)
+    except Exception as exc:  # pickling failures come as TypeError, PicklingError, AttributeError...
+        what = "client=" if config.client is not None else "the client options"
+        raise ConfigurationError(
+            f"{what} cannot be sent to Dask workers ({type(exc).__name__}: {exc}). Pass provider=, "
+            "model_name=, endpoint= and api_key= instead (each worker builds its own client), and "
+            "give verify= a CA bundle path rather than an SSLContext."
+        ) from None
+
+
+def _checkpoint_root(checkpoint: str | os.PathLike[str] | None) -> str | None:
+    if checkpoint is None:
+        return None
+    path = os.fspath(checkpoint)
+    if not isinstance(path, str) or "://" in path:
+        raise ConfigurationError(
+            f"checkpoint must be a filesystem path that every worker sees (a local disk for a "
+            f"LocalCluster, a shared mount such as NFS for a cluster), got {checkpoint!r}; object "
+            "stores such as s3:// are not supported yet"
+        )
+    # Absolute on the caller's side: a worker's working directory may be anywhere.
+    root = os.path.abspath(path)
+    if os.path.exists(os.path.join(root, "manifest.json")):
+        raise ConfigurationError(
+            f"{root} is a checkpoint of a pandas run; a Dask run keeps one checkpoint per partition "
+            "under its directory: choose another path"
+        )
+    return root
