@@ -258,7 +258,7 @@ def _fill_template(df: pd.DataFrame, template: str) -> list[object]:
     prompts: list[object] = []
     values = df[names].itertuples(index=False, name=None)
     for row in values:
-        missing = [n for n, v in zip(names, row) if v is None or (not isinstance(v, (list, dict)) and pd.isna(v))]
+        missing = [n for n, v in zip(names, row) if v is None or (pd.api.types.is_scalar(v) and pd.isna(v))]
         if missing:
             prompts.append(InvalidPromptError(f"template field(s) {missing} are missing in this row", sent=False,
                                               suggestion="Fill or drop the rows with missing values first."))

@@ -254,3 +254,10 @@ def test_read_checkpoint_follows_rows_inserted_above(client: Any, tmp_path: Path
     stored = read_checkpoint(ckpt)
     assert stored["prompt"].tolist() == ["new", "a", "b"]
     assert stored["response"].tolist() == ["echo: new", "echo: a", "echo: b"]
+
+
+def test_template_over_list_and_array_columns(client: Any) -> None:
+    df = pd.DataFrame({"tags": [["a", "b"], np.array(["c"]), None]})
+    out = generate(df, client, template="Tags: {tags}")
+    assert out["response"].tolist()[:2] == ["echo: Tags: ['a', 'b']", "echo: Tags: ['c']"]
+    assert "missing" in out["error"].iloc[2]
