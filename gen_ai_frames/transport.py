@@ -110,7 +110,9 @@ class AiohttpTransport:
         import aiohttp
 
         # The engine caps concurrency itself, so the pool must not queue requests behind a limit.
-        connector = aiohttp.TCPConnector(limit=0, ssl=ssl_context(self._verify), ttl_dns_cache=300)
+        # verify=True uses aiohttp's own verified default context: no per-client CA loading.
+        tls = True if self._verify is True else ssl_context(self._verify)
+        connector = aiohttp.TCPConnector(limit=0, ssl=tls, ttl_dns_cache=300)
         return aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=None),  # the engine applies per-request timeouts
