@@ -70,7 +70,7 @@ class _RunState:
         until = self.clock() + seconds
         if until > self.paused_until:
             self.paused_until = until
-            self.set_status(f"{reason}, waiting {seconds:.0f} s")
+            self.set_status(f"{reason}, waiting {seconds:.1f} s" if seconds < 10 else f"{reason}, waiting {seconds:.0f} s")
 
     def set_status(self, status: str | None) -> None:
         if status != self.status:
