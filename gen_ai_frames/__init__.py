@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from . import accessor as _accessor  # registers df.genai
+from . import accessor as _accessor  # noqa: F401  (importing registers df.genai)
 from .client import Client
 from .errors import (
     APIConnectionError,

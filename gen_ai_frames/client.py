@@ -15,7 +15,7 @@ from typing import Any, Literal, overload
 
 from ._sync import run_sync
 from .engine import Engine, Result
-from .errors import ConfigurationError, FailedPromptsWarning, InvalidPromptError, RequestError
+from .errors import ConfigurationError, FailedPromptsWarning, InvalidPromptError
 from .params import GenerationParams, Message, validate_positive_int
 from .ratelimit import RateLimiter
 from .providers.base import Provider, redact_url

@@ -19,7 +19,6 @@ import gen_ai_frames
 from gen_ai_frames import ConfigurationError, create_client, errors
 from gen_ai_frames.params import GenerationParams
 from gen_ai_frames.providers import _BUILTIN, get_provider, providers
-from gen_ai_frames.providers.anthropic import AnthropicProvider
 from gen_ai_frames.providers.azure import AzureOpenAIProvider
 from gen_ai_frames.providers.base import Provider
 from gen_ai_frames.providers.gemini import GeminiProvider

@@ -152,10 +152,7 @@ class AnthropicProvider(Provider):
 
     def _error(self, response: HttpResponse, data: Any) -> RequestError:
         if data is None:
-            try:
-                data = self.parse_json(response)
-            except MalformedResponseError:
-                data = None
+            data = self.json_or_none(response)
         error = data.get("error") if isinstance(data, dict) else None
         kind: str | None = None
         if isinstance(error, dict):

@@ -11,7 +11,7 @@ import os
 from typing import Any, ClassVar
 from urllib.parse import quote
 
-from ..errors import ConfigurationError, ContentFilterError, MalformedResponseError, NotFoundError, RequestError
+from ..errors import ConfigurationError, ContentFilterError, NotFoundError, RequestError
 from ..transport import HttpResponse
 from .openai import OpenAIProvider
 
@@ -72,10 +72,7 @@ class AzureOpenAIProvider(OpenAIProvider):
 
     def _error(self, response: HttpResponse, data: Any = None, status: int | None = None) -> RequestError:
         if data is None:
-            try:
-                data = self.parse_json(response)
-            except MalformedResponseError:
-                data = None
+            data = self.json_or_none(response)
         error = data.get("error") if isinstance(data, dict) else None
         if isinstance(error, dict):
             inner = error.get("innererror") if isinstance(error.get("innererror"), dict) else {}

@@ -129,6 +129,13 @@ class Provider:
                 status_code=response.status,
             ) from None
 
+    def json_or_none(self, response: HttpResponse) -> Any:
+        """The decoded body of an error answer, or None when it is not JSON (e.g. a proxy's page)."""
+        try:
+            return self.parse_json(response)
+        except MalformedResponseError:
+            return None
+
 
 def error_for_status(
     status: int, message: str, *, code: str | None = None, key_suggestion: str | None = None,

@@ -144,10 +144,7 @@ class GeminiProvider(Provider):
 
     def _error(self, response: HttpResponse, data: Any) -> RequestError:
         if data is None:
-            try:
-                data = self.parse_json(response)
-            except MalformedResponseError:
-                data = None
+            data = self.json_or_none(response)
         if isinstance(data, list) and data and isinstance(data[0], dict):
             data = data[0]  # some Google front ends wrap the error in a list
         error = data.get("error") if isinstance(data, dict) else None

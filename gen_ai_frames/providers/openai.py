@@ -95,10 +95,7 @@ class OpenAIProvider(Provider):
     def _error(self, response: HttpResponse, data: Any = None, status: int | None = None) -> RequestError:
         status = status or response.status
         if data is None:
-            try:
-                data = self.parse_json(response)
-            except MalformedResponseError:
-                data = None
+            data = self.json_or_none(response)
         error = data.get("error") if isinstance(data, dict) else None
         if isinstance(error, dict):
             message = str(error.get("message") or error.get("type") or "no message")
