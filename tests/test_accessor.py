@@ -138,7 +138,7 @@ def test_dedupe_sends_identical_prompts_once_at_temperature_zero(client: Any, fa
 
 
 def test_concurrency_does_not_drain_at_chunk_boundaries(client: Any, fake_server: Any) -> None:
-    fake_server.configure(latency=0.02)
+    fake_server.configure(latency=0.05)
     generate(prompts_frame(64), client, chunk_size=4, max_concurrent=8)
     # Draining at each chunk would cap requests in flight at the chunk size.
     assert fake_server.stats()["max_in_flight"] == 8

@@ -27,8 +27,8 @@ def test_order_is_kept_under_random_latency(client: Any, fake_server: Any) -> No
 
 @pytest.mark.parametrize("max_concurrent", [1, 5, 40])
 def test_requests_in_flight_never_exceed_max_concurrent(client: Any, fake_server: Any, max_concurrent: int) -> None:
-    fake_server.configure(latency=0.02)
-    client.generate_batch_response([f"p{i}" for i in range(120)], max_concurrent=max_concurrent)
+    fake_server.configure(latency=0.1)  # long enough that even a loaded machine fills every slot
+    client.generate_batch_response([f"p{i}" for i in range(3 * max_concurrent)], max_concurrent=max_concurrent)
     assert fake_server.stats()["max_in_flight"] == max_concurrent
 
 
