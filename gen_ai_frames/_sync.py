@@ -1,12 +1,16 @@
 """The one bridge from sync entry points to the async core.
 
 ``asyncio.run`` refuses to start inside a running loop (a Jupyter cell, an async web handler), so
-there the coroutine runs on a fresh loop in a worker thread while the caller's thread waits.
+there the coroutine runs on a fresh loop in a worker thread while the caller's thread waits. An
+interrupt (Ctrl-C, Jupyter's stop button) cancels that coroutine and waits for it to wind down, so
+a run never goes on sending in the background, its checkpoint is flushed and its lock released.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -27,6 +31,23 @@ def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(coroutine)
+        return asyncio.run(coroutine)  # asyncio.run itself cancels the coroutine on Ctrl-C
+    started = threading.Event()
+    running: dict[str, Any] = {}
+
+    async def main() -> T:
+        running["loop"], running["task"] = asyncio.get_running_loop(), asyncio.current_task()
+        started.set()
+        return await coroutine
+
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gen-ai-frames") as pool:
-        return pool.submit(asyncio.run, coroutine).result()
+        future = pool.submit(asyncio.run, main())
+        try:
+            return future.result()
+        except KeyboardInterrupt:
+            started.wait()
+            with contextlib.suppress(RuntimeError):  # the loop may have finished meanwhile
+                running["loop"].call_soon_threadsafe(running["task"].cancel)
+            with contextlib.suppress(BaseException):
+                future.result()  # let it save its work and release its checkpoint
+            raise

@@ -261,3 +261,40 @@ def test_template_over_list_and_array_columns(client: Any) -> None:
     out = generate(df, client, template="Tags: {tags}")
     assert out["response"].tolist()[:2] == ["echo: Tags: ['a', 'b']", "echo: Tags: ['c']"]
     assert "missing" in out["error"].iloc[2]
+
+
+def test_interrupt_inside_a_running_loop_stops_sending_and_releases_the_checkpoint(
+        client: Any, fake_server: Any, tmp_path: Path) -> None:
+    """Jupyter's stop button raises KeyboardInterrupt in the cell: the run must not go on in the
+    background, and running the cell again must resume, not hit a locked checkpoint."""
+    import os
+    import signal
+    import threading
+
+    fake_server.configure(latency=0.1)
+    df = prompts_frame(200)
+    ckpt = tmp_path / "run.ckpt"
+
+    async def notebook_cell() -> None:
+        generate(df, client, checkpoint=ckpt, max_concurrent=4, chunk_size=5)
+
+    # Like ipykernel, run the cell on a loop without asyncio.run's own SIGINT handler, so the
+    # interrupt lands in the waiting thread as KeyboardInterrupt.
+    loop = asyncio.new_event_loop()
+    timer = threading.Timer(0.6, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            loop.run_until_complete(notebook_cell())
+    finally:
+        timer.join()
+        loop.close()
+    sent = fake_server.stats()["requests"]
+    assert 0 < sent < 200
+    threading.Event().wait(0.3)
+    assert fake_server.stats()["requests"] == sent  # nothing goes on in the background
+    fake_server.configure(latency=0.0)
+    fake_server.reset()
+    out = generate(df, client, checkpoint=ckpt)  # not locked: the interrupted run let go
+    assert out["response"].tolist() == ["echo: " + p for p in df["prompt"]]
+    assert fake_server.stats()["requests"] <= 200 - sent + 4  # answered rows were saved
