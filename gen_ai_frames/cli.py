@@ -8,7 +8,7 @@ Commands (``python -m gen_ai_frames`` works too)::
     gen-ai-frames demo
 
 ``generate`` streams its input: it reads ``--batch-rows`` rows at a time (Parquet record batches, CSV
-and JSON Lines chunks), answers them through :func:`gen_ai_frames.runner.run_rows` and appends them
+and JSON Lines chunks; see :mod:`gen_ai_frames.files`), answers them through :func:`gen_ai_frames.runner.run_rows` and appends them
 to the output, so memory follows the batch size, not the file size. With ``--checkpoint DIR`` every
 batch has its own checkpoint, ``DIR/batch-000001/`` and so on, and a killed run resumes batch by
 batch when the same command is run again. See ``docs/cli.md``.
@@ -24,27 +24,22 @@ gen-ai-frames 0.1.0
 from __future__ import annotations
 
 import argparse
-import bz2
 import contextlib
-import gzip
 import importlib.resources
 import json
-import lzma
 import math
 import os
 import re
 import string
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, NoReturn, TextIO
+from typing import Any, NoReturn, TextIO
 
-import orjson
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from . import __version__
 from ._sync import run_sync
@@ -53,6 +48,16 @@ from .checkpoint import Checkpoint, CheckpointError, checkpoint_status
 from .client import Client
 from .errors import ConfigurationError
 from .factory import create_client
+from .files import (
+    INPUT_FORMATS,
+    OUTPUT_FORMATS,
+    Output,
+    UsageError,
+    file_format,
+    is_nested,
+    nullable_ints,
+    open_input,
+)
 from .params import GenerationParams, validate_positive_int
 from .runner import DETAIL_COLUMNS, RowResults, run_rows
 
@@ -69,17 +74,6 @@ DEMO_OUTPUT = "demo_output.parquet"
 DEMO_TEMPLATE = (
     "Is this product review positive, negative or mixed? Answer with one word.\n\nReview: {review}"
 )
-
-_INPUT_FORMATS = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".pq": "parquet",
-                  ".jsonl": "jsonl", ".ndjson": "jsonl"}
-_OUTPUT_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "tsv",
-                   ".jsonl": "jsonl", ".ndjson": "jsonl"}
-# Text inputs may be compressed; only codecs of the standard library, so no extra dependency.
-_OPENERS: dict[str, Callable[[Path], IO[bytes]]] = {
-    ".gz": lambda p: gzip.open(p, "rb"),
-    ".bz2": lambda p: bz2.open(p, "rb"),
-    ".xz": lambda p: lzma.open(p, "rb"),
-}
 
 _RESULT_TYPES: dict[str, pa.DataType] = {
     "response": pa.string(), "error": pa.string(), "error_type": pa.string(),
@@ -98,10 +92,6 @@ _KEY_HELP = (
     "--provider openai); an --endpoint on this machine (127.0.0.1, localhost) needs none. There is "
     "no --api-key option: keys on a command line end up in shell history and `ps`."
 )
-
-
-class UsageError(Exception):
-    """A mistake of the user (bad option, missing file): reported as one line, exit status 2."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -323,7 +313,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     output = Path(args.output)
-    if _OUTPUT_FORMATS.get(output.suffix.lower()) != "parquet":
+    if OUTPUT_FORMATS.get(output.suffix.lower()) != "parquet":
         raise UsageError(f"the demo writes Parquet: give -o a .parquet path, not {str(output)!r}")
     with importlib.resources.as_file(importlib.resources.files(__package__) / "data" / "sample_reviews.csv") as data:
         job = Job(
@@ -410,8 +400,8 @@ def run_job(job: Job, err: TextIO) -> int:
 
 def _run(job: Job, err: TextIO) -> tuple[int, bool]:
     """:func:`run_job`, and whether OUTPUT was written."""
-    in_format, compression = file_format(job.input, _INPUT_FORMATS, "input")
-    out_format, out_compression = file_format(job.output, _OUTPUT_FORMATS, "output")
+    in_format, compression = file_format(job.input, INPUT_FORMATS, "input")
+    out_format, out_compression = file_format(job.output, OUTPUT_FORMATS, "output")
     if out_compression:
         raise UsageError(f"output {str(job.output)!r}: compressed output is not supported; "
                          "write Parquet (compressed already) or plain CSV/JSON Lines")
@@ -427,7 +417,7 @@ def _run(job: Job, err: TextIO) -> tuple[int, bool]:
                               timeout=job.timeout, system_prompt=job.system_prompt)
     _check_paths(job.input, job.output)
 
-    with _open_input(job.input, in_format, compression, job.batch_rows) as source:
+    with open_input(job.input, in_format, compression, job.batch_rows) as source:
         names = _result_names(job, source.schema)
         fields = _template_fields(job.template)
         client = _make_client(job)
@@ -435,7 +425,7 @@ def _run(job: Job, err: TextIO) -> tuple[int, bool]:
         out_schema = pa.schema([*source.schema, *(pa.field(names[n], _RESULT_TYPES[n]) for n in names)])
         tally = _Tally()
         batches = math.ceil(source.rows / job.batch_rows)
-        with _Output(job.output, out_format, out_schema) as output:
+        with Output(job.output, out_format, out_schema) as output:
             for index, table in enumerate(source.batches(), start=1):
                 offset = (index - 1) * job.batch_rows
                 if job.progress and batches > 1:
@@ -500,25 +490,6 @@ def _check_paths(source: Path, target: Path) -> None:
         raise UsageError(f"output {str(target)!r} is the input file; choose another output path")
 
 
-def file_format(path: Path, formats: dict[str, str], what: str) -> tuple[str, str | None]:
-    """``(format, compression suffix or None)`` of ``path``, from its extension.
-
-    >>> file_format(Path("data.csv.gz"), _INPUT_FORMATS, "input")
-    ('csv', '.gz')
-    >>> file_format(Path("data.xlsx"), _INPUT_FORMATS, "input")
-    Traceback (most recent call last):
-    ...
-    gen_ai_frames.cli.UsageError: input 'data.xlsx': unknown file type '.xlsx'; use .csv, .tsv, .parquet, .pq, .jsonl, .ndjson
-    """
-    suffixes = [s.lower() for s in path.suffixes]
-    compression = suffixes.pop() if suffixes and suffixes[-1] in _OPENERS else None
-    suffix = suffixes[-1] if suffixes else ""
-    if suffix not in formats:
-        shown = f"unknown file type {suffix!r}" if suffix else "no file extension"
-        raise UsageError(f"{what} {str(path)!r}: {shown}; use {', '.join(formats)}")
-    return formats[suffix], compression
-
-
 def _result_names(job: Job, schema: pa.Schema) -> dict[str, str]:
     """Output name of each result column; checks the prompt source against the input's columns."""
     # build_prompts on an empty frame checks the column or template before any row is read.
@@ -554,21 +525,13 @@ def _prompt_frame(table: pa.Table, columns: Sequence[str]) -> pd.DataFrame:
     data: dict[str, Any] = {}
     for name in columns:
         column = table.column(name)
-        if _is_nested(column.type):
+        if is_nested(column.type):
             # Python lists and dicts, not numpy arrays: a template shows them as [1, 2].
             data[name] = pd.Series(column.to_pylist(), dtype=object)
         else:
             # Nullable integers: a template shows 4, not 4.0, when the column has missing values.
-            data[name] = column.to_pandas(types_mapper=_nullable_ints)
+            data[name] = column.to_pandas(types_mapper=nullable_ints)
     return pd.DataFrame(data)
-
-
-def _nullable_ints(dtype: pa.DataType) -> Any:
-    return pd.ArrowDtype(dtype) if pa.types.is_integer(dtype) else None
-
-
-def _is_nested(dtype: pa.DataType) -> bool:
-    return pa.types.is_nested(dtype)
 
 
 def _output_table(table: pa.Table, results: RowResults, names: dict[str, str], schema: pa.Schema) -> pa.Table:
@@ -628,329 +591,6 @@ def _print_errors(tally: _Tally, err: TextIO) -> None:
         print(f"first failure, row {row + 1:,}: {kind}: {message}", file=err)
         if suggestion:
             print(f"  suggestion: {suggestion}", file=err)
-
-
-# --------------------------------------------------------------------------------------------------
-# Inputs: a schema known up front, a row count, and batches of exactly ``batch_rows`` rows
-
-
-class _Input(contextlib.AbstractContextManager["_Input"]):
-    schema: pa.Schema
-    rows: int
-
-    def batches(self) -> Iterator[pa.Table]:
-        raise NotImplementedError
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        pass
-
-
-def _open_input(path: Path, fmt: str, compression: str | None, batch_rows: int) -> _Input:
-    readers: dict[str, Callable[[], _Input]] = {
-        "parquet": lambda: _ParquetInput(path, batch_rows),
-        "csv": lambda: _CsvInput(path, ",", batch_rows),
-        "tsv": lambda: _CsvInput(path, "\t", batch_rows),
-        "jsonl": lambda: _JsonLinesInput(path, compression, batch_rows),
-    }
-    with _reading(path, fmt):
-        return readers[fmt]()
-
-
-@contextlib.contextmanager
-def _reading(path: Path, fmt: str) -> Iterator[None]:
-    """Turn a reader's failure into one clear line (exit status 2) instead of a traceback."""
-    try:
-        yield
-    except (UsageError, ConfigurationError):
-        raise
-    except (OSError, ValueError, UnicodeDecodeError, pa.ArrowException, pd.errors.ParserError,
-            pd.errors.EmptyDataError) as exc:
-        raise UsageError(f"cannot read {str(path)!r} as {_FORMAT_NAMES[fmt]}: {exc}") from None
-
-
-_FORMAT_NAMES = {"parquet": "Parquet", "csv": "CSV", "tsv": "TSV", "jsonl": "JSON Lines"}
-
-
-def _guarded(path: Path, fmt: str, batches: Iterator[pa.Table]) -> Iterator[pa.Table]:
-    while True:
-        with _reading(path, fmt):
-            table = next(batches, None)
-        if table is None:
-            return
-        yield table
-
-
-class _ParquetInput(_Input):
-    """Record batches of a Parquet file: only one batch (plus a row group's pages) in memory."""
-
-    def __init__(self, path: Path, batch_rows: int) -> None:
-        self._path, self._batch_rows = path, batch_rows
-        self._handle = open(path, "rb")
-        try:
-            self._file = pq.ParquetFile(self._handle)
-        except BaseException:
-            self._handle.close()
-            raise
-        # Pandas metadata describes the input's columns only: stale once results are appended.
-        self.schema = self._file.schema_arrow.remove_metadata()
-        self.rows = self._file.metadata.num_rows
-
-    def batches(self) -> Iterator[pa.Table]:
-        raw = self._file.iter_batches(batch_size=self._batch_rows, use_threads=False)
-        return _guarded(self._path, "parquet", _rebatch(raw, self._batch_rows, self.schema))
-
-    def close(self) -> None:
-        self._handle.close()
-
-
-def _rebatch(batches: Iterator[pa.RecordBatch], size: int, schema: pa.Schema) -> Iterator[pa.Table]:
-    """Tables of exactly ``size`` rows (the last one shorter), whatever sizes the reader yields.
-
-    Batch boundaries must not depend on the file's row groups: a resumed run matches batch k to the
-    checkpoint's ``batch-k`` directory.
-
-    >>> parts = [pa.record_batch({"x": list(range(n))}) for n in (3, 4, 1)]
-    >>> [t.num_rows for t in _rebatch(iter(parts), 5, parts[0].schema)]
-    [5, 3]
-    """
-    pending: list[pa.RecordBatch] = []
-    count = 0
-    for batch in batches:
-        while batch.num_rows:
-            take = min(size - count, batch.num_rows)
-            pending.append(batch.slice(0, take))
-            count += take
-            batch = batch.slice(take)
-            if count == size:
-                yield pa.Table.from_batches(pending, schema=schema)
-                pending, count = [], 0
-    if pending:
-        yield pa.Table.from_batches(pending, schema=schema)
-
-
-class _CsvInput(_Input):
-    """CSV/TSV in chunks. Every column is read as text.
-
-    A CSV file has no types: reading text keeps values exactly as written (ids like 00123, numbers
-    that would turn into floats) and gives every batch the same schema, which the Parquet output
-    needs. Only an empty field is missing ("NA" is text).
-    """
-
-    def __init__(self, path: Path, sep: str, batch_rows: int) -> None:
-        self._path, self._sep, self._batch_rows = path, sep, batch_rows
-        header = pd.read_csv(path, sep=sep, nrows=0, dtype=str)
-        self.schema = pa.schema([pa.field(str(name), pa.string()) for name in header.columns])
-        # One pass to count rows and reject a malformed line before any request is paid for.
-        self.rows = sum(len(chunk) for chunk in self._chunks())
-
-    def _chunks(self) -> Iterator[pd.DataFrame]:
-        with pd.read_csv(self._path, sep=self._sep, dtype=str, keep_default_na=False, na_values=[""],
-                         chunksize=self._batch_rows) as reader:
-            yield from reader
-
-    def batches(self) -> Iterator[pa.Table]:
-        fmt = "tsv" if self._sep == "\t" else "csv"
-        tables = (pa.Table.from_pandas(chunk, schema=self.schema, preserve_index=False).replace_schema_metadata(None)
-                  for chunk in self._chunks())
-        return _guarded(self._path, fmt, tables)
-
-
-_MIXED = pa.string()  # a JSON field with values of incompatible types is written as JSON text
-
-
-class _JsonLinesInput(_Input):
-    """JSON Lines, one object per line, read ``batch_rows`` lines at a time.
-
-    A first pass infers one schema for the whole file (fields in order of first appearance, types
-    promoted across lines, e.g. int and float -> float) so that every batch has the same columns,
-    and counts the rows; a field whose values have incompatible types (a number here, text there)
-    becomes text, non-strings as JSON.
-    """
-
-    def __init__(self, path: Path, compression: str | None, batch_rows: int) -> None:
-        self._path, self._compression, self._batch_rows = path, compression, batch_rows
-        types: dict[str, pa.DataType] = {}
-        self._mixed: set[str] = set()
-        self.rows = 0
-        for rows in self._chunks():
-            self.rows += len(rows)
-            for name in dict.fromkeys(k for row in rows for k in row):
-                values = [row.get(name) for row in rows]
-                try:
-                    dtype = pa.array(values).type
-                except (pa.ArrowException, OverflowError, TypeError, ValueError):
-                    self._mixed.add(name)
-                    dtype = _MIXED
-                types[name] = _promote(types[name], dtype) if name in types else dtype
-                if types[name] is None:
-                    self._mixed.add(name)
-        self.schema = pa.schema([pa.field(n, _MIXED if n in self._mixed else t) for n, t in types.items()])
-
-    def _open(self) -> IO[bytes]:
-        opener = _OPENERS.get(self._compression or "")
-        return opener(self._path) if opener else open(self._path, "rb")
-
-    def _chunks(self) -> Iterator[list[dict[str, Any]]]:
-        rows: list[dict[str, Any]] = []
-        with self._open() as lines:
-            for number, line in enumerate(lines, start=1):
-                if number == 1:
-                    line = line.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark
-                if not line.strip():
-                    continue
-                try:
-                    row = orjson.loads(line)
-                except orjson.JSONDecodeError as exc:
-                    raise UsageError(f"{str(self._path)!r} line {number:,} is not valid JSON: {exc}") from None
-                if not isinstance(row, dict):
-                    raise UsageError(f"{str(self._path)!r} line {number:,} is not a JSON object "
-                                     f"({type(row).__name__}); JSON Lines input needs one object per line")
-                rows.append(row)
-                if len(rows) == self._batch_rows:
-                    yield rows
-                    rows = []
-        if rows:
-            yield rows
-
-    def batches(self) -> Iterator[pa.Table]:
-        def tables() -> Iterator[pa.Table]:
-            for rows in self._chunks():
-                arrays = []
-                for f in self.schema:
-                    values = [row.get(f.name) for row in rows]
-                    if f.name in self._mixed:
-                        values = [v if v is None or isinstance(v, str) else orjson.dumps(v).decode() for v in values]
-                    arrays.append(pa.array(values, type=f.type))
-                yield pa.Table.from_arrays(arrays, schema=self.schema)
-
-        return _guarded(self._path, "jsonl", tables())
-
-
-def _promote(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
-    """The type holding values of both, or None if there is none.
-
-    >>> _promote(pa.int64(), pa.float64()), _promote(pa.null(), pa.string()), _promote(pa.int64(), pa.string())
-    (DataType(double), DataType(string), None)
-    """
-    if a == b:
-        return a
-    try:
-        unified = pa.unify_schemas([pa.schema([("x", a)]), pa.schema([("x", b)])], promote_options="permissive")
-    except (pa.ArrowException, TypeError, ValueError):
-        return None
-    return unified.field("x").type
-
-
-# --------------------------------------------------------------------------------------------------
-# Output: written to a hidden temporary file next to OUTPUT, renamed into place once complete
-
-
-class _Output:
-    """Appends batches to a temporary file; :meth:`commit` renames it to the output path.
-
-    A killed or failed run never leaves a truncated file under the output's name (a cut CSV would
-    look complete).
-    """
-
-    def __init__(self, path: Path, fmt: str, schema: pa.Schema) -> None:
-        self.path, self.format, self.schema = path, fmt, schema
-        _remove_stale_partials(path)
-        self.tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        self._parquet: pq.ParquetWriter | None = None
-        self._file: IO[Any] | None = None
-        with self._writing():
-            if fmt == "parquet":
-                self._parquet = pq.ParquetWriter(self.tmp, schema)
-            elif fmt in ("csv", "tsv"):
-                self._file = open(self.tmp, "w", encoding="utf-8", newline="")
-                pd.DataFrame(columns=schema.names).to_csv(self._file, index=False, sep=self._sep)
-            else:
-                self._file = open(self.tmp, "wb")
-
-    @property
-    def _sep(self) -> str:
-        return "\t" if self.format == "tsv" else ","
-
-    @contextlib.contextmanager
-    def _writing(self) -> Iterator[None]:
-        try:
-            yield
-        except (OSError, pa.ArrowException) as exc:
-            self.discard()
-            raise UsageError(f"cannot write {str(self.path)!r}: {exc}") from None
-
-    def write(self, table: pa.Table) -> None:
-        with self._writing():
-            if self._parquet is not None:
-                self._parquet.write_table(table)  # one row group per batch
-            elif self.format in ("csv", "tsv"):
-                assert self._file is not None
-                _csv_frame(table).to_csv(self._file, header=False, index=False, sep=self._sep)
-            else:
-                assert self._file is not None
-                dumps = orjson.dumps
-                self._file.write(b"".join(dumps(row, default=str) + b"\n" for row in table.to_pylist()))
-
-    def _close(self) -> None:
-        parquet, self._parquet = self._parquet, None
-        handle, self._file = self._file, None
-        if parquet is not None:
-            parquet.close()
-        if handle is not None:
-            handle.close()
-
-    def commit(self) -> None:
-        with self._writing():
-            self._close()
-            os.replace(self.tmp, self.path)
-
-    def discard(self) -> None:
-        with contextlib.suppress(OSError, pa.ArrowException):
-            self._close()
-        with contextlib.suppress(OSError):
-            self.tmp.unlink()
-
-    def __enter__(self) -> _Output:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._parquet is not None or self._file is not None:  # not committed: an error left early
-            self.discard()
-
-
-def _remove_stale_partials(path: Path) -> None:
-    """Delete temporary files of earlier runs that were killed (their process is gone)."""
-    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(\d+)\.partial$")
-    with contextlib.suppress(OSError):
-        for entry in os.scandir(path.parent):
-            match = pattern.match(entry.name)
-            if match and not _process_alive(int(match.group(1))):
-                with contextlib.suppress(OSError):
-                    os.unlink(entry.path)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists, owned by someone else
-    return True
-
-
-def _csv_frame(table: pa.Table) -> pd.DataFrame:
-    data: dict[str, Any] = {}
-    for name, column in zip(table.column_names, table.columns):
-        if _is_nested(column.type):
-            # JSON text, not numpy's repr, for lists and structs.
-            data[name] = [None if v is None else orjson.dumps(v, default=str).decode() for v in column.to_pylist()]
-        else:
-            data[name] = column.to_pandas(types_mapper=_nullable_ints)
-    return pd.DataFrame(data)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -17,8 +17,8 @@ from ._sync import run_sync
 from .engine import Engine, Result
 from .errors import ConfigurationError, FailedPromptsWarning, InvalidPromptError
 from .params import GenerationParams, Message, validate_positive_int
-from .ratelimit import RateLimiter
 from .providers.base import Provider, redact_url
+from .ratelimit import RateLimiter
 from .retry import RetryPolicy
 from .transport import Transport
 

@@ -12,7 +12,12 @@ import pytest
 
 import gen_ai_frames  # noqa: F401  (registers the accessor)
 from gen_ai_frames import ConfigurationError, create_client
-from gen_ai_frames.checkpoint import Checkpoint, CheckpointLockedError, CheckpointMismatchError, read_checkpoint
+from gen_ai_frames.checkpoint import (
+    Checkpoint,
+    CheckpointLockedError,
+    CheckpointMismatchError,
+    read_checkpoint,
+)
 from gen_ai_frames.runner import DETAIL_COLUMNS
 
 from .conftest import FAST_RETRY

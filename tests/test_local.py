@@ -6,11 +6,10 @@ takes seconds on a 2-core CPU.
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-
-import importlib
 
 import pandas as pd
 import pytest
