@@ -18,6 +18,7 @@ import os
 import platform
 import resource
 import selectors
+import shutil
 import statistics
 import subprocess
 import sys
@@ -230,6 +231,22 @@ def maybe_cprofile(path: str | None, top: int = 30) -> Iterator[None]:
         stats.sort_stats("tottime").print_stats(top)
         stats.sort_stats("cumulative").print_stats(top)
         Path(path + ".txt").write_text(out.getvalue())
+
+
+def with_profiler(cmd: list[str], profile: str | None, profile_dir: Path | None, name: str,
+                  rate: int = 250) -> list[str]:
+    """``cmd`` run under cProfile (the worker's ``--_cprofile`` flag) or py-spy, or as it is."""
+    if profile == "cprofile":
+        assert profile_dir is not None
+        return [*cmd, "--_cprofile", str(profile_dir / f"{name}.prof")]
+    if profile == "py-spy":
+        assert profile_dir is not None
+        pyspy = shutil.which("py-spy")
+        if pyspy is None:
+            sys.exit("py-spy not found: pip install py-spy")
+        return [pyspy, "record", "--rate", str(rate), "--format", "raw", "--output",
+                str(profile_dir / f"{name}.collapsed"), "--", *cmd]
+    return cmd
 
 
 def emit_result(result: dict[str, Any]) -> None:

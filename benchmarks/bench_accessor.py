@@ -136,17 +136,7 @@ def worker_cmd(args: argparse.Namespace, variant: str, url: str, profile_dir: Pa
            "--max-concurrent", str(args.max_concurrent), "--chunk-size", str(args.chunk_size)]
     if args.tmp_dir:
         cmd += ["--tmp-dir", args.tmp_dir]
-    if args.profile == "cprofile":
-        assert profile_dir is not None
-        cmd += ["--_cprofile", str(profile_dir / f"{variant}-{run_no}.prof")]
-    elif args.profile == "py-spy":
-        assert profile_dir is not None
-        pyspy = shutil.which("py-spy")
-        if pyspy is None:
-            sys.exit("py-spy not found: pip install py-spy")
-        cmd = [pyspy, "record", "--rate", "250", "--format", "raw", "--output",
-               str(profile_dir / f"{variant}-{run_no}.collapsed"), "--", *cmd]
-    return cmd
+    return _common.with_profiler(cmd, args.profile, profile_dir, f"{variant}-{run_no}", rate=250)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,7 +34,6 @@ import argparse
 import asyncio
 import gc
 import json
-import shutil
 import sys
 import tempfile
 from collections.abc import Callable
@@ -209,17 +208,7 @@ def worker_cmd(args: argparse.Namespace, variant: str, url: str, profile_dir: Pa
                run_no: int) -> list[str]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", variant, "--url", url,
            "--n", str(args.n), "--max-concurrent", str(args.max_concurrent), "--max-tokens", str(args.max_tokens)]
-    if args.profile == "cprofile":
-        assert profile_dir is not None
-        cmd += ["--_cprofile", str(profile_dir / f"{variant}-{run_no}.prof")]
-    elif args.profile == "py-spy":
-        assert profile_dir is not None
-        pyspy = shutil.which("py-spy")
-        if pyspy is None:
-            sys.exit("py-spy not found: pip install py-spy")
-        cmd = [pyspy, "record", "--rate", "500", "--format", "raw", "--output",
-               str(profile_dir / f"{variant}-{run_no}.collapsed"), "--", *cmd]
-    return cmd
+    return _common.with_profiler(cmd, args.profile, profile_dir, f"{variant}-{run_no}", rate=500)
 
 
 def main(argv: list[str] | None = None) -> int:
