@@ -92,7 +92,7 @@ def worker(args: argparse.Namespace) -> None:
             k = int(args._worker.split("-")[1])
             total = args.per_worker * k
             with distributed.LocalCluster(n_workers=k, threads_per_worker=1, processes=True,
-                                          dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+                                          dashboard_address=":0") as cluster, distributed.Client(cluster) as client:
                 ddf = dd.from_pandas(df, npartitions=args.npartitions, sort=False)
                 # Warm-up: imports and a first connection on every worker, outside the timing.
                 client.run(lambda: __import__("gen_ai_frames.dask"))

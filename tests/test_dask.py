@@ -63,7 +63,7 @@ def cluster() -> Iterator[distributed.Client]:
         for name in KEY_VARIABLES:
             env.delenv(name, raising=False)
         with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                      dashboard_address=None) as local, distributed.Client(local) as client:
+                                      dashboard_address=":0") as local, distributed.Client(local) as client:
             yield client
 
 
