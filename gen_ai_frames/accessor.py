@@ -27,7 +27,7 @@ from .params import GenerationParams
 from .pricing import Estimate, estimate_tokens, price_for
 from .runner import DETAIL_COLUMNS, run_rows
 
-__all__ = ["GenAIAccessor", "build_prompts"]
+__all__ = ["GenAIAccessor", "build_prompts", "check_client_choice"]
 
 _CLIENT_OPTIONS = ("provider", "model_name", "api_key", "endpoint")
 
@@ -206,16 +206,21 @@ def _output_names(response_column: str, error_column: str, details: bool) -> dic
     return names
 
 
+def check_client_choice(client: Client | None, options: dict[str, Any]) -> None:
+    """Either a client from ``create_client`` or the options to build one, not both."""
+    if client is None:
+        return
+    if options:
+        raise ConfigurationError(
+            f"pass either client= or client options ({', '.join(sorted(options))}), not both"
+        )
+    if not isinstance(client, Client):
+        raise ConfigurationError(f"client must come from create_client(), got {type(client).__name__}")
+
+
 def _client(client: Client | None, options: dict[str, Any]) -> Client:
-    if client is not None:
-        if options:
-            raise ConfigurationError(
-                f"pass either client= or client options ({', '.join(sorted(options))}), not both"
-            )
-        if not isinstance(client, Client):
-            raise ConfigurationError(f"client must come from create_client(), got {type(client).__name__}")
-        return client
-    return create_client(**options)
+    check_client_choice(client, options)
+    return client if client is not None else create_client(**options)
 
 
 def build_prompts(df: pd.DataFrame, column: Hashable | None, template: str | None) -> list[object]:

@@ -45,6 +45,7 @@ import dask.local
 import pandas as pd
 from dask.dataframe.extensions import register_dataframe_accessor
 
+from .accessor import check_client_choice
 from .checkpoint import Checkpoint
 from .client import Client
 from .errors import ConfigurationError
@@ -343,13 +344,8 @@ class DaskGenAIAccessor:
 
 
 def _client_config(client: Client | None, options: dict[str, Any]) -> _ClientConfig:
+    check_client_choice(client, options)
     if client is not None:
-        if options:
-            raise ConfigurationError(
-                f"pass either client= or client options ({', '.join(sorted(options))}), not both"
-            )
-        if not isinstance(client, Client):
-            raise ConfigurationError(f"client must come from create_client(), got {type(client).__name__}")
         config = _ClientConfig(client, {})
     else:
         options = dict(options)
