@@ -281,6 +281,8 @@ class DaskGenAIAccessor:
         max_retries: int | None = None,
         requests_per_minute: float | None = None,
         tokens_per_minute: float | None = None,
+        max_cost: float | None = None,
+        prices: Mapping[str, tuple[float, float]] | None = None,
         partitions_in_flight: int | None = None,
         **client_options: Any,
     ) -> dd.DataFrame:
@@ -301,6 +303,9 @@ class DaskGenAIAccessor:
         * ``requests_per_minute`` / ``tokens_per_minute`` (or, when not given, those of ``client``)
           are run totals too, divided exactly by the partitions in flight. A 429 pauses only the
           partition that received it (each task paces itself; partitions do not coordinate).
+        * ``max_cost`` is the run's budget, divided equally over all partitions (they cannot share
+          a running total), so the run never spends more than ``max_cost`` plus what was in flight;
+          a partition that reaches its share leaves its remaining rows unsent (``NotSentError``).
 
         Settings are checked now, on the caller's side (an unknown column or provider fails here,
         not on a worker); nothing is sent before ``compute()``.
@@ -315,7 +320,8 @@ class DaskGenAIAccessor:
             system_prompt=system_prompt, response_column=response_column, error_column=error_column,
             chunk_size=chunk_size, retry_errors=retry_errors, dedupe=dedupe, details=details,
             overwrite=overwrite, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-            timeout=timeout, max_retries=max_retries,
+            timeout=timeout, max_retries=max_retries, prices=prices,
+            max_cost=None if max_cost is None else max_cost / ddf.npartitions,
         )
         in_flight, per_partition = plan_concurrency(max_concurrent, ddf.npartitions, partitions_in_flight,
                                                     scheduler=dask.base.get_scheduler(collections=[ddf]))

@@ -338,3 +338,18 @@ def test_resume_false_starts_over_once_per_run(fake: FakeServer, tmp_path: Path)
     assert (partition_checkpoint(root, 0) / RUN_MARKER).read_text() == job.run_id
     pd.testing.assert_frame_equal(_generate_partition(part, job, _partition_number(0)), echo(part))
     assert fake.stats()["requests"] == 10  # the retry resumed
+
+
+def test_max_cost_is_a_run_budget_split_over_partitions(fake: FakeServer) -> None:
+    fake.reset()
+    df = pd.DataFrame({"prompt": [f"question {i}" for i in range(20)]})
+    ddf = dd.from_pandas(df, npartitions=2, sort=False)
+    dollar_a_token = {"m": (1_000_000.0, 1_000_000.0)}  # each row: 2 + 3 tokens = $5
+    out = ddf.genai.generate(column="prompt", max_cost=20, prices=dollar_a_token, max_concurrent=1,
+                             details=True, **options(fake)).compute(scheduler="sync")
+    answered = out["response"].notna()
+    # Each partition may spend $10 (2 rows); one request already in flight may still finish.
+    assert 4 <= answered.sum() <= 6 and fake.stats()["requests"] == answered.sum()
+    assert set(out.loc[~answered, "error_type"]) == {"NotSentError"}
+    with pytest.raises(ConfigurationError, match="max_cost needs the price"):
+        ddf.genai.generate(column="prompt", max_cost=1, **options(fake))  # checked on the caller's side
