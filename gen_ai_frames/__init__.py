@@ -29,7 +29,7 @@ from .errors import (
     ServerError,
 )
 from .factory import create_client
-from .providers import providers
+from .providers import available_providers
 from .retry import RetryPolicy
 
 __version__ = "0.1.0"
@@ -56,6 +56,6 @@ __all__ = [
     "RetryPolicy",
     "ServerError",
     "__version__",
+    "available_providers",
     "create_client",
-    "providers",
 ]

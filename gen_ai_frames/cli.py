@@ -25,15 +25,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import importlib.resources
 import json
 import math
 import os
 import re
-import string
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
@@ -43,7 +43,6 @@ import pyarrow as pa
 
 from . import __version__
 from ._sync import run_sync
-from .accessor import build_prompts
 from .checkpoint import Checkpoint, CheckpointError, checkpoint_status
 from .client import Client
 from .errors import ConfigurationError
@@ -58,8 +57,10 @@ from .files import (
     nullable_ints,
     open_input,
 )
+from .options import GROUPS, RunOptions, option_fields
 from .params import GenerationParams, validate_positive_int
-from .runner import DETAIL_COLUMNS, RowResults, run_rows
+from .prompts import build_prompts, template_fields
+from .runner import RowResults, output_names, run_rows
 
 __all__ = ["EXIT_FAILED_ROWS", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 
@@ -145,7 +146,25 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         command = self.prog.removeprefix(PROG).strip()
         hint = f" (see '{PROG} {command + ' ' if command else ''}--help')"
+        if message.startswith("unrecognized arguments:"):
+            flags = _all_flags(self)
+            for word in message.split(":", 1)[1].split():
+                close = difflib.get_close_matches(word.split("=", 1)[0], flags, n=1, cutoff=0.6)
+                if word.startswith("--") and close:
+                    message += f"; did you mean {close[0]}?"
+                    break
         raise UsageError(message + hint)
+
+
+def _all_flags(parser: argparse.ArgumentParser) -> list[str]:
+    """Every --flag of ``parser`` and its sub-commands (the top parser reports their typos)."""
+    flags = []
+    for action in parser._actions:
+        flags.extend(action.option_strings)
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                flags.extend(_all_flags(sub))
+    return sorted(set(flags))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,25 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--template", metavar="TEXT",
                         help="build prompts from columns, e.g. 'Summarize: {text}' ({{ and }} for braces)")
     _add_model_options(gen, default_provider="openai")
-    _add_generation_options(gen, default_max_tokens=256)
-    run = gen.add_argument_group("checkpoint and output")
-    run.add_argument("--checkpoint", metavar="DIR",
-                     help="save answers in DIR as they arrive; the same command resumes a killed run")
-    run.add_argument("--no-resume", dest="resume", action="store_false",
-                     help="with --checkpoint: discard what DIR holds and start over")
-    run.add_argument("--retry-errors", action="store_true",
-                     help="with --checkpoint: send the rows that failed last time again")
-    run.add_argument("--chunk-size", type=int, default=500, metavar="N",
-                     help="rows per checkpoint write (default: %(default)s)")
-    run.add_argument("--batch-rows", type=int, default=DEFAULT_BATCH_ROWS, metavar="N",
-                     help="rows read, answered and written at a time; bounds memory (default: %(default)s)")
-    run.add_argument("--details", action="store_true",
-                     help="also write " + ", ".join(DETAIL_COLUMNS))
-    run.add_argument("--response-column", default="response", metavar="NAME",
-                     help="name of the answer column (default: %(default)s)")
-    run.add_argument("--error-column", default="error", metavar="NAME",
-                     help="name of the error column (default: %(default)s)")
-    run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    groups = _add_run_options(gen, ("generation", "limits", "budget", "run", "output"))
+    groups["run"].add_argument("--batch-rows", type=int, default=DEFAULT_BATCH_ROWS, metavar="N",
+                               help="rows read, answered and written at a time; bounds memory "
+                                    "(default: %(default)s)")
     gen.set_defaults(handler=_cmd_generate)
 
     status = commands.add_parser(
@@ -231,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-o", "--output", default=DEMO_OUTPUT, metavar="OUTPUT",
                       help="Parquet file to write (default: %(default)s)")
     _add_model_options(demo, default_provider="local")
-    _add_generation_options(demo, default_max_tokens=16)
+    _add_run_options(demo, ("generation", "limits"), defaults={"max_tokens": 16})
     demo.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     demo.set_defaults(handler=_cmd_demo)
     return parser
@@ -240,26 +244,49 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_model_options(parser: argparse.ArgumentParser, *, default_provider: str) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--provider", default=default_provider,
-                       help="provider name (default: %(default)s); see gen_ai_frames.providers()")
+                       help="provider name (default: %(default)s); see gen_ai_frames.available_providers()")
     group.add_argument("--model", metavar="NAME", help="model name (default: the provider's default)")
     group.add_argument("--endpoint", metavar="URL",
                        help="API base URL, e.g. http://127.0.0.1:8000/v1 (default: the provider's)")
 
 
-def _add_generation_options(parser: argparse.ArgumentParser, *, default_max_tokens: int) -> None:
-    group = parser.add_argument_group("generation")
-    group.add_argument("--system-prompt", metavar="TEXT", help="system message sent with every prompt")
-    group.add_argument("--max-tokens", type=int, default=default_max_tokens, metavar="N",
-                       help="answer length limit (default: %(default)s)")
-    group.add_argument("--temperature", type=float, default=0.0, metavar="T",
-                       help="0 to 2 (default: %(default)s; at 0 identical prompts of a batch are sent once)")
-    group.add_argument("--top-p", type=float, default=1.0, metavar="P", help="(0, 1] (default: %(default)s)")
-    group.add_argument("--timeout", type=float, default=60.0, metavar="S",
-                       help="seconds to wait for one answer (default: %(default)s)")
-    group.add_argument("--max-concurrent", type=int, default=5, metavar="N",
-                       help="requests in flight at once (default: %(default)s)")
-    group.add_argument("--max-retries", type=int, default=None, metavar="N",
-                       help="retries of a failed request (default: 3)")
+def _add_run_options(parser: argparse.ArgumentParser, groups: Sequence[str],
+                     defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """One flag per run option of ``groups`` (``max_tokens`` -> ``--max-tokens``), generated from
+    :class:`~gen_ai_frames.options.RunOptions`, so every option has the same name, default, check
+    and help here as in Python. Returns the argument groups by name."""
+    added = {}
+    for group in groups:
+        arguments = added[group] = parser.add_argument_group(f"{group} ({GROUPS[group]})")
+        for spec in option_fields(group):
+            meta = spec.metadata
+            if not meta["cli"]:
+                continue
+            default = (defaults or {}).get(spec.name, spec.default)
+            flag = "--" + spec.name.replace("_", "-")
+            kind = str(spec.type)
+            if kind == "bool":
+                if default:
+                    arguments.add_argument("--no-" + flag[2:], dest=spec.name, action="store_false",
+                                           help=f"not: {meta['help']}")
+                else:
+                    arguments.add_argument(flag, action="store_true", help=meta["help"])
+                continue
+            if kind == "bool | None":
+                arguments.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                       help=meta["help"])
+                continue
+            parse = meta["parse"] or (int if kind.startswith("int") else float if kind.startswith("float") else str)
+            shown = "" if default is None else " (default: %(default)s)"
+            arguments.add_argument(flag, type=parse, default=default, metavar=meta["metavar"],
+                                   help=meta["help"] + shown)
+    return added
+
+
+def _run_options(args: argparse.Namespace, **changes: Any) -> RunOptions:
+    """The RunOptions of a command's flags (options without a flag keep their defaults)."""
+    given = {spec.name: getattr(args, spec.name) for spec in option_fields() if hasattr(args, spec.name)}
+    return RunOptions(**{**given, **changes})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -277,36 +304,22 @@ class Job:
     provider: str = "openai"
     model: str | None = None
     endpoint: str | None = None
-    system_prompt: str | None = None
-    max_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    timeout: float = 60.0
-    max_concurrent: int = 5
-    max_retries: int | None = None
-    checkpoint: Path | None = None
-    resume: bool = True
-    retry_errors: bool = False
-    chunk_size: int = 500
     batch_rows: int = DEFAULT_BATCH_ROWS
-    details: bool = False
-    response_column: str = "response"
-    error_column: str = "error"
-    progress: bool = True
+    options: RunOptions = field(default_factory=RunOptions)
+
+    @property
+    def checkpoint(self) -> Path | None:
+        """The run's checkpoint directory (each batch has its own under it)."""
+        return None if self.options.checkpoint is None else Path(self.options.checkpoint)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     job = Job(
         input=Path(args.input), output=Path(args.output), column=args.column, template=args.template,
-        provider=args.provider, model=args.model, endpoint=args.endpoint, system_prompt=args.system_prompt,
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, timeout=args.timeout,
-        max_concurrent=args.max_concurrent, max_retries=args.max_retries,
-        checkpoint=None if args.checkpoint is None else Path(args.checkpoint), resume=args.resume,
-        retry_errors=args.retry_errors, chunk_size=args.chunk_size, batch_rows=args.batch_rows,
-        details=args.details, response_column=args.response_column, error_column=args.error_column,
-        progress=args.progress,
+        provider=args.provider, model=args.model, endpoint=args.endpoint, batch_rows=args.batch_rows,
+        options=_run_options(args),
     )
-    if job.checkpoint is None and (not job.resume or job.retry_errors):
+    if job.checkpoint is None and (not job.options.resume or job.options.retry_errors):
         raise UsageError("--no-resume and --retry-errors only apply with --checkpoint DIR")
     return run_job(job, sys.stderr)
 
@@ -316,12 +329,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if OUTPUT_FORMATS.get(output.suffix.lower()) != "parquet":
         raise UsageError(f"the demo writes Parquet: give -o a .parquet path, not {str(output)!r}")
     with importlib.resources.as_file(importlib.resources.files(__package__) / "data" / "sample_reviews.csv") as data:
-        job = Job(
-            input=data, output=output, template=DEMO_TEMPLATE, provider=args.provider, model=args.model,
-            endpoint=args.endpoint, system_prompt=args.system_prompt, max_tokens=args.max_tokens,
-            temperature=args.temperature, top_p=args.top_p, timeout=args.timeout,
-            max_concurrent=args.max_concurrent, max_retries=args.max_retries, progress=args.progress,
-        )
+        job = Job(input=data, output=output, template=DEMO_TEMPLATE, provider=args.provider, model=args.model,
+                  endpoint=args.endpoint, options=_run_options(args))
         status, written = _run(job, sys.stderr)
     if written:
         frame = pd.read_parquet(output, columns=["id", "review", "response"])
@@ -408,18 +417,13 @@ def _run(job: Job, err: TextIO) -> tuple[int, bool]:
     if in_format == "parquet" and compression:
         raise UsageError(f"input {str(job.input)!r}: a Parquet file is compressed inside; drop the "
                          f"{compression} suffix")
-    for name, value, minimum in (("--batch-rows", job.batch_rows, 1), ("--chunk-size", job.chunk_size, 1),
-                                 ("--max-concurrent", job.max_concurrent, 1)):
-        validate_positive_int(name, value, minimum=minimum)
-    if job.max_retries is not None:
-        validate_positive_int("--max-retries", job.max_retries, minimum=0)
-    params = GenerationParams(max_tokens=job.max_tokens, temperature=job.temperature, top_p=job.top_p,
-                              timeout=job.timeout, system_prompt=job.system_prompt)
+    validate_positive_int("--batch-rows", job.batch_rows)
+    params = job.options.params
     _check_paths(job.input, job.output)
 
     with open_input(job.input, in_format, compression, job.batch_rows) as source:
         names = _result_names(job, source.schema)
-        fields = _template_fields(job.template)
+        fields = None if job.template is None else template_fields(job.template)
         client = _make_client(job)
         run_state = _prepare_checkpoint(job, client, params, source.rows) if job.checkpoint else None
         out_schema = pa.schema([*source.schema, *(pa.field(names[n], _RESULT_TYPES[n]) for n in names)])
@@ -428,7 +432,7 @@ def _run(job: Job, err: TextIO) -> tuple[int, bool]:
         with Output(job.output, out_format, out_schema) as output:
             for index, table in enumerate(source.batches(), start=1):
                 offset = (index - 1) * job.batch_rows
-                if job.progress and batches > 1:
+                if job.options.progress and batches > 1:
                     print(f"batch {index}/{batches}: rows {offset + 1:,}-{offset + table.num_rows:,}", file=err)
                 results = _run_batch(job, client, params, table, fields, index)
                 tally.add(results, offset)
@@ -458,11 +462,8 @@ def _run_batch(job: Job, client: Client, params: GenerationParams, table: pa.Tab
     del frame
     checkpoint = None if job.checkpoint is None else job.checkpoint / _batch_name(index)
     try:
-        return run_sync(run_rows(
-            prompts, client=client, params=params, max_concurrent=job.max_concurrent,
-            max_retries=job.max_retries, chunk_size=job.chunk_size, checkpoint=checkpoint, resume=job.resume,
-            retry_errors=job.retry_errors, progress=job.progress and len(prompts) > 0,
-        ))
+        options = job.options.replace(checkpoint=checkpoint, progress=job.options.progress and len(prompts) > 0)
+        return run_sync(run_rows(prompts, client=client, options=options))
     except ImportError as exc:  # an in-process provider loads its library when the first batch starts
         raise UsageError(_provider_unavailable(job.provider, exc)) from None
 
@@ -494,31 +495,14 @@ def _result_names(job: Job, schema: pa.Schema) -> dict[str, str]:
     """Output name of each result column; checks the prompt source against the input's columns."""
     # build_prompts on an empty frame checks the column or template before any row is read.
     build_prompts(pd.DataFrame(columns=schema.names), job.column, job.template)
-    names = {"response": job.response_column, "error": job.error_column}
-    if job.details:
-        names.update({name: name for name in DETAIL_COLUMNS})
-    if len(set(names.values())) != len(names):
-        raise UsageError(f"output column names must differ, got {sorted(names.values())}")
+    names = output_names(job.options)
     clash = [name for name in names.values() if name in schema.names]
     if clash:
         raise UsageError(
             f"the input already has column(s) {clash}; name the new ones with --response-column / "
-            "--error-column" + (" (the --details columns have fixed names)" if job.details else "")
+            "--error-column" + (" (the --details columns have fixed names)" if job.options.details else "")
         )
     return names
-
-
-def _template_fields(template: str | None) -> list[str] | None:
-    """The columns a template reads (already validated by build_prompts).
-
-    >>> _template_fields("{a} and {b[0]} and {a}")
-    ['a', 'b']
-    """
-    if template is None:
-        return None
-    names = [name.split(".", 1)[0].split("[", 1)[0]
-             for _, name, _, _ in string.Formatter().parse(template) if name]
-    return list(dict.fromkeys(names))
 
 
 def _prompt_frame(table: pa.Table, columns: Sequence[str]) -> pd.DataFrame:
@@ -565,7 +549,7 @@ def _print_summary(job: Job, tally: _Tally, err: TextIO) -> None:
     print(line, file=err)
     if tally.failed:
         _print_errors(tally, err)
-        print(f"{PROG}: the failed rows have their reason in the {job.error_column!r} column"
+        print(f"{PROG}: the failed rows have their reason in the {job.options.error_column!r} column"
               + (" (--retry-errors sends them again)" if job.checkpoint is not None else ""), file=err)
 
 
@@ -647,12 +631,12 @@ def _prepare_checkpoint(job: Job, client: Client, params: GenerationParams, rows
     except OSError as exc:
         raise UsageError(f"cannot create checkpoint directory {str(root)!r}: {exc}") from None
     previous = _read_run_record(root)
-    if previous is not None and job.resume and previous.get("batch_rows") != job.batch_rows:
+    if previous is not None and job.options.resume and previous.get("batch_rows") != job.batch_rows:
         raise UsageError(
             f"checkpoint {str(root)!r} was written with --batch-rows {previous.get('batch_rows')}; resume "
             "with the same value (batches are matched by number), or pass --no-resume to start over"
         )
-    if not job.resume:
+    if not job.options.resume:
         # Wipe every batch now, not as the run reaches it: stale batches must not be restored later,
         # and a run still using this checkpoint is found before anything is deleted.
         fingerprint = {**client.fingerprint(), **params.fingerprint()}

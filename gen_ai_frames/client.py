@@ -6,23 +6,29 @@ Every sync method is a thin bridge over its async twin (``generate_batch_respons
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Literal, overload
 
 from ._sync import run_sync
 from .engine import Engine, Result
-from .errors import ConfigurationError, FailedPromptsWarning, InvalidPromptError
-from .params import GenerationParams, Message, validate_positive_int
+from .errors import ConfigurationError, FailedPromptsWarning
+from .options import ENGINE_OPTIONS, GENERATION_OPTIONS, RunOptions, signature_with_options, split_options
+from .params import Message, validate_positive_int
+from .prompts import Prompts, check_prompt, prompt_list
 from .providers.base import Provider, redact_url
 from .ratelimit import RateLimiter
 from .retry import RetryPolicy
 from .transport import Transport
 
-__all__ = ["Client", "check_prompt", "prompt_list"]
+__all__ = ["Client"]
+
+#: Run options the batch calls take besides their positional parameters.
+BATCH_OPTIONS = (*GENERATION_OPTIONS, *ENGINE_OPTIONS)
+#: Keyword options of the one-prompt calls.
+SINGLE_OPTIONS = ("system_prompt", "max_retries")
 
 
 class Client:
@@ -74,7 +80,7 @@ class Client:
         Rate limits left at None fall back to the client's.
 
         >>> async with client.engine(max_concurrent=64) as engine:  # doctest: +SKIP
-        ...     results = await engine.run([[{"role": "user", "content": "Hi"}]], GenerationParams())
+        ...     results = await engine.run([[{"role": "user", "content": "Hi"}]], RunOptions().params)
         """
         validate_positive_int("max_concurrent", max_concurrent)
         if self.provider.max_parallel is not None:
@@ -122,27 +128,24 @@ class Client:
         concurrent: bool = True,
         max_concurrent: int = 5,
         return_error: bool = False,
-        *,
-        system_prompt: str | None = None,
-        max_retries: int | None = None,
-        requests_per_minute: float | None = None,
-        tokens_per_minute: float | None = None,
+        **options: Any,
     ) -> Any:
         """Answer many prompts concurrently; results come back in the order of ``prompts``.
 
         A failed prompt gives ``None`` and one warning sums up the failures; with
         ``return_error=True`` the call returns ``(responses, errors)`` where ``errors[i]`` is None on
         success, else a dict with ``message``, ``suggestion``, ``type``, ``status_code``,
-        ``retryable``, ``attempts`` and ``sent``.
+        ``retryable``, ``attempts`` and ``sent``. Keyword options: ``system_prompt`` and the limits
+        of :class:`~gen_ai_frames.options.RunOptions` (``max_retries``, ``requests_per_minute``,
+        ``tokens_per_minute``, ...); an unknown one is an error naming the closest valid one.
 
         >>> responses, errors = client.generate_batch_response(["Hi", ""], return_error=True)  # doctest: +SKIP
         >>> errors[1]["type"]  # doctest: +SKIP
         'InvalidPromptError'
         """
-        results = run_sync(self._batch(prompts, max_tokens, temperature, top_p, timeout, concurrent,
-                                       max_concurrent, system_prompt, max_retries, requests_per_minute,
-                                       tokens_per_minute))
-        return _batch_output(results, return_error)
+        run = _batch_options("generate_batch_response", max_tokens, temperature, top_p, timeout,
+                             max_concurrent if concurrent else 1, options)
+        return _batch_output(run_sync(self._batch(prompts, run)), return_error)
 
     async def agenerate_batch_response(
         self,
@@ -154,61 +157,48 @@ class Client:
         concurrent: bool = True,
         max_concurrent: int = 5,
         return_error: bool = False,
-        *,
-        system_prompt: str | None = None,
-        max_retries: int | None = None,
-        requests_per_minute: float | None = None,
-        tokens_per_minute: float | None = None,
+        **options: Any,
     ) -> Any:
         """Async twin of :meth:`generate_batch_response`.
 
         >>> responses = await client.agenerate_batch_response(["Hi"])  # doctest: +SKIP
         """
-        results = await self._batch(prompts, max_tokens, temperature, top_p, timeout, concurrent,
-                                    max_concurrent, system_prompt, max_retries, requests_per_minute,
-                                    tokens_per_minute)
-        return _batch_output(results, return_error)
+        run = _batch_options("agenerate_batch_response", max_tokens, temperature, top_p, timeout,
+                             max_concurrent if concurrent else 1, options)
+        return _batch_output(await self._batch(prompts, run), return_error)
 
-    async def _batch(self, prompts: Sequence[str], max_tokens: int, temperature: float, top_p: float,
-                     timeout: float, concurrent: bool, max_concurrent: int, system_prompt: str | None,
-                     max_retries: int | None, requests_per_minute: float | None,
-                     tokens_per_minute: float | None) -> list[Result]:
-        params = GenerationParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                  timeout=timeout, system_prompt=system_prompt)
-        validate_positive_int("max_concurrent", max_concurrent)
-        items = prompt_list(prompts)
-        results: list[Result | None] = [None] * len(items)
-        to_send: list[tuple[int, list[Message]]] = []
-        for i, prompt in enumerate(items):
-            problem = check_prompt(prompt)
-            if problem is None:
-                to_send.append((i, [{"role": "user", "content": prompt}]))
-            else:
-                results[i] = Result(error=problem)
+    generate_batch_response.__signature__ = signature_with_options(  # type: ignore[attr-defined]
+        generate_batch_response, BATCH_OPTIONS, client_options=False)
+    agenerate_batch_response.__signature__ = signature_with_options(  # type: ignore[attr-defined]
+        agenerate_batch_response, BATCH_OPTIONS, client_options=False)
+
+    async def _batch(self, prompts: Sequence[str], options: RunOptions) -> list[Result]:
+        checked = Prompts.check(prompt_list(prompts))
+        results: list[Result | None] = [None] * len(checked)
+        for i, problem in checked.failed.items():
+            results[i] = Result(error=problem)
+        to_send = [(i, [{"role": "user", "content": checked.texts[i]}]) for i in checked.sendable]
         if to_send:
-            async with self.engine(max_concurrent=max_concurrent if concurrent else 1, max_retries=max_retries,
-                                   requests_per_minute=requests_per_minute,
-                                   tokens_per_minute=tokens_per_minute) as engine:
-                async for i, result in engine.stream(to_send, params):
+            async with self.engine(**options.engine_limits) as engine:
+                async for i, result in engine.stream(to_send, options.params):  # type: ignore[arg-type]
                     results[i] = result
         return results  # type: ignore[return-value]
 
     # One prompt ------------------------------------------------------------------------------
 
     def generate_response(self, prompt: str, max_tokens: int = 256, temperature: float = 0,
-                          top_p: float = 1.0, timeout: float = 60, *, system_prompt: str | None = None,
-                          max_retries: int | None = None) -> str:
+                          top_p: float = 1.0, timeout: float = 60, **options: Any) -> str:
         """Answer one prompt; raises a :class:`~gen_ai_frames.errors.RequestError` subclass on failure.
+
+        Keyword options: ``system_prompt`` and ``max_retries``.
 
         >>> client.generate_response("What is the capital of France?", max_tokens=20)  # doctest: +SKIP
         'Paris.'
         """
-        return run_sync(self.agenerate_response(prompt, max_tokens, temperature, top_p, timeout,
-                                                system_prompt=system_prompt, max_retries=max_retries))
+        return run_sync(self.agenerate_response(prompt, max_tokens, temperature, top_p, timeout, **options))
 
     async def agenerate_response(self, prompt: str, max_tokens: int = 256, temperature: float = 0,
-                                 top_p: float = 1.0, timeout: float = 60, *, system_prompt: str | None = None,
-                                 max_retries: int | None = None) -> str:
+                                 top_p: float = 1.0, timeout: float = 60, **options: Any) -> str:
         """Async twin of :meth:`generate_response`."""
         if not isinstance(prompt, str):
             raise ConfigurationError(f"prompt must be a string, got {type(prompt).__name__}")
@@ -216,75 +206,38 @@ class Client:
         if problem is not None:
             raise problem
         return await self.agenerate_chat_response([{"role": "user", "content": prompt}], max_tokens,
-                                                  temperature, top_p, timeout, system_prompt=system_prompt,
-                                                  max_retries=max_retries)
+                                                  temperature, top_p, timeout, **options)
 
     def generate_chat_response(self, messages: list[Message], max_tokens: int = 256, temperature: float = 0,
-                               top_p: float = 1.0, timeout: float = 60, *, system_prompt: str | None = None,
-                               max_retries: int | None = None) -> str:
-        """Answer one conversation given as chat messages.
+                               top_p: float = 1.0, timeout: float = 60, **options: Any) -> str:
+        """Answer one conversation given as chat messages. Keyword options as :meth:`generate_response`.
 
         >>> client.generate_chat_response([{"role": "user", "content": "Hi"}])  # doctest: +SKIP
         'Hello!'
         """
         return run_sync(self.agenerate_chat_response(messages, max_tokens, temperature, top_p, timeout,
-                                                     system_prompt=system_prompt, max_retries=max_retries))
+                                                     **options))
 
     async def agenerate_chat_response(self, messages: list[Message], max_tokens: int = 256,
-                                      temperature: float = 0, top_p: float = 1.0, timeout: float = 60, *,
-                                      system_prompt: str | None = None, max_retries: int | None = None) -> str:
+                                      temperature: float = 0, top_p: float = 1.0, timeout: float = 60,
+                                      **options: Any) -> str:
         """Async twin of :meth:`generate_chat_response`."""
-        params = GenerationParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                  timeout=timeout, system_prompt=system_prompt)
+        run, _ = split_options(options, where="generate_response", accepted=SINGLE_OPTIONS,
+                               also=("prompt", "messages", "max_tokens", "temperature", "top_p", "timeout"))
+        run = run.replace(max_tokens=max_tokens, temperature=temperature, top_p=top_p, timeout=timeout,
+                          max_concurrent=1)
         _check_messages(messages)
-        async with self.engine(max_concurrent=1, max_retries=max_retries) as engine:
-            (result,) = await engine.run([messages], params)
+        async with self.engine(**run.engine_limits) as engine:
+            (result,) = await engine.run([messages], run.params)
         if result.error is not None:
             raise result.error
         assert result.text is not None
         return result.text
 
-
-def prompt_list(prompts: object) -> list[Any]:
-    """Check that ``prompts`` is a sequence of prompt texts (None/NaN allowed: they fail per item).
-
-    >>> prompt_list("Hi")
-    Traceback (most recent call last):
-    ...
-    gen_ai_frames.errors.ConfigurationError: prompts must be a list of strings, got one str: wrap it in a list, or call generate_response
-    """
-    if isinstance(prompts, (str, bytes)):
-        raise ConfigurationError(f"prompts must be a list of strings, got one {type(prompts).__name__}: "
-                                 "wrap it in a list, or call generate_response")
-    if not isinstance(prompts, Iterable) or isinstance(prompts, dict):
-        raise ConfigurationError(f"prompts must be a list of strings, got {type(prompts).__name__}")
-    items = list(prompts)
-    for i, prompt in enumerate(items):
-        if not (prompt is None or isinstance(prompt, str) or _is_missing(prompt)):
-            raise ConfigurationError(
-                f"prompts must be a list of strings: prompts[{i}] is {type(prompt).__name__} {_preview(prompt)}. "
-                "Convert the prompts to text first, e.g. [str(p) for p in prompts]."
-            )
-    return items
-
-
-def check_prompt(prompt: object) -> InvalidPromptError | None:
-    """The per-item error for a prompt that must not be sent, or None if it is fine.
-
-    >>> check_prompt("  ").message
-    'the prompt is empty or only whitespace'
-    """
-    if isinstance(prompt, InvalidPromptError):  # a row already judged unsendable, e.g. by a template
-        return prompt
-    if prompt is None or _is_missing(prompt):
-        return InvalidPromptError("the prompt is missing (None or NaN)", sent=False)
-    if not isinstance(prompt, str):
-        return InvalidPromptError(f"the prompt is {type(prompt).__name__} {_preview(prompt)}, not text",
-                                  suggestion="Convert the column to text first, e.g. df[col].astype(str), "
-                                             "or use a template.", sent=False)
-    if not prompt.strip():
-        return InvalidPromptError("the prompt is empty or only whitespace", sent=False)
-    return None
+    for _method in (generate_response, agenerate_response, generate_chat_response, agenerate_chat_response):
+        _method.__signature__ = signature_with_options(  # type: ignore[attr-defined]
+            _method, SINGLE_OPTIONS, client_options=False)
+    del _method
 
 
 def _check_messages(messages: object) -> None:
@@ -295,18 +248,6 @@ def _check_messages(messages: object) -> None:
         raise ConfigurationError(
             "messages must be a non-empty list of dicts like {'role': 'user', 'content': 'Hi'}"
         )
-
-
-def _is_missing(value: object) -> bool:
-    if isinstance(value, float):
-        return math.isnan(value)
-    # pandas.NA and NaT without importing pandas
-    return type(value).__name__ in ("NAType", "NaTType")
-
-
-def _preview(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _batch_output(results: list[Result], return_error: bool) -> Any:
@@ -328,3 +269,12 @@ def _batch_output(results: list[Result], return_error: bool) -> Any:
             stacklevel=3,
         )
     return responses
+
+
+def _batch_options(where: str, max_tokens: int, temperature: float, top_p: float, timeout: float,
+                   max_concurrent: int, options: Mapping[str, Any]) -> RunOptions:
+    """The batch calls' positional parameters and keyword options as one checked RunOptions."""
+    run, _ = split_options(options, where=where, accepted=BATCH_OPTIONS,
+                           also=("prompts", "concurrent", "return_error"))
+    return run.replace(max_tokens=max_tokens, temperature=temperature, top_p=top_p, timeout=timeout,
+                       max_concurrent=max_concurrent)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Hashable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +45,12 @@ import dask.local
 import pandas as pd
 from dask.dataframe.extensions import register_dataframe_accessor
 
-from .accessor import check_client_choice
 from .checkpoint import Checkpoint
 from .client import Client
 from .errors import ConfigurationError
 from .factory import create_client
-from .params import GenerationParams, validate_positive_int
+from .options import RunOptions, signature_with_options, split_run_and_client
+from .params import validate_positive_int
 from .providers import get_provider
 from .providers.base import redact_url
 
@@ -169,11 +169,10 @@ class _PartitionJob:
     column: Hashable | None
     template: str | None
     client: _ClientConfig
-    accessor_options: dict[str, Any]
+    options: RunOptions
     checkpoint: str | None
     resume: bool
     run_id: str
-    params: GenerationParams = field(repr=False)
 
 
 def partition_checkpoint(root: str | os.PathLike[str], number: int) -> Path:
@@ -219,8 +218,8 @@ def _generate_partition(part: pd.DataFrame, job: _PartitionJob,
         if not resume:
             _start_over_once(checkpoint, job, client)
             resume = True
-    return part.genai.generate(job.column, client=client, template=job.template, checkpoint=checkpoint,
-                               resume=resume, progress=False, **job.accessor_options)
+    options = job.options.replace(checkpoint=checkpoint, resume=resume)
+    return part.genai.generate(job.column, client=client, template=job.template, **options.as_kwargs())
 
 
 def _start_over_once(directory: Path, job: _PartitionJob, client: Client) -> None:
@@ -238,7 +237,7 @@ def _start_over_once(directory: Path, job: _PartitionJob, client: Client) -> Non
     except (FileNotFoundError, NotADirectoryError):
         pass
     # The fingerprint must be the one the runner stores, or its own (resume=True) open refuses it.
-    fingerprint = {**client.fingerprint(), **job.params.fingerprint()}
+    fingerprint = {**client.fingerprint(), **job.options.params.fingerprint()}
     Checkpoint.open(directory, fingerprint, resume=False).close()
     tmp = marker.with_name(marker.name + ".tmp")
     tmp.write_text(job.run_id, encoding="utf-8")
@@ -256,36 +255,9 @@ class DaskGenAIAccessor:
     def __init__(self, ddf: dd.DataFrame) -> None:
         self._ddf = ddf
 
-    def generate(
-        self,
-        column: Hashable | None = None,
-        *,
-        client: Client | None = None,
-        template: str | None = None,
-        system_prompt: str | None = None,
-        response_column: str = "response",
-        error_column: str = "error",
-        chunk_size: int = 500,
-        checkpoint: str | os.PathLike[str] | None = None,
-        resume: bool = True,
-        retry_errors: bool = False,
-        dedupe: bool | None = None,
-        progress: bool = False,
-        details: bool = False,
-        overwrite: bool = False,
-        max_tokens: int = 256,
-        temperature: float = 0,
-        top_p: float = 1.0,
-        timeout: float = 60,
-        max_concurrent: int = 5,
-        max_retries: int | None = None,
-        requests_per_minute: float | None = None,
-        tokens_per_minute: float | None = None,
-        max_cost: float | None = None,
-        prices: Mapping[str, tuple[float, float]] | None = None,
-        partitions_in_flight: int | None = None,
-        **client_options: Any,
-    ) -> dd.DataFrame:
+    def generate(self, column: Hashable | None = None, *, template: str | None = None,
+                 client: Client | None = None, partitions_in_flight: int | None = None,
+                 **options: Any) -> dd.DataFrame:
         """A lazy copy of the frame with ``response`` and ``error`` columns (more with ``details=True``).
 
         Options are those of the pandas accessor, with these differences:
@@ -307,50 +279,48 @@ class DaskGenAIAccessor:
           a running total), so the run never spends more than ``max_cost`` plus what was in flight;
           a partition that reaches its share leaves its remaining rows unsent (``NotSentError``).
 
-        Settings are checked now, on the caller's side (an unknown column or provider fails here,
-        not on a worker); nothing is sent before ``compute()``.
+        Settings are checked now, on the caller's side (an unknown option, column or provider fails
+        here, not on a worker); nothing is sent before ``compute()``.
 
         >>> out = ddf.genai.generate(column="prompt", provider="openai", model_name="gpt-4o-mini",
         ...                          checkpoint="/shared/runs/enrich", max_concurrent=64)  # doctest: +SKIP
         >>> out.to_parquet("/shared/out/")  # doctest: +SKIP
         """
         ddf = self._ddf
-        del progress  # documented as ignored: a bar per worker task would only fill the worker logs
-        accessor_options: dict[str, Any] = dict(
-            system_prompt=system_prompt, response_column=response_column, error_column=error_column,
-            chunk_size=chunk_size, retry_errors=retry_errors, dedupe=dedupe, details=details,
-            overwrite=overwrite, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-            timeout=timeout, max_retries=max_retries, prices=prices,
-            max_cost=None if max_cost is None else max_cost / ddf.npartitions,
-        )
-        in_flight, per_partition = plan_concurrency(max_concurrent, ddf.npartitions, partitions_in_flight,
+        run, client_options = split_run_and_client(options, client, where="ddf.genai.generate",
+                                                   also=("partitions_in_flight",))
+        in_flight, per_partition = plan_concurrency(run.max_concurrent, ddf.npartitions, partitions_in_flight,
                                                     scheduler=dask.base.get_scheduler(collections=[ddf]))
-        accessor_options["max_concurrent"] = per_partition
         # Rate limits given for the call, else the client's own defaults: both are run totals here.
-        limits = {"requests_per_minute": requests_per_minute, "tokens_per_minute": tokens_per_minute}
-        for name, value in limits.items():
+        limits = {}
+        for name in ("requests_per_minute", "tokens_per_minute"):
+            value = getattr(run, name)
             if value is None and client is not None:
                 value = getattr(client, name, None)
             if value is not None:
-                accessor_options[name] = _split_rate(value, in_flight)
+                limits[name] = _split_rate(value, in_flight)
+        # progress: a bar per worker task would only fill the worker logs.
+        partition_options = run.replace(
+            max_concurrent=per_partition, progress=False, checkpoint=None, resume=True, **limits,
+            max_cost=None if run.max_cost is None else run.max_cost / ddf.npartitions,
+        )
         config = _client_config(client, client_options)
-        # The pandas accessor on the empty meta frame checks every option (columns, template
-        # fields, names, the client) and gives the exact output columns and dtypes, sending nothing.
-        meta = ddf._meta.genai.generate(column, client=config.build(), template=template, progress=False,
-                                        **accessor_options)
-        params = GenerationParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                  timeout=timeout, system_prompt=system_prompt)
-        job = _PartitionJob(column=column, template=template, client=config,
-                            accessor_options=accessor_options, checkpoint=_checkpoint_root(checkpoint),
-                            resume=resume, run_id=uuid.uuid4().hex, params=params)
+        # The pandas accessor on the empty meta frame checks the columns, template fields and names
+        # and gives the exact output columns and dtypes, sending nothing.
+        meta = ddf._meta.genai.generate(column, client=config.build(), template=template,
+                                        **partition_options.as_kwargs())
+        job = _PartitionJob(column=column, template=template, client=config, options=partition_options,
+                            checkpoint=_checkpoint_root(run.checkpoint), resume=run.resume,
+                            run_id=uuid.uuid4().hex)
         if job.checkpoint is None:
             return ddf.map_partitions(_generate_partition, job, meta=meta)
         # align_dataframes=False: pair partition i with number i, whatever the divisions.
         return ddf.map_partitions(_generate_partition, job, _numbered(ddf), meta=meta, align_dataframes=False)
 
+    generate.__signature__ = signature_with_options(generate)  # type: ignore[attr-defined]
+
 
 def _client_config(client: Client | None, options: dict[str, Any]) -> _ClientConfig:
-    check_client_choice(client, options)
     if client is not None:
         config = _ClientConfig(client, {})
     else:

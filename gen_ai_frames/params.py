@@ -9,7 +9,7 @@ from typing import Any
 
 from .errors import ConfigurationError
 
-__all__ = ["GenerationParams", "Message", "validate_positive_int"]
+__all__ = ["GenerationParams", "Message", "check_number", "validate_positive_int"]
 
 #: One chat message: ``{"role": "user", "content": "Hi"}``.
 Message = dict[str, str]
@@ -36,9 +36,9 @@ class GenerationParams:
 
     def __post_init__(self) -> None:
         validate_positive_int("max_tokens", self.max_tokens)
-        _check_number("temperature", self.temperature, "in [0, 2]", lambda v: 0 <= v <= 2)
-        _check_number("top_p", self.top_p, "in (0, 1]", lambda v: 0 < v <= 1)
-        _check_number("timeout", self.timeout, "> 0 (seconds)", lambda v: v > 0)
+        check_number("temperature", self.temperature, "in [0, 2]", lambda v: 0 <= v <= 2)
+        check_number("top_p", self.top_p, "in (0, 1]", lambda v: 0 < v <= 1)
+        check_number("timeout", self.timeout, "> 0 (seconds)", lambda v: v > 0)
         if self.system_prompt is not None and not isinstance(self.system_prompt, str):
             raise ConfigurationError(
                 f"system_prompt must be a string or None, got {type(self.system_prompt).__name__}"
@@ -66,7 +66,14 @@ def validate_positive_int(name: str, value: object, *, minimum: int = 1) -> int:
     return int(value)
 
 
-def _check_number(name: str, value: object, allowed: str, ok: Any) -> None:
+def check_number(name: str, value: object, allowed: str, ok: Any) -> None:
+    """Raise a ConfigurationError naming ``name`` unless ``value`` is a real number (not bool/NaN) that ``ok`` accepts.
+
+    >>> check_number("top_p", 0, "in (0, 1]", lambda v: 0 < v <= 1)
+    Traceback (most recent call last):
+    ...
+    gen_ai_frames.errors.ConfigurationError: top_p must be a number in (0, 1], got 0
+    """
     if (
         isinstance(value, bool)
         or not isinstance(value, numbers.Real)

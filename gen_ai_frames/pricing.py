@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .errors import ConfigurationError
+from .errors import ConfigurationError, NotSentError
 
-__all__ = ["DEFAULT_PRICES", "Estimate", "Spend", "estimate_tokens", "price_for"]
+__all__ = ["DEFAULT_PRICES", "Budget", "Estimate", "Spend", "estimate_tokens", "price_for"]
 
 #: USD per million tokens (input, output), list prices as published by the vendors in 2025.
 DEFAULT_PRICES: dict[str, tuple[float, float]] = {
@@ -103,6 +103,42 @@ class Spend:
         if self.price is None:
             return None
         return (self.prompt_tokens * self.price[0] + self.completion_tokens * self.price[1]) / 1e6
+
+
+class Budget:
+    """A run's spend and its ``max_cost``: checked before the run (is the model's price known?) and
+    after every answer (is the budget spent?).
+
+    >>> budget = Budget(price=(1.0, 2.0), max_cost=0.001, model="m")
+    >>> budget.charge(500, 100), budget.exhausted
+    (None, False)
+    >>> budget.charge(300, 100).message
+    'not sent: the run reached max_cost=$0.001 ($0.0012 spent on 1,000 tokens)'
+    """
+
+    def __init__(self, price: tuple[float, float] | None, max_cost: float | None, model: str) -> None:
+        if max_cost is not None and price is None:
+            raise ConfigurationError(
+                f"max_cost needs the price of model {model!r}, which is not in the price table: "
+                "pass prices={model_name: (input, output)} in USD per million tokens"
+            )
+        self.spend = Spend(price)
+        self.max_cost = max_cost
+        self.exhausted = False
+
+    def charge(self, prompt_tokens: int, completion_tokens: int) -> NotSentError | None:
+        """Add one answer's tokens; the first time the budget is spent, the error for unsent rows."""
+        self.spend.add(prompt_tokens, completion_tokens)
+        if self.exhausted or self.max_cost is None or self.spend.usd is None or self.spend.usd < self.max_cost:
+            return None
+        self.exhausted = True
+        return NotSentError(
+            f"not sent: the run reached max_cost=${self.max_cost:g} (${self.spend.usd:.4f} spent on "
+            f"{self.spend.tokens:,} tokens)",
+            suggestion="Run again with a higher max_cost (or none) to continue: with a checkpoint, "
+                       "answered rows are kept and only these rows are sent.",
+            sent=False,
+        )
 
 
 @dataclass(frozen=True)

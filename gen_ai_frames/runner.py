@@ -11,9 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,13 +20,15 @@ import pandas as pd
 import pyarrow as pa
 
 from .checkpoint import RECORD_SCHEMA, RESULT_COLUMNS, Checkpoint, row_keys
-from .client import Client, check_prompt
+from .client import Client
 from .engine import Result
-from .errors import ConfigurationError, NotSentError, RequestError
-from .params import GenerationParams, validate_positive_int
-from .pricing import Spend, estimate_tokens, price_for
+from .errors import ConfigurationError, RequestError
+from .options import RunOptions
+from .params import Message
+from .pricing import Budget, Spend, estimate_tokens, price_for
+from .prompts import Prompts
 
-__all__ = ["DETAIL_COLUMNS", "RowResults", "run_rows"]
+__all__ = ["DETAIL_COLUMNS", "RowResults", "output_names", "run_rows"]
 
 logger = logging.getLogger("gen_ai_frames")
 
@@ -37,6 +38,20 @@ DETAIL_COLUMNS = [c for c in RESULT_COLUMNS if c not in ("response", "error")]
 # How often a slow run writes what it has even if a chunk is not full: bounds the loss of a crash
 # in time as well as in rows.
 FLUSH_INTERVAL_S = 10.0
+
+
+def output_names(options: RunOptions) -> dict[str, str]:
+    """The output column of each result: ``response``/``error`` renamed as asked, plus the details.
+
+    >>> output_names(RunOptions(response_column="answer"))
+    {'response': 'answer', 'error': 'error'}
+    """
+    names = {"response": options.response_column, "error": options.error_column}
+    if options.details:
+        names.update({name: name for name in DETAIL_COLUMNS})
+    if len(set(names.values())) != len(names):
+        raise ConfigurationError(f"output column names must differ, got {sorted(names.values())}")
+    return names
 
 
 @dataclass
@@ -109,86 +124,67 @@ def _short(count: int) -> str:
     return str(count)
 
 
-async def run_rows(
-    prompts: Sequence[object],
-    *,
-    client: Client,
-    params: GenerationParams,
-    max_concurrent: int = 5,
-    max_retries: int | None = None,
-    requests_per_minute: float | None = None,
-    tokens_per_minute: float | None = None,
-    chunk_size: int = 500,
-    checkpoint: str | os.PathLike[str] | None = None,
-    resume: bool = True,
-    retry_errors: bool = False,
-    dedupe: bool | None = None,
-    progress: bool = True,
-    max_cost: float | None = None,
-    prices: Mapping[str, tuple[float, float]] | None = None,
-) -> RowResults:
+async def run_rows(prompts: Prompts | Sequence[object], *, client: Client, options: RunOptions) -> RowResults:
     """Answer every row's prompt; see :meth:`GenAIAccessor.generate` for the options.
 
-    >>> results = await run_rows(["Hi", None], client=client, params=GenerationParams())  # doctest: +SKIP
+    >>> results = await run_rows(["Hi", None], client=client, options=RunOptions())  # doctest: +SKIP
     >>> results.columns["error"][1]  # doctest: +SKIP
     'the prompt is missing (None or NaN)'
     """
-    validate_positive_int("chunk_size", chunk_size)
-    validate_positive_int("max_concurrent", max_concurrent)
-    spend = Spend(price_for(client.model_name, prices, client.provider.name))
-    if max_cost is not None:
-        if isinstance(max_cost, bool) or not isinstance(max_cost, (int, float)) or not max_cost > 0:
-            raise ConfigurationError(f"max_cost must be a number of US dollars > 0, got {max_cost!r}")
-        if spend.price is None:
-            raise ConfigurationError(
-                f"max_cost needs the price of model {client.model_name!r}, which is not in the price table: "
-                "pass prices={model_name: (input, output)} in USD per million tokens"
-            )
-    if dedupe is None:
-        dedupe = params.temperature == 0  # identical prompts give identical answers only then
+    if not isinstance(prompts, Prompts):
+        prompts = Prompts.check(prompts)
+    budget = Budget(price_for(client.model_name, options.prices, client.provider.name), options.max_cost,
+                    client.model_name)
     n = len(prompts)
     columns: dict[str, list[Any]] = {name: [None] * n for name in RESULT_COLUMNS}
     outcome = RowResults(columns)
-
-    # Rows that cannot be sent fail at once; the others are grouped by prompt (dedupe).
-    valid: list[int] = []
-    for i, prompt in enumerate(prompts):
-        problem = check_prompt(prompt)
-        if problem is None:
-            valid.append(i)
-        else:
-            _store(columns, i, Result(error=problem))
-    keys = row_keys([prompts[i] for i in valid])  # type: ignore[misc]
+    for i, problem in prompts.failed.items():  # rows that cannot be sent fail at once
+        _store(columns, i, Result(error=problem))
+    valid = prompts.sendable
+    keys = row_keys([prompts.texts[i] for i in valid])  # type: ignore[misc]  # sendable rows have text
 
     store = None
-    if checkpoint is not None:
-        fingerprint = {**client.fingerprint(), **params.fingerprint()}
-        store = await asyncio.to_thread(Checkpoint.open, checkpoint, fingerprint, resume=resume)
+    if options.checkpoint is not None:
+        fingerprint = {**client.fingerprint(), **options.params.fingerprint()}
+        store = await asyncio.to_thread(Checkpoint.open, options.checkpoint, fingerprint, resume=options.resume)
+    run = _Run(prompts, columns, dict(zip(valid, keys)), store)
     try:
         todo = valid
-        position_key = dict(zip(valid, keys))
         if store is not None:
-            todo, moved = _restore(store, valid, keys, columns, retry_errors)
+            todo, moved = _restore(store, valid, keys, columns, options.retry_errors)
             outcome.restored = len(valid) - len(todo)
             if moved:  # rows inserted above earlier answers: record where those answers sit now
-                await _flush(store, moved, prompts, columns, position_key)
-        groups: dict[str, list[int]] = {}
+                await run.flush(moved)
+        groups: dict[Any, list[int]] = {}
+        dedupe = options.sends_duplicates_once
         for i in todo:
-            groups.setdefault(prompts[i] if dedupe else i, []).append(i)  # type: ignore[arg-type]
+            groups.setdefault(prompts.texts[i] if dedupe else i, []).append(i)
 
-        bar = _Progress(n, progress, initial=n - len(todo), spend=spend,
+        bar = _Progress(n, options.progress and n > 0, initial=n - len(todo), spend=budget.spend,
                         errors=sum(1 for e in columns["error"] if e is not None))
         try:
-            limits = {"max_concurrent": max_concurrent, "max_retries": max_retries,
-                      "requests_per_minute": requests_per_minute, "tokens_per_minute": tokens_per_minute}
-            await _send_groups(groups, prompts, client, params, limits, chunk_size,
-                               store, columns, position_key, bar, outcome, max_cost)
+            await _send_groups(run, groups, client, options, budget, bar, outcome)
         finally:
             bar.close()
     finally:
         if store is not None:
             await asyncio.to_thread(store.close)
     return outcome
+
+
+@dataclass
+class _Run:
+    """What one run's rows share while they are sent: their prompts, result columns and checkpoint."""
+
+    prompts: Prompts
+    columns: dict[str, list[Any]]
+    position_key: dict[int, tuple[str, int]]
+    store: Checkpoint | None
+
+    async def flush(self, rows: list[int]) -> None:
+        """Append ``rows``' results to the checkpoint."""
+        assert self.store is not None
+        await _flush(self.store, rows, self.prompts.texts, self.columns, self.position_key)
 
 
 def _restore(store: Checkpoint, valid: list[int], keys: list[tuple[str, int]], columns: dict[str, list[Any]],
@@ -219,50 +215,50 @@ def _restore(store: Checkpoint, valid: list[int], keys: list[tuple[str, int]], c
     return todo, moved
 
 
-async def _send_groups(groups: dict[Any, list[int]], prompts: Sequence[object], client: Client,
-                       params: GenerationParams, limits: dict[str, Any], chunk_size: int, store: Checkpoint | None, columns: dict[str, list[Any]],
-                       position_key: dict[int, tuple[str, int]], bar: _Progress, outcome: RowResults,
-                       max_cost: float | None) -> None:
+async def _send_groups(run: _Run, groups: dict[Any, list[int]], client: Client, options: RunOptions,
+                       budget: Budget, bar: _Progress, outcome: RowResults) -> None:
     if not groups:
         return
+    texts = run.prompts.texts
 
-    def items() -> Iterator[tuple[list[int], list[dict[str, str]]]]:
+    def items() -> Iterator[tuple[list[int], list[Message]]]:
         for rows in groups.values():
-            yield rows, [{"role": "user", "content": prompts[rows[0]]}]  # type: ignore[dict-item]
+            yield rows, [{"role": "user", "content": texts[rows[0]]}]  # type: ignore[dict-item]
 
     pending: list[int] = []  # rows answered but not yet in the checkpoint
     last_flush = time.monotonic()
-    async with client.engine(**limits, on_status=bar.show_status) as engine:
+    async with client.engine(**options.engine_limits, on_status=bar.show_status) as engine:
         try:
-            async for rows, result in engine.stream(items(), params):
+            async for rows, result in engine.stream(items(), options.params):
                 sent = result.error is None or result.error.sent
                 outcome.sent += sent
                 if result.error is None:
-                    bar.spend.add(result.prompt_tokens if result.prompt_tokens is not None
-                                  else estimate_tokens(prompts[rows[0]]),  # type: ignore[arg-type]
-                                  result.completion_tokens or 0)
-                    if max_cost is not None and bar.spend.usd >= max_cost:  # type: ignore[operator]
-                        engine.stop(_budget_reached(max_cost, bar.spend))
+                    prompt_tokens = result.prompt_tokens
+                    if prompt_tokens is None:
+                        prompt_tokens = estimate_tokens(texts[rows[0]])  # type: ignore[arg-type]
+                    stop = budget.charge(prompt_tokens, result.completion_tokens or 0)
+                    if stop is not None:
+                        engine.stop(stop)
                 for i in rows:
-                    _store(columns, i, result)
+                    _store(run.columns, i, result)
                 bar.advance(len(rows), result.error is not None)
-                if store is not None and sent:  # unsent rows stay out of the checkpoint: a resume sends them
+                if run.store is not None and sent:  # unsent rows stay out of the checkpoint: a resume sends them
                     pending.extend(rows)
-                    if len(pending) >= chunk_size or time.monotonic() - last_flush > FLUSH_INTERVAL_S:
-                        await _flush(store, pending, prompts, columns, position_key)
+                    if len(pending) >= options.chunk_size or time.monotonic() - last_flush > FLUSH_INTERVAL_S:
+                        await run.flush(pending)
                         pending, last_flush = [], time.monotonic()
         except BaseException:
-            if store is not None and pending:
+            if run.store is not None and pending:
                 # Save what was paid for before the error propagates; the error itself matters more.
                 with contextlib.suppress(Exception):
-                    await _flush(store, pending, prompts, columns, position_key)
+                    await run.flush(pending)
             raise
-        if store is not None and pending:
-            await _flush(store, pending, prompts, columns, position_key)
+        if run.store is not None and pending:
+            await run.flush(pending)
         outcome.fatal = engine.fatal
 
 
-async def _flush(store: Checkpoint, rows: list[int], prompts: Sequence[object], columns: dict[str, list[Any]],
+async def _flush(store: Checkpoint, rows: list[int], prompts: Sequence[str | None], columns: dict[str, list[Any]],
                  position_key: dict[int, tuple[str, int]]) -> None:
     table = pa.table(
         {
@@ -275,16 +271,6 @@ async def _flush(store: Checkpoint, rows: list[int], prompts: Sequence[object], 
     ).cast(RECORD_SCHEMA)
     # Parquet encoding and fsync happen off the loop, so requests keep flowing meanwhile.
     await asyncio.to_thread(store.append, table)
-
-
-def _budget_reached(max_cost: float, spend: Spend) -> NotSentError:
-    return NotSentError(
-        f"not sent: the run reached max_cost=${max_cost:g} (${spend.usd:.4f} spent on "
-        f"{spend.tokens:,} tokens)",
-        suggestion="Run again with a higher max_cost (or none) to continue: with a checkpoint, "
-                   "answered rows are kept and only these rows are sent.",
-        sent=False,
-    )
 
 
 def _store(columns: dict[str, list[Any]], i: int, result: Result) -> None:

@@ -20,6 +20,7 @@ import gen_ai_frames  # noqa: F401  (registers the accessor)
 from gen_ai_frames import cli
 from gen_ai_frames.cli import main
 from gen_ai_frames.errors import ConfigurationError
+from gen_ai_frames.runner import DETAIL_COLUMNS
 
 from .conftest import FAKE_KEY
 
@@ -152,7 +153,7 @@ def test_details_adds_the_detail_columns(server: Any, tmp_path: Path, capsys: py
     code, _, _ = run(capsys, *gen_args(server, source, target, "--column", "prompt", "--details"))
     assert code == 1
     result = pq.read_table(target).to_pydict()
-    assert list(result) == ["prompt", "response", "error", *cli.DETAIL_COLUMNS]
+    assert list(result) == ["prompt", "response", "error", *DETAIL_COLUMNS]
     assert result["error_type"] == [None, "BadRequestError"]
     assert result["status_code"] == [None, 400]
     assert result["finish_reason"][0] == "stop"

@@ -404,10 +404,21 @@ def test_public_names_are_exported() -> None:
     from gen_ai_frames.factory import create_client as from_factory
 
     assert from_factory is gen_ai_frames.create_client
-    assert gen_ai_frames.__all__ == sorted(gen_ai_frames.__all__, key=str.lower) or True
+    assert gen_ai_frames.__all__ == sorted(gen_ai_frames.__all__)
     for name in gen_ai_frames.__all__:
         assert hasattr(gen_ai_frames, name), name
-    assert "openai" in gen_ai_frames.providers()
+    assert "openai" in gen_ai_frames.available_providers()
+
+
+def test_providers_is_the_subpackage_and_its_old_call_still_works_with_a_warning() -> None:
+    import types
+
+    import gen_ai_frames.providers
+
+    assert isinstance(gen_ai_frames.providers, types.ModuleType)
+    assert gen_ai_frames.providers.get_provider("openai").__name__ == "OpenAIProvider"
+    with pytest.warns(DeprecationWarning, match="available_providers"):
+        assert gen_ai_frames.providers() == gen_ai_frames.available_providers()
 
 
 def test_client_pickles_for_worker_processes(fake_server: Any) -> None:

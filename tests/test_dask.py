@@ -172,7 +172,7 @@ def test_rate_limit_is_split(cluster: distributed.Client, fake: FakeServer, wher
     else:  # the client's default limit is a run total too
         client = create_client(requests_per_minute=6000, **options(fake))
         out = ddf.genai.generate(column="prompt", client=client, max_concurrent=16)
-    assert job_of(out).accessor_options["requests_per_minute"] == 3000
+    assert job_of(out).options.requests_per_minute == 3000
     # 6000/min for the run = 50 requests/s for each of the 2 partitions running at once: 50 rows
     # take >= 0.98 s (a limiter is never early). Unsplit, 100/s each, they would take ~0.5 s.
     started = time.monotonic()
@@ -196,9 +196,9 @@ def test_plan_follows_the_cluster(cluster: distributed.Client, fake: FakeServer)
     assert plan_concurrency(64, 10, partitions_in_flight=8) == (8, 8)
     ddf = dd.from_pandas(frame(20), npartitions=10, sort=False)
     assert job_of(ddf.genai.generate(column="prompt", max_concurrent=64, **options(fake))
-                  ).accessor_options["max_concurrent"] == 32
+                  ).options.max_concurrent == 32
     assert job_of(ddf.genai.generate(column="prompt", max_concurrent=64, partitions_in_flight=8, **options(fake))
-                  ).accessor_options["max_concurrent"] == 8
+                  ).options.max_concurrent == 8
 
 
 def test_killed_worker_loses_no_finished_rows(cluster: distributed.Client, fake: FakeServer,

@@ -19,7 +19,6 @@ from gen_ai_frames import create_client
 from gen_ai_frames import local as local_module
 from gen_ai_frames.errors import ConfigurationError
 
-# The package exports a providers() function under the same name: fetch the registry module itself.
 registry = importlib.import_module("gen_ai_frames.providers")
 
 pytest.importorskip("llama_cpp", reason="provider='local' needs llama-cpp-python: pip install -e '.[local]'")

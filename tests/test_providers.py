@@ -18,7 +18,7 @@ import pytest
 import gen_ai_frames
 from gen_ai_frames import ConfigurationError, create_client, errors
 from gen_ai_frames.params import GenerationParams
-from gen_ai_frames.providers import _BUILTIN, get_provider, providers
+from gen_ai_frames.providers import _BUILTIN, available_providers, get_provider
 from gen_ai_frames.providers.azure import AzureOpenAIProvider
 from gen_ai_frames.providers.base import Provider
 from gen_ai_frames.providers.gemini import GeminiProvider
@@ -256,7 +256,7 @@ def test_every_builtin_is_registered_in_pyproject_and_listed() -> None:
     table = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["entry-points"][
         "gen_ai_frames.providers"]
     assert table == _BUILTIN
-    assert set(_BUILTIN) <= set(providers()) and gen_ai_frames.providers() == providers()
+    assert set(_BUILTIN) <= set(available_providers()) and gen_ai_frames.available_providers() == available_providers()
     for name, target in _BUILTIN.items():
         if name == "local":
             continue  # gen_ai_frames.local has optional heavy dependencies
@@ -268,7 +268,7 @@ def test_every_builtin_is_registered_in_pyproject_and_listed() -> None:
 def test_listing_providers_imports_none(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delitem(sys.modules, "gen_ai_frames.local", raising=False)
     monkeypatch.delitem(sys.modules, "gen_ai_frames.providers.presets", raising=False)
-    assert "local" in providers()
+    assert "local" in available_providers()
     assert "gen_ai_frames.local" not in sys.modules
     assert "gen_ai_frames.providers.presets" not in sys.modules
 
@@ -312,7 +312,7 @@ def plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 
 
 def test_a_plugin_registered_through_entry_points_works(plugin: str) -> None:
-    assert plugin in providers()
+    assert plugin in available_providers()
     client = create_client(provider=plugin)
     assert type(client.provider).__name__ == "EchoProvider"
     assert client.provider.endpoint == "https://echo.example/v1" and client.model_name == "echo-1"

@@ -13,13 +13,16 @@ plugin with heavy dependencies (or a broken one) costs nothing until it is used.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
+import warnings
 from importlib.metadata import entry_points
 
 from ..errors import ConfigurationError
 from .base import Completion, Provider
 from .openai import OpenAIProvider
 
-__all__ = ["ENTRY_POINT_GROUP", "Completion", "OpenAIProvider", "Provider", "get_provider", "providers"]
+__all__ = ["ENTRY_POINT_GROUP", "Completion", "OpenAIProvider", "Provider", "available_providers", "get_provider"]
 
 ENTRY_POINT_GROUP = "gen_ai_frames.providers"
 
@@ -49,13 +52,26 @@ def _registered() -> dict[str, str]:
     return found
 
 
-def providers() -> list[str]:
+def available_providers() -> list[str]:
     """Names of the providers available to ``create_client``, built-in and plugins.
 
-    >>> {"openai", "anthropic", "azure", "gemini", "ollama", "local"} <= set(providers())
+    >>> {"openai", "anthropic", "azure", "gemini", "ollama", "local"} <= set(available_providers())
     True
     """
     return sorted(_registered())
+
+
+class _CallableModule(types.ModuleType):
+    """Version 0.1 exported a function ``gen_ai_frames.providers()`` that hid this package; the
+    package is itself callable now, as a deprecated alias of :func:`available_providers`."""
+
+    def __call__(self) -> list[str]:
+        warnings.warn("gen_ai_frames.providers() is deprecated: call gen_ai_frames.available_providers()",
+                      DeprecationWarning, stacklevel=2)
+        return available_providers()
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 
 def get_provider(name: str) -> type[Provider]:

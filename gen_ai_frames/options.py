@@ -1,0 +1,350 @@
+"""Every option of a run, defined once: name, default, check, command-line flag and help.
+
+``df.genai.generate``, its async twin, the Dask accessor, the CLI and the client's batch calls all
+take these options by name and build one :class:`RunOptions`. A new option is a new field here and
+nothing else: the entry points accept it, the CLI grows its flag and the docs test sees it.
+
+>>> RunOptions(max_concurrent=32).max_concurrent
+32
+>>> RunOptions(max_concurent=32)
+Traceback (most recent call last):
+...
+TypeError: RunOptions.__init__() got an unexpected keyword argument 'max_concurent'
+>>> split_options({"max_concurent": 32}, where="df.genai.generate")
+Traceback (most recent call last):
+...
+gen_ai_frames.errors.ConfigurationError: unknown option 'max_concurent' for df.genai.generate; did you mean 'max_concurrent'?
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import json
+import os
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from .errors import ConfigurationError
+from .params import GenerationParams, check_number, validate_positive_int
+
+__all__ = ["GROUPS", "RunOptions", "option_fields", "split_options"]
+
+#: Option groups, in the order the CLI's --help and the docs show them.
+GROUPS = {
+    "generation": "what to ask the model for",
+    "limits": "concurrency, retries and rate limits",
+    "budget": "cost control",
+    "run": "checkpoint, dedupe and progress",
+    "output": "result columns",
+}
+
+
+def _about(help: str, *, group: str, check: Callable[[str, Any], None] | None = None,
+           metavar: str | None = None, cli: bool = True, parse: Callable[[str], Any] | None = None) -> dict[str, Any]:
+    """What every entry point needs to know about an option of :class:`RunOptions`, besides its default."""
+    return {"help": help, "group": group, "check": check, "metavar": metavar, "cli": cli, "parse": parse}
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"{name} must be True or False, got {value!r}")
+
+
+def _check_optional_bool(name: str, value: Any) -> None:
+    if value is not None:
+        _check_bool(name, value)
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    validate_positive_int(name, value)
+
+
+def _check_optional_count(name: str, value: Any) -> None:
+    if value is not None:
+        validate_positive_int(name, value, minimum=0)
+
+
+def _check_optional_positive(name: str, value: Any) -> None:
+    if value is not None:
+        check_number(name, value, "> 0 or None", lambda v: v > 0)
+
+
+def _check_column_name(name: str, value: Any) -> None:
+    if not isinstance(value, str) or not value:
+        raise ConfigurationError(f"{name} must be a non-empty string, got {value!r}")
+
+
+def _check_path(name: str, value: Any) -> None:
+    if value is not None and not isinstance(value, (str, os.PathLike)):
+        raise ConfigurationError(f"{name} must be a directory path or None, got {type(value).__name__}")
+
+
+def _check_prices(name: str, value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, Mapping):
+        raise ConfigurationError(f"{name} must be a dict {{model: (input, output)}} in USD per million "
+                                 f"tokens, got {type(value).__name__}")
+    for model, price in value.items():
+        ok = (isinstance(price, (tuple, list)) and len(price) == 2
+              and all(not isinstance(p, bool) and isinstance(p, (int, float)) and p >= 0 for p in price))
+        if not isinstance(model, str) or not ok:
+            raise ConfigurationError(f"{name}[{model!r}] must be (input, output) USD per million tokens, "
+                                     f"two numbers >= 0, got {price!r}")
+
+
+def _parse_prices(text: str) -> dict[str, tuple[float, float]]:
+    """The CLI's --prices: a JSON object ``{"model": [input, output]}``."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise ConfigurationError(f"--prices must be JSON like '{{\"my-model\": [0.15, 0.6]}}', got {text!r}") from None
+    _check_prices("--prices", value)
+    return {model: (float(p[0]), float(p[1])) for model, p in value.items()}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    """The validated options of one run. Build it with keywords; every value is checked at once.
+
+    ``params`` is the generation subset that providers see; ``engine_limits`` what the engine takes.
+
+    >>> RunOptions(temperature=0.7).params.temperature
+    0.7
+    >>> RunOptions(chunk_size=0)
+    Traceback (most recent call last):
+    ...
+    gen_ai_frames.errors.ConfigurationError: chunk_size must be an integer >= 1, got 0
+    """
+
+    # generation (checked by GenerationParams)
+    system_prompt: str | None = field(default=None, metadata=_about(
+        "system message sent with every prompt", group="generation", metavar="TEXT"))
+    max_tokens: int = field(default=256, metadata=_about(
+        "answer length limit", group="generation", metavar="N"))
+    temperature: float = field(default=0, metadata=_about(
+        "0 to 2; at 0 identical prompts are sent once (see dedupe)", group="generation", metavar="T"))
+    top_p: float = field(default=1.0, metadata=_about(
+        "nucleus sampling, in (0, 1]", group="generation", metavar="P"))
+    timeout: float = field(default=60, metadata=_about(
+        "seconds to wait for one answer", group="generation", metavar="S"))
+    # limits
+    max_concurrent: int = field(default=5, metadata=_about(
+        "requests in flight at once", group="limits", check=_check_positive_int, metavar="N"))
+    max_retries: int | None = field(default=None, metadata=_about(
+        "retries of a failed request (None: the client's, 3 by default)", group="limits",
+        check=_check_optional_count, metavar="N"))
+    requests_per_minute: float | None = field(default=None, metadata=_about(
+        "pace request starts to this rate (None: the client's, else learned from the provider)",
+        group="limits", check=_check_optional_positive, metavar="R"))
+    tokens_per_minute: float | None = field(default=None, metadata=_about(
+        "keep prompt + answer tokens under this rate (None: the client's)", group="limits",
+        check=_check_optional_positive, metavar="T"))
+    # budget
+    max_cost: float | None = field(default=None, metadata=_about(
+        "stop sending once this run has spent this many US dollars (needs the model's price)",
+        group="budget", check=_check_optional_positive, metavar="USD"))
+    prices: Mapping[str, tuple[float, float]] | None = field(default=None, metadata=_about(
+        "prices in USD per million tokens, {model: (input, output)}, over the built-in table",
+        group="budget", check=_check_prices, metavar="JSON", parse=_parse_prices))
+    # run
+    chunk_size: int = field(default=500, metadata=_about(
+        "rows per checkpoint write", group="run", check=_check_positive_int, metavar="N"))
+    checkpoint: str | os.PathLike[str] | None = field(default=None, metadata=_about(
+        "save answers in this directory as they arrive; the same call resumes a killed run",
+        group="run", check=_check_path, metavar="DIR"))
+    resume: bool = field(default=True, metadata=_about(
+        "with a checkpoint: continue from what it holds (False: start over)", group="run", check=_check_bool))
+    retry_errors: bool = field(default=False, metadata=_about(
+        "with a checkpoint: send the rows that failed last time again", group="run", check=_check_bool))
+    dedupe: bool | None = field(default=None, metadata=_about(
+        "send identical prompts once (None: when temperature is 0)", group="run", check=_check_optional_bool))
+    progress: bool = field(default=True, metadata=_about(
+        "show a progress bar", group="run", check=_check_bool))
+    # output
+    details: bool = field(default=False, metadata=_about(
+        "add error type, suggestion, status code, attempts, finish reason, token counts and latency columns",
+        group="output", check=_check_bool))
+    overwrite: bool = field(default=False, metadata=_about(
+        "replace existing columns of the same names", group="output", check=_check_bool, cli=False))
+    response_column: str = field(default="response", metadata=_about(
+        "name of the answer column", group="output", check=_check_column_name, metavar="NAME"))
+    error_column: str = field(default="error", metadata=_about(
+        "name of the error column", group="output", check=_check_column_name, metavar="NAME"))
+
+    def __post_init__(self) -> None:
+        for spec in fields(self):
+            check = spec.metadata["check"]
+            if check is not None:
+                check(spec.name, getattr(self, spec.name))
+        self.params  # noqa: B018  (validates the generation options)
+
+    @property
+    def params(self) -> GenerationParams:
+        """The generation parameters every request of the run carries."""
+        return GenerationParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+                                timeout=self.timeout, system_prompt=self.system_prompt)
+
+    @property
+    def engine_limits(self) -> dict[str, Any]:
+        """Keyword arguments of :meth:`gen_ai_frames.client.Client.engine`."""
+        return {name: getattr(self, name) for name in ENGINE_OPTIONS}
+
+    @property
+    def sends_duplicates_once(self) -> bool:
+        """Dedupe as asked, or by default when answers are deterministic (temperature 0)."""
+        return self.temperature == 0 if self.dedupe is None else self.dedupe
+
+    def replace(self, **changes: Any) -> RunOptions:
+        """A copy with some options changed (and checked again)."""
+        return replace(self, **changes)
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """Every option by name, to pass on to another entry point.
+
+        >>> RunOptions(max_tokens=5).as_kwargs()["max_tokens"]
+        5
+        """
+        return {spec.name: getattr(self, spec.name) for spec in fields(self)}
+
+
+#: Options the engine takes; the client's batch calls accept exactly these plus the generation ones.
+ENGINE_OPTIONS = ("max_concurrent", "max_retries", "requests_per_minute", "tokens_per_minute")
+GENERATION_OPTIONS = ("system_prompt", "max_tokens", "temperature", "top_p", "timeout")
+
+
+def option_fields(group: str | None = None) -> list[Any]:
+    """The dataclass fields of :class:`RunOptions`, optionally of one group, in definition order.
+
+    >>> [f.name for f in option_fields("budget")]
+    ['max_cost', 'prices']
+    """
+    return [f for f in fields(RunOptions) if group is None or f.metadata["group"] == group]
+
+
+def split_options(
+    given: Mapping[str, Any],
+    *,
+    where: str,
+    accepted: Collection[str] | None = None,
+    client_options: Collection[str] = (),
+    also: Iterable[str] = (),
+) -> tuple[RunOptions, dict[str, Any]]:
+    """Split keyword arguments into run options and client options; reject anything else by name.
+
+    ``accepted`` limits which run options ``where`` takes (None: all of them); ``client_options``
+    are the names ``create_client`` and the provider accept; ``also`` other parameters of the entry
+    point, offered as suggestions.
+
+    >>> options, client = split_options({"max_tokens": 5, "provider": "openai"}, where="generate",
+    ...                                 client_options={"provider"})
+    >>> options.max_tokens, client
+    (5, {'provider': 'openai'})
+    """
+    run_names = [f.name for f in fields(RunOptions)]
+    allowed = set(run_names if accepted is None else accepted)
+    run: dict[str, Any] = {}
+    client: dict[str, Any] = {}
+    for name, value in given.items():
+        if name in allowed:
+            run[name] = value
+        elif name in client_options:
+            client[name] = value
+        elif name in run_names:
+            raise ConfigurationError(f"option {name!r} does not apply to {where}; it is an option of "
+                                     "df.genai.generate and the CLI")
+        else:
+            known = sorted({*allowed, *client_options, *also})
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known options: {', '.join(known)}"
+            raise ConfigurationError(f"unknown option {name!r} for {where}{hint}")
+    return RunOptions(**run), client
+
+
+def client_option_names(provider_class: type | None) -> set[str]:
+    """Keyword arguments ``create_client`` takes for ``provider_class``: its own and the provider's.
+
+    >>> {"provider", "api_key", "endpoint", "model_name", "verify"} <= client_option_names(None)
+    True
+    """
+    from .factory import create_client
+
+    names = {n for n, p in inspect.signature(create_client).parameters.items() if p.kind is not p.VAR_KEYWORD}
+    if provider_class is not None:
+        names |= {n for n, p in inspect.signature(provider_class.__init__).parameters.items()
+                  if n != "self" and p.kind is p.KEYWORD_ONLY}
+    return names
+
+
+def split_run_and_client(
+    given: Mapping[str, Any],
+    client: object,
+    *,
+    where: str,
+    accepted: Collection[str] | None = None,
+    also: Iterable[str] = (),
+) -> tuple[RunOptions, dict[str, Any]]:
+    """:func:`split_options` for an entry point that takes ``client=`` or the options to build one.
+
+    Returns the run options and the ``create_client`` options (empty when ``client`` is given).
+
+    >>> split_run_and_client({"max_token": 5}, None, where="df.genai.generate")
+    Traceback (most recent call last):
+    ...
+    gen_ai_frames.errors.ConfigurationError: unknown option 'max_token' for df.genai.generate; did you mean 'max_tokens'?
+    """
+    from .client import Client
+    from .providers import get_provider
+
+    if client is not None and not isinstance(client, Client):
+        raise ConfigurationError(f"client must come from create_client(), got {type(client).__name__}")
+    provider_class: type | None = None
+    if client is not None:
+        provider_class = type(client.provider)
+    elif isinstance(given.get("provider", "openai"), str):
+        provider_class = get_provider(given.get("provider", "openai"))
+    run, client_options = split_options(given, where=where, accepted=accepted,
+                                        client_options=client_option_names(provider_class),
+                                        also=("column", "template", "client", *also))
+    if client is not None and client_options:
+        raise ConfigurationError(
+            f"pass either client= or client options ({', '.join(sorted(client_options))}), not both"
+        )
+    return run, client_options
+
+
+def signature_with_options(function: Callable[..., Any], accepted: Collection[str] | None = None, *,
+                           client_options: bool = True) -> inspect.Signature:
+    """``function``'s signature with its ``**options`` spelled out as the run options it accepts,
+    so ``help()``, Jupyter's Shift-Tab and IDEs show every option with its default."""
+    signature = inspect.signature(function)
+    parameters = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    named = {p.name for p in parameters}
+    for spec in fields(RunOptions):
+        if (accepted is None or spec.name in accepted) and spec.name not in named:
+            parameters.append(inspect.Parameter(spec.name, inspect.Parameter.KEYWORD_ONLY, default=spec.default,
+                                                annotation=spec.type))
+    if client_options:  # provider=, model_name=, api_key=, endpoint=, ...: see create_client
+        parameters.append(inspect.Parameter("client_options", inspect.Parameter.VAR_KEYWORD, annotation="Any"))
+    return signature.replace(parameters=parameters)
+
+
+def options_table() -> str:
+    """The Markdown table of every run option (docs/dataframes.md embeds it; a test keeps it equal).
+
+    >>> print(options_table().splitlines()[2])
+    | `system_prompt` | `None` | `--system-prompt` | system message sent with every prompt |
+    """
+    lines = ["| option | default | CLI flag | meaning |", "|---|---|---|---|"]
+    for spec in fields(RunOptions):
+        meta = spec.metadata
+        flag = "--" + spec.name.replace("_", "-")
+        if str(spec.type) == "bool" and spec.default:
+            flag = "--no-" + flag[2:]
+        elif str(spec.type) == "bool | None":
+            flag = f"{flag} / --no-{flag[2:]}"
+        lines.append(f"| `{spec.name}` | `{spec.default!r}` | {f'`{flag}`' if meta['cli'] else '-'} | "
+                     f"{meta['help']} |")
+    return "\n".join(lines)

@@ -1,0 +1,216 @@
+"""Prompts: building them from a frame (a column or a template over columns) and checking them.
+
+A row whose prompt cannot be sent (missing, empty, not text, a template field missing) is not an
+exception for the whole call: it becomes an :class:`~gen_ai_frames.errors.InvalidPromptError` for
+that row alone, kept apart from the sendable texts in :class:`Prompts`.
+
+>>> import pandas as pd
+>>> prompts = build_prompts(pd.DataFrame({"city": ["Paris", None]}), None, "Where is {city}?")
+>>> prompts.texts, prompts.failed[1].message
+(['Where is Paris?', None], "template field(s) ['city'] are missing in this row")
+"""
+
+from __future__ import annotations
+
+import math
+import string
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigurationError, InvalidPromptError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["Prompts", "build_prompts", "check_prompt", "prompt_list", "template_fields"]
+
+
+@dataclass(frozen=True, slots=True)
+class Prompts:
+    """One entry per row: ``texts[i]`` is the text to send, or None when ``failed[i]`` says why not.
+
+    >>> prompts = Prompts.check(["Hi", "", 3])
+    >>> prompts.texts, sorted(prompts.failed), prompts.sendable
+    (['Hi', None, None], [1, 2], [0])
+    """
+
+    texts: list[str | None]
+    failed: dict[int, InvalidPromptError]
+
+    @classmethod
+    def check(cls, values: Iterable[object]) -> Prompts:
+        """Check each value with :func:`check_prompt`."""
+        texts: list[str | None] = []
+        failed: dict[int, InvalidPromptError] = {}
+        for i, value in enumerate(values):
+            problem = check_prompt(value)
+            if problem is None:
+                texts.append(value)  # type: ignore[arg-type]  # check_prompt accepts only str
+            else:
+                texts.append(None)
+                failed[i] = problem
+        return cls(texts, failed)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @property
+    def sendable(self) -> list[int]:
+        """Positions of the rows that can be sent."""
+        return [i for i, text in enumerate(self.texts) if text is not None]
+
+
+def build_prompts(df: pd.DataFrame, column: Hashable | None, template: str | None) -> Prompts:
+    """The prompt of every row: a column's values, or a template filled from each row.
+
+    Exactly one of ``column`` and ``template`` is given. Problems with the frame as a whole (an
+    unknown column, a bad template) raise a ConfigurationError; a problem with one row fails that row.
+
+    >>> import pandas as pd
+    >>> build_prompts(pd.DataFrame({"q": ["Hi", "  "]}), "q", None).failed[1].message
+    'the prompt is empty or only whitespace'
+    """
+    if (column is None) == (template is None):
+        raise ConfigurationError("pass exactly one of column= (a column of prompts) or template= "
+                                 "(e.g. 'Summarize: {text}')")
+    if template is not None:
+        return _fill_template(df, template)
+    _check_columns(df, [column])
+    return Prompts.check(df[column].tolist())
+
+
+def template_fields(template: str) -> list[str]:
+    """The columns a template reads, in order of first use; a ConfigurationError if it is unusable.
+
+    >>> template_fields("{a} and {b[0]} and {a}")
+    ['a', 'b']
+    """
+    if not isinstance(template, str):
+        raise ConfigurationError(f"template must be a string, got {type(template).__name__}")
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as err:
+        raise ConfigurationError(
+            f"template {template!r} is not a valid format string ({err}); write fields as {{column}} "
+            "and literal braces as {{ and }}"
+        ) from None
+    if not fields:
+        raise ConfigurationError(f"template {template!r} has no {{column}} field: every row would get the same prompt")
+    names = []
+    for name in fields:
+        if name == "" or name.isdigit():
+            raise ConfigurationError(f"template fields must name columns, like {{text}}; got {{{name}}}")
+        names.append(name.split(".", 1)[0].split("[", 1)[0])
+    return list(dict.fromkeys(names))
+
+
+def _fill_template(df: pd.DataFrame, template: str) -> Prompts:
+    import pandas as pd
+
+    names = template_fields(template)
+    if df.columns.nlevels > 1:
+        # df["t"] on MultiIndex columns is a frame of sub-columns: a template would silently use
+        # the first. There is no unambiguous way to name a sub-column in a format field.
+        raise ConfigurationError(
+            f"the frame has MultiIndex columns ({df.columns.nlevels} levels): template fields cannot name "
+            f"a sub-column. Flatten the columns first, e.g. df.columns = ['_'.join(map(str, c)) for c in "
+            "df.columns], or build the prompt column yourself and pass column=('level0', 'level1')"
+        )
+    _check_columns(df, names)
+    texts: list[str | None] = []
+    failed: dict[int, InvalidPromptError] = {}
+    for i, row in enumerate(df[names].itertuples(index=False, name=None)):
+        missing = [n for n, v in zip(names, row) if v is None or (pd.api.types.is_scalar(v) and pd.isna(v))]
+        if missing:
+            failed[i] = InvalidPromptError(f"template field(s) {missing} are missing in this row", sent=False,
+                                           suggestion="Fill or drop the rows with missing values first.")
+            texts.append(None)
+            continue
+        try:
+            text = template.format_map(dict(zip(names, row)))
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError) as err:
+            failed[i] = InvalidPromptError(f"template could not be filled for this row: {err!r}", sent=False)
+            texts.append(None)
+            continue
+        problem = check_prompt(text)
+        if problem is not None:
+            failed[i] = problem
+            texts.append(None)
+        else:
+            texts.append(text)
+    return Prompts(texts, failed)
+
+
+def _check_columns(df: pd.DataFrame, names: Sequence[Any]) -> None:
+    for name in names:
+        if name not in df.columns:
+            raise ConfigurationError(
+                f"column {name!r} not found; the frame has columns {list(map(str, df.columns))[:20]}"
+            )
+        if df.columns.nlevels == 1:
+            count = int((df.columns == name).sum())
+            if count > 1:
+                raise ConfigurationError(f"column {name!r} appears {count} times: rename the duplicates first")
+            continue
+        selected = df[name]
+        if selected.ndim > 1:  # a partial key of MultiIndex columns selects several sub-columns
+            first = selected.columns[0]
+            example = (*((name,) if not isinstance(name, tuple) else name), *(first if isinstance(first, tuple)
+                                                                            else (first,)))
+            raise ConfigurationError(
+                f"column {name!r} selects {selected.shape[1]} sub-columns of the frame's MultiIndex "
+                f"columns; name one with a tuple, e.g. column={example!r}"
+            )
+
+
+def prompt_list(prompts: object) -> list[Any]:
+    """Check that ``prompts`` is a sequence of prompt texts (None/NaN allowed: they fail per item).
+
+    >>> prompt_list("Hi")
+    Traceback (most recent call last):
+    ...
+    gen_ai_frames.errors.ConfigurationError: prompts must be a list of strings, got one str: wrap it in a list, or call generate_response
+    """
+    if isinstance(prompts, (str, bytes)):
+        raise ConfigurationError(f"prompts must be a list of strings, got one {type(prompts).__name__}: "
+                                 "wrap it in a list, or call generate_response")
+    if not isinstance(prompts, Iterable) or isinstance(prompts, dict):
+        raise ConfigurationError(f"prompts must be a list of strings, got {type(prompts).__name__}")
+    items = list(prompts)
+    for i, prompt in enumerate(items):
+        if not (prompt is None or isinstance(prompt, str) or _is_missing(prompt)):
+            raise ConfigurationError(
+                f"prompts must be a list of strings: prompts[{i}] is {type(prompt).__name__} {_preview(prompt)}. "
+                "Convert the prompts to text first, e.g. [str(p) for p in prompts]."
+            )
+    return items
+
+
+def check_prompt(prompt: object) -> InvalidPromptError | None:
+    """The per-item error for a prompt that must not be sent, or None if it is fine.
+
+    >>> check_prompt("  ").message
+    'the prompt is empty or only whitespace'
+    """
+    if prompt is None or _is_missing(prompt):
+        return InvalidPromptError("the prompt is missing (None or NaN)", sent=False)
+    if not isinstance(prompt, str):
+        return InvalidPromptError(f"the prompt is {type(prompt).__name__} {_preview(prompt)}, not text",
+                                  suggestion="Convert the column to text first, e.g. df[col].astype(str), "
+                                             "or use a template.", sent=False)
+    if not prompt.strip():
+        return InvalidPromptError("the prompt is empty or only whitespace", sent=False)
+    return None
+
+
+def _is_missing(value: object) -> bool:
+    if isinstance(value, float):
+        return math.isnan(value)
+    # pandas.NA and NaT without importing pandas
+    return type(value).__name__ in ("NAType", "NaTType")
+
+
+def _preview(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
