@@ -85,8 +85,9 @@ class GenAIAccessor:
         results = await run_rows(prompts, client=client, options=run)
         if results.fatal is not None:
             raise results.fatal
+        padding = ("",) * (df.columns.nlevels - 1)  # MultiIndex columns need full-length keys
         for name, values in results.frame_columns(run.details).items():
-            out[new_columns[name]] = values
+            out[(new_columns[name], *padding) if padding else new_columns[name]] = values
         return out
 
     generate.__signature__ = signature_with_options(generate)  # type: ignore[attr-defined]

@@ -303,3 +303,26 @@ def test_interrupt_inside_a_running_loop_stops_sending_and_releases_the_checkpoi
     out = generate(df, client, checkpoint=ckpt)  # not locked: the interrupted run let go
     assert out["response"].tolist() == ["echo: " + p for p in df["prompt"]]
     assert fake_server.stats()["requests"] <= 200 - sent + 4  # answered rows were saved
+
+
+def multiindex_frame() -> pd.DataFrame:
+    columns = pd.MultiIndex.from_tuples([("t", "x"), ("t", "y"), ("u", "")])
+    return pd.DataFrame([["first x", "first y", "u0"], ["second x", "second y", "u1"]], columns=columns)
+
+
+def test_multiindex_template_field_is_refused_not_silently_the_first_sub_column(client: Any,
+                                                                               fake_server: Any) -> None:
+    with pytest.raises(ConfigurationError, match="MultiIndex columns.*Flatten the columns first"):
+        generate(multiindex_frame(), client, template="Say {t}")
+    assert fake_server.stats()["requests"] == 0
+
+
+def test_multiindex_partial_column_key_asks_for_a_tuple(client: Any, fake_server: Any) -> None:
+    with pytest.raises(ConfigurationError, match=r"selects 2 sub-columns.*column=\('t', 'x'\)"):
+        multiindex_frame().genai.generate(column="t", client=client, progress=False)
+    assert fake_server.stats()["requests"] == 0
+
+
+def test_multiindex_sub_column_named_by_tuple_is_used(client: Any) -> None:
+    out = multiindex_frame().genai.generate(column=("t", "y"), client=client, progress=False)
+    assert out["response"].tolist() == ["echo: first y", "echo: second y"]
