@@ -21,7 +21,7 @@ from ._sync import run_sync
 from .client import Client
 from .errors import ConfigurationError
 from .factory import create_client
-from .options import GENERATION_OPTIONS, signature_with_options, split_options, split_run_and_client
+from .options import GENERATION_OPTIONS, takes_options, split_options, split_run_and_client
 from .pricing import Estimate, estimate_tokens, price_for
 from .prompts import build_prompts
 from .runner import output_names, run_rows
@@ -38,6 +38,7 @@ class GenAIAccessor:
     def __init__(self, df: pd.DataFrame) -> None:
         self._df = df
 
+    @takes_options()
     def generate(self, column: Hashable | None = None, *, template: str | None = None,
                  client: Client | None = None, **options: Any) -> pd.DataFrame:
         """Return a copy of the frame with a ``response`` and an ``error`` column.
@@ -63,6 +64,7 @@ class GenAIAccessor:
         """
         return run_sync(self.agenerate(column, template=template, client=client, **options))
 
+    @takes_options()
     async def agenerate(self, column: Hashable | None = None, *, template: str | None = None,
                         client: Client | None = None, **options: Any) -> pd.DataFrame:
         """Async twin of :meth:`generate`.
@@ -90,9 +92,7 @@ class GenAIAccessor:
             out[(new_columns[name], *padding) if padding else new_columns[name]] = values
         return out
 
-    generate.__signature__ = signature_with_options(generate)  # type: ignore[attr-defined]
-    agenerate.__signature__ = signature_with_options(agenerate)  # type: ignore[attr-defined]
-
+    @takes_options(_ESTIMATE_OPTIONS, client_options=False)
     def estimate(self, column: Hashable | None = None, *, template: str | None = None,
                  client: Client | None = None, model_name: str | None = None, provider: str | None = None,
                  **options: Any) -> Estimate:
@@ -125,5 +125,3 @@ class GenAIAccessor:
             price=price_for(model_name, run.prices, provider), tokenizer="estimated at ~4 characters a token",
         )
 
-    estimate.__signature__ = signature_with_options(estimate, _ESTIMATE_OPTIONS,  # type: ignore[attr-defined]
-                                                    client_options=False)

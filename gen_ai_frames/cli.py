@@ -158,7 +158,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _all_flags(parser: argparse.ArgumentParser) -> list[str]:
     """Every --flag of ``parser`` and its sub-commands (the top parser reports their typos)."""
-    flags = []
+    flags: list[str] = []
     for action in parser._actions:
         flags.extend(action.option_strings)
         if isinstance(action, argparse._SubParsersAction):

@@ -15,7 +15,7 @@ from typing import Any, Literal, overload
 from ._sync import run_sync
 from .engine import Engine, Result
 from .errors import ConfigurationError, FailedPromptsWarning
-from .options import ENGINE_OPTIONS, GENERATION_OPTIONS, RunOptions, signature_with_options, split_options
+from .options import ENGINE_OPTIONS, GENERATION_OPTIONS, RunOptions, takes_options, split_options
 from .params import Message, validate_positive_int
 from .prompts import Prompts, check_prompt, prompt_list
 from .providers.base import Provider, redact_url
@@ -118,6 +118,7 @@ class Client:
                                 max_concurrent: int = ..., *, return_error: Literal[True],
                                 **options: Any) -> tuple[list[str | None], list[dict[str, Any] | None]]: ...
 
+    @takes_options(BATCH_OPTIONS, client_options=False)
     def generate_batch_response(
         self,
         prompts: Sequence[str],
@@ -147,6 +148,7 @@ class Client:
                              max_concurrent if concurrent else 1, options)
         return _batch_output(run_sync(self._batch(prompts, run)), return_error)
 
+    @takes_options(BATCH_OPTIONS, client_options=False)
     async def agenerate_batch_response(
         self,
         prompts: Sequence[str],
@@ -167,11 +169,6 @@ class Client:
                              max_concurrent if concurrent else 1, options)
         return _batch_output(await self._batch(prompts, run), return_error)
 
-    generate_batch_response.__signature__ = signature_with_options(  # type: ignore[attr-defined]
-        generate_batch_response, BATCH_OPTIONS, client_options=False)
-    agenerate_batch_response.__signature__ = signature_with_options(  # type: ignore[attr-defined]
-        agenerate_batch_response, BATCH_OPTIONS, client_options=False)
-
     async def _batch(self, prompts: Sequence[str], options: RunOptions) -> list[Result]:
         checked = Prompts.check(prompt_list(prompts))
         results: list[Result | None] = [None] * len(checked)
@@ -186,6 +183,7 @@ class Client:
 
     # One prompt ------------------------------------------------------------------------------
 
+    @takes_options(SINGLE_OPTIONS, client_options=False)
     def generate_response(self, prompt: str, max_tokens: int = 256, temperature: float = 0,
                           top_p: float = 1.0, timeout: float = 60, **options: Any) -> str:
         """Answer one prompt; raises a :class:`~gen_ai_frames.errors.RequestError` subclass on failure.
@@ -197,6 +195,7 @@ class Client:
         """
         return run_sync(self.agenerate_response(prompt, max_tokens, temperature, top_p, timeout, **options))
 
+    @takes_options(SINGLE_OPTIONS, client_options=False)
     async def agenerate_response(self, prompt: str, max_tokens: int = 256, temperature: float = 0,
                                  top_p: float = 1.0, timeout: float = 60, **options: Any) -> str:
         """Async twin of :meth:`generate_response`."""
@@ -208,6 +207,7 @@ class Client:
         return await self.agenerate_chat_response([{"role": "user", "content": prompt}], max_tokens,
                                                   temperature, top_p, timeout, **options)
 
+    @takes_options(SINGLE_OPTIONS, client_options=False)
     def generate_chat_response(self, messages: list[Message], max_tokens: int = 256, temperature: float = 0,
                                top_p: float = 1.0, timeout: float = 60, **options: Any) -> str:
         """Answer one conversation given as chat messages. Keyword options as :meth:`generate_response`.
@@ -218,6 +218,7 @@ class Client:
         return run_sync(self.agenerate_chat_response(messages, max_tokens, temperature, top_p, timeout,
                                                      **options))
 
+    @takes_options(SINGLE_OPTIONS, client_options=False)
     async def agenerate_chat_response(self, messages: list[Message], max_tokens: int = 256,
                                       temperature: float = 0, top_p: float = 1.0, timeout: float = 60,
                                       **options: Any) -> str:
@@ -233,11 +234,6 @@ class Client:
             raise result.error
         assert result.text is not None
         return result.text
-
-    for _method in (generate_response, agenerate_response, generate_chat_response, agenerate_chat_response):
-        _method.__signature__ = signature_with_options(  # type: ignore[attr-defined]
-            _method, SINGLE_OPTIONS, client_options=False)
-    del _method
 
 
 def _check_messages(messages: object) -> None:

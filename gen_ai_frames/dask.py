@@ -49,7 +49,7 @@ from .checkpoint import Checkpoint
 from .client import Client
 from .errors import ConfigurationError
 from .factory import create_client
-from .options import RunOptions, signature_with_options, split_run_and_client
+from .options import RunOptions, takes_options, split_run_and_client
 from .params import validate_positive_int
 from .providers import get_provider
 from .providers.base import redact_url
@@ -255,6 +255,7 @@ class DaskGenAIAccessor:
     def __init__(self, ddf: dd.DataFrame) -> None:
         self._ddf = ddf
 
+    @takes_options()
     def generate(self, column: Hashable | None = None, *, template: str | None = None,
                  client: Client | None = None, partitions_in_flight: int | None = None,
                  **options: Any) -> dd.DataFrame:
@@ -316,8 +317,6 @@ class DaskGenAIAccessor:
             return ddf.map_partitions(_generate_partition, job, meta=meta)
         # align_dataframes=False: pair partition i with number i, whatever the divisions.
         return ddf.map_partitions(_generate_partition, job, _numbered(ddf), meta=meta, align_dataframes=False)
-
-    generate.__signature__ = signature_with_options(generate)  # type: ignore[attr-defined]
 
 
 def _client_config(client: Client | None, options: dict[str, Any]) -> _ClientConfig:

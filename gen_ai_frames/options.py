@@ -24,12 +24,13 @@ import json
 import os
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import ConfigurationError
 from .params import GenerationParams, check_number, validate_positive_int
 
-__all__ = ["GROUPS", "RunOptions", "option_fields", "split_options"]
+__all__ = ["GROUPS", "RunOptions", "option_fields", "options_table", "split_options", "split_run_and_client",
+           "takes_options"]
 
 #: Option groups, in the order the CLI's --help and the docs show them.
 GROUPS = {
@@ -273,8 +274,7 @@ def client_option_names(provider_class: type | None) -> set[str]:
 
     names = {n for n, p in inspect.signature(create_client).parameters.items() if p.kind is not p.VAR_KEYWORD}
     if provider_class is not None:
-        names |= {n for n, p in inspect.signature(provider_class.__init__).parameters.items()
-                  if n != "self" and p.kind is p.KEYWORD_ONLY}
+        names |= {n for n, p in inspect.signature(provider_class).parameters.items() if p.kind is p.KEYWORD_ONLY}
     return names
 
 
@@ -315,20 +315,34 @@ def split_run_and_client(
     return run, client_options
 
 
-def signature_with_options(function: Callable[..., Any], accepted: Collection[str] | None = None, *,
-                           client_options: bool = True) -> inspect.Signature:
-    """``function``'s signature with its ``**options`` spelled out as the run options it accepts,
-    so ``help()``, Jupyter's Shift-Tab and IDEs show every option with its default."""
-    signature = inspect.signature(function)
-    parameters = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
-    named = {p.name for p in parameters}
-    for spec in fields(RunOptions):
-        if (accepted is None or spec.name in accepted) and spec.name not in named:
-            parameters.append(inspect.Parameter(spec.name, inspect.Parameter.KEYWORD_ONLY, default=spec.default,
-                                                annotation=spec.type))
-    if client_options:  # provider=, model_name=, api_key=, endpoint=, ...: see create_client
-        parameters.append(inspect.Parameter("client_options", inspect.Parameter.VAR_KEYWORD, annotation="Any"))
-    return signature.replace(parameters=parameters)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def takes_options(accepted: Collection[str] | None = None, *, client_options: bool = True) -> Callable[[F], F]:
+    """Decorator: spell out a function's ``**options`` in its signature as the run options it
+    accepts, so ``help()``, Jupyter's Shift-Tab and IDEs show every option with its default.
+
+    >>> @takes_options(["max_tokens"], client_options=False)
+    ... def f(prompt, **options): ...
+    >>> inspect.signature(f)
+    <Signature (prompt, *, max_tokens: 'int' = 256)>
+    """
+
+    def decorate(function: F) -> F:
+        signature = inspect.signature(function)
+        parameters = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        named = {p.name for p in parameters}
+        for spec in fields(RunOptions):
+            if (accepted is None or spec.name in accepted) and spec.name not in named:
+                parameters.append(inspect.Parameter(spec.name, inspect.Parameter.KEYWORD_ONLY,
+                                                    default=spec.default, annotation=spec.type))
+        if client_options:  # provider=, model_name=, api_key=, endpoint=, ...: see create_client
+            parameters.append(inspect.Parameter("client_options", inspect.Parameter.VAR_KEYWORD,
+                                                annotation="Any"))
+        function.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+        return function
+
+    return decorate
 
 
 def options_table() -> str:
