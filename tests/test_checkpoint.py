@@ -683,3 +683,31 @@ def test_read_after_a_filtered_resume_hides_no_stored_answer(fake_server: Any, t
     assert stored.loc[0, "prompt"].tolist() == ["q0", "q3"]  # older first, then the later write
     status = checkpoint_status(path)
     assert (status["total"], status["done"], status["failed"]) == (len(stored), 6, 0)
+
+
+def test_run_rows_with_repair_true_resends_only_the_lost_rows(fake_server: Any, tmp_path: Path) -> None:
+    import asyncio
+
+    from gen_ai_frames import create_client
+    from gen_ai_frames.params import GenerationParams
+    from gen_ai_frames.runner import run_rows
+
+    path, client = tmp_path / "c", create_client(endpoint=fake_server.url, model_name="m")
+    prompts = [f"q{i}" for i in range(8)]
+
+    def run(**options: Any) -> Any:
+        return asyncio.run(run_rows(prompts, client=client, params=GenerationParams(), checkpoint=path,
+                                    chunk_size=2, max_concurrent=1, progress=False, **options))
+
+    run()
+    bad = path / parts_of(path)[0]
+    lost = pq.read_metadata(bad).num_rows
+    bad.write_bytes(b"PAR1 damaged")
+    fake_server.reset()
+    with pytest.raises(CheckpointCorruptError, match="repair=True"):
+        run()
+    assert fake_server.stats()["requests"] == 0 and bad.exists()
+    with pytest.warns(UserWarning, match=bad.name):
+        results = run(repair=True)
+    assert results.columns["response"] == [f"echo: {p}" for p in prompts]
+    assert fake_server.stats()["requests"] == results.sent == lost
