@@ -280,7 +280,7 @@ class _Writer:
     def __init__(self, store: Checkpoint, prompts: Sequence[object], columns: dict[str, list[Any]],
                  position_key: dict[int, tuple[str, int]], chunk_size: int,
                  interval: float = FLUSH_INTERVAL_S) -> None:
-        self._args = (store, prompts, columns, position_key)
+        self._store, self._prompts, self._columns, self._position_key = store, prompts, columns, position_key
         self._chunk_size, self._interval = chunk_size, interval
         self._pending: list[int] = []
         self._wake = asyncio.Event()
@@ -308,7 +308,7 @@ class _Writer:
             self._wake.clear()
             if self._pending:
                 rows, self._pending = self._pending, []
-                await _flush(*self._args[:1], rows, *self._args[1:])
+                await _flush(self._store, rows, self._prompts, self._columns, self._position_key)
             if self._closing and not self._pending:
                 return
 

@@ -670,7 +670,8 @@ def test_read_after_a_filtered_resume_hides_no_stored_answer(fake_server: Any, t
 
     path = tmp_path / "c"
     df = pd.DataFrame({"prompt": [f"q{i}" for i in range(6)]})
-    options = dict(endpoint=fake_server.url, model_name="m", checkpoint=path, progress=False)
+    options: dict[str, Any] = {"endpoint": fake_server.url, "model_name": "m", "checkpoint": path,
+                               "progress": False}
     df.genai.generate(column="prompt", **options)
     # Resume with the last three rows only: they now sit at positions 0-2, where q0-q2 were.
     out = df.iloc[3:].reset_index(drop=True).genai.generate(column="prompt", **options)

@@ -422,7 +422,7 @@ def test_status_after_a_resume_with_inserted_rows_counts_the_input(
     # Each of batches 1-3 stores 11 answers (its 10 rows, and one that has moved to the next batch).
     assert info["stored"] == 11 + 11 + 11 + 1
     assert (info["answered"], info["failed"], info["remaining"], info["input_rows"]) == (31, 0, 0, 31)
-    code, out, _ = run(capsys, "status", ckpt)
+    out = run(capsys, "status", ckpt)[1]
     assert "answered:   31" in out and "stored:     34" in out and "remaining:  0" in out
 
     # The same run killed before it finished any batch: the stored answers are counted, but never
@@ -438,7 +438,7 @@ def test_repair_command_makes_the_advice_work(server: Any, tmp_path: Path,
     source, target, ckpt = write(frame(12), tmp_path / "in.csv"), tmp_path / "out.csv", tmp_path / "run.ckpt"
     options = ["--column", "prompt", "--checkpoint", ckpt, "--batch-rows", "6", "--chunk-size", "3"]
     assert run(capsys, *gen_args(server, source, target, *options))[0] == 0
-    bad = sorted((ckpt / "batch-000002").glob("part-*.parquet"))[0]
+    bad = min((ckpt / "batch-000002").glob("part-*.parquet"))
     lost = pq.read_metadata(bad).num_rows
     bad.write_bytes(b"PAR1 not a parquet file")
     (ckpt / "batch-000001" / "manifest.json").unlink()
@@ -594,7 +594,7 @@ def test_sigterm_saves_what_was_received_and_exits_143(server: Any, tmp_path: Pa
     assert stored["error"].isna().all()
     assert sent - in_flight <= len(stored) <= sent  # every answer received was saved
     server.reset()
-    done = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=120)
+    done = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=120, check=False)
     assert done.returncode == 0, done.stderr  # the lock was released
     assert server.stats()["requests"] == rows - len(stored)
     assert_echoed(read(target), frame(rows)["prompt"].tolist())

@@ -105,8 +105,8 @@ def _prompts(n: int) -> pd.DataFrame:
 def test_rows_never_answered_after_a_401_are_not_stored_as_failed(fake_server: Any, tmp_path: Path) -> None:
     fake_server.configure(api_key="the-right-key")
     df, ckpt = _prompts(40), tmp_path / "run.ckpt"
-    options = dict(column="prompt", endpoint=fake_server.url, model_name="m", checkpoint=ckpt, progress=False,
-                   max_concurrent=5, details=True)
+    options: dict[str, Any] = {"column": "prompt", "endpoint": fake_server.url, "model_name": "m",
+                               "checkpoint": ckpt, "progress": False, "max_concurrent": 5, "details": True}
     with pytest.raises(AuthenticationError):  # the run stops early: every row would fail alike
         df.genai.generate(api_key="a-wrong-key", **options)
     assert fake_server.stats()["requests"] >= 1
