@@ -54,7 +54,7 @@ from .factory import create_client
 from .params import GenerationParams, validate_positive_int
 from .providers import get_provider
 from .providers.base import redact_url
-from .shards import ShardedCheckpoint
+from .shards import ShardedCheckpoint, kind_of
 
 __all__ = ["DaskGenAIAccessor", "partition_checkpoint", "plan_concurrency"]
 
@@ -381,5 +381,10 @@ def _checkpoint_root(checkpoint: str | os.PathLike[str] | None) -> str | None:
         raise ConfigurationError(
             f"{root} is a checkpoint of a pandas run; a Dask run keeps one checkpoint per partition "
             "under its directory: choose another path"
+        )
+    if kind_of(root) == "batches":
+        raise ConfigurationError(
+            f"{root} is a checkpoint of the command line (one per batch of a file); a Dask run keeps "
+            "one checkpoint per partition: choose another path"
         )
     return root

@@ -169,6 +169,11 @@ class ShardedCheckpoint:
         path = Path(os.fspath(root))
         _check_root(path, kind)
         previous = _read_json(path / RUN_FILE, _RUN_FORMAT)
+        if previous is not None and previous.get("kind") != kind:
+            raise CheckpointError(
+                f"{path} holds a run split in {previous.get('kind')}, not in {kind} (a checkpoint of "
+                "another tool, e.g. Dask and the command line): choose another checkpoint path"
+            )
         if previous is not None and resume and previous.get("shard_rows") != shard_rows:
             raise ShardSizeError(
                 f"Checkpoint {path} was written with {previous.get('shard_rows')} rows per "

@@ -23,6 +23,7 @@ from gen_ai_frames import cli
 from gen_ai_frames.checkpoint import read_checkpoint
 from gen_ai_frames.cli import main
 from gen_ai_frames.errors import ConfigurationError
+from gen_ai_frames.shards import ShardedCheckpoint
 
 from .conftest import FAKE_KEY
 
@@ -478,6 +479,12 @@ def test_status_of_an_accessor_checkpoint_and_of_nothing(server: Any, tmp_path: 
     code, _, err = run(capsys, *gen_args(server, source, tmp_path / "o.csv", "--column", "prompt",
                                          "--checkpoint", tmp_path / "acc"))
     assert code == 2 and "written by df.genai.generate" in err
+    # ... and from a Dask run's partitions.
+    ShardedCheckpoint.create(tmp_path / "dask", "partitions", {})
+    code, _, err = run(capsys, *gen_args(server, source, tmp_path / "o.csv", "--column", "prompt",
+                                         "--checkpoint", tmp_path / "dask"))
+    assert code == 2 and "holds a run split in partitions, not in batches" in err
+    assert server.stats()["requests"] == 2
 
 
 def test_a_bad_key_stops_the_run_without_output_or_printing_the_key(

@@ -34,6 +34,7 @@ from gen_ai_frames.dask import (  # noqa: E402
     partition_checkpoint,
     plan_concurrency,
 )
+from gen_ai_frames.shards import ShardedCheckpoint  # noqa: E402
 from gen_ai_frames.testing import FakeServer  # noqa: E402
 
 from .conftest import FAKE_KEY, KEY_VARIABLES  # noqa: E402
@@ -303,6 +304,10 @@ def test_bad_options_fail_when_called_not_on_workers(fake: FakeServer, tmp_path:
     Checkpoint.open(pandas_run, {}).close()
     with pytest.raises(ConfigurationError, match="checkpoint of a pandas run"):
         ddf.genai.generate(column="prompt", checkpoint=pandas_run, **options(fake))
+    cli_run = tmp_path / "cli.ckpt"
+    ShardedCheckpoint.create(cli_run, "batches", {}, shard_rows=10, input_rows=10)
+    with pytest.raises(ConfigurationError, match="checkpoint of the command line"):
+        ddf.genai.generate(column="prompt", checkpoint=cli_run, **options(fake))
 
 
 def test_each_partition_keeps_its_checkpoint_when_selected(fake: FakeServer, tmp_path: Path) -> None:
