@@ -195,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "exit status: 0 every row answered, 1 some rows failed (summary on stderr), 2 usage or "
-            "configuration error.\n\n"
+            "configuration error, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM, handled like "
+            "Ctrl-C: the answers received are saved in --checkpoint).\n\n"
             "examples:\n"
             f"  {PROG} generate reviews.csv -o out.parquet --template 'Sentiment of: {{review}}'\n"
             f"  {PROG} generate big.parquet -o out.parquet --column prompt --checkpoint run.ckpt\n"
@@ -235,8 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser(
         "status", formatter_class=formatter, help="show what a checkpoint holds",
         description="Rows answered, failed and remaining, and errors by type, of a checkpoint written "
-                    f"by '{PROG} generate --checkpoint' or by df.genai.generate(checkpoint=...). "
-                    "Safe while a run is writing to it.",
+                    f"by '{PROG} generate --checkpoint', by df.genai.generate(checkpoint=...) or by a Dask "
+                    "run. Safe while a run is writing to it.",
     )
     status.add_argument("checkpoint", metavar="CHECKPOINT", help="the checkpoint directory")
     status.add_argument("--json", action="store_true", help="print the counts as one JSON object")
