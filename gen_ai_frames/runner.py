@@ -279,9 +279,10 @@ class _Writer:
 
     def __init__(self, store: Checkpoint, prompts: Sequence[object], columns: dict[str, list[Any]],
                  position_key: dict[int, tuple[str, int]], chunk_size: int,
-                 interval: float = FLUSH_INTERVAL_S) -> None:
+                 interval: float | None = None) -> None:
         self._store, self._prompts, self._columns, self._position_key = store, prompts, columns, position_key
-        self._chunk_size, self._interval = chunk_size, interval
+        self._chunk_size = chunk_size
+        self._interval = FLUSH_INTERVAL_S if interval is None else interval
         self._pending: list[int] = []
         self._wake = asyncio.Event()
         self._closing = False

@@ -11,6 +11,7 @@ the rows it never answered are not stored as failed, so the same call sends them
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import signal
 import subprocess
@@ -27,6 +28,7 @@ from gen_ai_frames import create_client
 from gen_ai_frames.checkpoint import Checkpoint, read_checkpoint, run_fingerprint
 from gen_ai_frames.errors import APIConnectionError, AuthenticationError
 from gen_ai_frames.params import GenerationParams
+from gen_ai_frames import runner
 from gen_ai_frames.runner import run_rows
 
 from .conftest import FAST_RETRY
@@ -181,3 +183,31 @@ def test_an_interrupt_writes_every_answer_received_first(fake_server: Any, tmp_p
     assert sent - 8 <= len(stored) <= sent and stored["error"].isna().all()
     with Checkpoint.open(ckpt, run_fingerprint(client, GenerationParams())):
         pass  # the lock was released
+
+
+def test_slow_answers_are_written_without_waiting_for_a_full_chunk(
+    fake_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runner, "FLUSH_INTERVAL_S", 0.05)  # the default is 10 s
+    ckpt = tmp_path / "run.ckpt"
+    client = create_client(endpoint=fake_server.url, model_name="m")
+    prompts = ["a", "b", "c", "slow [[sleep=30]]"]
+
+    async def main() -> None:
+        task = asyncio.ensure_future(run_rows(prompts, client=client, params=GenerationParams(timeout=60),
+                                              checkpoint=ckpt, chunk_size=100, max_concurrent=4,
+                                              progress=False))
+        try:
+            # The chunk never fills, yet the three answers reach the disk while the fourth is pending.
+            for _ in range(3000):
+                if (ckpt / "manifest.json").exists() and len(read_checkpoint(ckpt)) == 3:
+                    break
+                assert not task.done()
+                await asyncio.sleep(0.01)
+            assert sorted(read_checkpoint(ckpt)["prompt"]) == ["a", "b", "c"]
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    asyncio.run(main())
