@@ -24,11 +24,10 @@ import pandas as pd
 import pytest
 
 import gen_ai_frames  # noqa: F401  (registers the accessor)
-from gen_ai_frames import create_client
+from gen_ai_frames import create_client, runner
 from gen_ai_frames.checkpoint import Checkpoint, read_checkpoint, run_fingerprint
 from gen_ai_frames.errors import APIConnectionError, AuthenticationError
 from gen_ai_frames.params import GenerationParams
-from gen_ai_frames import runner
 from gen_ai_frames.runner import run_rows
 
 from .conftest import FAST_RETRY
