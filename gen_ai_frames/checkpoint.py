@@ -11,12 +11,15 @@ A checkpoint is a directory::
 
 Crash safety comes from ordering, not from a database:
 
-* a part is written to ``part-N.parquet.tmp``, fsynced, renamed into place, and the directory fsynced;
+* a part is written to ``part-N.parquet.tmp``, fsynced, renamed into place, and the directory fsynced
+  (each part also records the run's fingerprint, so a lost manifest can be rebuilt, see
+  :func:`repair_checkpoint`);
 * only then is ``manifest.json`` rewritten the same way (tmp, fsync, rename, directory fsync).
 
 ``os.replace`` is atomic, so a reader sees either the old or the new manifest, and the manifest only
 lists parts that are complete on disk. A crash between the two renames leaves a part the manifest does
-not list: it is ignored, and deleted on the next :meth:`Checkpoint.open`.
+not list: it is ignored, and deleted on the next :meth:`Checkpoint.open`. Part files with no manifest at
+all are never deleted on resume: opening refuses, and :func:`repair_checkpoint` rebuilds the manifest.
 
 Records are matched to input rows by ``(prompt_hash, occurrence)`` (see :func:`row_keys`) rather than
 by row position, so inserting, appending or editing rows of the input frame only invalidates those
@@ -63,6 +66,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import ConfigurationError, GenAIError
+from .results import PANDAS_DTYPES, RECORD_SCHEMA, RESULT_COLUMNS
 
 __all__ = [
     "RECORD_SCHEMA",
@@ -76,43 +80,10 @@ __all__ = [
     "make_records",
     "prompt_hash",
     "read_checkpoint",
+    "repair_checkpoint",
     "row_keys",
+    "run_fingerprint",
 ]
-
-#: Columns of the result frame, after ``prompt``.
-RESULT_COLUMNS = [
-    "response",
-    "error",
-    "error_type",
-    "error_suggestion",
-    "status_code",
-    "attempts",
-    "finish_reason",
-    "prompt_tokens",
-    "completion_tokens",
-    "latency_s",
-]
-
-#: Schema of one stored record. ``position`` is the row's position in the input frame when it was
-#: written; ``(prompt_hash, occurrence)`` is the key used to match records to rows on resume.
-RECORD_SCHEMA = pa.schema(
-    [
-        pa.field("position", pa.int64(), nullable=False),
-        pa.field("prompt_hash", pa.string(), nullable=False),
-        pa.field("occurrence", pa.int32(), nullable=False),
-        pa.field("prompt", pa.string()),
-        pa.field("response", pa.string()),
-        pa.field("error", pa.string()),
-        pa.field("error_type", pa.string()),
-        pa.field("error_suggestion", pa.string()),
-        pa.field("status_code", pa.int32()),
-        pa.field("attempts", pa.int32()),
-        pa.field("finish_reason", pa.string()),
-        pa.field("prompt_tokens", pa.int64()),
-        pa.field("completion_tokens", pa.int64()),
-        pa.field("latency_s", pa.float64()),
-    ]
-)
 
 _KEY_COLUMNS = ["prompt_hash", "occurrence"]
 _REQUIRED_COLUMNS = ("position", "prompt_hash", "occurrence")
@@ -124,6 +95,8 @@ _LOCK = ".lock"
 _PART_RE = re.compile(r"^part-(\d+)\.parquet$")
 # Only files we create are ever deleted: the directory may be one the user also keeps other files in.
 _TMP_RE = re.compile(r"^(part-\d+\.parquet|manifest\.json)\.tmp$")
+
+_PART_FINGERPRINT = b"gen_ai_frames.fingerprint"
 
 _START_FRESH = (
     "To start fresh, pass resume=False (this deletes the results stored there), "
@@ -446,18 +419,32 @@ def _remove_quietly(path: Path) -> None:
         pass  # best effort: whatever is left is cleaned up on the next open
 
 
-def _write_atomic(
-    final: Path, write: Callable[[BinaryIO], object], on_replaced: Callable[[], None] | None = None
+def write_atomic(
+    final: Path,
+    write: bytes | Callable[[BinaryIO], object],
+    on_replaced: Callable[[], None] | None = None,
 ) -> None:
-    """``write(file)`` into ``final.tmp``, fsync, rename over ``final``, fsync the directory.
+    """``write(file)`` (or the bytes ``write``) into ``final.tmp``, fsync, rename over ``final``,
+    fsync the directory: a reader sees the old file or the new one, never half of one.
 
+    The package's only temp-file-then-rename writer: checkpoint parts and manifests, and the run
+    records of sharded checkpoints (:mod:`gen_ai_frames.shards`), all go through it.
     On error before the rename the tmp file is removed and the old ``final`` (if any) is untouched.
     ``on_replaced`` runs right after the rename, before the directory fsync (which may still fail).
+
+    >>> import tempfile
+    >>> target = Path(tempfile.mkdtemp()) / "run.json"
+    >>> write_atomic(target, b"{}")
+    >>> target.read_text(), sorted(p.name for p in target.parent.iterdir())
+    ('{}', ['run.json'])
     """
     tmp = final.with_name(final.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            write(f)
+            if isinstance(write, bytes):
+                f.write(write)
+            else:
+                write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
@@ -474,11 +461,11 @@ def _part_name(seq: int) -> str:
 
 
 def _corrupt_part_message(file: Path, problem: str) -> str:
+    # Deleting the file is no cure (the manifest still lists it): name the repair instead.
     return (
-        f"Checkpoint part {file} is {problem}. To recover, open the checkpoint with "
-        "Checkpoint.open(path, fingerprint, repair=True), which drops missing or unreadable parts "
-        f"from the manifest (or delete {file.name} first); either way its rows will be generated "
-        "again on resume."
+        f"Checkpoint part {file} is {problem}. To recover, {_repair_advice(file.parent)}: it "
+        "drops missing or unreadable parts from the manifest (with Checkpoint.open, repair=True "
+        "does the same), and their rows will be generated again on resume."
     )
 
 
@@ -511,27 +498,35 @@ def _check_part(file: Path, rows: int) -> None:
         )
 
 
+class _NewerFormatError(CheckpointCorruptError):
+    """A manifest of another format version: not damage, so repair must not rewrite it."""
+
+
 def _read_manifest(directory: Path) -> dict[str, Any] | None:
     """The parsed, validated manifest, or None if there is none."""
     file = directory / _MANIFEST
+
+    def damaged(problem: str) -> CheckpointCorruptError:
+        message = f"{problem}. {_START_FRESH}"
+        if _part_files(directory):  # the answers are in the parts: say how to keep them
+            message += (f" Nothing was deleted: to keep the stored answers, {_repair_advice(directory)}, "
+                        "which rebuilds the manifest from the part files.")
+        return CheckpointCorruptError(message)
+
     try:
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError) as exc:
-        raise CheckpointCorruptError(f"Cannot read checkpoint manifest {file}: {exc}. {_START_FRESH}")
+        raise damaged(f"Cannot read checkpoint manifest {file}: {exc}") from exc
     try:
         manifest = json.loads(text)
     except ValueError as exc:
-        raise CheckpointCorruptError(
-            f"Checkpoint manifest {file} is not valid JSON ({exc}). {_START_FRESH}"
-        ) from exc
+        raise damaged(f"Checkpoint manifest {file} is not valid JSON ({exc})") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
-        raise CheckpointCorruptError(
-            f"{file} is not a gen-ai-frames checkpoint manifest. {_START_FRESH}"
-        )
+        raise damaged(f"{file} is not a gen-ai-frames checkpoint manifest")
     if manifest.get("version") != _FORMAT_VERSION:
-        raise CheckpointCorruptError(
+        raise _NewerFormatError(
             f"Checkpoint {directory} has format version {manifest.get('version')!r}; this version of "
             f"gen-ai-frames reads version {_FORMAT_VERSION}. {_START_FRESH}"
         )
@@ -550,7 +545,7 @@ def _read_manifest(directory: Path) -> dict[str, Any] | None:
         )
     )
     if not valid:
-        raise CheckpointCorruptError(f"Checkpoint manifest {file} is malformed. {_START_FRESH}")
+        raise damaged(f"Checkpoint manifest {file} is malformed")
     return manifest
 
 
@@ -571,6 +566,8 @@ def _read_snapshot(path: str | os.PathLike[str]) -> tuple[dict[str, Any], pa.Tab
     for _ in range(10):
         manifest = _read_manifest(directory)
         if manifest is None:
+            if directory.is_dir() and _part_files(directory):
+                raise CheckpointCorruptError(_no_manifest_message(directory))
             what = "does not exist" if not directory.exists() else "has no manifest.json"
             raise CheckpointError(f"No checkpoint at {directory}: the path {what}.")
         try:
@@ -630,7 +627,9 @@ class Checkpoint:
 
         ``fingerprint`` (JSON values: provider, model, endpoint, generation parameters) must equal the
         stored one when resuming. ``resume=False`` deletes stored results and starts empty.
-        ``repair=True`` drops missing or unreadable parts from the manifest, with a warning.
+        ``repair=True`` drops missing or unreadable parts from the manifest and rebuilds a lost or
+        damaged manifest from the part files, with a warning (see :func:`repair_checkpoint`);
+        without it such a checkpoint raises :class:`CheckpointCorruptError` and nothing is deleted.
 
         >>> import tempfile, os
         >>> path = os.path.join(tempfile.mkdtemp(), "run.ckpt")
@@ -727,7 +726,9 @@ class Checkpoint:
             parts.append(entry)
         new_manifest = {**manifest, "next_seq": seq + 1, "parts": parts}
         try:
-            _write_atomic(file, lambda f: pq.write_table(table, f))
+            # Each part carries the run's fingerprint too, so a lost manifest can be rebuilt.
+            stamped = table.replace_schema_metadata({_PART_FINGERPRINT: json.dumps(self._fingerprint)})
+            write_atomic(file, lambda f: pq.write_table(stamped, f))
         except OSError as exc:
             raise CheckpointError(
                 f"Could not write checkpoint part {file}: {exc}. Results stored before are intact; "
@@ -888,7 +889,20 @@ def _prepare(
     for entry in os.scandir(directory):
         if _TMP_RE.match(entry.name):
             _remove_quietly(Path(entry.path))  # half-written by a run that died
-    manifest = None if not resume else _read_manifest(directory)
+    manifest = None
+    if resume:
+        try:
+            manifest = _read_manifest(directory)
+        except _NewerFormatError:
+            raise
+        except CheckpointCorruptError:
+            if not repair or not _part_files(directory):
+                raise
+            # repair=True: the parts are the data, the manifest only lists them: rebuild it.
+        if manifest is None and _part_files(directory):
+            if not repair:
+                raise CheckpointCorruptError(_no_manifest_message(directory))
+            manifest = _rebuild_manifest(directory, fingerprint)
     if manifest is not None and manifest["fingerprint"] != fingerprint:
         diff = _fingerprint_diff(manifest["fingerprint"], fingerprint)
         raise CheckpointMismatchError(
@@ -927,11 +941,107 @@ def _prepare(
     return manifest
 
 
+def _part_files(directory: Path) -> list[str]:
+    """Names of the part files in ``directory``, oldest (lowest number) first."""
+    names = [e.name for e in os.scandir(directory) if _PART_RE.match(e.name)]
+    return sorted(names, key=_part_number)
+
+
+def _part_number(name: str) -> int:
+    """The sequence number of a part file's name (already matched by ``_PART_RE``)."""
+    match = _PART_RE.match(name)
+    assert match is not None
+    return int(match.group(1))
+
+
+def _repair_advice(directory: Path) -> str:
+    return (
+        f"run `gen-ai-frames repair {directory}` (or call "
+        "gen_ai_frames.checkpoint.repair_checkpoint(path), or pass repair=True)"
+    )
+
+
+def _no_manifest_message(directory: Path) -> str:
+    return (
+        f"Checkpoint {directory} has part files but no readable manifest.json (it was deleted or "
+        "damaged). Nothing was deleted. To keep the stored answers, "
+        + _repair_advice(directory)
+        + ", which rebuilds the manifest from the parts; or pass resume=False to delete them."
+    )
+
+
+def _part_fingerprint(file: Path) -> dict[str, Any] | None:
+    """The fingerprint stamped in a part's metadata (None for parts of older versions)."""
+    metadata = pq.read_schema(file).metadata or {}
+    raw = metadata.get(_PART_FINGERPRINT)
+    if raw is None:
+        return None
+    value = json.loads(raw)
+    return value if isinstance(value, dict) else None
+
+
+def _rebuild_manifest(directory: Path, fingerprint: dict[str, Any] | None) -> dict[str, Any]:
+    """A manifest listing every readable part file in ``directory``, oldest first.
+
+    Parts written with other settings than ``fingerprint`` (told by the fingerprint each part
+    carries) are refused, not mixed in. With ``fingerprint=None`` the parts' own is used.
+    """
+    parts, stamps, dropped = [], set(), []
+    for name in _part_files(directory):
+        try:
+            table = _read_part(directory / name)
+            stamp = _part_fingerprint(directory / name)
+        except (CheckpointCorruptError, OSError, pa.ArrowException, ValueError):
+            dropped.append(name)
+            continue
+        if stamp is not None:
+            stamps.add(json.dumps(stamp, sort_keys=True))
+        # Level 0 for all: compaction merges them again as the run goes on.
+        parts.append({"file": name, "level": 0, "rows": table.num_rows})
+    if len(stamps) > 1:
+        raise CheckpointCorruptError(
+            f"Checkpoint {directory}: its part files were written with different settings, so its "
+            f"manifest cannot be rebuilt. {_START_FRESH}"
+        )
+    stored = json.loads(stamps.pop()) if stamps else None
+    if fingerprint is None:
+        if stored is None:
+            raise CheckpointCorruptError(
+                f"Checkpoint {directory}: its parts do not record the settings they were written "
+                "with; pass the run's fingerprint to repair_checkpoint(path, fingerprint=...), or "
+                f"{_START_FRESH[0].lower()}{_START_FRESH[1:]}"
+            )
+        fingerprint = stored
+    elif stored is not None and stored != fingerprint:
+        diff = _fingerprint_diff(stored, fingerprint)
+        raise CheckpointMismatchError(
+            f"Checkpoint {directory} was written with other settings:\n"
+            + "\n".join(diff)
+            + f"\n{_START_FRESH}"
+        )
+    warnings.warn(
+        f"Checkpoint {directory}: rebuilt manifest.json from {len(parts)} part file(s)"
+        + (f"; dropped unreadable parts {dropped}, their rows will be generated again" if dropped else ""),
+        UserWarning,
+        stacklevel=4,
+    )
+    for name in dropped:
+        _remove_quietly(directory / name)
+    highest = max((_part_number(p["file"]) for p in parts), default=0)
+    return {
+        "format": _FORMAT,
+        "version": _FORMAT_VERSION,
+        "fingerprint": fingerprint,
+        "next_seq": highest + 1,
+        "parts": parts,
+    }
+
+
 def _write_manifest(
     directory: Path, manifest: dict[str, Any], on_replaced: Callable[[], None] | None = None
 ) -> None:
     data = json.dumps(manifest, indent=1).encode("utf-8")
-    _write_atomic(directory / _MANIFEST, lambda f: f.write(data), on_replaced=on_replaced)
+    write_atomic(directory / _MANIFEST, lambda f: f.write(data), on_replaced=on_replaced)
 
 
 def _check_parts(directory: Path, manifest: dict[str, Any], *, repair: bool) -> dict[str, Any]:
@@ -964,15 +1074,55 @@ def _check_parts(directory: Path, manifest: dict[str, Any], *, repair: bool) -> 
 # Read-only access
 
 
+def run_fingerprint(client: Any, params: Any) -> dict[str, Any]:
+    """What a run's checkpoint must match to resume: the client's settings (provider, endpoint,
+    model: ``client.fingerprint()``) and the generation parameters (``params.fingerprint()``).
+
+    Assembled here only, for the runner, the CLI and Dask alike.
+
+    >>> class C:
+    ...     def fingerprint(self): return {"provider": "openai", "model": "m"}
+    >>> class P:
+    ...     def fingerprint(self): return {"max_tokens": 16}
+    >>> run_fingerprint(C(), P())
+    {'provider': 'openai', 'model': 'm', 'max_tokens': 16}
+    """
+    return {**client.fingerprint(), **params.fingerprint()}
+
+
+def _sharded(path: str | os.PathLike[str]) -> Any:
+    """The sharded-checkpoint module when ``path`` is a run of shards (CLI batches, Dask
+    partitions), else None. Imported late: it is built on this module."""
+    directory = Path(os.fspath(path))
+    if (directory / _MANIFEST).exists() or any(directory.glob("part-*.parquet")):
+        return None
+    from . import shards
+
+    return shards if shards.kind_of(directory) not in (None, "single") else None
+
+
+def result_frame(table: pa.Table) -> pd.DataFrame:
+    """Stored records as a result frame: sorted by position (then write order), indexed by it."""
+    frame = _table_to_frame(table)
+    frame = frame.sort_values("position", kind="stable")
+    index = pd.Index(frame["position"].to_numpy(dtype=np.int64), name="position")
+    result = frame[["prompt", *RESULT_COLUMNS]].set_axis(index, axis=0)
+    return result.astype({c: "Int64" for c in RESULT_COLUMNS if PANDAS_DTYPES[c] == "Int64"})
+
+
 def read_checkpoint(path: str | os.PathLike[str]) -> pd.DataFrame:
-    """The result frame stored in the checkpoint at ``path``, read without taking the lock.
+    """The results stored in the checkpoint at ``path``, read without taking the lock.
 
-    One row per input position, sorted, indexed by ``position``; columns ``prompt`` and
-    :data:`RESULT_COLUMNS`, strings as pandas ``string`` dtype and integers as nullable ``Int64``.
-    Safe to call while a run is writing (you see the state of the last completed append).
+    Every stored record, the latest per prompt key, sorted and indexed by ``position`` (the row's
+    position in the input of the run that wrote it); columns ``prompt`` and :data:`RESULT_COLUMNS`,
+    strings as pandas ``string`` dtype and integers as nullable ``Int64``. Safe to call while a
+    run is writing (you see the state of the last completed append). ``len()`` of the result is
+    ``checkpoint_status(path)["total"]``: nothing stored is hidden. So if a later run was given a
+    filtered or reordered frame, a position may appear twice (an answer of the earlier input and
+    one of the later); rows a run found moved are stored again at their new position.
 
-    If rows were inserted into the input between runs, a position may have been written for two
-    different prompts; the record written last is shown.
+    A sharded checkpoint (``gen-ai-frames generate --checkpoint``, Dask's ``checkpoint=``) gives
+    every shard's records, indexed by ``(batch, position)`` or ``(partition, position)``.
 
     >>> import tempfile, os
     >>> path = os.path.join(tempfile.mkdtemp(), "run.ckpt")
@@ -982,19 +1132,19 @@ def read_checkpoint(path: str | os.PathLike[str]) -> pd.DataFrame:
     >>> frame.index.tolist(), frame["response"].tolist(), frame["error"].tolist()
     ([0, 1], ['A', <NA>], [<NA>, 'boom'])
     """
+    sharded = _sharded(path)
+    if sharded is not None:
+        return sharded.read_sharded(path)  # type: ignore[no-any-return]
     _, table = _read_snapshot(path)
-    frame = _table_to_frame(table)
-    # Among equal positions keep the one written last: drop_duplicates preserves write order.
-    frame = frame.drop_duplicates("position", keep="last")
-    frame = frame.sort_values("position", kind="stable")
-    index = pd.Index(frame["position"].to_numpy(dtype=np.int64), name="position")
-    result = frame[["prompt", *RESULT_COLUMNS]].set_axis(index, axis=0)
-    ints = {c: "Int64" for c in ("status_code", "attempts", "prompt_tokens", "completion_tokens")}
-    return result.astype(ints)
+    return result_frame(table)
 
 
 def checkpoint_status(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Counts for a CLI ``status`` command, read without taking the lock.
+    """Counts of the checkpoint at ``path`` (single or sharded), read without taking the lock.
+
+    ``total`` records are stored; ``done`` of them hold an answer and ``failed`` an error. For a
+    sharded checkpoint ``done``/``failed`` count the rows of the current input (see
+    :mod:`gen_ai_frames.shards`), and ``remaining`` the input's rows without a result yet.
 
     >>> import tempfile, os
     >>> path = os.path.join(tempfile.mkdtemp(), "run.ckpt")
@@ -1002,14 +1152,18 @@ def checkpoint_status(path: str | os.PathLike[str]) -> dict[str, Any]:
     ...     ckpt.append(make_records(["a", "b"], responses=["A", None],
     ...                              error=[None, "slow"], error_type=[None, "APITimeoutError"]))
     >>> status = checkpoint_status(path)
-    >>> status["total"], status["done"], status["failed"], status["errors_by_type"]
-    (2, 1, 1, {'APITimeoutError': 1})
+    >>> status["kind"], status["total"], status["done"], status["failed"], status["errors_by_type"]
+    ('single', 2, 1, 1, {'APITimeoutError': 1})
     """
+    sharded = _sharded(path)
+    if sharded is not None:
+        return sharded.checkpoint_status_of(path)  # type: ignore[no-any-return]
     manifest, table = _read_snapshot(path)
     errors = table.filter(table.column("error").is_valid()).column("error_type").to_pylist()
     by_type = Counter("unknown" if t is None else t for t in errors)
     return {
         "path": str(Path(os.fspath(path))),
+        "kind": "single",
         "total": table.num_rows,
         "done": table.num_rows - table.column("response").null_count,
         "failed": len(errors),
@@ -1017,3 +1171,80 @@ def checkpoint_status(path: str | os.PathLike[str]) -> dict[str, Any]:
         "parts": len(manifest["parts"]),
         "fingerprint": manifest["fingerprint"],
     }
+
+
+def repair_checkpoint(
+    path: str | os.PathLike[str], fingerprint: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Make the checkpoint at ``path`` readable again, keeping every answer that can be read.
+
+    Drops missing or unreadable parts from the manifest (their rows are generated again on
+    resume), and rebuilds a missing or damaged ``manifest.json`` from the part files, with the
+    settings each part records (or ``fingerprint``, for parts written by older versions). Works
+    on sharded checkpoints too, shard by shard. Takes the lock: not while a run uses it.
+    ``gen-ai-frames repair PATH`` does the same.
+
+    >>> import tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "run.ckpt")
+    >>> with Checkpoint.open(path, {"model": "m"}) as ckpt:
+    ...     ckpt.append(make_records(["a"], responses=["A"]))
+    >>> os.remove(os.path.join(path, "manifest.json"))
+    >>> import warnings
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("ignore")
+    ...     report = repair_checkpoint(path)
+    >>> report["rebuilt"], report["records"], read_checkpoint(path)["response"].tolist()
+    (True, 1, ['A'])
+    """
+    directory = Path(os.fspath(path))
+    sharded = _sharded(directory)
+    if sharded is not None:
+        return sharded.repair_sharded(directory)  # type: ignore[no-any-return]
+    if not directory.is_dir():
+        raise CheckpointError(f"No checkpoint at {directory}: the path does not exist.")
+    try:
+        manifest = _read_manifest(directory)
+    except _NewerFormatError:
+        raise
+    except CheckpointCorruptError:
+        manifest = None
+    if manifest is None and not _part_files(directory):
+        raise CheckpointError(f"No checkpoint at {directory}: it holds no manifest.json and no part files.")
+    rebuilt = manifest is None
+    if manifest is not None:
+        chosen = manifest["fingerprint"]
+    elif fingerprint is not None:
+        chosen = _normalize_fingerprint(fingerprint)
+    else:
+        chosen = _stored_fingerprint(directory)
+    before = [p["file"] for p in manifest["parts"]] if manifest is not None else _part_files(directory)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Checkpoint.open(directory, chosen, repair=True) as ckpt:
+            kept = [p["file"] for p in ckpt._manifest["parts"]]
+            records = len(ckpt.records())
+    for warning in caught:  # say what was done, once, from here
+        warnings.warn(str(warning.message), UserWarning, stacklevel=2)
+    return {"path": str(directory), "kind": "single", "rebuilt": rebuilt,
+            "dropped": [name for name in before if name not in kept], "parts": len(kept),
+            "records": records}
+
+
+def _stored_fingerprint(directory: Path) -> dict[str, Any]:
+    """The one fingerprint the part files record (raises when none or several)."""
+    stamps = set()
+    for name in _part_files(directory):
+        try:
+            stamp = _part_fingerprint(directory / name)
+        except (OSError, pa.ArrowException, ValueError):
+            continue  # unreadable: repair drops it
+        if stamp is not None:
+            stamps.add(json.dumps(stamp, sort_keys=True))
+    if len(stamps) != 1:
+        why = "do not record the settings they were written with" if not stamps else "disagree"
+        raise CheckpointCorruptError(
+            f"Cannot rebuild the manifest of {directory}: its part files {why}. Pass the run's "
+            "settings to repair_checkpoint(path, fingerprint=...), or start fresh with "
+            "resume=False (this deletes the results stored there)."
+        )
+    return json.loads(stamps.pop())  # type: ignore[no-any-return]

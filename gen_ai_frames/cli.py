@@ -5,16 +5,21 @@ Commands (``python -m gen_ai_frames`` works too)::
     gen-ai-frames generate reviews.parquet -o out.parquet --template "Sentiment of: {review}" \\
         --model gpt-4o-mini --checkpoint run.ckpt
     gen-ai-frames status run.ckpt
+    gen-ai-frames repair run.ckpt
     gen-ai-frames demo
 
 ``generate`` streams its input: it reads ``--batch-rows`` rows at a time (Parquet record batches, CSV
 and JSON Lines chunks; see :mod:`gen_ai_frames.files`), answers them through :func:`gen_ai_frames.runner.run_rows` and appends them
 to the output, so memory follows the batch size, not the file size. With ``--checkpoint DIR`` every
 batch has its own checkpoint, ``DIR/batch-000001/`` and so on, and a killed run resumes batch by
-batch when the same command is run again. See ``docs/cli.md``.
+batch when the same command is run again (a sharded checkpoint, see :mod:`gen_ai_frames.shards`).
+``status`` shows what a checkpoint of any kind holds; ``repair`` makes a damaged one readable again.
+See ``docs/cli.md``.
 
 Exit status: 0 every row answered, 1 some rows failed (summary on stderr), 2 usage or configuration
-error (one ``gen-ai-frames: error: ...`` line on stderr), 130 interrupted.
+error (one ``gen-ai-frames: error: ...`` line on stderr), 130 interrupted (Ctrl-C), 143 terminated
+(SIGTERM, which stops the run as Ctrl-C does: the answers received are saved, the checkpoint's lock
+released, no partial output file left behind).
 
 >>> main(["--version"])  # doctest: +SKIP
 gen-ai-frames 0.1.0
@@ -24,14 +29,15 @@ gen-ai-frames 0.1.0
 from __future__ import annotations
 
 import argparse
-import contextlib
 import difflib
 import importlib.resources
 import json
 import math
 import os
-import re
+import signal
 import sys
+import threading
+import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,7 +49,7 @@ import pyarrow as pa
 
 from . import __version__
 from ._sync import run_sync
-from .checkpoint import Checkpoint, CheckpointError, checkpoint_status
+from .checkpoint import CheckpointError, checkpoint_status, repair_checkpoint, run_fingerprint
 from .client import Client
 from .errors import ConfigurationError
 from .factory import create_client
@@ -60,14 +66,18 @@ from .files import (
 from .options import GROUPS, RunOptions, option_fields
 from .params import GenerationParams, validate_positive_int
 from .prompts import build_prompts, template_fields
+from .results import RESULT_TYPES, arrow_array
 from .runner import RowResults, output_names, run_rows
+from .shards import ShardedCheckpoint, ShardSizeError, kind_of
 
-__all__ = ["EXIT_FAILED_ROWS", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
+__all__ = ["EXIT_FAILED_ROWS", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_TERMINATED", "EXIT_USAGE", "build_parser",
+           "main"]
 
 EXIT_OK = 0
 EXIT_FAILED_ROWS = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process killed by it
 
 PROG = "gen-ai-frames"
 DEFAULT_BATCH_ROWS = 50_000
@@ -75,18 +85,6 @@ DEMO_OUTPUT = "demo_output.parquet"
 DEMO_TEMPLATE = (
     "Is this product review positive, negative or mixed? Answer with one word.\n\nReview: {review}"
 )
-
-_RESULT_TYPES: dict[str, pa.DataType] = {
-    "response": pa.string(), "error": pa.string(), "error_type": pa.string(),
-    "error_suggestion": pa.string(), "status_code": pa.int64(), "attempts": pa.int64(),
-    "finish_reason": pa.string(), "prompt_tokens": pa.int64(), "completion_tokens": pa.int64(),
-    "latency_s": pa.float64(),
-}
-
-# The CLI's own record in a checkpoint directory, next to the batch-NNNNNN sub-directories.
-_RUN_FILE = "cli-run.json"
-_RUN_FORMAT = "gen_ai_frames.cli-run"
-_BATCH_DIR = re.compile(r"^batch-(\d{6,})$")
 
 _KEY_HELP = (
     "API keys are read from the provider's environment variable only (OPENAI_API_KEY for "
@@ -113,16 +111,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(err)
     except SystemExit as exit_:  # --help and --version print, then "exit": return instead
         return exit_.code if isinstance(exit_.code, int) else EXIT_OK
+    terminated: list[int] = []
+    previous = _stop_on_sigterm(terminated)
     try:
         return int(args.handler(args))
     except (UsageError, ConfigurationError, CheckpointError) as err:
         return _fail(err)
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+        print(f"{PROG}: {'terminated (SIGTERM)' if terminated else 'interrupted'}", file=sys.stderr)
         if getattr(args, "checkpoint", None):
             print(f"{PROG}: finished rows are saved in {args.checkpoint}; run the same command again "
                   "to resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_on_sigterm(terminated: list[int]) -> Any:
+    """Make SIGTERM (a scheduler stopping the job, ``kill``) stop the run as Ctrl-C does: what was
+    received is saved, the checkpoint's lock released, no partial output left. Returns the handler
+    it replaced (None when not in the main thread, where signals cannot be handled)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        terminated.append(signum)
+        # Ctrl-C's own path: inside asyncio.run its handler cancels the run (which then saves and
+        # unlocks), elsewhere Python's raises KeyboardInterrupt. Called directly rather than
+        # re-signalled: a job started in the background may have SIGINT ignored.
+        on_sigint = signal.getsignal(signal.SIGINT)
+        if not callable(on_sigint):
+            raise KeyboardInterrupt
+        on_sigint(signal.SIGINT, frame)
+
+    return signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def _fail(err: BaseException) -> int:
@@ -191,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "exit status: 0 every row answered, 1 some rows failed (summary on stderr), 2 usage or "
-            "configuration error.\n\n"
+            "configuration error, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM, handled like "
+            "Ctrl-C: the answers received are saved in --checkpoint).\n\n"
             "examples:\n"
             f"  {PROG} generate reviews.csv -o out.parquet --template 'Sentiment of: {{review}}'\n"
             f"  {PROG} generate big.parquet -o out.parquet --column prompt --checkpoint run.ckpt\n"
@@ -216,12 +240,22 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser(
         "status", formatter_class=formatter, help="show what a checkpoint holds",
         description="Rows answered, failed and remaining, and errors by type, of a checkpoint written "
-                    f"by '{PROG} generate --checkpoint' or by df.genai.generate(checkpoint=...). "
-                    "Safe while a run is writing to it.",
+                    f"by '{PROG} generate --checkpoint', by df.genai.generate(checkpoint=...) or by a Dask "
+                    "run. Safe while a run is writing to it.",
     )
     status.add_argument("checkpoint", metavar="CHECKPOINT", help="the checkpoint directory")
     status.add_argument("--json", action="store_true", help="print the counts as one JSON object")
     status.set_defaults(handler=_cmd_status)
+
+    repair = commands.add_parser(
+        "repair", formatter_class=formatter, help="make a damaged checkpoint readable again",
+        description="Drop missing or unreadable part files from a checkpoint's manifest (their rows are "
+                    "sent again on the next run) and rebuild a missing or damaged manifest.json from the "
+                    "part files, keeping every answer that can be read. Works on every kind of checkpoint "
+                    f"('{PROG} generate --checkpoint', df.genai.generate, Dask). Not while a run uses it.",
+    )
+    repair.add_argument("checkpoint", metavar="CHECKPOINT", help="the checkpoint directory")
+    repair.set_defaults(handler=_cmd_repair)
 
     demo = commands.add_parser(
         "demo", formatter_class=formatter, help="classify the bundled sample reviews with a local model",
@@ -352,6 +386,25 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_repair(args: argparse.Namespace) -> int:
+    path = Path(args.checkpoint)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the report below says what was done, once
+        report = repair_checkpoint(path)
+    rebuilt, dropped = report["rebuilt"], report["dropped"]
+    if rebuilt:
+        where = "" if rebuilt is True else " of " + ", ".join(rebuilt)
+        print(f"{PROG}: rebuilt the manifest{where} from the part files")
+    if dropped:
+        print(f"{PROG}: dropped {len(dropped)} unreadable part file(s): {', '.join(dropped)}; their rows "
+              "are sent again on the next run")
+    if not rebuilt and not dropped:
+        print(f"{PROG}: {path} needed no repair")
+    else:
+        print(f"{PROG}: repaired {path}; run the same command again to resume")
+    return EXIT_OK
+
+
 def _shorten(value: object, width: int) -> str:
     """One line of at most ``width`` characters.
 
@@ -426,7 +479,7 @@ def _run(job: Job, err: TextIO) -> tuple[int, bool]:
         fields = None if job.template is None else template_fields(job.template)
         client = _make_client(job)
         run_state = _prepare_checkpoint(job, client, params, source.rows) if job.checkpoint else None
-        out_schema = pa.schema([*source.schema, *(pa.field(names[n], _RESULT_TYPES[n]) for n in names)])
+        out_schema = pa.schema([*source.schema, *(pa.field(names[n], RESULT_TYPES[n]) for n in names)])
         tally = _Tally()
         batches = math.ceil(source.rows / job.batch_rows)
         with Output(job.output, out_format, out_schema) as output:
@@ -434,7 +487,7 @@ def _run(job: Job, err: TextIO) -> tuple[int, bool]:
                 offset = (index - 1) * job.batch_rows
                 if job.options.progress and batches > 1:
                     print(f"batch {index}/{batches}: rows {offset + 1:,}-{offset + table.num_rows:,}", file=err)
-                results = _run_batch(job, client, params, table, fields, index)
+                results = _run_batch(job, client, params, table, fields, index, run_state)
                 tally.add(results, offset)
                 if results.fatal is not None:
                     output.discard()
@@ -442,7 +495,7 @@ def _run(job: Job, err: TextIO) -> tuple[int, bool]:
                     return EXIT_FAILED_ROWS, False
                 output.write(_output_table(table, results, names, out_schema))
                 if run_state is not None:
-                    run_state.finished_batch(index, table.num_rows, results)
+                    run_state.finish_shard(index, results.columns)
             output.commit()
         if run_state is not None:
             run_state.complete()
@@ -451,7 +504,7 @@ def _run(job: Job, err: TextIO) -> tuple[int, bool]:
 
 
 def _run_batch(job: Job, client: Client, params: GenerationParams, table: pa.Table,
-               fields: list[str] | None, index: int) -> RowResults:
+               fields: list[str] | None, index: int, run_state: ShardedCheckpoint | None) -> RowResults:
     # Only the columns the prompts need go to pandas: a wide table is not copied whole.
     if job.template is not None:
         assert fields is not None
@@ -460,21 +513,15 @@ def _run_batch(job: Job, client: Client, params: GenerationParams, table: pa.Tab
         frame = _prompt_frame(table, [job.column])  # type: ignore[list-item]
     prompts = build_prompts(frame, job.column, job.template)
     del frame
-    checkpoint = None if job.checkpoint is None else job.checkpoint / _batch_name(index)
+    checkpoint = None
+    if run_state is not None:
+        checkpoint = run_state.shard_path(index)
+        run_state.start_shard(index, table.num_rows)
     try:
         options = job.options.replace(checkpoint=checkpoint, progress=job.options.progress and len(prompts) > 0)
         return run_sync(run_rows(prompts, client=client, options=options))
     except ImportError as exc:  # an in-process provider loads its library when the first batch starts
         raise UsageError(_provider_unavailable(job.provider, exc)) from None
-
-
-def _batch_name(index: int) -> str:
-    """The checkpoint sub-directory of batch ``index`` (from 1).
-
-    >>> _batch_name(12)
-    'batch-000012'
-    """
-    return f"batch-{index:06d}"
 
 
 def _check_paths(source: Path, target: Path) -> None:
@@ -521,7 +568,7 @@ def _prompt_frame(table: pa.Table, columns: Sequence[str]) -> pd.DataFrame:
 def _output_table(table: pa.Table, results: RowResults, names: dict[str, str], schema: pa.Schema) -> pa.Table:
     columns = [*table.columns]
     for name in names:
-        columns.append(pa.array(results.columns[name], type=_RESULT_TYPES[name]))
+        columns.append(arrow_array(name, results.columns[name]))
     return pa.Table.from_arrays(columns, schema=schema)
 
 
@@ -578,99 +625,21 @@ def _print_errors(tally: _Tally, err: TextIO) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Checkpoint directory of the CLI: batch-NNNNNN sub-directories and cli-run.json
+# Checkpoint directory of the CLI: a sharded checkpoint, one shard per batch
 
 
-class _RunRecord:
-    """``cli-run.json``: what ``status`` needs besides the batch checkpoints (input size, batches done).
-
-    Rows that cannot be sent (no prompt) are never stored in a checkpoint; their count per error
-    type is kept here for finished batches, so ``status`` adds up to the input's row count.
-    """
-
-    def __init__(self, root: Path, data: dict[str, Any]) -> None:
-        self.root, self.data = root, data
-        self.save()
-
-    def save(self) -> None:
-        tmp = self.root / (_RUN_FILE + ".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1), encoding="utf-8")
-        os.replace(tmp, self.root / _RUN_FILE)
-
-    def finished_batch(self, index: int, rows: int, results: RowResults) -> None:
-        # In a batch that ran to its end, only rows without a sendable prompt are left unstored.
-        unsent = Counter(t for t in results.columns["error_type"] if t == "InvalidPromptError")
-        self.data["finished_batches"] = index
-        self.data["finished_rows"] += rows
-        errors = Counter(self.data["unsent_errors"])
-        errors.update(unsent)
-        self.data["unsent_errors"] = dict(errors)
-        self._save_quietly()
-
-    def complete(self) -> None:
-        self.data["complete"] = True
-        self._save_quietly()
-
-    def _save_quietly(self) -> None:
-        # Only `status` reads this record; the answers are safe in the batch checkpoints, so a
-        # failed write here must not stop the run (a full disk stops it at the next checkpoint write).
-        with contextlib.suppress(OSError):
-            self.save()
-
-
-def _prepare_checkpoint(job: Job, client: Client, params: GenerationParams, rows: int) -> _RunRecord:
-    root = job.checkpoint
-    assert root is not None
-    if root.exists() and not root.is_dir():
-        raise UsageError(f"--checkpoint {str(root)!r} is a file; give a directory (created if missing)")
-    if (root / "manifest.json").exists():
-        raise UsageError(f"{str(root)!r} is a checkpoint written by df.genai.generate; the command line "
-                         "keeps one checkpoint per batch in its own directory: choose another --checkpoint path")
+def _prepare_checkpoint(job: Job, client: Client, params: GenerationParams, rows: int) -> ShardedCheckpoint:
+    assert job.checkpoint is not None
     try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot create checkpoint directory {str(root)!r}: {exc}") from None
-    previous = _read_run_record(root)
-    if previous is not None and job.options.resume and previous.get("batch_rows") != job.batch_rows:
-        raise UsageError(
-            f"checkpoint {str(root)!r} was written with --batch-rows {previous.get('batch_rows')}; resume "
-            "with the same value (batches are matched by number), or pass --no-resume to start over"
+        return ShardedCheckpoint.create(
+            job.checkpoint, "batches", run_fingerprint(client, params), resume=job.options.resume,
+            shard_rows=job.batch_rows, input_rows=rows, source=str(job.input),
         )
-    if not job.options.resume:
-        # Wipe every batch now, not as the run reaches it: stale batches must not be restored later,
-        # and a run still using this checkpoint is found before anything is deleted.
-        fingerprint = {**client.fingerprint(), **params.fingerprint()}
-        for _, batch in _batch_dirs(root):
-            Checkpoint.open(batch, fingerprint, resume=False).close()
-    data = {"format": _RUN_FORMAT, "version": 1, "input": str(job.input), "input_rows": rows,
-            "batch_rows": job.batch_rows, "finished_batches": 0, "finished_rows": 0, "unsent_errors": {},
-            "complete": False}
-    try:
-        return _RunRecord(root, data)
-    except OSError as exc:
-        raise UsageError(f"cannot write in checkpoint directory {str(root)!r}: {exc}") from None
-
-
-def _read_run_record(root: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads((root / _RUN_FILE).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read {str(root / _RUN_FILE)!r}: {exc}") from None
-    if not isinstance(data, dict) or data.get("format") != _RUN_FORMAT:
-        raise UsageError(f"{str(root / _RUN_FILE)!r} is not a gen-ai-frames run record")
-    return data
-
-
-def _batch_dirs(root: Path) -> list[tuple[int, Path]]:
-    found = []
-    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-        for entry in os.scandir(root):
-            match = _BATCH_DIR.match(entry.name)
-            if match and entry.is_dir():
-                found.append((int(match.group(1)), Path(entry.path)))
-    return sorted(found)
+    except ShardSizeError as exc:
+        raise UsageError(
+            f"checkpoint {str(job.checkpoint)!r} was written with --batch-rows {exc.stored}; resume "
+            "with the same value (batches are matched by number), or pass --no-resume to start over"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -678,51 +647,28 @@ def _batch_dirs(root: Path) -> list[tuple[int, Path]]:
 
 
 def status_of(path: Path) -> dict[str, Any]:
-    """Counts of a checkpoint: one written by ``generate --checkpoint`` (batches) or by the accessor.
+    """Counts of a checkpoint of any kind: CLI batches, Dask partitions, or a single one.
 
-    ``remaining`` is None when the input's size is unknown (an accessor checkpoint).
+    ``remaining`` is None when the input's size is unknown (a single or Dask checkpoint);
+    ``stored`` counts the records stored, ``answered``/``failed`` the input's rows.
 
     >>> status_of(Path("run.ckpt"))["answered"]  # doctest: +SKIP
     150000
     """
-    if (path / "manifest.json").exists():  # a single checkpoint, as df.genai.generate writes
-        status = checkpoint_status(path)
-        return {"path": str(path), "kind": "single", "batches": None, "input_rows": None,
-                "answered": status["done"], "failed": status["failed"], "remaining": None,
-                "errors_by_type": status["errors_by_type"], "model": _model_of(status["fingerprint"])}
-    batches = _batch_dirs(path)
-    record = _read_run_record(path) if path.is_dir() else None
-    if not batches and record is None:
+    if kind_of(path) is None:
         what = "does not exist" if not path.exists() else "holds no checkpoint"
         raise UsageError(f"no checkpoint at {str(path)!r}: the path {what}")
-    record = record or {}
-    finished = int(record.get("finished_batches", 0))
-    answered = failed = stored_unfinished = 0
-    errors: Counter[str] = Counter(record.get("unsent_errors", {}))
-    model = None
-    for index, batch in batches:
-        if not (batch / "manifest.json").exists():
-            continue  # created by a run that died before writing anything
-        status = checkpoint_status(batch)
-        answered += status["done"]
-        failed += status["failed"]
-        errors.update(status["errors_by_type"])
-        if index > finished:
-            stored_unfinished += status["total"]
-        model = model or _model_of(status["fingerprint"])
-    failed += sum(record.get("unsent_errors", {}).values())
-    input_rows = record.get("input_rows")
-    batch_rows = record.get("batch_rows")
-    remaining = None
-    if input_rows is not None:
-        remaining = max(0, input_rows - int(record.get("finished_rows", 0)) - stored_unfinished)
+    status = checkpoint_status(path)
+    single = status["kind"] == "single"
     return {
-        "path": str(path), "kind": "batches",
-        "batches": len(batches),
-        "total_batches": math.ceil(input_rows / batch_rows) if input_rows is not None and batch_rows else None,
-        "input_rows": input_rows, "answered": answered, "failed": failed, "remaining": remaining,
-        "complete": bool(record.get("complete", False)),
-        "errors_by_type": dict(errors.most_common()), "model": model,
+        "path": str(path), "kind": status["kind"],
+        "batches": None if single else status["shards"],
+        "total_batches": None if single else status["total_shards"],
+        "input_rows": None if single else status["input_rows"],
+        "stored": status["total"], "answered": status["done"], "failed": status["failed"],
+        "remaining": None if single else status["remaining"],
+        "complete": None if single else status["complete"],
+        "errors_by_type": status["errors_by_type"], "model": _model_of(status["fingerprint"]),
     }
 
 
@@ -748,12 +694,16 @@ def format_status(info: dict[str, Any]) -> str:
     lines = [f"checkpoint: {info['path']}"]
     if info.get("model"):
         lines.append(f"model:      {info['model']}")
-    if info["kind"] == "batches":
+    if info["kind"] in ("batches", "partitions"):
         total = info.get("total_batches")
         state = " (complete)" if info.get("complete") else ""
-        lines.append(f"batches:    {info['batches']}" + (f" of {total}" if total is not None else "") + state)
+        label = f"{info['kind']}:".ljust(12)
+        lines.append(f"{label}{info['batches']}" + (f" of {total}" if total is not None else "") + state)
     if info["input_rows"] is not None:
         lines.append(f"input rows: {info['input_rows']:,}")
+    if info.get("stored", info["answered"] + info["failed"]) != info["answered"] + info["failed"]:
+        # Answers of rows no longer in the input (rows were inserted or removed between runs).
+        lines.append(f"stored:     {info['stored']:,}")
     lines.append(f"answered:   {info['answered']:,}")
     lines.append(f"failed:     {info['failed']:,}")
     remaining = info["remaining"]

@@ -21,9 +21,10 @@ way the API key travels inside the pickled task to the scheduler and the workers
 in a repr, a task name or a log line); when ``api_key`` is not given it is read from the provider's
 environment variable *on the calling machine*, exactly as the pandas accessor does, and shipped.
 
-Checkpoints: ``checkpoint="runs/enrich"`` gives every partition its own checkpoint directory,
-``runs/enrich/partition-00007/``, so a task that fails or whose worker dies resumes where it
-stopped when Dask runs it again, and a later ``compute()`` of the same run resumes the whole run.
+Checkpoints: ``checkpoint="runs/enrich"`` is a sharded checkpoint (:mod:`gen_ai_frames.shards`):
+every partition has its own checkpoint directory, ``runs/enrich/partition-00007/``, so a task
+that fails or whose worker dies resumes where it stopped when Dask runs it again, and a later
+``compute()`` of the same run resumes the whole run.
 The directory must be a filesystem path every worker sees at the same place (see docs/distributed.md).
 
 Concurrency is per run: ``max_concurrent`` is the total for the whole run, split over the
@@ -45,7 +46,7 @@ import dask.local
 import pandas as pd
 from dask.dataframe.extensions import register_dataframe_accessor
 
-from .checkpoint import Checkpoint
+from .checkpoint import run_fingerprint
 from .client import Client
 from .errors import ConfigurationError
 from .factory import create_client
@@ -53,12 +54,9 @@ from .options import RunOptions, takes_options, split_run_and_client
 from .params import validate_positive_int
 from .providers import get_provider
 from .providers.base import redact_url
+from .shards import ShardedCheckpoint, kind_of
 
 __all__ = ["DaskGenAIAccessor", "partition_checkpoint", "plan_concurrency"]
-
-#: Written in a partition's checkpoint directory by a ``resume=False`` run; see ``_start_over_once``.
-RUN_MARKER = ".dask-run-id"
-
 
 # --------------------------------------------------------------------------------------------------
 # Concurrency planning
@@ -173,17 +171,19 @@ class _PartitionJob:
     checkpoint: str | None
     resume: bool
     run_id: str
+    npartitions: int | None = None
 
 
 def partition_checkpoint(root: str | os.PathLike[str], number: int) -> Path:
     """The checkpoint directory of partition ``number`` of a run checkpointed under ``root``.
 
-    Read one partition's answers with :func:`gen_ai_frames.checkpoint.read_checkpoint` on it.
+    Read one partition's answers with :func:`gen_ai_frames.checkpoint.read_checkpoint` on it, or
+    every partition's at once with ``read_checkpoint(root)``.
 
     >>> partition_checkpoint("/data/run.ckpt", 7).as_posix()
     '/data/run.ckpt/partition-00007'
     """
-    return Path(os.fspath(root)) / f"partition-{number:05d}"
+    return ShardedCheckpoint(Path(os.fspath(root)), "partitions", {}).shard_path(number)
 
 
 def _partition_number(number: int) -> pd.DataFrame:
@@ -214,34 +214,18 @@ def _generate_partition(part: pd.DataFrame, job: _PartitionJob,
         if numbers is None or len(numbers) != 1:
             # Without its number a partition could share (and fight over) another's directory.
             raise RuntimeError("gen_ai_frames.dask: a checkpointed partition task got no partition number")
-        checkpoint = partition_checkpoint(job.checkpoint, int(numbers["partition"].iloc[0]))
+        number = int(numbers["partition"].iloc[0])
+        # The fingerprint must be the one the runner stores, or its own (resume=True) open refuses it.
+        fingerprint = run_fingerprint(client, job.options.params)
+        run = ShardedCheckpoint.attach(job.checkpoint, "partitions", fingerprint, run_id=job.run_id,
+                                       shards=job.npartitions)
+        checkpoint = run.shard_path(number)
         if not resume:
-            _start_over_once(checkpoint, job, client)
+            run.start_shard_over_once(number, fingerprint)
             resume = True
+        run.start_shard(number, len(part))
     options = job.options.replace(checkpoint=checkpoint, resume=resume)
     return part.genai.generate(job.column, client=client, template=job.template, **options.as_kwargs())
-
-
-def _start_over_once(directory: Path, job: _PartitionJob, client: Client) -> None:
-    """``resume=False``: empty the partition's checkpoint on the run's first attempt only.
-
-    A task is run again when its worker dies; if that attempt started over too, ``resume=False``
-    would throw away what the first attempt paid for. So the first attempt empties the checkpoint
-    and *then* writes the run's id next to it; an attempt that finds its run id resumes. (A crash
-    between the two steps just empties it again.)
-    """
-    marker = directory / RUN_MARKER
-    try:
-        if marker.read_text(encoding="utf-8") == job.run_id:
-            return
-    except (FileNotFoundError, NotADirectoryError):
-        pass
-    # The fingerprint must be the one the runner stores, or its own (resume=True) open refuses it.
-    fingerprint = {**client.fingerprint(), **job.options.params.fingerprint()}
-    Checkpoint.open(directory, fingerprint, resume=False).close()
-    tmp = marker.with_name(marker.name + ".tmp")
-    tmp.write_text(job.run_id, encoding="utf-8")
-    os.replace(tmp, marker)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -312,7 +296,7 @@ class DaskGenAIAccessor:
                                         **partition_options.as_kwargs())
         job = _PartitionJob(column=column, template=template, client=config, options=partition_options,
                             checkpoint=_checkpoint_root(run.checkpoint), resume=run.resume,
-                            run_id=uuid.uuid4().hex)
+                            run_id=uuid.uuid4().hex, npartitions=ddf.npartitions)
         if job.checkpoint is None:
             return ddf.map_partitions(_generate_partition, job, meta=meta)
         # align_dataframes=False: pair partition i with number i, whatever the divisions.
@@ -365,5 +349,10 @@ def _checkpoint_root(checkpoint: str | os.PathLike[str] | None) -> str | None:
         raise ConfigurationError(
             f"{root} is a checkpoint of a pandas run; a Dask run keeps one checkpoint per partition "
             "under its directory: choose another path"
+        )
+    if kind_of(root) == "batches":
+        raise ConfigurationError(
+            f"{root} is a checkpoint of the command line (one per batch of a file); a Dask run keeps "
+            "one checkpoint per partition: choose another path"
         )
     return root

@@ -116,6 +116,8 @@ class Engine:
                          if requests_per_minute or tokens_per_minute else None)
         #: The error that stopped the last run early (a bad key, an unknown model), if any.
         self.fatal: RequestError | None = None
+        #: ``(key, result)`` pairs of the last :meth:`stream` that arrived but were never yielded.
+        self.unconsumed: list[Any] = []
         self._state: _RunState | None = None
 
     async def run(self, items: Iterable[list[Message]], params: GenerationParams) -> list[Result]:
@@ -171,6 +173,10 @@ class Engine:
             for task in workers:
                 task.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
+            # Answers that arrived but were not consumed (the caller stopped early, e.g. Ctrl-C):
+            # kept, so the caller can still save what was paid for.
+            self.unconsumed = [queue.get_nowait() for _ in range(queue.qsize())]
+            self.unconsumed = [item for item in self.unconsumed if isinstance(item, tuple)]
 
     def stop(self, reason: NotSentError) -> None:
         """Stop sending (e.g. a budget is spent): requests in flight finish, the rest get ``reason``."""

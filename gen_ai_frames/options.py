@@ -160,6 +160,9 @@ class RunOptions:
         "with a checkpoint: continue from what it holds (False: start over)", group="run", check=_check_bool))
     retry_errors: bool = field(default=False, metadata=_about(
         "with a checkpoint: send the rows that failed last time again", group="run", check=_check_bool))
+    repair: bool = field(default=False, metadata=_about(
+        "with a checkpoint: drop unreadable parts and rebuild a lost manifest (with a warning) instead of "
+        "refusing", group="run", check=_check_bool))
     dedupe: bool | None = field(default=None, metadata=_about(
         "send identical prompts once (None: when temperature is 0)", group="run", check=_check_optional_bool))
     progress: bool = field(default=True, metadata=_about(

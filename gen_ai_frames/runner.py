@@ -1,9 +1,11 @@
 """Row runs: prompts in, one result per row out, with dedupe, checkpoints and a progress bar.
 
 The accessor, the CLI and the Dask engine all run rows through :func:`run_rows`. Rows are fed to
-the engine lazily and answers are written to the checkpoint every ``chunk_size`` rows, so
-concurrency never drains at a chunk boundary and a crash loses only the rows in flight plus at
-most one unwritten chunk.
+the engine lazily, so concurrency never drains at a chunk boundary. Answers go to the checkpoint
+from a background writer (:class:`_Writer`): receiving never waits for a write, and each write
+takes whatever is pending as one part (group commit), so a slow disk means fewer, larger parts
+rather than answers piling up unsaved. A crash loses only the rows in flight plus those received
+since the last write began; an interrupt, an error or a stop writes everything received first.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from .checkpoint import RECORD_SCHEMA, RESULT_COLUMNS, Checkpoint, row_keys
+from .checkpoint import Checkpoint, row_keys, run_fingerprint
 from .client import Client
 from .engine import Result
 from .errors import ConfigurationError, RequestError
@@ -27,13 +28,11 @@ from .options import RunOptions
 from .params import Message
 from .pricing import Budget, Spend, estimate_tokens, price_for
 from .prompts import Prompts
+from .results import DETAIL_COLUMNS, RECORD_SCHEMA, RESULT_COLUMNS, pandas_array
 
 __all__ = ["DETAIL_COLUMNS", "RowResults", "output_names", "run_rows"]
 
 logger = logging.getLogger("gen_ai_frames")
-
-#: Extra columns of ``details=True``, after ``response`` and ``error``.
-DETAIL_COLUMNS = [c for c in RESULT_COLUMNS if c not in ("response", "error")]
 
 # How often a slow run writes what it has even if a chunk is not full: bounds the loss of a crash
 # in time as well as in rows.
@@ -65,12 +64,7 @@ class RowResults:
 
     def frame_columns(self, details: bool) -> dict[str, pd.api.extensions.ExtensionArray]:
         names = RESULT_COLUMNS if details else ["response", "error"]
-        return {name: pd.array(self.columns[name], dtype=_DTYPES[name]) for name in names}
-
-
-_DTYPES = {"response": "string", "error": "string", "error_type": "string", "error_suggestion": "string",
-           "status_code": "Int64", "attempts": "Int64", "finish_reason": "string", "prompt_tokens": "Int64",
-           "completion_tokens": "Int64", "latency_s": "Float64"}
+        return {name: pandas_array(name, self.columns[name]) for name in names}
 
 
 class _Progress:
@@ -127,6 +121,10 @@ def _short(count: int) -> str:
 async def run_rows(prompts: Prompts | Sequence[object], *, client: Client, options: RunOptions) -> RowResults:
     """Answer every row's prompt; see :meth:`GenAIAccessor.generate` for the options.
 
+    ``options.repair`` opens a damaged checkpoint as :func:`~gen_ai_frames.checkpoint.repair_checkpoint`
+    would (dropping unreadable parts, rebuilding a lost manifest), with a warning, instead of
+    raising ``CheckpointCorruptError``.
+
     >>> results = await run_rows(["Hi", None], client=client, options=RunOptions())  # doctest: +SKIP
     >>> results.columns["error"][1]  # doctest: +SKIP
     'the prompt is missing (None or NaN)'
@@ -145,8 +143,8 @@ async def run_rows(prompts: Prompts | Sequence[object], *, client: Client, optio
 
     store = None
     if options.checkpoint is not None:
-        fingerprint = {**client.fingerprint(), **options.params.fingerprint()}
-        store = await asyncio.to_thread(Checkpoint.open, options.checkpoint, fingerprint, resume=options.resume)
+        store = await asyncio.to_thread(Checkpoint.open, options.checkpoint, run_fingerprint(client, options.params),
+                                        resume=options.resume, repair=options.repair)
     run = _Run(prompts, columns, dict(zip(valid, keys)), store)
     try:
         todo = valid
@@ -225,37 +223,88 @@ async def _send_groups(run: _Run, groups: dict[Any, list[int]], client: Client, 
         for rows in groups.values():
             yield rows, [{"role": "user", "content": texts[rows[0]]}]  # type: ignore[dict-item]
 
-    pending: list[int] = []  # rows answered but not yet in the checkpoint
-    last_flush = time.monotonic()
+    writer = None if run.store is None else _Writer(run, options.chunk_size)
     async with client.engine(**options.engine_limits, on_status=bar.show_status) as engine:
+
+        def receive(rows: list[int], result: Result) -> None:
+            error = result.error
+            sent = error is None or error.sent
+            outcome.sent += sent
+            if error is None:
+                prompt_tokens = result.prompt_tokens
+                if prompt_tokens is None:
+                    prompt_tokens = estimate_tokens(texts[rows[0]])  # type: ignore[arg-type]
+                stop = budget.charge(prompt_tokens, result.completion_tokens or 0)
+                if stop is not None:
+                    engine.stop(stop)
+            for i in rows:
+                _store(run.columns, i, result)
+            bar.advance(len(rows), error is not None)
+            # Unsent rows, and rows that met an error of the run rather than of the row (a bad
+            # key, a server that is down), stay out of the checkpoint: a resume sends them.
+            if writer is not None and sent and not (error is not None and error.fatal):
+                writer.add(rows)
+
         try:
             async for rows, result in engine.stream(items(), options.params):
-                sent = result.error is None or result.error.sent
-                outcome.sent += sent
-                if result.error is None:
-                    prompt_tokens = result.prompt_tokens
-                    if prompt_tokens is None:
-                        prompt_tokens = estimate_tokens(texts[rows[0]])  # type: ignore[arg-type]
-                    stop = budget.charge(prompt_tokens, result.completion_tokens or 0)
-                    if stop is not None:
-                        engine.stop(stop)
-                for i in rows:
-                    _store(run.columns, i, result)
-                bar.advance(len(rows), result.error is not None)
-                if run.store is not None and sent:  # unsent rows stay out of the checkpoint: a resume sends them
-                    pending.extend(rows)
-                    if len(pending) >= options.chunk_size or time.monotonic() - last_flush > FLUSH_INTERVAL_S:
-                        await run.flush(pending)
-                        pending, last_flush = [], time.monotonic()
+                receive(rows, result)
         except BaseException:
-            if run.store is not None and pending:
-                # Save what was paid for before the error propagates; the error itself matters more.
+            if writer is not None:
+                # Save what was received before the error propagates (answers the engine had
+                # queued for us included); the error itself matters more.
                 with contextlib.suppress(Exception):
-                    await run.flush(pending)
+                    for rows, result in engine.unconsumed:
+                        receive(rows, result)
+                    await writer.close()
             raise
-        if run.store is not None and pending:
-            await run.flush(pending)
+        if writer is not None:
+            await writer.close()
         outcome.fatal = engine.fatal
+
+
+class _Writer:
+    """Writes answered rows to the checkpoint from a background task (group commit).
+
+    :meth:`add` only queues rows, so receiving never waits for the disk. The task writes as soon
+    as ``chunk_size`` rows are pending (or ``interval`` seconds after the last write, when answers
+    are slow), taking *everything* pending as one part: while a write is in progress the next
+    rows pile up and go in the next part together. A failed write is raised by the next
+    :meth:`add` or by :meth:`close`, which writes whatever is still pending.
+    """
+
+    def __init__(self, run: _Run, chunk_size: int, interval: float | None = None) -> None:
+        self._run_state = run
+        self._chunk_size = chunk_size
+        self._interval = FLUSH_INTERVAL_S if interval is None else interval
+        self._pending: list[int] = []
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._task = asyncio.ensure_future(self._run())
+
+    def add(self, rows: list[int]) -> None:
+        if self._task.done():
+            self._task.result()  # the write failed: stop the run with its error (CheckpointError)
+        self._pending.extend(rows)
+        if len(self._pending) >= self._chunk_size:
+            self._wake.set()
+
+    async def close(self) -> None:
+        """Write everything pending, then stop. Shielded: an interrupt during the last write must
+        not lose the rows it holds."""
+        self._closing = True
+        self._wake.set()
+        await asyncio.shield(self._task)
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self._interval)
+            self._wake.clear()
+            if self._pending:
+                rows, self._pending = self._pending, []
+                await self._run_state.flush(rows)
+            if self._closing and not self._pending:
+                return
 
 
 async def _flush(store: Checkpoint, rows: list[int], prompts: Sequence[str | None], columns: dict[str, list[Any]],

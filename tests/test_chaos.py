@@ -112,7 +112,7 @@ def test_failed_checkpoint_write_stops_the_run_and_resume_recovers(
         fake_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     client = create_client(endpoint=fake_server.url, model_name="m")
     df = frame().head(300)
-    real_write = checkpoint_module._write_atomic
+    real_write = checkpoint_module.write_atomic
     writes = 0
 
     def disk_full_on_third_part(final: Path, *args: Any, **kwargs: Any) -> None:
@@ -123,12 +123,12 @@ def test_failed_checkpoint_write_stops_the_run_and_resume_recovers(
                 raise OSError(errno.ENOSPC, "No space left on device")
         real_write(final, *args, **kwargs)
 
-    monkeypatch.setattr(checkpoint_module, "_write_atomic", disk_full_on_third_part)
+    monkeypatch.setattr(checkpoint_module, "write_atomic", disk_full_on_third_part)
     with pytest.raises(CheckpointError) as caught:
         df.genai.generate(column="prompt", client=client, checkpoint=tmp_path / "c", chunk_size=50,
                           max_concurrent=4, progress=False)
     assert "No space left" in str(caught.value) and str(tmp_path / "c") in str(caught.value)
-    monkeypatch.setattr(checkpoint_module, "_write_atomic", real_write)
+    monkeypatch.setattr(checkpoint_module, "write_atomic", real_write)
     saved = read_checkpoint(tmp_path / "c")
     assert 100 <= len(saved) < 300  # the two parts written before the failure are intact
     fake_server.reset()

@@ -14,11 +14,13 @@ import signal
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from gen_ai_frames.checkpoint import (
@@ -33,9 +35,11 @@ from gen_ai_frames.checkpoint import (
     make_records,
     prompt_hash,
     read_checkpoint,
+    repair_checkpoint,
     row_keys,
 )
 from gen_ai_frames.errors import GenAIError
+from gen_ai_frames.options import RunOptions
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FP: dict[str, Any] = {"provider": "openai", "model": "gpt-4o-mini", "max_tokens": 256, "temperature": 0}
@@ -545,3 +549,166 @@ def test_checkpoint_status_counts(tmp_path: Path) -> None:
     assert status["errors_by_type"] == {"RateLimitError": 2}
     assert status["parts"] == 2 and status["fingerprint"] == FP
     json.dumps(status)  # a CLI may print it as JSON
+
+
+# ------------------------------------------------------------------------------------------ repair
+
+
+def _two_parts(path: Path) -> None:
+    with Checkpoint.open(path, FP) as ckpt:
+        ckpt.append(make_records(["a"], responses=["A"]))
+        ckpt.append(make_records(["b"], positions=[1], responses=["B"]))
+
+
+@pytest.mark.parametrize("damage", ["delete", "garble"])
+def test_lost_manifest_never_deletes_parts_and_repair_rebuilds_it(tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "c"
+    _two_parts(path)
+    parts = parts_of(path)
+    if damage == "delete":
+        (path / "manifest.json").unlink()
+    else:
+        (path / "manifest.json").write_text("{not json")
+
+    with pytest.raises(CheckpointCorruptError) as info:
+        Checkpoint.open(path, FP)  # resume=True: refused, never emptied
+    message = str(info.value)
+    assert f"gen-ai-frames repair {path}" in message and "Nothing was deleted" in message
+    assert parts_of(path) == parts
+    with pytest.raises(CheckpointCorruptError, match="repair"):
+        read_checkpoint(path)
+    assert parts_of(path) == parts
+
+    with pytest.warns(UserWarning, match="rebuilt manifest.json from 2 part"):
+        report = repair_checkpoint(path)  # no fingerprint given: each part records it
+    assert report["rebuilt"] and report["dropped"] == [] and report["records"] == 2
+    assert read_checkpoint(path)["response"].tolist() == ["A", "B"]
+    with Checkpoint.open(path, FP) as ckpt:  # the settings came back with the parts
+        assert responses(ckpt) == {"a": "A", "b": "B"}
+    with pytest.raises(CheckpointMismatchError):
+        Checkpoint.open(path, {**FP, "model": "other"})
+
+
+def test_open_with_repair_rebuilds_a_lost_manifest_but_not_for_other_settings(tmp_path: Path) -> None:
+    path = tmp_path / "c"
+    _two_parts(path)
+    (path / "manifest.json").unlink()
+    with pytest.raises(CheckpointMismatchError, match="other settings"):
+        Checkpoint.open(path, {**FP, "temperature": 1}, repair=True)
+    assert len(parts_of(path)) == 2  # refused: nothing mixed in, nothing deleted
+    with pytest.warns(UserWarning, match="rebuilt"):
+        ckpt = Checkpoint.open(path, FP, repair=True)
+    with ckpt:
+        assert responses(ckpt) == {"a": "A", "b": "B"}
+        ckpt.append(make_records(["c"], positions=[2], responses=["C"]))  # numbering continues
+    assert len(parts_of(path)) == 3 and read_checkpoint(path)["response"].tolist() == ["A", "B", "C"]
+
+
+def test_resume_false_still_starts_over_without_a_manifest(tmp_path: Path) -> None:
+    path = tmp_path / "c"
+    _two_parts(path)
+    (path / "manifest.json").unlink()
+    with Checkpoint.open(path, FP, resume=False) as ckpt:  # the user asked for it
+        assert len(ckpt.records()) == 0
+    assert parts_of(path) == []
+
+
+def test_parts_without_recorded_settings_need_a_fingerprint_to_rebuild(tmp_path: Path) -> None:
+    path = tmp_path / "c"
+    _two_parts(path)
+    for name in parts_of(path):  # as written by an older version: no settings in the part
+        table = pq.read_table(path / name)
+        pq.write_table(table.replace_schema_metadata(None), path / name)
+    (path / "manifest.json").unlink()
+    with pytest.raises(CheckpointCorruptError, match="fingerprint="):
+        repair_checkpoint(path)
+    assert len(parts_of(path)) == 2
+    with pytest.warns(UserWarning, match="rebuilt"):
+        report = repair_checkpoint(path, fingerprint=FP)
+    assert report["records"] == 2
+    with Checkpoint.open(path, FP) as ckpt:
+        assert responses(ckpt) == {"a": "A", "b": "B"}
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_the_advice_of_a_corrupt_part_works_when_followed(tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "c"
+    _two_parts(path)
+    bad = path / parts_of(path)[0]
+    if damage == "truncate":
+        bad.write_bytes(bad.read_bytes()[:20])
+    else:
+        bad.unlink()
+    with pytest.raises(CheckpointCorruptError) as info:
+        read_checkpoint(path)
+    assert f"run `gen-ai-frames repair {path}`" in str(info.value)
+    assert "repair_checkpoint(path)" in str(info.value)
+
+    with pytest.warns(UserWarning, match=bad.name):
+        report = repair_checkpoint(path)  # the advice, followed
+    assert report["dropped"] == [bad.name] and not report["rebuilt"] and report["records"] == 1
+    assert read_checkpoint(path)["response"].tolist() == ["B"]
+    with Checkpoint.open(path, FP) as ckpt:
+        assert responses(ckpt) == {"b": "B"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert repair_checkpoint(path)["dropped"] == []  # nothing left to repair: no warning
+
+
+def test_repair_of_nothing_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="No checkpoint"):
+        repair_checkpoint(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no manifest.json and no part files"):
+        repair_checkpoint(tmp_path / "empty")
+
+
+# --------------------------------------------------------------------------------------- reads match the store
+
+
+def test_read_after_a_filtered_resume_hides_no_stored_answer(fake_server: Any, tmp_path: Path) -> None:
+    import gen_ai_frames  # noqa: F401  (registers the accessor)
+
+    path = tmp_path / "c"
+    df = pd.DataFrame({"prompt": [f"q{i}" for i in range(6)]})
+    options: dict[str, Any] = {"endpoint": fake_server.url, "model_name": "m", "checkpoint": path,
+                               "progress": False}
+    df.genai.generate(column="prompt", **options)
+    # Resume with the last three rows only: they now sit at positions 0-2, where q0-q2 were.
+    out = df.iloc[3:].reset_index(drop=True).genai.generate(column="prompt", **options)
+    assert out["response"].tolist() == ["echo: q3", "echo: q4", "echo: q5"]
+    assert fake_server.stats()["requests"] == 6  # nothing sent again
+
+    stored = read_checkpoint(path)
+    assert sorted(stored["prompt"]) == [f"q{i}" for i in range(6)]  # q0-q2 are not hidden
+    assert stored.index.tolist() == [0, 0, 1, 1, 2, 2]
+    assert stored.loc[0, "prompt"].tolist() == ["q0", "q3"]  # older first, then the later write
+    status = checkpoint_status(path)
+    assert (status["total"], status["done"], status["failed"]) == (len(stored), 6, 0)
+
+
+def test_run_rows_with_repair_true_resends_only_the_lost_rows(fake_server: Any, tmp_path: Path) -> None:
+    import asyncio
+
+    from gen_ai_frames import create_client
+    from gen_ai_frames.runner import run_rows
+
+    path, client = tmp_path / "c", create_client(endpoint=fake_server.url, model_name="m")
+    prompts = [f"q{i}" for i in range(8)]
+
+    def run(**options: Any) -> Any:
+        run_options = RunOptions(checkpoint=path, chunk_size=2, max_concurrent=1, progress=False, **options)
+        return asyncio.run(run_rows(prompts, client=client, options=run_options))
+
+    run()
+    bad = path / parts_of(path)[0]
+    lost = pq.read_metadata(bad).num_rows
+    bad.write_bytes(b"PAR1 damaged")
+    fake_server.reset()
+    with pytest.raises(CheckpointCorruptError, match="repair=True"):
+        run()
+    assert fake_server.stats()["requests"] == 0 and bad.exists()
+    with pytest.warns(UserWarning, match=bad.name):
+        results = run(repair=True)
+    assert results.columns["response"] == [f"echo: {p}" for p in prompts]
+    assert fake_server.stats()["requests"] == results.sent == lost

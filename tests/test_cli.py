@@ -6,8 +6,10 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,9 +20,11 @@ import pytest
 
 import gen_ai_frames  # noqa: F401  (registers the accessor)
 from gen_ai_frames import cli
+from gen_ai_frames.checkpoint import read_checkpoint
 from gen_ai_frames.cli import main
 from gen_ai_frames.errors import ConfigurationError
 from gen_ai_frames.runner import DETAIL_COLUMNS
+from gen_ai_frames.shards import ShardedCheckpoint
 
 from .conftest import FAKE_KEY
 
@@ -392,16 +396,70 @@ def test_status_sums_the_batches(server: Any, tmp_path: Path, capsys: pytest.Cap
     assert info["errors_by_type"] == {"BadRequestError": 1, "InvalidPromptError": 1}
 
     # A run that stopped after batch 1 of 3: the rows of batches 2 and 3 remain.
-    record = json.loads((ckpt / "cli-run.json").read_text())
-    (ckpt / "cli-run.json").write_text(json.dumps({**record, "finished_batches": 1, "finished_rows": 4,
-                                                   "unsent_errors": {}, "complete": False}))
+    record = json.loads((ckpt / "run.json").read_text())
+    (ckpt / "run.json").write_text(json.dumps({**record, "complete": False}))
     for name in ("batch-000002", "batch-000003"):
         for part in (ckpt / name).iterdir():
             part.unlink()
         (ckpt / name).rmdir()
     code, out, _ = run(capsys, "status", ckpt, "--json")
     info = json.loads(out)
-    assert (info["answered"], info["failed"], info["remaining"]) == (4, 0, 7)
+    assert (info["answered"], info["failed"], info["remaining"], info["complete"]) == (4, 0, 7, False)
+
+
+def test_status_after_a_resume_with_inserted_rows_counts_the_input(
+    server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt = tmp_path / "run.ckpt"
+    options = ["--column", "prompt", "--checkpoint", ckpt, "--batch-rows", "10"]
+    df = frame(30)
+    assert run(capsys, *gen_args(server, write(df, tmp_path / "a.csv"), tmp_path / "o.csv", *options))[0] == 0
+    # One row inserted at the top: every batch now starts one row earlier.
+    longer = pd.concat([pd.DataFrame({"id": [-1], "prompt": ["new row"]}), df], ignore_index=True)
+    source = write(longer, tmp_path / "b.csv")
+    assert run(capsys, *gen_args(server, source, tmp_path / "o.csv", *options))[0] == 0
+
+    code, out, _ = run(capsys, "status", ckpt, "--json")
+    info = json.loads(out)
+    # Each of batches 1-3 stores 11 answers (its 10 rows, and one that has moved to the next batch).
+    assert info["stored"] == 11 + 11 + 11 + 1
+    assert (info["answered"], info["failed"], info["remaining"], info["input_rows"]) == (31, 0, 0, 31)
+    out = run(capsys, "status", ckpt)[1]
+    assert "answered:   31" in out and "stored:     34" in out and "remaining:  0" in out
+
+    # The same run killed before it finished any batch: the stored answers are counted, but never
+    # more per batch than the batch has rows.
+    for batch in ckpt.glob("batch-*"):
+        (batch / "shard.json").unlink()
+    info = json.loads(run(capsys, "status", ckpt, "--json")[1])
+    assert info["answered"] == 31 and info["answered"] + info["failed"] + info["remaining"] == 31
+
+
+def test_repair_command_makes_the_advice_work(server: Any, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    source, target, ckpt = write(frame(12), tmp_path / "in.csv"), tmp_path / "out.csv", tmp_path / "run.ckpt"
+    options = ["--column", "prompt", "--checkpoint", ckpt, "--batch-rows", "6", "--chunk-size", "3"]
+    assert run(capsys, *gen_args(server, source, target, *options))[0] == 0
+    bad = min((ckpt / "batch-000002").glob("part-*.parquet"))
+    lost = pq.read_metadata(bad).num_rows
+    bad.write_bytes(b"PAR1 not a parquet file")
+    (ckpt / "batch-000001" / "manifest.json").unlink()
+
+    code, _, err = run(capsys, "status", ckpt)
+    assert code == 2 and "gen-ai-frames repair" in err
+    server.reset()
+    code, _, err = run(capsys, *gen_args(server, source, target, *options))
+    assert code == 2 and "gen-ai-frames repair" in err and server.stats()["requests"] == 0
+
+    code, out, err = run(capsys, "repair", ckpt)
+    assert code == 0, err
+    assert "rebuilt the manifest of batch-000001" in out and f"batch-000002/{bad.name}" in out
+    code, _, err = run(capsys, *gen_args(server, source, target, *options))
+    assert code == 0, err
+    assert server.stats()["requests"] == lost  # only the rows of the dropped part were sent again
+    assert_echoed(read(target), frame(12)["prompt"].tolist())
+    code, out, _ = run(capsys, "repair", ckpt)
+    assert code == 0 and "needed no repair" in out
 
 
 def test_status_of_an_accessor_checkpoint_and_of_nothing(server: Any, tmp_path: Path,
@@ -422,6 +480,12 @@ def test_status_of_an_accessor_checkpoint_and_of_nothing(server: Any, tmp_path: 
     code, _, err = run(capsys, *gen_args(server, source, tmp_path / "o.csv", "--column", "prompt",
                                          "--checkpoint", tmp_path / "acc"))
     assert code == 2 and "written by df.genai.generate" in err
+    # ... and from a Dask run's partitions.
+    ShardedCheckpoint.create(tmp_path / "dask", "partitions", {})
+    code, _, err = run(capsys, *gen_args(server, source, tmp_path / "o.csv", "--column", "prompt",
+                                         "--checkpoint", tmp_path / "dask"))
+    assert code == 2 and "holds a run split in partitions, not in batches" in err
+    assert server.stats()["requests"] == 2
 
 
 def test_a_bad_key_stops_the_run_without_output_or_printing_the_key(
@@ -511,3 +575,34 @@ def test_python_m_gen_ai_frames_generate_in_a_subprocess(server: Any, tmp_path: 
     assert done.returncode == 1, done.stderr
     assert "BadRequestError: 1" in done.stderr and "Traceback" not in done.stderr
     assert pq.read_table(target).column("response").to_pylist() == ["echo: one", None, "echo: three"]
+
+
+def test_sigterm_saves_what_was_received_and_exits_143(server: Any, tmp_path: Path) -> None:
+    """A scheduler stopping the job (SIGTERM) is a Ctrl-C: answers saved, lock released, no partial file."""
+    server.configure(latency=0.05)
+    rows, in_flight = 400, 8
+    source, target, ckpt = write(frame(rows), tmp_path / "in.csv"), tmp_path / "out.csv", tmp_path / "r.ckpt"
+    command = [sys.executable, "-m", "gen_ai_frames", "generate", str(source), "-o", str(target), "--column",
+               "prompt", "--endpoint", server.url, "--model", "m", "--no-progress", "--checkpoint", str(ckpt),
+               "--max-concurrent", str(in_flight), "--chunk-size", "1000"]  # one chunk: nothing saved early
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=_env())
+    deadline = time.monotonic() + 60
+    while server.stats()["requests"] < 80:
+        assert process.poll() is None, process.communicate()[1]
+        assert time.monotonic() < deadline, "the run never started sending"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == cli.EXIT_TERMINATED == 143, err
+    assert "terminated (SIGTERM)" in err and f"saved in {ckpt}" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv", "r.ckpt"]  # no output, no .partial
+
+    sent = server.stats()["requests"]
+    stored = read_checkpoint(ckpt)
+    assert stored["error"].isna().all()
+    assert sent - in_flight <= len(stored) <= sent  # every answer received was saved
+    server.reset()
+    done = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=120, check=False)
+    assert done.returncode == 0, done.stderr  # the lock was released
+    assert server.stats()["requests"] == rows - len(stored)
+    assert_echoed(read(target), frame(rows)["prompt"].tolist())

@@ -7,6 +7,7 @@ without the developer's API keys in their environment, like every test here.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import ssl
@@ -24,15 +25,16 @@ distributed = pytest.importorskip("distributed")
 
 import gen_ai_frames.dask  # noqa: E402,F401  (registers ddf.genai)
 from gen_ai_frames import ConfigurationError, create_client  # noqa: E402
-from gen_ai_frames.checkpoint import Checkpoint, read_checkpoint  # noqa: E402
+from gen_ai_frames.checkpoint import Checkpoint, checkpoint_status, read_checkpoint  # noqa: E402
+from gen_ai_frames.cli import main as cli_main  # noqa: E402
 from gen_ai_frames.dask import (  # noqa: E402
-    RUN_MARKER,
     _ClientConfig,
     _generate_partition,
     _partition_number,
     partition_checkpoint,
     plan_concurrency,
 )
+from gen_ai_frames.shards import ShardedCheckpoint  # noqa: E402
 from gen_ai_frames.testing import FakeServer  # noqa: E402
 
 from .conftest import FAKE_KEY, KEY_VARIABLES  # noqa: E402
@@ -134,9 +136,17 @@ def test_checkpointed_run_resumes_without_sending(cluster: distributed.Client, f
     first = out.compute()
     pd.testing.assert_frame_equal(first, echo(df))
     assert fake.stats()["requests"] == 60
-    assert sorted(p.name for p in root.iterdir()) == ["partition-00000", "partition-00001", "partition-00002"]
+    assert sorted(p.name for p in root.iterdir()) == ["partition-00000", "partition-00001", "partition-00002",
+                                                      "run.json"]
     stored = pd.concat(read_checkpoint(partition_checkpoint(root, i)) for i in range(3))
     assert sorted(stored["response"]) == sorted(first["response"])
+    # The run as a whole: one read, one status, as for any checkpoint.
+    whole = read_checkpoint(root)
+    assert whole.index.names == ["partition", "position"] and len(whole) == 60
+    assert sorted(whole["response"]) == sorted(first["response"])
+    status = checkpoint_status(root)
+    assert (status["kind"], status["shards"], status["total_shards"]) == ("partitions", 3, 3)
+    assert (status["total"], status["done"], status["failed"]) == (60, 60, 0)
 
     fake.reset()
     pd.testing.assert_frame_equal(out.compute(), first)  # the same lazy frame again
@@ -294,6 +304,10 @@ def test_bad_options_fail_when_called_not_on_workers(fake: FakeServer, tmp_path:
     Checkpoint.open(pandas_run, {}).close()
     with pytest.raises(ConfigurationError, match="checkpoint of a pandas run"):
         ddf.genai.generate(column="prompt", checkpoint=pandas_run, **options(fake))
+    cli_run = tmp_path / "cli.ckpt"
+    ShardedCheckpoint.create(cli_run, "batches", {}, shard_rows=10, input_rows=10)
+    with pytest.raises(ConfigurationError, match="checkpoint of the command line"):
+        ddf.genai.generate(column="prompt", checkpoint=cli_run, **options(fake))
 
 
 def test_each_partition_keeps_its_checkpoint_when_selected(fake: FakeServer, tmp_path: Path) -> None:
@@ -303,10 +317,10 @@ def test_each_partition_keeps_its_checkpoint_when_selected(fake: FakeServer, tmp
     out = dd.from_pandas(df, npartitions=3, sort=False).genai.generate(column="prompt", checkpoint=root,
                                                                         **options(fake))
     pd.testing.assert_frame_equal(out.partitions[2].compute(scheduler="sync"), echo(df.iloc[20:]))
-    assert [p.name for p in root.iterdir()] == ["partition-00002"]
+    assert [p.name for p in root.iterdir() if p.is_dir()] == ["partition-00002"]
     assert read_checkpoint(partition_checkpoint(root, 2))["prompt"].tolist() == df["prompt"].iloc[20:].tolist()
     pd.testing.assert_frame_equal(out.head(3, compute=False).compute(scheduler="sync"), echo(df.iloc[:3]))
-    assert sorted(p.name for p in root.iterdir()) == ["partition-00000", "partition-00002"]
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["partition-00000", "partition-00002"]
     fake.reset()
     pd.testing.assert_frame_equal(out.compute(scheduler="sync"), echo(df))
     assert fake.stats()["requests"] == 10  # only partition 1 was left
@@ -335,7 +349,7 @@ def test_resume_false_starts_over_once_per_run(fake: FakeServer, tmp_path: Path)
     fake.reset()
     pd.testing.assert_frame_equal(_generate_partition(part, job, _partition_number(0)), echo(part))
     assert fake.stats()["requests"] == 10  # first attempt: started over
-    assert (partition_checkpoint(root, 0) / RUN_MARKER).read_text() == job.run_id
+    assert json.loads((partition_checkpoint(root, 0) / "shard.json").read_text())["run_id"] == job.run_id
     pd.testing.assert_frame_equal(_generate_partition(part, job, _partition_number(0)), echo(part))
     assert fake.stats()["requests"] == 10  # the retry resumed
 
@@ -353,3 +367,15 @@ def test_max_cost_is_a_run_budget_split_over_partitions(fake: FakeServer) -> Non
     assert set(out.loc[~answered, "error_type"]) == {"NotSentError"}
     with pytest.raises(ConfigurationError, match="max_cost needs the price"):
         ddf.genai.generate(column="prompt", max_cost=1, **options(fake))  # checked on the caller's side
+
+
+def test_gen_ai_frames_status_reads_a_dask_checkpoint(fake: FakeServer, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    df = pd.DataFrame({"prompt": ["a", "b [[status=400]]", "c", "d"]})
+    root = tmp_path / "run.ckpt"
+    dd.from_pandas(df, npartitions=2, sort=False).genai.generate(
+        column="prompt", checkpoint=root, **options(fake)).compute(scheduler="sync")
+    assert cli_main(["status", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "partitions: 2 of 2" in out and "answered:   3" in out and "failed:     1" in out
+    assert "  BadRequestError: 1" in out and "model:      m (openai" in out

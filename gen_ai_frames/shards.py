@@ -1,0 +1,421 @@
+"""Sharded checkpoints: one run made of shards, each a :class:`~gen_ai_frames.checkpoint.Checkpoint`.
+
+The command line splits a big file into batches and Dask splits a frame into partitions; both keep
+one checkpoint per shard under one directory, with one run record::
+
+    run.ckpt/
+        run.json            the run record: kind, fingerprint, shard size and input rows (if known)
+        batch-000001/       a Checkpoint (.lock, manifest.json, part-*.parquet) plus
+            shard.json      the shard's record: its rows, the run that last used it, its counts
+        batch-000002/
+        ...
+
+Dask's shards are ``partition-00000/``, ``partition-00001/``, ... (numbered from 0, as Dask numbers
+partitions); the CLI's are ``batch-000001/``, ... (from 1, as the CLI prints them).
+
+Every record is written with :func:`gen_ai_frames.checkpoint.write_atomic`. ``shard.json`` is
+written only by the process running that shard, so Dask tasks never race on it; ``run.json`` by the
+CLI, or by the first Dask task that finds none.
+
+Counting: ``answered``/``failed`` count the rows of the *current* input. A shard that ran to its end
+in the current run reports exact counts, taken when it finished; another shard reports what it
+stores, but never more rows than it has (a resume after rows were inserted keeps the old answers,
+which now belong to other shards, without counting them twice). ``total`` is what is stored.
+
+>>> import tempfile, os
+>>> root = os.path.join(tempfile.mkdtemp(), "run.ckpt")
+>>> run = ShardedCheckpoint.create(root, "batches", {"model": "m"}, shard_rows=2, input_rows=3)
+>>> from gen_ai_frames.checkpoint import Checkpoint, make_records
+>>> with Checkpoint.open(run.shard_path(1), {"model": "m"}) as ckpt:
+...     ckpt.append(make_records(["a", "b"], responses=["A", "B"]))
+>>> checkpoint_status_of(root)["done"], checkpoint_status_of(root)["remaining"]
+(2, 1)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import uuid
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .checkpoint import (
+    Checkpoint,
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointMismatchError,
+    checkpoint_status,
+    read_checkpoint,
+    repair_checkpoint,
+    result_frame,
+    write_atomic,
+)
+from .results import RECORD_SCHEMA
+
+__all__ = [
+    "KINDS",
+    "RUN_FILE",
+    "SHARD_FILE",
+    "ShardSizeError",
+    "ShardedCheckpoint",
+    "checkpoint_status_of",
+    "kind_of",
+    "read_sharded",
+    "repair_sharded",
+]
+
+RUN_FILE = "run.json"
+SHARD_FILE = "shard.json"
+_RUN_FORMAT = "gen_ai_frames.sharded-run"
+_SHARD_FORMAT = "gen_ai_frames.shard"
+_MANIFEST = "manifest.json"
+
+#: Kind -> (directory prefix, digits, first number, name of one shard).
+KINDS: dict[str, tuple[str, int, int, str]] = {
+    "batches": ("batch-", 6, 1, "batch"),
+    "partitions": ("partition-", 5, 0, "partition"),
+}
+_SHARD_DIR = re.compile(r"^(batch|partition)-(\d{5,})$")
+
+
+class ShardSizeError(CheckpointMismatchError):
+    """A run is resumed with another shard size than it was written with (``stored``)."""
+
+    def __init__(self, message: str, *, stored: Any) -> None:
+        super().__init__(message)
+        self.stored = stored
+
+
+def kind_of(root: str | os.PathLike[str]) -> str | None:
+    """``"single"``, ``"batches"``, ``"partitions"``, or None when ``root`` holds no checkpoint.
+
+    >>> kind_of("/no/such/dir") is None
+    True
+    """
+    path = Path(os.fspath(root))
+    if (path / _MANIFEST).exists():
+        return "single"
+    record = _read_json(path / RUN_FILE, _RUN_FORMAT)
+    if record is not None and record.get("kind") in KINDS:
+        return str(record["kind"])
+    for kind in KINDS:
+        if _shard_dirs(path, kind):
+            return kind  # a Dask run whose tasks had no time to write run.json
+    return None
+
+
+def _shard_dirs(root: Path, kind: str) -> list[tuple[int, Path]]:
+    prefix = KINDS[kind][0]
+    found = []
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for entry in os.scandir(root):
+            match = _SHARD_DIR.match(entry.name)
+            if match and entry.name.startswith(prefix) and entry.is_dir():
+                found.append((int(match.group(2)), Path(entry.path)))
+    return sorted(found)
+
+
+def _read_json(file: Path, format_: str) -> dict[str, Any] | None:
+    """A record written by this module, or None if missing; unreadable ones raise."""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise CheckpointCorruptError(f"Cannot read {file}: {exc}; delete it (it only holds counts) "
+                                     "and run again.") from None
+    if not isinstance(data, dict) or data.get("format") != format_:
+        raise CheckpointCorruptError(f"{file} is not a gen-ai-frames run record.")
+    return data
+
+
+def _write_json(file: Path, data: Mapping[str, Any]) -> None:
+    write_atomic(file, json.dumps(dict(data), indent=1).encode("utf-8"))
+
+
+class ShardedCheckpoint:
+    """A run directory of shard checkpoints (see the module docstring). Create with :meth:`create`
+    (the CLI, which owns the whole run) or :meth:`attach` (a Dask task, which owns one shard)."""
+
+    def __init__(self, root: Path, kind: str, record: dict[str, Any]) -> None:
+        self.root, self.kind, self.record = root, kind, record
+
+    # ---------------------------------------------------------------------------------- opening
+
+    @classmethod
+    def create(
+        cls,
+        root: str | os.PathLike[str],
+        kind: str,
+        fingerprint: Mapping[str, Any],
+        *,
+        resume: bool = True,
+        shard_rows: int | None = None,
+        input_rows: int | None = None,
+        source: str | None = None,
+    ) -> ShardedCheckpoint:
+        """Start a run over ``root``: check it, empty every shard if not ``resume``, write run.json.
+
+        Resuming with another ``shard_rows`` is refused: shards are matched by number.
+        """
+        path = Path(os.fspath(root))
+        _check_root(path, kind)
+        previous = _read_json(path / RUN_FILE, _RUN_FORMAT)
+        if previous is not None and previous.get("kind") != kind:
+            raise CheckpointError(
+                f"{path} holds a run split in {previous.get('kind')}, not in {kind} (a checkpoint of "
+                "another tool, e.g. Dask and the command line): choose another checkpoint path"
+            )
+        if previous is not None and resume and previous.get("shard_rows") != shard_rows:
+            raise ShardSizeError(
+                f"Checkpoint {path} was written with {previous.get('shard_rows')} rows per "
+                f"{KINDS[kind][3]}; resume with the same value ({KINDS[kind][3]}es are matched by "
+                "number), or pass resume=False to start over",
+                stored=previous.get("shard_rows"),
+            )
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CheckpointError(f"Cannot create checkpoint directory {path}: {exc}") from None
+        run = cls(path, kind, {})
+        if not resume:
+            # Every shard now, not as the run reaches it: stale shards must not be restored later,
+            # and a run still using this checkpoint is found (locked) before anything is deleted.
+            for _, shard in run.shards():
+                Checkpoint.open(shard, fingerprint, resume=False).close()
+                with contextlib.suppress(FileNotFoundError):
+                    (shard / SHARD_FILE).unlink()
+        run.record = {
+            "format": _RUN_FORMAT, "version": 1, "kind": kind, "run_id": uuid.uuid4().hex,
+            "fingerprint": dict(fingerprint), "shard_rows": shard_rows, "input_rows": input_rows,
+            "source": source, "complete": False,
+        }
+        try:
+            _write_json(path / RUN_FILE, run.record)
+        except OSError as exc:
+            raise CheckpointError(f"Cannot write in checkpoint directory {path}: {exc}") from None
+        return run
+
+    @classmethod
+    def attach(cls, root: str | os.PathLike[str], kind: str, fingerprint: Mapping[str, Any],
+               *, run_id: str, shards: int | None = None) -> ShardedCheckpoint:
+        """Join a run from a worker: write run.json if no task has yet (best effort: it only
+        serves ``status``), never empty anything."""
+        path = Path(os.fspath(root))
+        record = {"format": _RUN_FORMAT, "version": 1, "kind": kind, "run_id": run_id,
+                  "fingerprint": dict(fingerprint), "shard_rows": None, "input_rows": None,
+                  "shards": shards, "source": None, "complete": False}
+        try:
+            existing = _read_json(path / RUN_FILE, _RUN_FORMAT)
+        except CheckpointCorruptError:
+            existing = None
+        if existing is None or existing.get("run_id") != run_id:
+            with contextlib.suppress(OSError):
+                path.mkdir(parents=True, exist_ok=True)
+                _write_json(path / RUN_FILE, record)
+        return cls(path, kind, record)
+
+    # ---------------------------------------------------------------------------------- shards
+
+    def shard_path(self, number: int) -> Path:
+        """The checkpoint directory of shard ``number``.
+
+        >>> ShardedCheckpoint(Path("/r"), "partitions", {}).shard_path(7).as_posix()
+        '/r/partition-00007'
+        """
+        prefix, digits, _, _ = KINDS[self.kind]
+        return self.root / f"{prefix}{number:0{digits}d}"
+
+    def shards(self) -> list[tuple[int, Path]]:
+        """``(number, directory)`` of every shard on disk, in order."""
+        return _shard_dirs(self.root, self.kind)
+
+    def start_shard(self, number: int, rows: int) -> None:
+        """Record that this run is answering shard ``number`` (of ``rows`` rows) now."""
+        self._write_shard(number, {"rows": rows, "finished": False})
+
+    def start_shard_over_once(self, number: int, fingerprint: Mapping[str, Any]) -> None:
+        """Empty shard ``number`` unless this run did already (Dask's ``resume=False``).
+
+        Dask runs a task again when its worker dies; if that attempt started over too,
+        ``resume=False`` would throw away what the first attempt paid for. So the first attempt
+        empties the shard and *then* records the run's id in shard.json; an attempt that finds
+        its run's id resumes. (A crash between the two steps just empties it again.)
+        """
+        directory = self.shard_path(number)
+        if self.shard_record(number).get("run_id") == self.record["run_id"]:
+            return
+        Checkpoint.open(directory, fingerprint, resume=False).close()
+        self._write_shard(number, {"rows": None, "finished": False})
+
+    def finish_shard(self, number: int, columns: Mapping[str, Sequence[Any]]) -> None:
+        """Record shard ``number``'s counts for the current input, from its result columns.
+
+        Rows that cannot be sent (no prompt) are never stored in a checkpoint, so only this
+        record has them; a failed write only costs ``status`` its exact counts.
+        """
+        errors = Counter(t or "unknown" for t, e in zip(columns["error_type"], columns["error"])
+                         if e is not None)
+        rows, failed = len(columns["error"]), sum(errors.values())
+        with contextlib.suppress(OSError):
+            self._write_shard(number, {"rows": rows, "finished": True, "answered": rows - failed,
+                                       "failed": failed, "errors_by_type": dict(errors)})
+
+    def complete(self) -> None:
+        """Record that every shard of the run's input was answered."""
+        self.record["complete"] = True
+        with contextlib.suppress(OSError):
+            _write_json(self.root / RUN_FILE, self.record)
+
+    def shard_record(self, number: int) -> dict[str, Any]:
+        """shard.json of shard ``number`` ({} if none or unreadable: it only holds counts)."""
+        try:
+            return _read_json(self.shard_path(number) / SHARD_FILE, _SHARD_FORMAT) or {}
+        except CheckpointCorruptError:
+            return {}
+
+    def _write_shard(self, number: int, data: dict[str, Any]) -> None:
+        directory = self.shard_path(number)
+        directory.mkdir(parents=True, exist_ok=True)
+        _write_json(directory / SHARD_FILE, {"format": _SHARD_FORMAT, "version": 1,
+                                             "run_id": self.record.get("run_id"), **data})
+
+    # ---------------------------------------------------------------------------------- reading
+
+    def expected_rows(self, number: int) -> int | None:
+        """Rows of shard ``number`` in the current input, when the run record knows the input."""
+        size, total = self.record.get("shard_rows"), self.record.get("input_rows")
+        if not size or total is None:
+            return None
+        first = KINDS[self.kind][2]
+        return max(0, min(size, total - (number - first) * size))
+
+    def total_shards(self) -> int | None:
+        size, total = self.record.get("shard_rows"), self.record.get("input_rows")
+        if size and total is not None:
+            return math.ceil(total / size)
+        shards = self.record.get("shards")
+        return shards if isinstance(shards, int) else None
+
+    def status(self) -> dict[str, Any]:
+        """Counts over every shard (see the module docstring for what is counted)."""
+        run_id = self.record.get("run_id")
+        stored = done = failed = parts = 0
+        errors: Counter[str] = Counter()
+        fingerprint = self.record.get("fingerprint")
+        shards = self.shards()
+        last = self.total_shards()
+        for number, directory in shards:
+            record = self.shard_record(number)
+            info = None
+            if _has_checkpoint(directory):
+                info = checkpoint_status(directory)
+                stored += info["total"]
+                parts += info["parts"]
+                fingerprint = fingerprint or info["fingerprint"]
+            if last is not None and number >= last + KINDS[self.kind][2]:
+                continue  # beyond the current input (it shrank): stored, but not the input's rows
+            if record.get("finished") and record.get("run_id") == run_id:
+                done += record["answered"]
+                failed += record["failed"]
+                errors.update(record["errors_by_type"])
+            elif info is not None:
+                rows = self.expected_rows(number)
+                if rows is None and record.get("run_id") == run_id:
+                    rows = record.get("rows")
+                shard_done, shard_failed = info["done"], info["failed"]
+                if rows is not None:  # stale answers of rows that moved to another shard
+                    shard_done = min(shard_done, rows)
+                    shard_failed = min(shard_failed, rows - shard_done)
+                done += shard_done
+                failed += shard_failed
+                errors.update(_clip_errors(info["errors_by_type"], shard_failed))
+        input_rows = self.record.get("input_rows")
+        return {
+            "path": str(self.root), "kind": self.kind, "shards": len(shards), "total_shards": last,
+            "input_rows": input_rows, "total": stored, "done": done, "failed": failed,
+            "remaining": None if input_rows is None else max(0, input_rows - done - failed),
+            "complete": bool(self.record.get("complete", False)),
+            "errors_by_type": dict(errors.most_common()), "parts": parts, "fingerprint": fingerprint or {},
+        }
+
+    def read(self) -> pd.DataFrame:
+        """Every shard's stored results, indexed by (shard number, position in the shard)."""
+        frames, keys = [], []
+        for number, directory in self.shards():
+            if _has_checkpoint(directory):
+                frames.append(read_checkpoint(directory))
+                keys.append(number)
+        name = KINDS[self.kind][3]
+        if not frames:
+            empty = result_frame(RECORD_SCHEMA.empty_table())
+            index = pd.MultiIndex.from_arrays([pd.Index([], dtype="int64"), empty.index],
+                                              names=[name, "position"])
+            return empty.set_axis(index, axis=0)
+        return pd.concat(frames, keys=keys, names=[name, "position"])
+
+
+def _has_checkpoint(directory: Path) -> bool:
+    """Whether a shard directory holds results (a manifest, or parts whose manifest was lost: then
+    reading it raises, with the advice to repair, rather than skipping it silently)."""
+    return (directory / _MANIFEST).exists() or any(directory.glob("part-*.parquet"))
+
+
+def _clip_errors(errors: Mapping[str, int], limit: int) -> dict[str, int]:
+    """At most ``limit`` errors in all, the most common types first."""
+    clipped: dict[str, int] = {}
+    for kind, count in sorted(errors.items(), key=lambda item: -item[1]):
+        take = min(count, limit - sum(clipped.values()))
+        if take > 0:
+            clipped[kind] = take
+    return clipped
+
+
+def _check_root(path: Path, kind: str) -> None:
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"Checkpoint path {path} is a file; give a directory (created if missing).")
+    if (path / _MANIFEST).exists():
+        raise CheckpointError(
+            f"{path} is a checkpoint written by df.genai.generate; a run split in {kind} keeps one "
+            "checkpoint per shard under its own directory: choose another checkpoint path"
+        )
+
+
+def _open(root: str | os.PathLike[str]) -> ShardedCheckpoint:
+    path = Path(os.fspath(root))
+    kind = kind_of(path)
+    if kind is None or kind == "single":
+        what = "does not exist" if not path.exists() else "holds no checkpoint"
+        raise CheckpointError(f"No checkpoint at {path}: the path {what}.")
+    return ShardedCheckpoint(path, kind, _read_json(path / RUN_FILE, _RUN_FORMAT) or {})
+
+
+def checkpoint_status_of(root: str | os.PathLike[str]) -> dict[str, Any]:
+    """:meth:`ShardedCheckpoint.status` of the run at ``root``."""
+    return _open(root).status()
+
+
+def read_sharded(root: str | os.PathLike[str]) -> pd.DataFrame:
+    """:meth:`ShardedCheckpoint.read` of the run at ``root``."""
+    return _open(root).read()
+
+
+def repair_sharded(root: str | os.PathLike[str]) -> dict[str, Any]:
+    """:func:`~gen_ai_frames.checkpoint.repair_checkpoint` on every shard of the run at ``root``."""
+    run = _open(root)
+    reports = {}
+    for number, directory in run.shards():
+        if _has_checkpoint(directory):
+            reports[number] = repair_checkpoint(directory)
+    return {"path": str(run.root), "kind": run.kind, "shards": reports,
+            "dropped": [f"{run.shard_path(n).name}/{name}" for n, r in reports.items()
+                        for name in r["dropped"]],
+            "rebuilt": [run.shard_path(n).name for n, r in reports.items() if r["rebuilt"]]}
