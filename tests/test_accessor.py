@@ -326,3 +326,20 @@ def test_multiindex_partial_column_key_asks_for_a_tuple(client: Any, fake_server
 def test_multiindex_sub_column_named_by_tuple_is_used(client: Any) -> None:
     out = multiindex_frame().genai.generate(column=("t", "y"), client=client, progress=False)
     assert out["response"].tolist() == ["echo: first y", "echo: second y"]
+
+
+def test_repair_true_on_the_accessor_resends_only_the_rows_of_a_damaged_part(client: Any, fake_server: Any,
+                                                                             tmp_path: Path) -> None:
+    from gen_ai_frames.checkpoint import CheckpointCorruptError
+
+    df, ckpt = prompts_frame(6), tmp_path / "run.ckpt"
+    generate(df, client, checkpoint=ckpt, chunk_size=2, max_concurrent=1)
+    damaged = sorted(ckpt.glob("part-*.parquet"))[0]
+    damaged.write_bytes(b"PAR1 damaged")
+    fake_server.reset()
+    with pytest.raises(CheckpointCorruptError):
+        generate(df, client, checkpoint=ckpt)
+    with pytest.warns(UserWarning, match=damaged.name):
+        out = generate(df, client, checkpoint=ckpt, repair=True)
+    assert out["response"].tolist() == [f"echo: question {i}" for i in range(6)]
+    assert 0 < fake_server.stats()["requests"] < 6
