@@ -227,3 +227,23 @@ def test_a_key_in_the_query_string_is_sent_but_never_shown(tmp_path: Path) -> No
              all_text_under(tmp_path / "c").decode("latin-1")]
     assert "?key=***" in repr(client) and "?key=***" in errors[0]["message"]
     assert not [text for text in shown if secret in text]
+
+
+def test_a_key_echoed_by_a_proxy_never_reaches_the_cli_output(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gen_ai_frames.cli import main
+    from gen_ai_frames.testing.hostile import HostileServer, Reply
+
+    source, target = tmp_path / "in.csv", tmp_path / "out.csv"
+    source.write_text("prompt\nfine\necho\n")
+    monkeypatch.setenv("OPENAI_API_KEY", FAKE_KEY)
+    with HostileServer({"echo": Reply(status=400, echo_key=True)}) as server:
+        code = main(["generate", str(source), "-o", str(target), "--column", "prompt", "--endpoint",
+                     server.url, "--model", "m", "--no-progress", "--max-concurrent", "1",
+                     "--checkpoint", str(tmp_path / "c")])
+        assert FAKE_KEY in server.requests[-1].headers["authorization"]
+    captured = capsys.readouterr()
+    assert code == 1 and "Incorrect API key provided: ***" in captured.err + target.read_text()
+    assert FAKE_KEY not in captured.out + captured.err + target.read_text()
+    assert FAKE_KEY.encode() not in all_text_under(tmp_path / "c")
