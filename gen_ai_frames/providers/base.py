@@ -117,9 +117,13 @@ class Provider:
         for secret in endpoint_secrets(self.endpoint) if self.uses_http else ():
             register_secret(secret)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
+    def __setstate__(self, state: Any) -> None:
         # An unpickled provider (a Dask worker's) registers its secrets in the new process too.
-        self.__dict__.update(state)
+        if isinstance(state, tuple):  # (__dict__ or None, slots) for a subclass with __slots__
+            state, slots = state
+            for name, value in (slots or {}).items():
+                object.__setattr__(self, name, value)
+        self.__dict__.update(state or {})
         self._register_secrets()
 
     def __repr__(self) -> str:
