@@ -67,8 +67,8 @@ __all__ = [
     "scrub_secrets",
 ]
 
-#: Secrets shorter than this are not scrubbed: a one-letter test key would blank out every "k".
-MIN_SECRET_LENGTH = 6
+#: Secrets shorter than this are not scrubbed: a key like "k" or "ollama" would blank out words.
+MIN_SECRET_LENGTH = 8
 _SECRETS: set[str] = set()
 
 

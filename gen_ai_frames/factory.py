@@ -11,8 +11,8 @@ from urllib.parse import urlsplit
 
 from .client import Client
 from .errors import ConfigurationError
-from .providers import get_provider
 from .params import validate_positive_int
+from .providers import get_provider
 from .providers.base import Provider, normalize_endpoint, redact_url
 from .retry import RetryPolicy
 from .transport import DEFAULT_MAX_RESPONSE_BYTES, AiohttpTransport, HttpxTransport, Transport

@@ -73,16 +73,16 @@ TABLE: list[tuple[str, Reply, Any, bool]] = [
     ("the key echoed in an error", Reply(status=500, echo_key=True),
      ("ServerError", "HTTP 500: Incorrect API key provided: ***"), False),
     ("302 on a POST", Reply(status=302, location="/v2/chat/completions"),
-     ("RedirectError", "answered HTTP 302: it moved to http://127.0.0.1:{port}/v2/chat/completions; a POST "
-                       "cannot follow a 302 redirect"), True),
+     ("RedirectError", ("answered HTTP 302: it moved to http://127.0.0.1:{port}/v2/chat/completions; a POST "
+                        "cannot follow a 302 redirect")), True),
     ("301 on a POST", Reply(status=301, location="https://new.example/v1/chat/completions"),
      ("RedirectError", "it moved to https://new.example/v1/chat/completions"), True),
     ("303 with credentials in the Location",
      Reply(status=303, location="https://bob:hunter2-pw@new.example/v1/chat/completions?key=abcdef123"),
      ("RedirectError", "it moved to https://***@new.example/v1/chat/completions?key=***"), True),
     ("307 to another host", Reply(status=307, location="http://localhost:9/v1/chat/completions"),
-     ("RedirectError", "redirecting to another host: http://localhost:9/v1/chat/completions; the request was "
-                       "not re-sent there"), True),
+     ("RedirectError", ("redirecting to another host: http://localhost:9/v1/chat/completions; the request "
+                        "was not re-sent there")), True),
     ("307 to itself, forever", Reply(status=307, location="/v1/chat/completions"),
      ("RedirectError", "the endpoint kept redirecting (HTTP 307, last to http://127.0.0.1:{port}/v1/chat/"),
      True),
