@@ -523,7 +523,8 @@ def test_a_csv_row_longer_than_the_header_is_refused_naming_the_line(
 ) -> None:
     source, target = tmp_path / "in.csv", tmp_path / "out.csv"
     source.write_text(text)
-    code, out, err = run(capsys, *gen_args(server, source, target, "--column", "prompt"))
+    # One row per batch: the line named is the file's, not the batch's.
+    code, out, err = run(capsys, *gen_args(server, source, target, "--column", "prompt", "--batch-rows", "1"))
     assert code == 2 and out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gen-ai-frames: error: "), err
