@@ -95,7 +95,6 @@ def scrub_secrets(text: str) -> str:
     return text
 
 
-
 class GenAIError(Exception):
     """Base class of every exception raised by gen-ai-frames."""
 
