@@ -11,8 +11,12 @@ The tree::
         ├── APIConnectionError                     connection refused, reset, DNS, TLS
         │   └── APITimeoutError                    no answer within ``timeout``
         ├── MalformedResponseError                 not JSON, or JSON of the wrong shape (e.g. a proxy page)
+        ├── ResponseTooLargeError                  the answer is larger than ``max_response_bytes``
+        ├── EmptyAnswerError                       no text: ``max_tokens`` spent before any answer
         ├── ContentFilterError                     the provider withheld the answer
+        │   └── RefusalError                       the model declined (its refusal is the message)
         └── APIStatusError                         the provider answered an HTTP error status
+            ├── RedirectError                      3xx not followed: the endpoint moved (fatal)
             ├── BadRequestError                    400, 422
             │   └── ContextLengthError             the prompt plus max_tokens exceed the context window
             ├── AuthenticationError                401 (fatal: stops the run)
@@ -24,6 +28,11 @@ The tree::
 
 Batch calls never raise ``RequestError`` for one row: they return it as a dict (see
 :meth:`RequestError.to_dict`) so one bad row never loses the others.
+
+Every client registers its secrets (the API key, a password or key inside the endpoint URL) with
+:func:`register_secret`; a :class:`RequestError` scrubs them from its message and suggestion when it
+is built, so a server that echoes the key in its error text cannot get it into an error column,
+a checkpoint, a warning or a log.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ __all__ = [
     "ConflictError",
     "ContentFilterError",
     "ContextLengthError",
+    "EmptyAnswerError",
     "FailedPromptsWarning",
     "GenAIError",
     "InvalidPromptError",
@@ -48,9 +58,41 @@ __all__ = [
     "NotSentError",
     "PermissionDeniedError",
     "RateLimitError",
+    "RedirectError",
+    "RefusalError",
     "RequestError",
+    "ResponseTooLargeError",
     "ServerError",
+    "register_secret",
+    "scrub_secrets",
 ]
+
+#: Secrets shorter than this are not scrubbed: a key like "k" or "ollama" would blank out words.
+MIN_SECRET_LENGTH = 8
+_SECRETS: set[str] = set()
+
+
+def register_secret(secret: str | None) -> None:
+    """Remember ``secret`` so that every error message built from now on has it replaced by ``***``.
+
+    Providers call this for their API key and for credentials found in the endpoint URL.
+
+    >>> register_secret("sk-doc-example-123")
+    >>> scrub_secrets("HTTP 401: Incorrect API key provided: sk-doc-example-123")
+    'HTTP 401: Incorrect API key provided: ***'
+    """
+    if isinstance(secret, str) and len(secret) >= MIN_SECRET_LENGTH:
+        _SECRETS.add(secret)
+
+
+def scrub_secrets(text: str) -> str:
+    """``text`` with every registered secret replaced by ``***`` (longest first, so a key that
+    contains another is hidden whole)."""
+    if not _SECRETS or not text:
+        return text
+    for secret in sorted((s for s in _SECRETS if s in text), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
 
 
 class GenAIError(Exception):
@@ -93,9 +135,12 @@ class RequestError(GenAIError):
         retry_after: float | None = None,
         sent: bool = True,
     ) -> None:
+        # Scrubbed here, where every error is built, so no later layer (error column, checkpoint,
+        # warning, CLI) ever holds a key that a server echoed back.
+        message = scrub_secrets(message)
         super().__init__(message)
         self.message = message
-        self.suggestion = suggestion or self.default_suggestion
+        self.suggestion = scrub_secrets(suggestion or self.default_suggestion)
         self.status_code = status_code
         self.retryable = self.retryable_by_default if retryable is None else retryable
         self.attempts = attempts
@@ -159,12 +204,38 @@ class MalformedResponseError(RequestError):
     )
 
 
+class ResponseTooLargeError(RequestError):
+    default_suggestion = (
+        "The answer is larger than `max_response_bytes` (10 MB by default): lower `max_tokens`, or pass "
+        "a larger `max_response_bytes` to create_client if answers this large are expected."
+    )
+
+
+class EmptyAnswerError(RequestError):
+    default_suggestion = (
+        "The model used all of `max_tokens` before writing any answer text (reasoning models think "
+        "first): raise `max_tokens`."
+    )
+
+
 class ContentFilterError(RequestError):
     default_suggestion = "The provider's content filter withheld the answer: rephrase the prompt."
 
 
+class RefusalError(ContentFilterError):
+    default_suggestion = "The model declined to answer (its refusal is in the message): rephrase the prompt."
+
+
 class APIStatusError(RequestError):
     default_suggestion = "Check the provider's status page and the request parameters."
+
+
+class RedirectError(APIStatusError):
+    default_suggestion = (
+        "The endpoint redirected elsewhere: set `endpoint` to the address named in the message "
+        "(the API key is never sent to another host, and a POST cannot follow a 301/302/303)."
+    )
+    fatal = True
 
 
 class BadRequestError(APIStatusError):

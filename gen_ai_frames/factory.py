@@ -11,10 +11,11 @@ from urllib.parse import urlsplit
 
 from .client import Client
 from .errors import ConfigurationError
+from .params import validate_positive_int
 from .providers import get_provider
-from .providers.base import Provider, normalize_endpoint
+from .providers.base import Provider, normalize_endpoint, redact_url
 from .retry import RetryPolicy
-from .transport import AiohttpTransport, HttpxTransport, Transport
+from .transport import DEFAULT_MAX_RESPONSE_BYTES, AiohttpTransport, HttpxTransport, Transport
 
 if TYPE_CHECKING:
     import httpx
@@ -35,6 +36,7 @@ def create_client(
     verify: bool | str | ssl.SSLContext = True,
     http_client: httpx.AsyncClient | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     **provider_options: Any,
 ) -> Client:
     """Build a client for one model of one provider.
@@ -43,7 +45,12 @@ def create_client(
     ``api_key`` falls back to the provider's environment variable (``OPENAI_API_KEY`` for
     ``"openai"``). ``verify`` controls TLS verification (``False``, or a CA bundle path).
     ``http_client`` (an ``httpx.AsyncClient``) or ``transport`` (e.g. ``httpx.MockTransport``) send
-    through httpx instead of the default aiohttp transport.
+    through httpx instead of the default aiohttp transport. ``max_response_bytes`` (10 MiB) caps
+    the size of one answer: a larger one fails its row with ``ResponseTooLargeError`` unread.
+
+    An endpoint may carry credentials (``http://user:pw@host/v1``: HTTP basic auth to a proxy) or a
+    key in its query (``?key=...``); both are hidden wherever the endpoint is shown. Basic auth and
+    a bearer API key would both need the Authorization header, so that pair is refused.
 
     >>> client = create_client(provider="openai", api_key="sk-...", model_name="gpt-4o-mini")
     >>> client
@@ -74,9 +81,19 @@ def create_client(
             "or pass api_key=..."
             if provider_class.api_key_env else f"no API key for provider {provider!r}: pass api_key=..."
         )
+    validate_positive_int("max_response_bytes", max_response_bytes)
+    if (api_key and provider_class.uses_http and provider_class.credential_header == "authorization"
+            and urlsplit(endpoint).username is not None):
+        # aiohttp would crash on the pair ("Cannot combine AUTHORIZATION header ..."); picking one
+        # silently would send the wrong credential.
+        raise ConfigurationError(
+            f"endpoint {redact_url(endpoint)!r} has credentials in it (user:password@, sent as HTTP basic "
+            f"auth) and an API key is set (api_key= or {provider_class.api_key_env or 'the key variable'}): "
+            "both would go in the Authorization header; drop the credentials from the endpoint, or the key"
+        )
     instance = provider_class(api_key=api_key, endpoint=endpoint, model_name=model_name, **provider_options)
 
-    make_transport = _TransportFactory(instance, http_client, transport, verify)
+    make_transport = _TransportFactory(instance, http_client, transport, verify, max_response_bytes)
     return Client(instance, make_transport, max_retries=max_retries, retry=retry,
                   requests_per_minute=requests_per_minute, tokens_per_minute=tokens_per_minute)
 
@@ -90,14 +107,16 @@ class _TransportFactory:
     http_client: httpx.AsyncClient | None
     transport: httpx.AsyncBaseTransport | None
     verify: bool | str | ssl.SSLContext
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
 
     def __call__(self) -> Transport:
         own = self.provider.create_transport()
         if own is not None:
             return own
         if self.http_client is not None or self.transport is not None:
-            return HttpxTransport(self.http_client, transport=self.transport, verify=self.verify)
-        return AiohttpTransport(verify=self.verify)
+            return HttpxTransport(self.http_client, transport=self.transport, verify=self.verify,
+                                  max_response_bytes=self.max_response_bytes)
+        return AiohttpTransport(verify=self.verify, max_response_bytes=self.max_response_bytes)
 
 
 def is_local(endpoint: str) -> bool:

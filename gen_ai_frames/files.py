@@ -185,19 +185,66 @@ class _CsvInput(_Input):
     A CSV file has no types: reading text keeps values exactly as written (ids like 00123, numbers
     that would turn into floats) and gives every batch the same schema, which the Parquet output
     needs. Only an empty field is missing ("NA" is text).
+
+    No column is ever taken as an index: a row with more fields than the header (a trailing comma, as
+    spreadsheet exports write) is refused, naming its line, instead of shifting every value one column
+    to the right. A header that itself ends with the separator has an unnamed last column: dropped
+    when it is empty in every row, refused when a row has a value there.
     """
 
     def __init__(self, path: Path, sep: str, batch_rows: int) -> None:
         self._path, self._sep, self._batch_rows = path, sep, batch_rows
-        header = pd.read_csv(path, sep=sep, nrows=0, dtype=str)
-        self.schema = pa.schema([pa.field(str(name), pa.string()) for name in header.columns])
+        header = pd.read_csv(path, sep=sep, nrows=0, dtype=str, index_col=False)
+        names = [str(name) for name in header.columns]
         # One pass to count rows and reject a malformed line before any request is paid for.
-        self.rows = sum(len(chunk) for chunk in self._chunks())
+        self.rows, unnamed_last = self._check()
+        self._drop = names[-1] if unnamed_last else None
+        self.schema = pa.schema([pa.field(name, pa.string()) for name in names if name != self._drop])
+
+    def _check(self) -> tuple[int, bool]:
+        """``(data rows, whether the header's last name is empty)``; a UsageError for a row longer
+        than the header, or for a value under an unnamed last column."""
+        rows, unnamed_last = 0, False
+        # header=None: the header line is row 0, so the parser expects its number of fields on every
+        # line and reports the first longer one (with header=0 it would take an extra first field as
+        # the index).
+        with pd.read_csv(self._path, sep=self._sep, header=None, dtype=str, keep_default_na=False,
+                         na_values=[""], index_col=False, chunksize=self._batch_rows) as reader:
+            try:
+                for index, chunk in enumerate(reader):
+                    if index == 0:
+                        unnamed_last = chunk.shape[1] > 1 and pd.isna(chunk.iloc[0, -1])
+                        chunk = chunk.iloc[1:]
+                    if unnamed_last:
+                        filled = chunk.iloc[:, -1].notna().to_numpy().nonzero()[0]
+                        if len(filled):
+                            row = rows + int(filled[0]) + 1
+                            raise UsageError(
+                                f"{str(self._path)!r} data row {row:,} has a value in the last column, whose "
+                                "name in the header is empty (the header ends with a separator): name the "
+                                "column in the header, or remove the value"
+                            )
+                    rows += len(chunk)
+            except pd.errors.ParserError as exc:
+                raise self._too_many_fields(exc) from None
+        return rows, unnamed_last
+
+    def _too_many_fields(self, exc: Exception) -> Exception:
+        match = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(exc))
+        if match is None:
+            return exc  # another parse error: _reading reports it as one line
+        expected, line, saw = match.groups()
+        return UsageError(
+            f"{str(self._path)!r} line {line} has {saw} fields but the header has {expected}: "
+            "remove the extra field(s) (often a separator at the end of the line) or name the extra "
+            "column(s) in the header; nothing was sent"
+        )
 
     def _chunks(self) -> Iterator[pd.DataFrame]:
         with pd.read_csv(self._path, sep=self._sep, dtype=str, keep_default_na=False, na_values=[""],
-                         chunksize=self._batch_rows) as reader:
-            yield from reader
+                         index_col=False, chunksize=self._batch_rows) as reader:
+            for chunk in reader:
+                yield chunk if self._drop is None else chunk.drop(columns=[self._drop])
 
     def batches(self) -> Iterator[pa.Table]:
         fmt = "tsv" if self._sep == "\t" else "csv"

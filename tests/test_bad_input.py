@@ -39,6 +39,16 @@ Every case asserts its exact outcome: either a clear error raised *before any re
 | 32 | unreachable endpoint                    | APIConnectionError "Is the server running at ..."        |
 | 33 | endpoint that answers HTML              | row errors MalformedResponseError "not JSON ... text/html"|
 | 34 | 200 answer carrying an error object     | row error with the provider's message                    |
+| 35 | endpoint with an invalid port           | ConfigurationError "has an invalid port", password hidden |
+| 36 | unparsable endpoint (http://[::1/v1)    | ConfigurationError "is not a valid URL"                  |
+| 37 | endpoint with user:pw@ and an API key   | ConfigurationError "has credentials in it", as ***@      |
+| 38 | endpoint with a #fragment               | ConfigurationError "has a #fragment"                     |
+| 39 | max_response_bytes=0                    | ConfigurationError "max_response_bytes"                  |
+| 40 | CSV rows with a trailing comma          | CLI exit 2 "line 2 has 3 fields but the header has 2"    |
+| 41 | CSV first data row longer than header   | CLI exit 2, naming the line (both in tests/test_cli.py)  |
+
+Misbehaving servers (redirects, odd fields, huge answers, echoed keys) have their own table in
+tests/test_hostile.py.
 """
 
 from __future__ import annotations
@@ -232,3 +242,26 @@ def test_endpoint_that_answers_html(html_endpoint: str) -> None:
     assert out["error_type"].tolist() == ["MalformedResponseError"] * 2
     assert "not JSON (text/html" in out["error"].iloc[0] and "sign in" in out["error"].iloc[0]
     assert "endpoint" in out["error_suggestion"].iloc[0]
+
+
+ENDPOINT_CASES = [
+    ("invalid port", {"endpoint": "http://bob:hunter2-pw@127.0.0.1:99999/v1"}, "has an invalid port"),
+    ("unparsable", {"endpoint": "http://[::1/v1"}, "is not a valid URL"),
+    ("userinfo and a key",
+     {"endpoint": "http://bob:hunter2-pw@127.0.0.1:9/v1", "api_key": "sk-bad-input-key"},
+     r"endpoint 'http://\*\*\*@127.0.0.1:9/v1' has credentials in it"),
+    ("fragment", {"endpoint": "http://127.0.0.1:9/v1#x"}, "has a #fragment"),
+]
+
+
+@pytest.mark.parametrize(("options", "message"), [c[1:] for c in ENDPOINT_CASES],
+                         ids=[c[0] for c in ENDPOINT_CASES])
+def test_bad_endpoint_raises_before_any_request(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message) as caught:
+        FRAME.genai.generate(column="prompt", model_name="m", progress=False, **options)
+    assert "hunter2-pw" not in str(caught.value)
+
+
+def test_max_response_bytes_must_be_positive() -> None:
+    with pytest.raises(ConfigurationError, match="max_response_bytes must be an integer >= 1, got 0"):
+        create_client(endpoint="http://127.0.0.1:9/v1", model_name="m", max_response_bytes=0)

@@ -606,3 +606,68 @@ def test_sigterm_saves_what_was_received_and_exits_143(server: Any, tmp_path: Pa
     assert done.returncode == 0, done.stderr  # the lock was released
     assert server.stats()["requests"] == rows - len(stored)
     assert_echoed(read(target), frame(rows)["prompt"].tolist())
+
+
+# CSV/TSV: no implicit index column (issue 13) --------------------------------------------------
+@pytest.mark.parametrize(("text", "line", "saw"), [
+    ("prompt,id\nWhat is 2+2?,1,\nWhat is 3+3?,2,\n", 2, 3),   # every data row ends with a comma
+    ("prompt,id\nWhat is 2+2?,1,extra\nWhat is 3+3?,2\n", 2, 3),  # only the first data row is longer
+    ("prompt,id\nWhat is 2+2?,1\nWhat is 3+3?,2,,\n", 3, 4),   # a later row is longer
+])
+def test_a_csv_row_longer_than_the_header_is_refused_naming_the_line(
+    server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, line: int, saw: int
+) -> None:
+    source, target = tmp_path / "in.csv", tmp_path / "out.csv"
+    source.write_text(text)
+    # One row per batch: the line named is the file's, not the batch's.
+    code, out, err = run(capsys, *gen_args(server, source, target, "--column", "prompt", "--batch-rows", "1"))
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gen-ai-frames: error: "), err
+    assert f"line {line} has {saw} fields but the header has 2" in err
+    assert server.stats()["requests"] == 0 and not target.exists()
+
+
+def test_a_tsv_row_longer_than_the_header_is_refused(server: Any, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "in.tsv"
+    source.write_text("prompt\tid\nhello\t1\t\n")
+    code, _, err = run(capsys, *gen_args(server, source, tmp_path / "out.tsv", "--column", "prompt"))
+    assert code == 2 and "line 2 has 3 fields but the header has 2" in err
+    assert server.stats()["requests"] == 0
+
+
+def test_a_header_ending_with_a_comma_drops_its_empty_column(server: Any, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    source, target = tmp_path / "in.csv", tmp_path / "out.csv"
+    source.write_text("prompt,id,\nWhat is 2+2?,1,\nWhat is 3+3?,2,\n")
+    code, _, err = run(capsys, *gen_args(server, source, target, "--column", "prompt"))
+    assert code == 0, err
+    assert target.read_text().splitlines() == [
+        "prompt,id,response,error",
+        "What is 2+2?,1,echo: What is 2+2?,",
+        "What is 3+3?,2,echo: What is 3+3?,",
+    ]
+
+
+def test_a_value_under_an_unnamed_last_column_is_refused(server: Any, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "in.csv"
+    source.write_text("prompt,id,\nWhat is 2+2?,1,\nWhat is 3+3?,2,oops\n")
+    code, _, err = run(capsys, *gen_args(server, source, tmp_path / "out.csv", "--column", "prompt",
+                                         "--batch-rows", "1"))
+    assert code == 2 and "data row 2 has a value in the last column, whose name in the header is empty" in err
+    assert server.stats()["requests"] == 0
+
+
+def test_a_trailing_comma_csv_in_a_real_subprocess(server: Any, tmp_path: Path) -> None:
+    source = tmp_path / "in.csv"
+    source.write_text("prompt,id\nWhat is 2+2?,1,\n")
+    args = gen_args(server, source, tmp_path / "out.csv", "--column", "prompt")
+    done = subprocess.run([sys.executable, "-m", "gen_ai_frames", *map(str, args)], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 2
+    assert done.stderr.strip().endswith(
+        "line 2 has 3 fields but the header has 2: remove the extra field(s) (often a separator at the end "
+        "of the line) or name the extra column(s) in the header; nothing was sent")
+    assert server.stats()["requests"] == 0

@@ -116,3 +116,99 @@ def test_content_filter_is_its_own_error() -> None:
 
 def test_repr_hides_key() -> None:
     assert FAKE_KEY not in repr(provider())
+
+
+# One bad field fails one row (issue 12) ---------------------------------------------------------
+def answer(**changes: object) -> dict[str, object]:
+    body = chat_answer("Paris")
+    choice = body["choices"][0]  # type: ignore[index]
+    for name, value in changes.items():
+        if name == "usage":
+            body["usage"] = value
+        elif name in ("content", "refusal"):
+            choice["message"][name] = value
+        else:
+            choice[name] = value
+    return body
+
+
+@pytest.mark.parametrize(("changes", "field"), [
+    ({"usage": {"prompt_tokens": "7", "completion_tokens": 1}}, "usage.prompt_tokens is '7' (str)"),
+    ({"usage": {"prompt_tokens": 7, "completion_tokens": 3.5}}, "usage.completion_tokens is 3.5 (float)"),
+    ({"usage": {"prompt_tokens": -1}}, "usage.prompt_tokens is -1 (int)"),
+    ({"usage": {"prompt_tokens": False}}, "usage.prompt_tokens is False (bool)"),
+    ({"finish_reason": 1}, "choices[0].finish_reason is 1 (int), not a string"),
+    ({"content": 42}, "choices[0].message.content is 42 (int)"),
+    ({"content": {"text": "Paris"}}, "choices[0].message.content is {'text': 'Paris'} (dict)"),
+    ({"content": [{"type": "text", "text": 7}]}, "choices[0].message.content has a text part whose text"),
+])
+def test_a_field_of_the_wrong_type_is_malformed_and_named(changes: dict[str, object], field: str) -> None:
+    with pytest.raises(errors.MalformedResponseError) as caught:
+        provider().parse_response(response(200, answer(**changes)))
+    assert field in caught.value.message
+    assert "only this row failed" in caught.value.suggestion
+
+
+@pytest.mark.parametrize("usage", [[1, 2], "12 tokens", 5, None])
+def test_usage_that_is_not_an_object_is_ignored(usage: object) -> None:
+    completion = provider().parse_response(response(200, answer(usage=usage)))
+    assert (completion.text, completion.prompt_tokens, completion.completion_tokens) == ("Paris", None, None)
+
+
+def test_whole_number_floats_count_as_tokens() -> None:
+    completion = provider().parse_response(response(200, answer(usage={"prompt_tokens": 7.0,
+                                                                       "completion_tokens": 2})))
+    assert (completion.prompt_tokens, completion.completion_tokens) == (7, 2)
+
+
+def test_content_parts_are_joined_into_text() -> None:
+    parts = [{"type": "text", "text": "Par"}, {"type": "image_url", "image_url": {}}, "i", {"text": "s"}]
+    assert provider().parse_response(response(200, answer(content=parts))).text == "Paris"
+
+
+def test_completions_text_that_is_not_text_is_malformed() -> None:
+    with pytest.raises(errors.MalformedResponseError, match=r"choices\[0\].text is \{'a': 1\} \(dict\)"):
+        body = {"choices": [{"text": {"a": 1}, "finish_reason": "stop"}]}
+        provider("completions").parse_response(response(200, body))
+
+
+def test_a_refusal_is_its_own_error_with_its_words() -> None:
+    with pytest.raises(errors.RefusalError) as caught:
+        provider().parse_response(response(200, answer(content=None, refusal="I can't help with that.")))
+    assert caught.value.message == "the model refused to answer: I can't help with that."
+    assert isinstance(caught.value, errors.ContentFilterError) and not caught.value.retryable
+
+
+@pytest.mark.parametrize("content", [None, ""])
+def test_no_text_at_max_tokens_says_to_raise_max_tokens(content: object) -> None:
+    with pytest.raises(errors.EmptyAnswerError) as caught:
+        provider().parse_response(response(200, answer(content=content, finish_reason="length")))
+    assert "raise `max_tokens`" in caught.value.suggestion and "endpoint" not in caught.value.suggestion
+
+
+def test_an_empty_answer_that_stopped_is_an_answer() -> None:
+    assert provider().parse_response(response(200, answer(content=""))).text == ""
+
+
+# Redirects come back as 3xx answers: the provider says where they pointed -----------------------
+@pytest.mark.parametrize(("status", "location", "message"), [
+    (302, "https://new.example/v2/chat/completions",
+     "HTTP 302: it moved to https://new.example/v2/chat/completions"),
+    (307, "https://u:pw-secret@other.example/v1/chat/completions?key=qs-secret",
+     "redirecting to another host: https://***@other.example/v1/chat/completions?key=***"),
+])
+def test_a_redirect_names_where_it_pointed_without_credentials(status: int, location: str,
+                                                               message: str) -> None:
+    with pytest.raises(errors.RedirectError) as caught:
+        provider().parse_response(response(status, b"", {"location": location}))
+    assert message in caught.value.message and caught.value.fatal
+    assert "pw-secret" not in str(caught.value) and "qs-secret" not in str(caught.value)
+    assert "pass endpoint='https://" in caught.value.suggestion
+
+
+def test_an_endpoint_query_string_is_kept_on_every_request() -> None:
+    keyed = OpenAIProvider(api_key=None, endpoint="http://127.0.0.1:8000/v1?key=qs-secret-1", model_name="m")
+    request = keyed.build_request([{"role": "user", "content": "Hi"}], GenerationParams())
+    assert request.url == "http://127.0.0.1:8000/v1/chat/completions?key=qs-secret-1"
+    assert "qs-secret-1" not in repr(keyed) and "qs-secret-1" not in str(keyed.fingerprint())
+    assert errors.ServerError("proxy said: bad key qs-secret-1").message == "proxy said: bad key ***"

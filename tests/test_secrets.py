@@ -144,3 +144,106 @@ def test_custom_ca_bundle_and_verify_false(https_url: str, certificate: tuple[Pa
     assert trusted.generate_batch_response(["a", "b"]) == ["echo: a", "echo: b"]
     unverified = create_client(endpoint=https_url, model_name="m", api_key=FAKE_KEY, verify=False)
     assert unverified.generate_response("c") == "echo: c"
+
+
+# Every credential form, everywhere (issue 13) ---------------------------------------------------
+def test_userinfo_plus_a_bearer_key_is_one_clear_error_without_the_password() -> None:
+    from gen_ai_frames import ConfigurationError
+
+    with pytest.raises(ConfigurationError) as caught:
+        create_client(endpoint="http://alice:s3cret-pw@127.0.0.1:9/v1", model_name="m", api_key=FAKE_KEY)
+    message = str(caught.value)
+    assert "has credentials in it" in message and "http://***@127.0.0.1:9/v1" in message
+    assert "s3cret-pw" not in message and FAKE_KEY not in message
+
+
+def test_userinfo_with_a_key_in_its_own_header_sends_both() -> None:
+    from gen_ai_frames.testing.hostile import HostileServer
+
+    with HostileServer() as server:
+        endpoint = server.url.replace("http://", "http://alice:s3cret-pw@")
+        client = create_client(provider="anthropic", endpoint=endpoint, model_name="m", api_key=FAKE_KEY)
+        assert client.generate_response("hi") == "echo: hi"
+        (seen,) = server.requests
+    assert seen.headers["x-api-key"] == FAKE_KEY and seen.headers["authorization"].startswith("Basic ")
+    assert "s3cret-pw" not in repr(client) and "s3cret-pw" not in str(client.fingerprint())
+
+
+@pytest.mark.parametrize(("endpoint", "message"), [
+    ("http://bob:hunter2-pw@127.0.0.1:99999/v1", "has an invalid port"),
+    ("http://bob:hunter2-pw@127.0.0.1:8x/v1", "has an invalid port"),
+    ("http://[::1/v1", "is not a valid URL"),
+    ("http://bob:hunter2-pw@[::1/v1", "is not a valid URL"),
+    ("http://bob:hunter2-pw@/v1", "has no host name"),
+    ("http://127.0.0.1:8000/v1#frag", "has a #fragment"),
+    ("http://127.0.0.1:8000/my v1", "contains spaces"),
+])
+def test_an_unusable_endpoint_is_one_configuration_error(endpoint: str, message: str) -> None:
+    from gen_ai_frames import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=message) as caught:
+        create_client(endpoint=endpoint, model_name="m")
+    assert "hunter2-pw" not in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("endpoint", ["http://bob:hunter2-pw@127.0.0.1:99999/v1", "http://[::1/v1",
+                                      "http://bob:hunter2-pw@127.0.0.1:9/v1"])
+def test_the_cli_reports_a_bad_endpoint_in_one_line(tmp_path: Path, endpoint: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    source = tmp_path / "in.csv"
+    source.write_text("prompt\nhello\n")
+    env = {**os.environ, "OPENAI_API_KEY": FAKE_KEY}  # with the key: userinfo plus a bearer key
+    done = subprocess.run([sys.executable, "-m", "gen_ai_frames", "generate", str(source), "-o",
+                           str(tmp_path / "out.csv"), "--column", "prompt", "--endpoint", endpoint,
+                           "--model", "m", "--no-progress"],
+                          capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gen-ai-frames: error: endpoint "), done.stderr
+    assert "hunter2-pw" not in done.stderr + done.stdout and FAKE_KEY not in done.stderr
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_a_key_in_the_query_string_is_sent_but_never_shown(tmp_path: Path) -> None:
+    from gen_ai_frames.testing.hostile import HostileServer, Reply
+
+    secret = "qs-secret-4471"
+    echo = Reply(status=400,
+                 json={"error": {"message": f"bad request for /v1/chat/completions?key={secret}"}})
+    with HostileServer({"echo": echo}) as server:
+        client = create_client(endpoint=f"{server.url}?key={secret}", model_name="m", retry=FAST_RETRY)
+        out = pd.DataFrame({"prompt": ["a", "echo"]}).genai.generate(
+            column="prompt", client=client, checkpoint=tmp_path / "c", details=True, progress=False)
+        assert server.requests[0].path == f"/v1/chat/completions?key={secret}"  # the gateway gets it
+    assert out["response"].iloc[0] == "echo: a"
+    assert out["error"].iloc[1] == "HTTP 400: bad request for /v1/chat/completions?key=***"
+    dead = create_client(endpoint=f"http://127.0.0.1:9/v1?key={secret}", model_name="m",
+                         retry=FAST_RETRY.__class__(max_retries=0))
+    _, errors = dead.generate_batch_response(["a"], return_error=True)
+    shown = [repr(client), str(client.fingerprint()), repr(client.provider), out.to_csv(), repr(errors),
+             all_text_under(tmp_path / "c").decode("latin-1")]
+    assert "?key=***" in repr(client) and "?key=***" in errors[0]["message"]
+    assert not [text for text in shown if secret in text]
+
+
+def test_a_key_echoed_by_a_proxy_never_reaches_the_cli_output(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gen_ai_frames.cli import main
+    from gen_ai_frames.testing.hostile import HostileServer, Reply
+
+    source, target = tmp_path / "in.csv", tmp_path / "out.csv"
+    source.write_text("prompt\nfine\necho\n")
+    monkeypatch.setenv("OPENAI_API_KEY", FAKE_KEY)
+    with HostileServer({"echo": Reply(status=400, echo_key=True)}) as server:
+        code = main(["generate", str(source), "-o", str(target), "--column", "prompt", "--endpoint",
+                     server.url, "--model", "m", "--no-progress", "--max-concurrent", "1",
+                     "--checkpoint", str(tmp_path / "c")])
+        assert FAKE_KEY in server.requests[-1].headers["authorization"]
+    captured = capsys.readouterr()
+    assert code == 1 and "Incorrect API key provided: ***" in captured.err + target.read_text()
+    assert FAKE_KEY not in captured.out + captured.err + target.read_text()
+    assert FAKE_KEY.encode() not in all_text_under(tmp_path / "c")

@@ -20,12 +20,13 @@ from ..errors import (
     ConfigurationError,
     ContentFilterError,
     ContextLengthError,
+    EmptyAnswerError,
     MalformedResponseError,
     RequestError,
 )
 from ..params import GenerationParams, Message
 from ..transport import HttpRequest, HttpResponse
-from .base import Completion, Provider, dumps, error_for_status
+from .base import Completion, Provider, dumps, error_for_status, finish_reason_field, join_url, token_field
 
 __all__ = ["AnthropicProvider"]
 
@@ -75,6 +76,7 @@ class AnthropicProvider(Provider):
     default_model: ClassVar[str | None] = "claude-haiku-4-5"
     #: Anthropic's temperature scale ends at 1.0 (OpenAI's at 2.0).
     max_temperature: ClassVar[float] = 1.0
+    credential_header: ClassVar[str | None] = "x-api-key"
 
     def __init__(self, *, api_key: str | None, endpoint: str, model_name: str,
                  anthropic_version: str = "2023-06-01", **options: Any) -> None:
@@ -86,7 +88,7 @@ class AnthropicProvider(Provider):
         }
         if api_key:
             self._headers["x-api-key"] = api_key
-        self._url = f"{endpoint}/messages"
+        self._url = join_url(endpoint, "messages")
 
     def build_request(self, messages: list[Message], params: GenerationParams) -> HttpRequest:
         """The Messages API body; raises ConfigurationError for a temperature above 1.
@@ -124,31 +126,38 @@ class AnthropicProvider(Provider):
         return HttpRequest("POST", self._url, self._headers, dumps(body))
 
     def parse_response(self, response: HttpResponse) -> Completion:
+        self.raise_for_redirect(response)
         if response.status >= 400:
             raise self._error(response, None)
+        status = response.status
         data = self.parse_json(response)
         if not isinstance(data, dict):
             raise MalformedResponseError(f"expected a JSON object, got {type(data).__name__}",
-                                         status_code=response.status)
+                                         status_code=status)
         if data.get("type") == "error" or ("error" in data and "content" not in data):
             raise self._error(response, data)
         content = data.get("content")
-        stop_reason = data.get("stop_reason")
+        stop_reason = finish_reason_field(data.get("stop_reason"), "stop_reason", status)
         if not isinstance(content, list):
             raise MalformedResponseError(
                 f"the answer is JSON but has no content list (keys: {', '.join(map(str, data)) or 'none'})",
-                status_code=response.status,
+                status_code=status,
             )
         if stop_reason == "refusal":
-            raise ContentFilterError("Claude declined to answer (stop_reason 'refusal')",
-                                     status_code=response.status)
+            # Anthropic's safety classifiers stopped the answer: a content filter, not the model's words.
+            raise ContentFilterError("Claude declined to answer (stop_reason 'refusal')", status_code=status)
         # Only text blocks: thinking or tool-use blocks are not part of the answer text.
         text = "".join(block["text"] for block in content
                        if isinstance(block, dict) and block.get("type") == "text"
                        and isinstance(block.get("text"), str))
+        finish_reason = _FINISH_REASONS.get(stop_reason or "", stop_reason)
+        if not text and finish_reason == "length":
+            raise EmptyAnswerError(f"the answer has no text: Claude reached max_tokens (stop_reason "
+                                   f"{stop_reason!r}) before writing any", status_code=status)
+        # A usage that is not an object is ignored; a count of the wrong type fails the row.
         usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-        return Completion(text, _FINISH_REASONS.get(stop_reason, stop_reason), _prompt_tokens(usage),
-                          usage.get("output_tokens"))
+        return Completion(text, finish_reason, _prompt_tokens(usage, status),
+                          token_field(usage, "output_tokens", "usage", status))
 
     def _error(self, response: HttpResponse, data: Any) -> RequestError:
         if data is None:
@@ -180,8 +189,9 @@ class AnthropicProvider(Provider):
         return error_for_status(status, text, code=kind, key_suggestion=self.key_suggestion())
 
 
-def _prompt_tokens(usage: dict[str, Any]) -> int | None:
+def _prompt_tokens(usage: dict[str, Any], status: int) -> int | None:
     """All input tokens: ``input_tokens`` excludes the ones read from or written to the prompt cache."""
-    counts = [usage.get(name) for name in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")]
-    numbers = [count for count in counts if isinstance(count, int)]
+    counts = [token_field(usage, name, "usage", status)
+              for name in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")]
+    numbers = [count for count in counts if count is not None]
     return sum(numbers) if numbers else None

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 from typing import Any, ClassVar
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from ..errors import ConfigurationError, ContentFilterError, NotFoundError, RequestError
 from ..transport import HttpResponse
+from .base import join_url
 from .openai import OpenAIProvider
 
 __all__ = ["AzureOpenAIProvider"]
@@ -40,6 +41,7 @@ class AzureOpenAIProvider(OpenAIProvider):
     # named by their owner, so there is no default model either.
     default_endpoint: ClassVar[str | None] = None
     default_model: ClassVar[str | None] = None
+    credential_header: ClassVar[str | None] = "api-key"
 
     def __init__(self, *, api_key: str | None, endpoint: str, model_name: str,
                  api_version: str = DEFAULT_API_VERSION, api: str = "chat", **options: Any) -> None:
@@ -49,15 +51,16 @@ class AzureOpenAIProvider(OpenAIProvider):
             raise ConfigurationError(f"api_version must be a string such as {DEFAULT_API_VERSION!r}, "
                                      f"got {api_version!r}")
         # The portal sometimes shows the endpoint with the "/openai" path: accept both.
-        endpoint = endpoint.rstrip("/").removesuffix("/openai")
+        parts = urlsplit(endpoint)
+        endpoint = urlunsplit(parts._replace(path=parts.path.rstrip("/").removesuffix("/openai")))
         super().__init__(api_key=api_key, endpoint=endpoint, model_name=model_name, api=api, **options)
         self.api_version = api_version
         self._headers.pop("authorization", None)  # Azure keys go in "api-key", not a bearer token
         if api_key:
             self._headers["api-key"] = api_key
         path = "chat/completions" if api == "chat" else "completions"
-        self._url = (f"{endpoint}/openai/deployments/{quote(model_name, safe='')}/{path}"
-                     f"?api-version={quote(api_version, safe='')}")
+        self._url = join_url(endpoint, f"openai/deployments/{quote(model_name, safe='')}/{path}",
+                             f"api-version={quote(api_version, safe='')}")
 
     @classmethod
     def endpoint_from_env(cls, endpoint: str | None) -> str | None:

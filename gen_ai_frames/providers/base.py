@@ -7,10 +7,9 @@ A provider never sends anything, so it is tested with plain JSON fixtures and an
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from ..errors import (
     APIStatusError,
@@ -23,11 +22,21 @@ from ..errors import (
     NotFoundError,
     PermissionDeniedError,
     RateLimitError,
+    RedirectError,
     RequestError,
     ServerError,
+    register_secret,
 )
 from ..params import GenerationParams, Message
-from ..transport import HttpRequest, HttpResponse, Transport
+from ..transport import (
+    HttpRequest,
+    HttpResponse,
+    Transport,
+    endpoint_secrets,
+    public_url,
+    redact_url,
+    same_origin,
+)
 
 try:  # orjson parses answers ~3x faster; the standard library is the fallback
     import orjson
@@ -44,7 +53,24 @@ except ImportError:  # pragma: no cover - orjson is a dependency
         return json.dumps(value, ensure_ascii=False).encode()
 
 
-__all__ = ["Completion", "Provider", "error_for_status", "redact_url", "normalize_endpoint"]
+__all__ = [
+    "Completion",
+    "Provider",
+    "endpoint_secrets",
+    "error_for_status",
+    "finish_reason_field",
+    "join_url",
+    "normalize_endpoint",
+    "redact_url",
+    "same_origin",
+    "text_field",
+    "token_field",
+]
+
+#: Suggestion of an answer that is JSON of the right shape with one field of the wrong type.
+BAD_FIELD_SUGGESTION = ("The server broke the API's format in this answer (the field is named in the "
+                        "message); only this row failed: run again with retry_errors to re-ask it, and "
+                        "report the server's answer to its maintainers if it keeps happening.")
 
 
 @dataclass(slots=True)
@@ -72,6 +98,8 @@ class Provider:
     requires_api_key: ClassVar[bool] = True
     #: False for providers that answer in-process (the embedded local model): no endpoint URL.
     uses_http: ClassVar[bool] = True
+    #: The request header that carries the API key (lower case); never sent to another origin.
+    credential_header: ClassVar[str | None] = "authorization"
 
     def __init__(self, *, api_key: str | None, endpoint: str, model_name: str, **options: Any) -> None:
         if options:
@@ -81,13 +109,30 @@ class Provider:
         self._api_key = api_key
         self.endpoint = endpoint
         self.model_name = model_name
+        self._register_secrets()
+
+    def _register_secrets(self) -> None:
+        # Every error built from now on hides them, whatever a server echoes back.
+        register_secret(self._api_key)
+        for secret in endpoint_secrets(self.endpoint) if self.uses_http else ():
+            register_secret(secret)
+
+    def __setstate__(self, state: Any) -> None:
+        # An unpickled provider (a Dask worker's) registers its secrets in the new process too.
+        if isinstance(state, tuple):  # (__dict__ or None, slots) for a subclass with __slots__
+            state, slots = state
+            for name, value in (slots or {}).items():
+                object.__setattr__(self, name, value)
+        self.__dict__.update(state or {})
+        self._register_secrets()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(endpoint={redact_url(self.endpoint)!r}, model_name={self.model_name!r})"
 
     def fingerprint(self) -> dict[str, Any]:
-        """What identifies the model answering: stored in checkpoints (never the key)."""
-        return {"provider": self.name, "endpoint": redact_url(self.endpoint), "model": self.model_name}
+        """What identifies the model answering: stored in checkpoints (never the key, nor a key or
+        password inside the endpoint)."""
+        return {"provider": self.name, "endpoint": public_url(self.endpoint), "model": self.model_name}
 
     @property
     def max_parallel(self) -> int | None:
@@ -129,12 +174,120 @@ class Provider:
                 status_code=response.status,
             ) from None
 
+    def raise_for_redirect(self, response: HttpResponse) -> None:
+        """Raise :class:`RedirectError` for a 3xx answer, naming where it points (credentials hidden).
+
+        The transports follow only 307/308 within the endpoint's origin; any other redirect reaches
+        here: a POST cannot follow 301/302/303 (it would become a GET and fail with an unrelated
+        405), and the key must not travel to another host.
+        """
+        status = response.status
+        if not 300 <= status < 400:
+            return
+        location = response.headers.get("location")
+        if not location:
+            raise RedirectError(f"the endpoint answered HTTP {status} (a redirect) without saying where to",
+                                status_code=status)
+        shown = redact_url(location)
+        if status in (307, 308) and not same_origin(location, self.endpoint):
+            message = (f"the endpoint answered HTTP {status}, redirecting to another host: {shown}; "
+                       "the request was not re-sent there, so that the API key does not travel to "
+                       "another host")
+        elif status in (307, 308):
+            message = f"the endpoint kept redirecting (HTTP {status}, last to {shown})"
+        else:
+            message = (f"the endpoint answered HTTP {status}: it moved to {shown}; a POST cannot follow a "
+                       f"{status} redirect (it would turn into a GET)")
+        suggestion = None
+        url = getattr(self, "_url", None)
+        if isinstance(url, str):
+            # The request URL is the endpoint plus a path: the same path cut from the new address
+            # gives the endpoint to use instead.
+            suffix = urlsplit(url).path[len(urlsplit(self.endpoint).path):]
+            target = urlsplit(location)
+            if suffix and target.path.endswith(suffix):
+                new = urlunsplit((target.scheme, target.netloc, target.path[: -len(suffix)], "", ""))
+                suggestion = ("The endpoint moved: if you trust the new address, pass "
+                              f"endpoint={redact_url(new)!r} (the API key is never sent to another host).")
+        raise RedirectError(message, status_code=status, suggestion=suggestion)
+
     def json_or_none(self, response: HttpResponse) -> Any:
         """The decoded body of an error answer, or None when it is not JSON (e.g. a proxy's page)."""
         try:
             return self.parse_json(response)
         except MalformedResponseError:
             return None
+
+
+def text_field(value: Any, where: str, status: int) -> str | None:
+    """Answer text from a string, or from a list of parts (``[{"type": "text", "text": ...}]``,
+    which several OpenAI-compatible servers send), joined; None when there is none.
+
+    >>> parts = [{"type": "text", "text": "Hello, "}, {"type": "image_url"}, {"text": "world"}]
+    >>> text_field(parts, "content", 200)
+    'Hello, world'
+    >>> text_field(42, "choices[0].message.content", 200)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    gen_ai_frames.errors.MalformedResponseError: choices[0].message.content is 42 (int), not text ...
+    """
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        texts = [part if isinstance(part, str) else part.get("text") for part in value
+                 if isinstance(part, str)
+                 or (isinstance(part, dict) and part.get("type", "text") in _TEXT_PARTS)]
+        if not all(isinstance(text, str) for text in texts):
+            raise MalformedResponseError(f"{where} has a text part whose text is not a string",
+                                         status_code=status, suggestion=BAD_FIELD_SUGGESTION)
+        return "".join(texts) if texts else None
+    raise MalformedResponseError(f"{where} is {_shown(value)}, not text nor a list of text parts",
+                                 status_code=status, suggestion=BAD_FIELD_SUGGESTION)
+
+
+_TEXT_PARTS = frozenset({"text", "output_text"})
+
+
+def token_field(usage: dict[str, Any], name: str, where: str, status: int) -> int | None:
+    """A token count from a usage object: None when absent; a MalformedResponseError naming the
+    field for anything but a whole number >= 0 (a string, 3.5, true), which would otherwise crash
+    cost accounting and the checkpoint's integer column.
+
+    >>> token_field({"prompt_tokens": 7}, "prompt_tokens", "usage", 200)
+    7
+    >>> token_field({"prompt_tokens": "7"}, "prompt_tokens", "usage", 200)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    gen_ai_frames.errors.MalformedResponseError: usage.prompt_tokens is '7' (str), not a whole number ...
+    """
+    value = usage.get(name)
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer() and value >= 0:
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise MalformedResponseError(f"{where}.{name} is {_shown(value)}, not a whole number of tokens",
+                                     status_code=status, suggestion=BAD_FIELD_SUGGESTION)
+    return value
+
+
+def finish_reason_field(value: Any, where: str, status: int) -> str | None:
+    """A finish reason: a string or None; a MalformedResponseError naming the field otherwise.
+
+    >>> finish_reason_field(1, "choices[0].finish_reason", 200)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    gen_ai_frames.errors.MalformedResponseError: choices[0].finish_reason is 1 (int), not a string ...
+    """
+    if value is None or isinstance(value, str):
+        return value
+    raise MalformedResponseError(f"{where} is {_shown(value)}, not a string", status_code=status,
+                                 suggestion=BAD_FIELD_SUGGESTION)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return f"{text if len(text) <= 40 else text[:37] + '...'} ({type(value).__name__})"
 
 
 def error_for_status(
@@ -176,34 +329,61 @@ def error_for_status(
 
 
 def normalize_endpoint(endpoint: str) -> str:
-    """Check an endpoint URL and drop a trailing slash; a clear error for a URL without a scheme.
+    """Check an endpoint URL and drop a trailing slash from its path; one clear ConfigurationError
+    (credentials hidden) for anything that is not a usable http(s) URL.
+
+    A query string is kept (some gateways take a key as ``?key=...``) and carried to every request.
 
     >>> normalize_endpoint("http://127.0.0.1:8000/v1/")
     'http://127.0.0.1:8000/v1'
+    >>> normalize_endpoint("https://gw.example.com/v1/?key=abc")
+    'https://gw.example.com/v1?key=abc'
     >>> normalize_endpoint("api.example.com/v1")
     Traceback (most recent call last):
     ...
     gen_ai_frames.errors.ConfigurationError: endpoint 'api.example.com/v1' has no scheme: write it as 'https://api.example.com/v1'
+    >>> normalize_endpoint("http://user:pw@host:99999/v1")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    gen_ai_frames.errors.ConfigurationError: endpoint 'http://***@host:99999/v1' has an invalid port: ...
     """
     if not isinstance(endpoint, str) or not endpoint.strip():
         raise ConfigurationError(f"endpoint must be a URL string such as 'https://api.example.com/v1', got {endpoint!r}")
     endpoint = endpoint.strip()
-    parts = urlsplit(endpoint)
+    shown = redact_url(endpoint)
+    try:
+        parts = urlsplit(endpoint)
+    except ValueError as err:  # e.g. "http://[::1/v1": an unclosed IPv6 bracket
+        raise ConfigurationError(f"endpoint {shown!r} is not a valid URL ({err}): write it like "
+                                 "'https://api.example.com/v1' or 'http://[::1]:8000/v1'") from None
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        shown = redact_url(endpoint)
         if "://" not in endpoint:
             raise ConfigurationError(f"endpoint {shown!r} has no scheme: write it as 'https://{shown}'")
         raise ConfigurationError(f"endpoint {shown!r} must be an http:// or https:// URL with a host")
-    return endpoint.rstrip("/")
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0 or any(c.isspace() for c in endpoint):
+        problem = ("has an invalid port: a port is a number from 1 to 65535" if port == 0
+                   else "contains spaces")
+        raise ConfigurationError(f"endpoint {shown!r} {problem}")
+    if not parts.hostname:
+        raise ConfigurationError(f"endpoint {shown!r} has no host name")
+    if parts.fragment or endpoint.endswith("#"):
+        raise ConfigurationError(f"endpoint {shown!r} has a #fragment, which is never sent to a server: "
+                                 "drop it")
+    return urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), parts.query, ""))
 
 
-def redact_url(url: str) -> str:
-    """Hide credentials embedded in a URL, with or without a scheme.
+def join_url(endpoint: str, path: str, query: str = "") -> str:
+    """The URL of ``path`` under ``endpoint``, keeping the endpoint's query string.
 
-    >>> redact_url("https://user:secret@example.com/v1")
-    'https://***@example.com/v1'
+    >>> join_url("https://gw.example.com/v1?key=abc", "chat/completions")
+    'https://gw.example.com/v1/chat/completions?key=abc'
+    >>> join_url("https://res.openai.azure.com", "openai/deployments/d/chat/completions", "api-version=1")
+    'https://res.openai.azure.com/openai/deployments/d/chat/completions?api-version=1'
     """
-    return _CREDENTIALS.sub(r"\1***@", url)
-
-
-_CREDENTIALS = re.compile(r"^([a-z][a-z0-9+.-]*://)?[^/?#@\s]+@", re.IGNORECASE)
+    parts = urlsplit(endpoint)
+    joined = "&".join(q for q in (query, parts.query) if q)
+    return urlunsplit((parts.scheme, parts.netloc, f"{parts.path.rstrip('/')}/{path}", joined, ""))

@@ -14,13 +14,14 @@ from ..errors import (
     AuthenticationError,
     ContentFilterError,
     ContextLengthError,
+    EmptyAnswerError,
     MalformedResponseError,
     PermissionDeniedError,
     RequestError,
 )
 from ..params import GenerationParams, Message, validate_positive_int
 from ..transport import HttpRequest, HttpResponse
-from .base import Completion, Provider, dumps, error_for_status
+from .base import Completion, Provider, dumps, error_for_status, finish_reason_field, join_url, token_field
 
 __all__ = ["GeminiProvider"]
 
@@ -68,6 +69,7 @@ class GeminiProvider(Provider):
     api_key_env: ClassVar[str | None] = "GEMINI_API_KEY"
     default_endpoint: ClassVar[str | None] = "https://generativelanguage.googleapis.com/v1beta"
     default_model: ClassVar[str | None] = "gemini-2.5-flash"
+    credential_header: ClassVar[str | None] = "x-goog-api-key"
 
     def __init__(self, *, api_key: str | None, endpoint: str, model_name: str,
                  thinking_budget: int | None = None, **options: Any) -> None:
@@ -80,7 +82,7 @@ class GeminiProvider(Provider):
             self._headers["x-goog-api-key"] = api_key
         # "gemini-2.5-flash", "models/gemini-2.5-flash" and "tunedModels/x" all name a model.
         resource = model_name if "/" in model_name else f"models/{model_name}"
-        self._url = f"{endpoint}/{quote(resource, safe='/')}:generateContent"
+        self._url = join_url(endpoint, f"{quote(resource, safe='/')}:generateContent")
 
     def build_request(self, messages: list[Message], params: GenerationParams) -> HttpRequest:
         system = [m["content"] for m in messages if m.get("role") == "system"]
@@ -105,18 +107,20 @@ class GeminiProvider(Provider):
         return HttpRequest("POST", self._url, self._headers, dumps(body))
 
     def parse_response(self, response: HttpResponse) -> Completion:
+        self.raise_for_redirect(response)
         if response.status >= 400:
             raise self._error(response, None)
+        status = response.status
         data = self.parse_json(response)
         if not isinstance(data, dict):
             raise MalformedResponseError(f"expected a JSON object, got {type(data).__name__}",
-                                         status_code=response.status)
+                                         status_code=status)
         if "error" in data and "candidates" not in data:
             raise self._error(response, data)
         feedback = data.get("promptFeedback") if isinstance(data.get("promptFeedback"), dict) else {}
         if feedback.get("blockReason"):
             raise ContentFilterError(f"Gemini blocked the prompt (blockReason {feedback['blockReason']!r})",
-                                     status_code=response.status)
+                                     status_code=status)
         try:
             candidate = data["candidates"][0]
             finish = candidate.get("finishReason")
@@ -125,22 +129,31 @@ class GeminiProvider(Provider):
         except (KeyError, IndexError, TypeError, AttributeError):
             raise MalformedResponseError(
                 f"the answer is JSON but has no candidates[0] (keys: {', '.join(map(str, data)) or 'none'})",
-                status_code=response.status,
+                status_code=status,
             ) from None
+        finish = finish_reason_field(finish, "candidates[0].finishReason", status)
         if finish in FILTERED:
             raise ContentFilterError(f"Gemini withheld the answer (finishReason {finish!r})",
-                                     status_code=response.status)
+                                     status_code=status)
+        if not isinstance(parts, list):
+            raise MalformedResponseError(f"candidates[0].content.parts is {type(parts).__name__}, not a list",
+                                         status_code=status)
         # Thought summaries ("thought": true) are the model's reasoning, not its answer.
         texts = [part["text"] for part in parts if isinstance(part, dict)
                  and isinstance(part.get("text"), str) and not part.get("thought")]
-        finish_reason = _FINISH_REASONS.get(finish, finish.lower() if isinstance(finish, str) else None)
-        if not texts and finish_reason != "length":
-            # Out of tokens before any text (thinking used them) is an honest empty answer; anything
-            # else without text is not an answer.
+        finish_reason = _FINISH_REASONS.get(finish or "", finish.lower() if finish else None)
+        if not texts and finish_reason == "length":
+            # Thinking spent the whole budget: say so, so the row is re-asked with more tokens.
+            raise EmptyAnswerError(f"the answer has no text: Gemini reached maxOutputTokens (finishReason "
+                                   f"{finish!r}) before writing any (thinking counts against max_tokens)",
+                                   status_code=status)
+        if not texts:
             raise MalformedResponseError(f"the answer has no text (finishReason {finish!r})",
-                                         status_code=response.status)
+                                         status_code=status)
+        # A usageMetadata that is not an object is ignored; a count of the wrong type fails the row.
         usage = data.get("usageMetadata") if isinstance(data.get("usageMetadata"), dict) else {}
-        return Completion("".join(texts), finish_reason, usage.get("promptTokenCount"), _completion_tokens(usage))
+        prompt_tokens = token_field(usage, "promptTokenCount", "usageMetadata", status)
+        return Completion("".join(texts), finish_reason, prompt_tokens, _completion_tokens(usage, status))
 
     def _error(self, response: HttpResponse, data: Any) -> RequestError:
         if data is None:
@@ -188,10 +201,11 @@ class GeminiProvider(Provider):
         return fingerprint
 
 
-def _completion_tokens(usage: dict[str, Any]) -> int | None:
+def _completion_tokens(usage: dict[str, Any], status: int) -> int | None:
     """Output tokens as billed: answer tokens plus thinking tokens (as OpenAI counts reasoning)."""
-    counts = [usage.get("candidatesTokenCount"), usage.get("thoughtsTokenCount")]
-    numbers = [count for count in counts if isinstance(count, int)]
+    counts = [token_field(usage, name, "usageMetadata", status)
+              for name in ("candidatesTokenCount", "thoughtsTokenCount")]
+    numbers = [count for count in counts if count is not None]
     return sum(numbers) if numbers else None
 
 

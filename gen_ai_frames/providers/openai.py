@@ -7,10 +7,26 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from ..errors import ConfigurationError, ContentFilterError, MalformedResponseError, RequestError
+from ..errors import (
+    ConfigurationError,
+    ContentFilterError,
+    EmptyAnswerError,
+    MalformedResponseError,
+    RefusalError,
+    RequestError,
+)
 from ..params import GenerationParams, Message
 from ..transport import HttpRequest, HttpResponse
-from .base import Completion, Provider, dumps, error_for_status
+from .base import (
+    Completion,
+    Provider,
+    dumps,
+    error_for_status,
+    finish_reason_field,
+    join_url,
+    text_field,
+    token_field,
+)
 
 __all__ = ["OpenAIProvider"]
 
@@ -40,7 +56,7 @@ class OpenAIProvider(Provider):
             self._headers["authorization"] = f"Bearer {api_key}"
         if organization:
             self._headers["openai-organization"] = organization
-        self._url = f"{endpoint}/chat/completions" if api == "chat" else f"{endpoint}/completions"
+        self._url = join_url(endpoint, "chat/completions" if api == "chat" else "completions")
 
     def fingerprint(self) -> dict[str, Any]:
         return {**super().fingerprint(), "api": self.api}
@@ -63,34 +79,48 @@ class OpenAIProvider(Provider):
         return HttpRequest("POST", self._url, self._headers, dumps(body))
 
     def parse_response(self, response: HttpResponse) -> Completion:
+        self.raise_for_redirect(response)
         if response.status >= 400:
             raise self._error(response)
+        status = response.status
         data = self.parse_json(response)
         if not isinstance(data, dict):
             raise MalformedResponseError(f"expected a JSON object, got {type(data).__name__}",
-                                         status_code=response.status)
+                                         status_code=status)
         if "error" in data and "choices" not in data:
             # Some proxies answer 200 with an error object inside.
             raise self._error(response, data, status=_status_from_error(data["error"]))
+        where = "choices[0].message.content" if self.api == "chat" else "choices[0].text"
         try:
             choice = data["choices"][0]
-            finish_reason = choice.get("finish_reason")
-            text = choice["message"].get("content") if self.api == "chat" else choice.get("text")
+            message = choice["message"] if self.api == "chat" else choice
+            raw_text = message.get("content" if self.api == "chat" else "text")
+            refusal = message.get("refusal")
+            raw_finish = choice.get("finish_reason")
         except (KeyError, IndexError, TypeError, AttributeError):
             raise MalformedResponseError(
-                "the answer is JSON but has no choices[0]"
-                + (".message.content" if self.api == "chat" else ".text")
-                + f" (keys: {', '.join(map(str, data)) or 'none'})",
-                status_code=response.status,
+                f"the answer is JSON but has no {where} (keys: {', '.join(map(str, data)) or 'none'})",
+                status_code=status,
             ) from None
+        # Each field is checked here: one odd answer fails its row, never the run (nor every resume).
+        finish_reason = finish_reason_field(raw_finish, "choices[0].finish_reason", status)
+        text = text_field(raw_text, where, status)
         if finish_reason == "content_filter":
             raise ContentFilterError("the provider's content filter withheld the answer "
-                                     "(finish_reason 'content_filter')", status_code=response.status)
-        if text is None:
-            raise MalformedResponseError(f"the answer has no text (finish_reason {finish_reason!r})",
-                                         status_code=response.status)
-        usage = data.get("usage") or {}
-        return Completion(str(text), finish_reason, usage.get("prompt_tokens"), usage.get("completion_tokens"))
+                                     "(finish_reason 'content_filter')", status_code=status)
+        if not text:
+            if isinstance(refusal, str) and refusal.strip():
+                raise RefusalError(f"the model refused to answer: {refusal.strip()}", status_code=status)
+            if finish_reason == "length":
+                raise EmptyAnswerError("the answer has no text: the model reached max_tokens (finish_reason "
+                                       "'length') before writing any", status_code=status)
+            if text is None:
+                raise MalformedResponseError(f"the answer has no text ({where} is missing or null, "
+                                             f"finish_reason {finish_reason!r})", status_code=status)
+        # A usage that is not an object (a list, a string) is ignored: the answer itself is fine.
+        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        return Completion(text or "", finish_reason, token_field(usage, "prompt_tokens", "usage", status),
+                          token_field(usage, "completion_tokens", "usage", status))
 
     def _error(self, response: HttpResponse, data: Any = None, status: int | None = None) -> RequestError:
         status = status or response.status
