@@ -70,29 +70,6 @@ def test_template_fills_prompts_from_columns(client: Any) -> None:
     assert "city" in out["error"].iloc[2] and "missing" in out["error"].iloc[2]
 
 
-@pytest.mark.parametrize(
-    ("options", "message"),
-    [
-        ({"column": "nope"}, "column 'nope' not found"),
-        ({"template": "Hi {nope}"}, "column 'nope' not found"),
-        ({"template": "Hi {prompt"}, "not a valid format string"),
-        ({"template": "Hi {}"}, "must name columns"),
-        ({"template": "no fields"}, "no {column} field"),
-        ({"column": "prompt", "template": "{prompt}"}, "exactly one of"),
-        ({"column": None}, "exactly one of"),
-        ({"column": "prompt", "chunk_size": 0}, "chunk_size"),
-        ({"column": "prompt", "max_concurrent": 0}, "max_concurrent"),
-        ({"column": "prompt", "temperature": 5}, "temperature"),
-    ],
-)
-def test_bad_options_fail_before_any_request(client: Any, fake_server: Any, options: dict[str, Any],
-                                             message: str) -> None:
-    df = prompts_frame(3)
-    with pytest.raises(ConfigurationError, match=message.replace("{", r"\{").replace("}", r"\}")):
-        df.genai.generate(client=client, progress=False, **options)
-    assert fake_server.stats()["requests"] == 0
-
-
 def test_existing_columns_are_not_overwritten_without_consent(client: Any) -> None:
     df = prompts_frame(2).assign(response="old")
     with pytest.raises(ConfigurationError, match="overwrite=True"):

@@ -46,6 +46,14 @@ Every case asserts its exact outcome: either a clear error raised *before any re
 | 39 | max_response_bytes=0                    | ConfigurationError "max_response_bytes"                  |
 | 40 | CSV rows with a trailing comma          | CLI exit 2 "line 2 has 3 fields but the header has 2"    |
 | 41 | CSV first data row longer than header   | CLI exit 2, naming the line (both in tests/test_cli.py)  |
+| 42 | template without a field                | ConfigurationError "has no {column} field"               |
+| 43 | neither column nor template             | ConfigurationError "exactly one of"                      |
+| 44 | template over MultiIndex columns        | ConfigurationError "Flatten the columns first"           |
+| 45 | column= a partial MultiIndex key        | ConfigurationError "name one with a tuple"               |
+|    |   (44, 45 in tests/test_accessor.py)    |                                                          |
+| 46 | misspelt option (max_token=5), on every | ConfigurationError "did you mean 'max_tokens'?"          |
+|    |   entry point; misspelt CLI flag        |   CLI exit 2 "did you mean --max-tokens?"                |
+|    |   (46 in tests/test_options.py)         |                                                          |
 
 Misbehaving servers (redirects, odd fields, huge answers, echoed keys) have their own table in
 tests/test_hostile.py.
@@ -125,6 +133,8 @@ RAISE_CASES = [
     ("unknown template field", FRAME, {"template": "{nope}"}, "column 'nope' not found"),
     ("bad template syntax", FRAME, {"template": "{text"}, "not a valid format string"),
     ("positional template field", FRAME, {"template": "{0}"}, "must name columns"),
+    ("template without a field", FRAME, {"template": "no fields"}, r"has no \{column\} field"),
+    ("neither column nor template", FRAME, {"column": None}, "exactly one of"),
     ("duplicate column names", pd.DataFrame([["a", "b"]], columns=["prompt", "prompt"]), {"column": "prompt"},
      "appears 2 times"),
     ("column and template", FRAME, {"column": "prompt", "template": "{text}"}, "exactly one of"),

@@ -50,7 +50,7 @@ def test_api_key_audit(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None
         with pytest.raises(AuthenticationError) as raised:
             wrong.generate_response("hi")
         seen += [str(raised.value), repr(raised.value), repr(raised.value.to_dict()), str(raised.value.__context__)]
-        seen += [repr(client), str(client), repr(client.provider), repr(wrong), repr(server)]
+        seen += [repr(client), str(client), repr(client.provider), repr(client.retry), repr(wrong), repr(server)]
         with Checkpoint.open(ckpt, {**client.fingerprint(), "x": 1}, resume=False) as store:
             seen += [repr(store)]
     seen += [record.getMessage() for record in caplog.records]
