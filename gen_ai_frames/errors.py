@@ -11,6 +11,7 @@ The tree::
         ├── APIConnectionError                     connection refused, reset, DNS, TLS
         │   └── APITimeoutError                    no answer within ``timeout``
         ├── MalformedResponseError                 not JSON, or JSON of the wrong shape (e.g. a proxy page)
+        ├── SchemaValidationError                  structured output: the answer does not match ``schema``
         ├── ResponseTooLargeError                  the answer is larger than ``max_response_bytes``
         ├── EmptyAnswerError                       no text: ``max_tokens`` spent before any answer
         ├── ContentFilterError                     the provider withheld the answer
@@ -58,6 +59,7 @@ __all__ = [
     "NotSentError",
     "PermissionDeniedError",
     "RateLimitError",
+    "SchemaValidationError",
     "RedirectError",
     "RefusalError",
     "RequestError",
@@ -201,6 +203,13 @@ class MalformedResponseError(RequestError):
     default_suggestion = (
         "The endpoint did not answer like an LLM API: check that `endpoint` points at the API base "
         "URL (e.g. ending in /v1) and not at a web page or a proxy's login page."
+    )
+
+
+class SchemaValidationError(RequestError):
+    default_suggestion = (
+        "The answer is not JSON that matches the schema: raise schema_retries (each retry shows the model "
+        "what was wrong), raise max_tokens if the JSON was cut off, or simplify the schema."
     )
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigurationError
+from .schema import Schema
 
 __all__ = ["GenerationParams", "Message", "check_number", "validate_positive_int"]
 
@@ -33,12 +34,18 @@ class GenerationParams:
     timeout: float = 60
     system_prompt: str | None = None
     stop: tuple[str, ...] | None = None
+    #: Structured output: providers ask for JSON that matches it (see gen_ai_frames.schema).
+    schema: Schema | None = None
+    #: Ask for token log-probabilities where the provider offers them (classify's confidence).
+    logprobs: bool = False
 
     def __post_init__(self) -> None:
         validate_positive_int("max_tokens", self.max_tokens)
         check_number("temperature", self.temperature, "in [0, 2]", lambda v: 0 <= v <= 2)
         check_number("top_p", self.top_p, "in (0, 1]", lambda v: 0 < v <= 1)
         check_number("timeout", self.timeout, "> 0 (seconds)", lambda v: v > 0)
+        if self.schema is not None and not isinstance(self.schema, Schema):
+            raise ConfigurationError(f"schema must be a gen_ai_frames.schema.Schema, got {type(self.schema).__name__}")
         if self.system_prompt is not None and not isinstance(self.system_prompt, str):
             raise ConfigurationError(
                 f"system_prompt must be a string or None, got {type(self.system_prompt).__name__}"
@@ -46,10 +53,14 @@ class GenerationParams:
 
     def fingerprint(self) -> dict[str, Any]:
         """What makes answers differ: stored in checkpoints to refuse resuming with other settings."""
-        values = asdict(self)
-        values.pop("timeout")  # a longer timeout does not change an answer
-        if values["stop"] is not None:
-            values["stop"] = list(values["stop"])
+        values = {name: getattr(self, name) for name in ("max_tokens", "temperature", "top_p", "system_prompt")}
+        values["stop"] = None if self.stop is None else list(self.stop)
+        # timeout is left out: a longer timeout does not change an answer. The newer settings are
+        # included only when used, so checkpoints written before they existed still resume.
+        if self.schema is not None:
+            values["schema"] = self.schema.canonical()
+        if self.logprobs:
+            values["logprobs"] = True
         return values
 
 
