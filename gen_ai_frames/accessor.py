@@ -12,8 +12,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
+
 
 import pandas as pd
 
@@ -21,10 +22,11 @@ from ._sync import run_sync
 from .client import Client
 from .errors import ConfigurationError
 from .factory import create_client
-from .options import GENERATION_OPTIONS, takes_options, split_options, split_run_and_client
+from .options import GENERATION_OPTIONS, RunOptions, split_options, split_run_and_client, takes_options
 from .pricing import Estimate, estimate_tokens, price_for
 from .prompts import build_prompts
-from .runner import output_names, run_rows
+from .runner import RowResults, output_names, run_rows
+from .schema import classify_instruction, extraction_schema, labels_schema
 
 __all__ = ["GenAIAccessor"]
 
@@ -71,14 +73,20 @@ class GenAIAccessor:
 
         >>> out = await df.genai.agenerate(column="prompt", client=client)  # doctest: +SKIP
         """
-        df = self._df
         run, client_options = split_run_and_client(options, client, where="df.genai.generate")
+        out, _ = await self._run(column, template, client, run, client_options)
+        return out
+
+    async def _run(self, column: Hashable | None, template: str | None, client: Client | None, run: RunOptions,
+                   client_options: dict[str, Any]) -> tuple[pd.DataFrame, RowResults]:
+        """The frame with the run's columns added, and the run's results."""
+        df = self._df
         new_columns = output_names(run)
         clash = [name for name in new_columns.values() if name in df.columns]
         if clash and not run.overwrite:
             raise ConfigurationError(
                 f"the frame already has column(s) {clash}: pass overwrite=True to replace them, "
-                "or choose other names with response_column= / error_column="
+                "or choose other names with response_column= / error_column=" + (" / prefix=" if run.schema else "")
             )
         prompts = build_prompts(df, column, template)
         if client is None:
@@ -87,10 +95,59 @@ class GenAIAccessor:
         results = await run_rows(prompts, client=client, options=run)
         if results.fatal is not None:
             raise results.fatal
-        padding = ("",) * (df.columns.nlevels - 1)  # MultiIndex columns need full-length keys
-        for name, values in results.frame_columns(run.details).items():
-            out[(new_columns[name], *padding) if padding else new_columns[name]] = values
+        for name, values in results.frame_columns(run).items():
+            _set_column(out, new_columns[name], values)
+        return out, results
+
+    @takes_options(exclude=("schema", "prefix"))
+    def classify(self, column: Hashable | None = None, *, labels: Sequence[str], template: str | None = None,
+                 multi_label: bool = False, client: Client | None = None, **options: Any) -> pd.DataFrame:
+        """Label each row with one of ``labels`` (or several, with ``multi_label=True``).
+
+        Adds a categorical ``label`` column whose categories are exactly ``labels`` (``labels``, a list
+        column, with ``multi_label=True``), NA where the row failed, and a ``confidence`` column: the
+        probability the model gave its answer, from token log-probabilities where the provider returns
+        them (OpenAI-compatible servers, the local model), else NA. The labels are sent as an enum of
+        the structured-output schema, so the model cannot answer anything else. Other options are
+        those of :meth:`generate` (``prefix=`` names the two columns apart).
+
+        >>> out = df.genai.classify("review", labels=["positive", "negative", "mixed"],
+        ...                         client=client)  # doctest: +SKIP
+        >>> out["label"].cat.categories.tolist()  # doctest: +SKIP
+        ['positive', 'negative', 'mixed']
+        """
+        return run_sync(self.aclassify(column, labels=labels, template=template, multi_label=multi_label,
+                                       client=client, **options))
+
+    async def aclassify(self, column: Hashable | None = None, *, labels: Sequence[str], template: str | None = None,
+                        multi_label: bool = False, client: Client | None = None, **options: Any) -> pd.DataFrame:
+        """Async twin of :meth:`classify`."""
+        if "schema" in options:
+            raise ConfigurationError("classify builds its schema from labels=; use generate(schema=...) for others")
+        schema = labels_schema(labels, multi_label)
+        options.setdefault("system_prompt", classify_instruction(labels, multi_label))
+        run, client_options = split_run_and_client({**options, "schema": schema, "logprobs": True}, client,
+                                                   where="df.genai.classify")
+        out, _ = await self._run(column, template, client, run, client_options)
         return out
+
+    @takes_options(exclude=("schema",))
+    def extract(self, column: Hashable | None = None, *, fields: Mapping[str, Any], template: str | None = None,
+                client: Client | None = None, **options: Any) -> pd.DataFrame:
+        """Pull named fields out of each row's text into typed columns: sugar over ``schema=``.
+
+        ``fields`` maps each field to a description (a string: the field is text) or a type (``str``,
+        ``int``, ``float``, ``bool``, ``list[str]``), or a ``(type, description)`` pair. Descriptions
+        go into the schema, so the model sees them. A field the text does not mention is NA.
+
+        >>> out = df.genai.extract("bio", fields={"company": "the company named", "year": int},
+        ...                        client=client)  # doctest: +SKIP
+        """
+        if "schema" in options:
+            raise ConfigurationError("extract builds its schema from fields=; use generate(schema=...) for others")
+        options.setdefault("system_prompt", "Extract the requested fields from the user's text. Use null for a "
+                                            "field the text does not give.")
+        return self.generate(column, template=template, client=client, schema=extraction_schema(fields), **options)
 
     @takes_options(_ESTIMATE_OPTIONS, client_options=False)
     def estimate(self, column: Hashable | None = None, *, template: str | None = None,
@@ -125,3 +182,9 @@ class GenAIAccessor:
             price=price_for(model_name, run.prices, provider), tokenizer="estimated at ~4 characters a token",
         )
 
+
+
+def _set_column(out: pd.DataFrame, name: str, values: Any) -> None:
+    # MultiIndex columns need full-length keys.
+    padding = ("",) * (out.columns.nlevels - 1)
+    out[(name, *padding) if padding else name] = values

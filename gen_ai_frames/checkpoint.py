@@ -66,7 +66,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import ConfigurationError, GenAIError
-from .results import PANDAS_DTYPES, RECORD_SCHEMA, RESULT_COLUMNS
+from .results import ADDED_COLUMNS, PANDAS_DTYPES, RECORD_SCHEMA, RESULT_COLUMNS
 
 __all__ = [
     "RECORD_SCHEMA",
@@ -474,6 +474,9 @@ def _read_part(file: Path) -> pa.Table:
         # An explicit file object so the handle is closed even when the read fails.
         with open(file, "rb") as f:
             table = pq.read_table(f)
+        for spec in RECORD_SCHEMA:
+            if spec.name in ADDED_COLUMNS and spec.name not in table.column_names:
+                table = table.append_column(spec, pa.nulls(table.num_rows, spec.type))
         return table.select(RECORD_SCHEMA.names).cast(RECORD_SCHEMA)
     except FileNotFoundError as exc:
         raise CheckpointCorruptError(_corrupt_part_message(file, "missing")) from exc

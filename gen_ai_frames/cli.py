@@ -68,6 +68,7 @@ from .params import GenerationParams, validate_positive_int
 from .prompts import build_prompts, template_fields
 from .results import RESULT_TYPES, arrow_array
 from .runner import RowResults, output_names, run_rows
+from .schema import classify_instruction, labels_schema
 from .shards import ShardedCheckpoint, ShardSizeError, kind_of
 
 __all__ = ["EXIT_FAILED_ROWS", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_TERMINATED", "EXIT_USAGE", "build_parser",
@@ -205,37 +206,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
 
-    gen = commands.add_parser(
-        "generate", formatter_class=formatter, help="answer one prompt per row of a file",
+    gen = _file_command(
+        commands, "generate", help="answer one prompt per row of a file",
         description=(
             "Answer one prompt per row of INPUT and write INPUT's columns plus 'response' and 'error' "
-            "to OUTPUT.\nFormats, by extension: INPUT .csv .tsv .parquet/.pq .jsonl/.ndjson (text "
-            "formats may end in .gz, .bz2 or .xz);\nOUTPUT .parquet/.pq .csv .tsv .jsonl/.ndjson."
+            "to OUTPUT (with --schema, one typed column per field too).\nFormats, by extension: INPUT "
+            ".csv .tsv .parquet/.pq .jsonl/.ndjson (text formats may end in .gz, .bz2 or .xz);\nOUTPUT "
+            ".parquet/.pq .csv .tsv .jsonl/.ndjson."
         ),
-        epilog=(
-            "exit status: 0 every row answered, 1 some rows failed (summary on stderr), 2 usage or "
-            "configuration error, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM, handled like "
-            "Ctrl-C: the answers received are saved in --checkpoint).\n\n"
-            "examples:\n"
+        examples=(
             f"  {PROG} generate reviews.csv -o out.parquet --template 'Sentiment of: {{review}}'\n"
             f"  {PROG} generate big.parquet -o out.parquet --column prompt --checkpoint run.ckpt\n"
+            f"  {PROG} generate bios.csv -o out.parquet --column bio --schema 'name, born int, field'\n"
             f"  {PROG} generate q.jsonl -o a.jsonl --column question --endpoint http://127.0.0.1:8000/v1 "
-            "--model my-model\n\n" + _KEY_HELP
+            "--model my-model\n"
         ),
     )
-    gen.add_argument("input", metavar="INPUT", help="the file whose rows are prompts")
-    gen.add_argument("-o", "--output", metavar="OUTPUT", required=True,
-                     help="file to write (replaced only once complete)")
-    prompt = gen.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--column", metavar="NAME", help="column holding the prompts")
-    prompt.add_argument("--template", metavar="TEXT",
-                        help="build prompts from columns, e.g. 'Summarize: {text}' ({{ and }} for braces)")
-    _add_model_options(gen, default_provider="openai")
-    groups = _add_run_options(gen, ("generation", "limits", "budget", "run", "output"))
-    groups["run"].add_argument("--batch-rows", type=int, default=DEFAULT_BATCH_ROWS, metavar="N",
-                               help="rows read, answered and written at a time; bounds memory "
-                                    "(default: %(default)s)")
     gen.set_defaults(handler=_cmd_generate)
+
+    classify = _file_command(
+        commands, "classify", help="label each row of a file with one of a fixed set of labels",
+        description=(
+            "Label each row of INPUT with one of --labels (asked through structured output, so the model "
+            "cannot answer anything else) and write INPUT's columns plus 'label' (or 'labels' with "
+            "--multi-label), 'confidence' (where the provider returns log-probabilities), 'response' and "
+            "'error' to OUTPUT."
+        ),
+        examples=f"  {PROG} classify reviews.csv -o out.parquet --column review --labels positive,negative,mixed\n",
+        exclude=("schema", "logprobs"),
+    )
+    classify.add_argument("--labels", required=True, metavar="A,B,C", help="the labels, separated by commas")
+    classify.add_argument("--multi-label", action="store_true", help="every label that applies, as a list")
+    classify.set_defaults(handler=_cmd_classify)
 
     status = commands.add_parser(
         "status", formatter_class=formatter, help="show what a checkpoint holds",
@@ -275,6 +277,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _file_command(commands: Any, name: str, *, help: str, description: str, examples: str,
+                  exclude: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """A command that reads INPUT and writes OUTPUT with every run option as a flag."""
+    command = commands.add_parser(
+        name, formatter_class=argparse.RawDescriptionHelpFormatter, help=help, description=description,
+        epilog=(
+            "exit status: 0 every row answered, 1 some rows failed (summary on stderr), 2 usage or "
+            "configuration error, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM, handled like "
+            "Ctrl-C: the answers received are saved in --checkpoint).\n\nexamples:\n" + examples + "\n" + _KEY_HELP
+        ),
+    )
+    command.add_argument("input", metavar="INPUT", help="the file whose rows are prompts")
+    command.add_argument("-o", "--output", metavar="OUTPUT", required=True,
+                         help="file to write (replaced only once complete)")
+    prompt = command.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--column", metavar="NAME", help="column holding the prompts")
+    prompt.add_argument("--template", metavar="TEXT",
+                        help="build prompts from columns, e.g. 'Summarize: {text}' ({{ and }} for braces)")
+    _add_model_options(command, default_provider="openai")
+    groups = _add_run_options(command, ("generation", "limits", "budget", "run", "output", "structured"),
+                              exclude=exclude)
+    groups["run"].add_argument("--batch-rows", type=int, default=DEFAULT_BATCH_ROWS, metavar="N",
+                               help="rows read, answered and written at a time; bounds memory "
+                                    "(default: %(default)s)")
+    return command
+
+
 def _add_model_options(parser: argparse.ArgumentParser, *, default_provider: str) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--provider", default=default_provider,
@@ -285,7 +314,7 @@ def _add_model_options(parser: argparse.ArgumentParser, *, default_provider: str
 
 
 def _add_run_options(parser: argparse.ArgumentParser, groups: Sequence[str],
-                     defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                     defaults: Mapping[str, Any] | None = None, exclude: Sequence[str] = ()) -> dict[str, Any]:
     """One flag per run option of ``groups`` (``max_tokens`` -> ``--max-tokens``), generated from
     :class:`~gen_ai_frames.options.RunOptions`, so every option has the same name, default, check
     and help here as in Python. Returns the argument groups by name."""
@@ -294,7 +323,7 @@ def _add_run_options(parser: argparse.ArgumentParser, groups: Sequence[str],
         arguments = added[group] = parser.add_argument_group(f"{group} ({GROUPS[group]})")
         for spec in option_fields(group):
             meta = spec.metadata
-            if not meta["cli"]:
+            if not meta["cli"] or spec.name in exclude:
                 continue
             default = (defaults or {}).get(spec.name, spec.default)
             flag = "--" + spec.name.replace("_", "-")
@@ -347,15 +376,21 @@ class Job:
         return None if self.options.checkpoint is None else Path(self.options.checkpoint)
 
 
-def _cmd_generate(args: argparse.Namespace) -> int:
+def _cmd_generate(args: argparse.Namespace, **changes: Any) -> int:
     job = Job(
         input=Path(args.input), output=Path(args.output), column=args.column, template=args.template,
         provider=args.provider, model=args.model, endpoint=args.endpoint, batch_rows=args.batch_rows,
-        options=_run_options(args),
+        options=_run_options(args, **changes),
     )
     if job.checkpoint is None and (not job.options.resume or job.options.retry_errors):
         raise UsageError("--no-resume and --retry-errors only apply with --checkpoint DIR")
     return run_job(job, sys.stderr)
+
+
+def _cmd_classify(args: argparse.Namespace) -> int:
+    labels = [label.strip() for label in args.labels.split(",")]
+    return _cmd_generate(args, schema=labels_schema(labels, args.multi_label), logprobs=True,
+                         system_prompt=args.system_prompt or classify_instruction(labels, args.multi_label))
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -479,7 +514,9 @@ def _run(job: Job, err: TextIO) -> tuple[int, bool]:
         fields = None if job.template is None else template_fields(job.template)
         client = _make_client(job)
         run_state = _prepare_checkpoint(job, client, params, source.rows) if job.checkpoint else None
-        out_schema = pa.schema([*source.schema, *(pa.field(names[n], RESULT_TYPES[n]) for n in names)])
+        types = {**RESULT_TYPES, "confidence": pa.float64(),
+                 **({} if job.options.schema is None else job.options.schema.arrow_types())}
+        out_schema = pa.schema([*source.schema, *(pa.field(names[n], types[n]) for n in names)])
         tally = _Tally()
         batches = math.ceil(source.rows / job.batch_rows)
         with Output(job.output, out_format, out_schema) as output:
@@ -493,7 +530,7 @@ def _run(job: Job, err: TextIO) -> tuple[int, bool]:
                     output.discard()
                     _print_stop(job, tally, results, err)
                     return EXIT_FAILED_ROWS, False
-                output.write(_output_table(table, results, names, out_schema))
+                output.write(_output_table(table, results, names, out_schema, job.options))
                 if run_state is not None:
                     run_state.finish_shard(index, results.columns)
             output.commit()
@@ -565,10 +602,17 @@ def _prompt_frame(table: pa.Table, columns: Sequence[str]) -> pd.DataFrame:
     return pd.DataFrame(data)
 
 
-def _output_table(table: pa.Table, results: RowResults, names: dict[str, str], schema: pa.Schema) -> pa.Table:
+def _output_table(table: pa.Table, results: RowResults, names: dict[str, str], schema: pa.Schema,
+                  options: RunOptions) -> pa.Table:
+    fields = {} if options.schema is None else options.schema.columns_from_answers(results.columns["response"])
+    if options.logprobs:
+        fields["confidence"] = results.confidence()
     columns = [*table.columns]
     for name in names:
-        columns.append(arrow_array(name, results.columns[name]))
+        if name in fields:
+            columns.append(pa.array(fields[name], type=schema.field(names[name]).type, from_pandas=True))
+        else:
+            columns.append(arrow_array(name, results.columns[name]))
     return pa.Table.from_arrays(columns, schema=schema)
 
 

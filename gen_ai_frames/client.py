@@ -6,6 +6,7 @@ Every sync method is a thin bridge over its async twin (``generate_batch_respons
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -18,6 +19,7 @@ from .errors import ConfigurationError, FailedPromptsWarning
 from .options import ENGINE_OPTIONS, GENERATION_OPTIONS, RunOptions, takes_options, split_options
 from .params import Message, validate_positive_int
 from .prompts import Prompts, check_prompt, prompt_list
+from .schema import Schema
 from .providers.base import Provider, redact_url
 from .ratelimit import RateLimiter
 from .retry import RetryPolicy
@@ -136,7 +138,10 @@ class Client:
         A failed prompt gives ``None`` and one warning sums up the failures; with
         ``return_error=True`` the call returns ``(responses, errors)`` where ``errors[i]`` is None on
         success, else a dict with ``message``, ``suggestion``, ``type``, ``status_code``,
-        ``retryable``, ``attempts`` and ``sent``. Keyword options: ``system_prompt`` and the limits
+        ``retryable``, ``attempts`` and ``sent``. With ``schema=`` (a pydantic model, a JSON Schema
+        dict or ``"name, age int"``) each response is the parsed answer: a model instance for a
+        pydantic schema, else a dict; an answer that breaks the schema is a per-row
+        ``SchemaValidationError``. Keyword options: ``system_prompt`` and the limits
         of :class:`~gen_ai_frames.options.RunOptions` (``max_retries``, ``requests_per_minute``,
         ``tokens_per_minute``, ...); an unknown one is an error naming the closest valid one.
 
@@ -146,7 +151,7 @@ class Client:
         """
         run = _batch_options("generate_batch_response", max_tokens, temperature, top_p, timeout,
                              max_concurrent if concurrent else 1, options)
-        return _batch_output(run_sync(self._batch(prompts, run)), return_error)
+        return _batch_output(run_sync(self._batch(prompts, run)), return_error, run.schema)
 
     @takes_options(BATCH_OPTIONS, client_options=False)
     async def agenerate_batch_response(
@@ -167,7 +172,7 @@ class Client:
         """
         run = _batch_options("agenerate_batch_response", max_tokens, temperature, top_p, timeout,
                              max_concurrent if concurrent else 1, options)
-        return _batch_output(await self._batch(prompts, run), return_error)
+        return _batch_output(await self._batch(prompts, run), return_error, run.schema)
 
     async def _batch(self, prompts: Sequence[str], options: RunOptions) -> list[Result]:
         checked = Prompts.check(prompt_list(prompts))
@@ -246,8 +251,10 @@ def _check_messages(messages: object) -> None:
         )
 
 
-def _batch_output(results: list[Result], return_error: bool) -> Any:
-    responses = [result.text for result in results]
+def _batch_output(results: list[Result], return_error: bool, schema: Schema | None) -> Any:
+    responses: list[Any] = [result.text for result in results]
+    if schema is not None:  # parsed values: model instances for a pydantic schema, dicts otherwise
+        responses = [None if text is None else schema.instance(json.loads(text)) for text in responses]
     errors = [result.error for result in results]
     if return_error:
         return responses, [None if error is None else error.to_dict() for error in errors]

@@ -44,6 +44,8 @@ class Result:
     completion_tokens: int | None = None
     latency_s: float | None = None
     attempts: int = 0
+    #: Sum of the answer's token log-probabilities, when asked for (params.logprobs) and offered.
+    logprob: float | None = None
 
     @property
     def ok(self) -> bool:

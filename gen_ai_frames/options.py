@@ -24,10 +24,12 @@ import json
 import os
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import ConfigurationError
 from .params import GenerationParams, check_number, validate_positive_int
+from .schema import Schema
 
 __all__ = ["GROUPS", "RunOptions", "option_fields", "options_table", "split_options", "split_run_and_client",
            "takes_options"]
@@ -39,6 +41,7 @@ GROUPS = {
     "budget": "cost control",
     "run": "checkpoint, dedupe and progress",
     "output": "result columns",
+    "structured": "typed columns from a schema",
 }
 
 
@@ -94,6 +97,31 @@ def _check_prices(name: str, value: Any) -> None:
         if not isinstance(model, str) or not ok:
             raise ConfigurationError(f"{name}[{model!r}] must be (input, output) USD per million tokens, "
                                      f"two numbers >= 0, got {price!r}")
+
+
+def _check_schema(name: str, value: Any) -> None:
+    if value is not None and not isinstance(value, Schema):
+        raise ConfigurationError(f"{name} was not parsed")  # __post_init__ parses it first
+
+
+def _parse_schema(text: str) -> Schema:
+    """The CLI's --schema: a path to a JSON Schema file, or the short syntax."""
+    path = Path(text)
+    if text.endswith(".json") or path.is_file():
+        try:
+            return Schema.parse(json.loads(path.read_text(encoding="utf-8")))
+        except OSError as err:
+            raise ConfigurationError(f"--schema {text!r}: cannot read the file ({err})") from None
+        except ValueError as err:
+            if isinstance(err, ConfigurationError):
+                raise
+            raise ConfigurationError(f"--schema {text!r} is not a JSON file: {err}") from None
+    return Schema.parse(text)
+
+
+def _check_prefix(name: str, value: Any) -> None:
+    if not isinstance(value, str):
+        raise ConfigurationError(f"{name} must be a string, got {type(value).__name__}")
 
 
 def _parse_prices(text: str) -> dict[str, tuple[float, float]]:
@@ -177,8 +205,24 @@ class RunOptions:
         "name of the answer column", group="output", check=_check_column_name, metavar="NAME"))
     error_column: str = field(default="error", metadata=_about(
         "name of the error column", group="output", check=_check_column_name, metavar="NAME"))
+    # structured output
+    schema: Any = field(default=None, metadata=_about(
+        "a pydantic model, a JSON Schema dict or 'name, age int, mood happy|sad': one typed column per field "
+        "(CLI: the short syntax or a .json file)", group="structured", check=_check_schema, metavar="SCHEMA",
+        parse=_parse_schema))
+    schema_retries: int = field(default=1, metadata=_about(
+        "with a schema: ask again this many times, showing the model what was wrong, before the row fails",
+        group="structured", check=_check_optional_count, metavar="N"))
+    logprobs: bool = field(default=False, metadata=_about(
+        "ask for token log-probabilities where the provider offers them and add a confidence column: the "
+        "probability of each answer (NA where the provider returns none)", group="structured", check=_check_bool))
+    prefix: str = field(default="", metadata=_about(
+        "with a schema: put this before each field's column name, to avoid clashes", group="structured",
+        check=_check_prefix, metavar="TEXT"))
 
     def __post_init__(self) -> None:
+        if self.schema is not None:  # a pydantic model, a JSON Schema dict or the short syntax
+            object.__setattr__(self, "schema", Schema.parse(self.schema))
         for spec in fields(self):
             check = spec.metadata["check"]
             if check is not None:
@@ -189,7 +233,8 @@ class RunOptions:
     def params(self) -> GenerationParams:
         """The generation parameters every request of the run carries."""
         return GenerationParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-                                timeout=self.timeout, system_prompt=self.system_prompt)
+                                timeout=self.timeout, system_prompt=self.system_prompt, schema=self.schema,
+                                schema_retries=self.schema_retries, logprobs=self.logprobs)
 
     @property
     def engine_limits(self) -> dict[str, Any]:
@@ -216,7 +261,7 @@ class RunOptions:
 
 #: Options the engine takes; the client's batch calls accept exactly these plus the generation ones.
 ENGINE_OPTIONS = ("max_concurrent", "max_retries", "requests_per_minute", "tokens_per_minute")
-GENERATION_OPTIONS = ("system_prompt", "max_tokens", "temperature", "top_p", "timeout")
+GENERATION_OPTIONS = ("system_prompt", "max_tokens", "temperature", "top_p", "timeout", "schema", "schema_retries")
 
 
 def option_fields(group: str | None = None) -> list[Any]:
@@ -321,7 +366,8 @@ def split_run_and_client(
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def takes_options(accepted: Collection[str] | None = None, *, client_options: bool = True) -> Callable[[F], F]:
+def takes_options(accepted: Collection[str] | None = None, *, client_options: bool = True,
+                  exclude: Collection[str] = ()) -> Callable[[F], F]:
     """Decorator: spell out a function's ``**options`` in its signature as the run options it
     accepts, so ``help()``, Jupyter's Shift-Tab and IDEs show every option with its default.
 
@@ -336,7 +382,7 @@ def takes_options(accepted: Collection[str] | None = None, *, client_options: bo
         parameters = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
         named = {p.name for p in parameters}
         for spec in fields(RunOptions):
-            if (accepted is None or spec.name in accepted) and spec.name not in named:
+            if (accepted is None or spec.name in accepted) and spec.name not in named and spec.name not in exclude:
                 parameters.append(inspect.Parameter(spec.name, inspect.Parameter.KEYWORD_ONLY,
                                                     default=spec.default, annotation=spec.type))
         if client_options:  # provider=, model_name=, api_key=, endpoint=, ...: see create_client

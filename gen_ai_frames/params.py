@@ -36,6 +36,9 @@ class GenerationParams:
     stop: tuple[str, ...] | None = None
     #: Structured output: providers ask for JSON that matches it (see gen_ai_frames.schema).
     schema: Schema | None = None
+    #: With a schema: how many times to ask again, showing the model what was wrong, before a row
+    #: fails with SchemaValidationError.
+    schema_retries: int = 1
     #: Ask for token log-probabilities where the provider offers them (classify's confidence).
     logprobs: bool = False
 
@@ -44,6 +47,7 @@ class GenerationParams:
         check_number("temperature", self.temperature, "in [0, 2]", lambda v: 0 <= v <= 2)
         check_number("top_p", self.top_p, "in (0, 1]", lambda v: 0 < v <= 1)
         check_number("timeout", self.timeout, "> 0 (seconds)", lambda v: v > 0)
+        validate_positive_int("schema_retries", self.schema_retries, minimum=0)
         if self.schema is not None and not isinstance(self.schema, Schema):
             raise ConfigurationError(f"schema must be a gen_ai_frames.schema.Schema, got {type(self.schema).__name__}")
         if self.system_prompt is not None and not isinstance(self.system_prompt, str):

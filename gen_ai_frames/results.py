@@ -22,6 +22,7 @@ import pandas as pd
 import pyarrow as pa
 
 __all__ = [
+    "ADDED_COLUMNS",
     "COLUMNS",
     "DETAIL_COLUMNS",
     "KEY_FIELDS",
@@ -65,7 +66,13 @@ COLUMNS: tuple[ResultColumn, ...] = (
     ResultColumn("prompt_tokens", *_COUNT),
     ResultColumn("completion_tokens", *_COUNT),
     ResultColumn("latency_s", pa.float64(), "Float64", pa.float64()),
+    # Sum of the answer's token log-probabilities, where asked for and offered (classify's confidence).
+    ResultColumn("logprob", pa.float64(), "Float64", pa.float64()),
 )
+
+#: Result columns added after the checkpoint format's first version: parts written before them
+#: read as null there.
+ADDED_COLUMNS = frozenset({"logprob"})
 
 #: Names of the result columns, after ``prompt``.
 RESULT_COLUMNS: list[str] = [c.name for c in COLUMNS]

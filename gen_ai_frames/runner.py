@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 
@@ -40,14 +41,25 @@ FLUSH_INTERVAL_S = 10.0
 
 
 def output_names(options: RunOptions) -> dict[str, str]:
-    """The output column of each result: ``response``/``error`` renamed as asked, plus the details.
+    """The output column of each result: ``response``/``error`` renamed as asked, the details, and
+    with a schema one column per field (``prefix`` + field name).
 
     >>> output_names(RunOptions(response_column="answer"))
     {'response': 'answer', 'error': 'error'}
+    >>> output_names(RunOptions(schema="name, age int", prefix="p_"))
+    {'response': 'response', 'error': 'error', 'name': 'p_name', 'age': 'p_age'}
     """
     names = {"response": options.response_column, "error": options.error_column}
     if options.details:
         names.update({name: name for name in DETAIL_COLUMNS})
+    if options.schema is not None:
+        for name in options.schema.fields:
+            if name in names:
+                raise ConfigurationError(f"schema field {name!r} has the name of a result column: pass "
+                                         f"prefix= (e.g. prefix='{name}_') to name the field columns apart")
+            names[name] = options.prefix + name
+    if options.logprobs:
+        names["confidence"] = options.prefix + "confidence"
     if len(set(names.values())) != len(names):
         raise ConfigurationError(f"output column names must differ, got {sorted(names.values())}")
     return names
@@ -62,9 +74,19 @@ class RowResults:
     sent: int = 0
     fatal: RequestError | None = None
 
-    def frame_columns(self, details: bool) -> dict[str, pd.api.extensions.ExtensionArray]:
-        names = RESULT_COLUMNS if details else ["response", "error"]
-        return {name: pandas_array(name, self.columns[name]) for name in names}
+    def frame_columns(self, options: RunOptions) -> dict[str, pd.api.extensions.ExtensionArray]:
+        """Every output column of the run as a pandas array, keyed like :func:`output_names`."""
+        names = RESULT_COLUMNS if options.details else ["response", "error"]
+        columns = {name: pandas_array(name, self.columns[name]) for name in names}
+        if options.schema is not None:  # failed rows have no response, so every answer here is valid JSON
+            columns.update(options.schema.columns_from_answers(self.columns["response"]))
+        if options.logprobs:
+            columns["confidence"] = self.confidence()
+        return columns
+
+    def confidence(self) -> pd.api.extensions.ExtensionArray:
+        """The probability of each answer, from its log-probability; NA where none was returned."""
+        return np.exp(pandas_array("logprob", self.columns["logprob"]))
 
 
 class _Progress:
@@ -334,3 +356,4 @@ def _store(columns: dict[str, list[Any]], i: int, result: Result) -> None:
     columns["prompt_tokens"][i] = result.prompt_tokens
     columns["completion_tokens"][i] = result.completion_tokens
     columns["latency_s"][i] = result.latency_s
+    columns["logprob"][i] = result.logprob

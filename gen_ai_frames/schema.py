@@ -37,7 +37,8 @@ from .errors import ConfigurationError
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["Schema", "SchemaMismatch", "parse_short_schema"]
+__all__ = ["Schema", "SchemaMismatch", "classify_instruction", "extraction_schema", "labels_schema",
+           "parse_short_schema"]
 
 _SCALARS = {"str": {"type": "string"}, "int": {"type": "integer"}, "float": {"type": "number"},
             "bool": {"type": "boolean"}}
@@ -76,6 +77,44 @@ def parse_short_schema(text: str) -> dict[str, Any]:
             prop["description"] = description.strip()
         properties[name] = prop
     return _object(properties)
+
+
+def extraction_schema(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The schema of ``df.genai.extract``: each field a description (text), a type, or both.
+
+    Every field may be null: a text need not mention it.
+
+    >>> extraction_schema({"company": "the company named", "year": int})["properties"]
+    {'company': {'type': ['string', 'null'], 'description': 'the company named'}, 'year': {'type': ['integer', 'null']}}
+    """
+    if not isinstance(fields, Mapping) or not fields:
+        raise ConfigurationError(f"fields must be a non-empty dict like {{'company': 'the company named', "
+                                 f"'year': int}}, got {fields!r}")
+    properties = {}
+    for name, spec in fields.items():
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ConfigurationError(f"field name {name!r} must be an identifier (letters, digits, _)")
+        kind, description = (spec if isinstance(spec, tuple) and len(spec) == 2 else
+                             (str, spec) if isinstance(spec, str) else (spec, None))
+        prop = _python_type(kind, name)
+        if prop.get("type") != "array":
+            prop["type"] = [prop["type"], "null"]
+        if description:
+            prop["description"] = str(description)
+        properties[name] = prop
+    return _object(properties)
+
+
+def _python_type(kind: Any, name: str) -> dict[str, Any]:
+    import typing
+
+    scalars = {str: "string", int: "integer", float: "number", bool: "boolean"}
+    if kind in scalars:
+        return {"type": scalars[kind]}
+    if typing.get_origin(kind) is list and len(typing.get_args(kind)) == 1:
+        return {"type": "array", "items": _python_type(typing.get_args(kind)[0], name)}
+    raise ConfigurationError(f"field {name!r}: give a description (text) or a type (str, int, float, bool, "
+                             f"list[str]), got {kind!r}")
 
 
 def _short_type(word: str, part: str) -> dict[str, Any]:
@@ -184,6 +223,31 @@ class Schema:
         """The pandas dtype of each field's column."""
         return {name: _dtype(prop) for name, prop in self.json_schema["properties"].items()}
 
+    def columns_from_answers(self, answers: Sequence[str | None]) -> dict[str, pd.api.extensions.ExtensionArray]:
+        """:meth:`columns` of raw answers (valid JSON, as a run stores them; None for failed rows).
+
+        >>> schema = Schema.parse("n int")
+        >>> schema.columns_from_answers(['{"n": 3}', None])["n"].tolist()
+        [3, <NA>]
+        """
+        return self.columns([None if text is None else json.loads(text) for text in answers])
+
+    def arrow_types(self) -> dict[str, Any]:
+        """The Arrow type of each field's column in output files (enums as dictionaries).
+
+        >>> Schema.parse("n int, mood a|b").arrow_types()["mood"]
+        DictionaryType(dictionary<values=string, indices=int32, ordered=0>)
+        """
+        import pyarrow as pa
+
+        types = {}
+        for name, prop in self.json_schema["properties"].items():
+            if "enum" in prop:
+                types[name] = pa.dictionary(pa.int32(), pa.string())
+            else:
+                types[name] = _arrow_type(prop)
+        return types
+
     def columns(self, values: Sequence[dict[str, Any] | None]) -> dict[str, pd.api.extensions.ExtensionArray]:
         """One typed column per field from parsed answers (None, or a missing field, gives NA)."""
         import pandas as pd
@@ -243,3 +307,31 @@ def _arrow_type(prop: Mapping[str, Any]) -> Any:
     if kind == "object" and isinstance(prop.get("properties"), dict):
         return pa.struct([pa.field(k, _arrow_type(v)) for k, v in prop["properties"].items()])
     return {"integer": pa.int64(), "number": pa.float64(), "boolean": pa.bool_()}.get(kind, pa.string())
+
+
+def _check_labels(labels: object) -> list[str]:
+    if isinstance(labels, str) or not isinstance(labels, Sequence) or not labels:
+        raise ConfigurationError(f"labels must be a non-empty list of strings, got {labels!r}")
+    if not all(isinstance(label, str) and label.strip() for label in labels):
+        raise ConfigurationError(f"labels must be non-empty strings, got {list(labels)!r}")
+    if len(set(labels)) != len(labels):
+        raise ConfigurationError(f"labels must differ, got {list(labels)!r}")
+    return list(labels)
+
+
+def labels_schema(labels: Sequence[str], multi_label: bool = False) -> dict[str, Any]:
+    """The schema of ``classify``: one enum field ``label`` (or a list of them, ``labels``).
+
+    >>> labels_schema(["yes", "no"])["properties"]
+    {'label': {'type': 'string', 'enum': ['yes', 'no']}}
+    """
+    labels = _check_labels(labels)
+    label = {"type": "string", "enum": labels}
+    field = {"labels": {"type": "array", "items": label}} if multi_label else {"label": label}
+    return {"type": "object", "properties": field, "required": list(field), "additionalProperties": False}
+
+
+def classify_instruction(labels: Sequence[str], multi_label: bool = False) -> str:
+    """The default system prompt of ``classify``."""
+    choice = "every label that applies" if multi_label else "exactly one label"
+    return f"Classify the user's text. Choose {choice} from: {', '.join(labels)}."

@@ -712,3 +712,19 @@ def test_run_rows_with_repair_true_resends_only_the_lost_rows(fake_server: Any, 
         results = run(repair=True)
     assert results.columns["response"] == [f"echo: {p}" for p in prompts]
     assert fake_server.stats()["requests"] == results.sent == lost
+
+
+def test_parts_written_before_the_logprob_column_existed_still_resume(fake_server: Any, tmp_path: Path) -> None:
+    import gen_ai_frames  # noqa: F401  (registers df.genai)
+    from gen_ai_frames import create_client
+
+    ckpt, client = tmp_path / "old.ckpt", create_client(endpoint=fake_server.url, model_name="m")
+    df = pd.DataFrame({"prompt": ["a", "b", "c"]})
+    df.genai.generate(column="prompt", client=client, checkpoint=ckpt, progress=False)
+    for part in ckpt.glob("part-*.parquet"):  # as version 0.1 wrote them: no logprob column
+        table = pq.read_table(part)
+        pq.write_table(table.drop_columns(["logprob"]), part)
+    fake_server.reset()
+    out = df.genai.generate(column="prompt", client=client, checkpoint=ckpt, progress=False, details=True)
+    assert fake_server.stats()["requests"] == 0
+    assert out["response"].tolist() == ["echo: a", "echo: b", "echo: c"] and out["logprob"].isna().all()
