@@ -155,8 +155,8 @@ class GenAIAccessor:
                  **options: Any) -> Estimate:
         """What a run would send and cost, without sending anything.
 
-        Takes the generation options of :meth:`generate` (``max_tokens``, ``system_prompt``, ...),
-        ``dedupe`` and ``prices``. Prompt tokens are estimated at about 4 characters a token (no
+        Takes the generation options of :meth:`generate` (``max_tokens``, ``system_prompt``,
+        ``schema``, ...), ``dedupe`` and ``prices``; a schema's tokens count with every request. Prompt tokens are estimated at about 4 characters a token (no
         tokenizer is needed); the completion budget assumes every answer uses all of ``max_tokens``,
         so the cost is an upper bound. Prices come from :data:`gen_ai_frames.pricing.DEFAULT_PRICES`,
         overridden by ``prices`` (USD per million tokens, ``{"model": (input, output)}``).
@@ -175,6 +175,8 @@ class GenAIAccessor:
         prompts = [text for text in build_prompts(self._df, column, template).texts if text is not None]
         sent = list(dict.fromkeys(prompts)) if run.sends_duplicates_once else prompts
         system_tokens = estimate_tokens(run.system_prompt) if run.system_prompt else 0
+        if run.schema is not None:  # the schema travels with every request (a format, a tool, ...)
+            system_tokens += estimate_tokens(run.schema.canonical())
         return Estimate(
             rows=len(self._df), requests=len(sent),
             prompt_tokens=sum(estimate_tokens(p) + system_tokens for p in sent),

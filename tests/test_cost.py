@@ -103,3 +103,16 @@ def test_progress_bar_shows_tokens_and_spend(client: Any, capsys: pytest.Capture
         column="prompt", client=client, prices={"m": (1.0, 1.0)}, progress=True)
     err = capsys.readouterr().err
     assert "tokens=10" in err and "spend=$0.0000" in err
+
+
+def test_estimate_counts_the_schema_with_every_request() -> None:
+    import pandas as pd
+
+    from gen_ai_frames.pricing import estimate_tokens
+    from gen_ai_frames.schema import Schema
+
+    df = pd.DataFrame({"prompt": ["What is 2 + 2?", "Name a colour."]})
+    plain = df.genai.estimate(column="prompt", model_name="gpt-4o-mini")
+    schema = "name, age int, mood happy|sad"
+    typed = df.genai.estimate(column="prompt", model_name="gpt-4o-mini", schema=schema)
+    assert typed.prompt_tokens - plain.prompt_tokens == 2 * estimate_tokens(Schema.parse(schema).canonical())
