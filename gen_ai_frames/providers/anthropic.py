@@ -69,7 +69,8 @@ _FINISH_REASONS = {
 }
 
 #: The forced tool's description when the schema has none of its own.
-_TOOL_DESCRIPTION = "Give your answer by calling this tool: its input is the answer, in the required structure."
+_TOOL_DESCRIPTION = ("Give your answer by calling this tool: its input is the answer, in the required "
+                     "structure.")
 
 _BILLING_SUGGESTION = ("The Anthropic account has no usable credit: add credits or raise the spend limit "
                        "in the Anthropic Console (Plans & Billing), then run again: finished rows are kept.")
@@ -144,8 +145,9 @@ class AnthropicProvider(Provider):
         if params.schema is not None:
             schema = params.schema
             description = schema.json_schema.get("description")
-            body["tools"] = [{"name": schema.name,
-                              "description": description if isinstance(description, str) else _TOOL_DESCRIPTION,
+            if not isinstance(description, str):
+                description = _TOOL_DESCRIPTION
+            body["tools"] = [{"name": schema.name, "description": description,
                               "input_schema": schema.json_schema}]
             body["tool_choice"] = {"type": "tool", "name": schema.name}
         return HttpRequest("POST", self._url, self._headers, dumps(body))
@@ -172,8 +174,8 @@ class AnthropicProvider(Provider):
             # Anthropic's safety classifiers stopped the answer: a content filter, not the model's words.
             raise ContentFilterError("Claude declined to answer (stop_reason 'refusal')", status_code=status)
         finish_reason = _FINISH_REASONS.get(stop_reason or "", stop_reason)
-        tool_use = next((block for block in content if isinstance(block, dict) and block.get("type") == "tool_use"),
-                        None)
+        tool_use = next((block for block in content
+                         if isinstance(block, dict) and block.get("type") == "tool_use"), None)
         if tool_use is not None:
             # Structured output: the forced tool's input is the answer.
             tool_input = tool_use.get("input")

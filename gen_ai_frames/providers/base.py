@@ -328,8 +328,9 @@ def strict_compatible(schema: dict[str, Any]) -> bool:
         kinds = kinds if isinstance(kinds, list) else [kinds]
         if "object" in kinds:
             properties = node.get("properties")
+            required = node.get("required")
             if (not isinstance(properties, dict) or node.get("additionalProperties") is not False
-                    or not isinstance(node.get("required"), list) or set(node["required"]) != set(properties)):
+                    or not isinstance(required, list) or set(required) != set(properties)):
                 return False
             counted[0] += len(properties)
             if not all(ok(child, depth + 1) for child in properties.values()):
@@ -356,8 +357,9 @@ def schema_instruction(schema: Schema) -> str:
     """The instruction that carries the schema in the prompt, for providers without a schema field
     (JSON mode, the legacy Completions API) and for those whose docs ask for it in the prompt too.
 
-    >>> schema_instruction(Schema.parse("n int"))  # doctest: +ELLIPSIS
-    'Answer with one JSON object ... JSON Schema:\\n{"type":"object","properties":{"n":{"type":"integer"}},...'
+    >>> print(schema_instruction(Schema.parse("n int")))  # doctest: +ELLIPSIS
+    Answer with one JSON object ... JSON Schema:
+    {"type":"object","properties":{"n":{"type":"integer"}},"required":["n"],"additionalProperties":false}
     """
     return ("Answer with one JSON object and nothing else (no code fence, no comments) that matches this "
             f"JSON Schema:\n{compact_json(schema.json_schema)}")
@@ -371,6 +373,8 @@ def logprob_sum(values: Any) -> float | None:
     -0.75
     >>> logprob_sum([-0.5, "x"]) is None, logprob_sum([]) is None, logprob_sum(None) is None
     (True, True, True)
+    >>> logprob_sum([-0.5, float("-inf")]) is None, logprob_sum([-0.5, True]) is None
+    (True, True)
     """
     if not isinstance(values, list) or not values:
         return None

@@ -239,7 +239,8 @@ def _logprob(result: Any) -> float | None:
         return None
     chosen = result.get("chosenCandidates")
     if isinstance(chosen, list):
-        return logprob_sum([token.get("logProbability") if isinstance(token, dict) else None for token in chosen])
+        return logprob_sum([token.get("logProbability") if isinstance(token, dict) else None
+                            for token in chosen])
     return logprob_sum([result["logProbabilitySum"]]) if "logProbabilitySum" in result else None
 
 

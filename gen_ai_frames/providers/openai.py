@@ -23,6 +23,7 @@ from ..errors import (
     RequestError,
 )
 from ..params import GenerationParams, Message
+from ..schema import Schema
 from ..transport import HttpRequest, HttpResponse
 from .base import (
     Completion,
@@ -37,7 +38,6 @@ from .base import (
     text_field,
     token_field,
 )
-from ..schema import Schema
 
 __all__ = ["OpenAIProvider"]
 
@@ -124,8 +124,8 @@ class OpenAIProvider(Provider):
             response_format = {"type": "json_object"}
         else:
             strict = self.strict_schemas and strict_compatible(schema.json_schema)
-            response_format = {"type": "json_schema",
-                               "json_schema": {"name": schema.name, "schema": schema.json_schema, "strict": strict}}
+            response_format = {"type": "json_schema", "json_schema": {
+                "name": schema.name, "schema": schema.json_schema, "strict": strict}}
         in_prompt = self.api == "completions" or self.schema_mode == "json_object" or self.schema_in_prompt
         instruction = schema_instruction(schema) if in_prompt else None
         self._schema_parts = (schema, response_format, instruction)
