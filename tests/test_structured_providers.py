@@ -322,3 +322,49 @@ def test_anthropic_text_answers_are_unchanged_by_tool_use_support() -> None:
             "usage": {"input_tokens": 5, "output_tokens": 1}}
     completion = provider("anthropic").parse_response(answer(data))
     assert (completion.text, completion.finish_reason, completion.logprob) == ("Hi", "stop", None)
+
+
+# ------------------------------------------------------------------------------ the docs' table
+def docs_table() -> list[list[str]]:
+    text = (Path(__file__).resolve().parents[1] / "docs" / "providers.md").read_text()
+    section = text.split("## Structured output", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
+
+
+@pytest.mark.parametrize("row", docs_table(), ids=lambda row: row[0])
+def test_the_structured_output_table_in_the_docs_says_what_is_sent(row: list[str]) -> None:
+    name, sent_as, strict, in_prompt, logprobs = row[:5]
+    options = {"api": "completions"} if 'api="completions"' in name else {}
+    name = name.split("`")[1]
+    user = [{"role": "user", "content": "Ada"}]
+    sent = body(name, user, GenerationParams(schema=PERSON, logprobs=True), **options)
+    loose = body(name, user, GenerationParams(schema=Schema.parse(STRUCTURED["schemas"]["loose"])), **options)
+    if sent_as.startswith("`response_format: "):
+        kind = sent_as.split(": ")[1].rstrip("`")
+        assert sent["response_format"]["type"] == kind
+        if kind == "json_schema":
+            expected = {"if the schema allows": (True, False), "never": (False, False)}[strict]
+            assert (sent["response_format"]["json_schema"]["strict"],
+                    loose["response_format"]["json_schema"]["strict"]) == expected
+    elif sent_as == "in the prompt only":
+        assert "response_format" not in sent and PERSON_JSON in sent["prompt"]
+    elif sent_as.startswith("a forced tool"):
+        assert sent["tools"][0]["input_schema"] == PERSON.json_schema
+        assert sent["tool_choice"] == {"type": "tool", "name": PERSON.name}
+    else:
+        assert sent_as == "`generationConfig.responseJsonSchema`"
+        assert sent["generationConfig"]["responseJsonSchema"] == PERSON.json_schema
+        assert sent["generationConfig"]["responseMimeType"] == "application/json"
+    if "prompt" in sent:
+        prompt = sent["prompt"]
+    else:
+        prompt = "\n".join(m["content"] for m in sent.get("messages", []) if m["role"] == "system")
+        prompt += sent.get("system", "")
+    assert (PERSON_JSON in prompt) is (in_prompt == "yes")
+    if logprobs == "not sent":
+        assert "logprobs" not in sent and "responseLogprobs" not in json.dumps(sent)
+    elif logprobs.startswith("`generationConfig.responseLogprobs"):
+        assert sent["generationConfig"]["responseLogprobs"] is True
+    else:
+        assert sent["logprobs"] == json.loads(logprobs.split(": ")[1].rstrip("`"))
