@@ -368,3 +368,97 @@ def test_the_structured_output_table_in_the_docs_says_what_is_sent(row: list[str
         assert sent["generationConfig"]["responseLogprobs"] is True
     else:
         assert sent["logprobs"] == json.loads(logprobs.split(": ")[1].rstrip("`"))
+
+
+# --------------------------------------------------------- end to end over a loopback server
+class StructuredVendor:
+    """A loopback server answering as OpenAI, Anthropic and Gemini do when asked for structured
+    output (the JSON follows from the request's schema), recording what each request carried."""
+
+    ANSWER = {"name": "Zoë", "age": 36, "mood": "happy"}
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+
+    def app(self) -> Any:
+        from aiohttp import web
+
+        async def openai(request: web.Request) -> web.Response:
+            data = await request.json()
+            self.bodies.append(data)
+            text = json.dumps(self.ANSWER) if data.get("response_format") else "plain"  # json_object too
+            choice: dict[str, Any] = {"index": 0, "finish_reason": "stop",
+                                      "message": {"role": "assistant", "content": text}}
+            if data.get("logprobs"):
+                choice["logprobs"] = {"content": [{"token": "{", "logprob": -0.5}]}
+            usage = {"prompt_tokens": 9, "completion_tokens": 7}
+            return web.json_response({"choices": [choice], "usage": usage})
+
+        async def anthropic(request: web.Request) -> web.Response:
+            data = await request.json()
+            self.bodies.append(data)
+            tool = data["tools"][0]["name"] if data.get("tools") else None
+            content = ([{"type": "tool_use", "id": "toolu_1", "name": tool, "input": self.ANSWER}] if tool
+                       else [{"type": "text", "text": "plain"}])
+            return web.json_response({"type": "message", "role": "assistant", "content": content,
+                                      "stop_reason": "tool_use" if tool else "end_turn",
+                                      "usage": {"input_tokens": 9, "output_tokens": 7}})
+
+        async def gemini(request: web.Request) -> web.Response:
+            data = await request.json()
+            self.bodies.append(data)
+            config = data["generationConfig"]
+            text = json.dumps(self.ANSWER) if "responseJsonSchema" in config else "plain"
+            candidate: dict[str, Any] = {"content": {"parts": [{"text": text}], "role": "model"},
+                                         "finishReason": "STOP"}
+            if config.get("responseLogprobs"):
+                candidate["logprobsResult"] = {"chosenCandidates": [{"token": "{", "logProbability": -0.5}]}
+            return web.json_response({"candidates": [candidate],
+                                      "usageMetadata": {"promptTokenCount": 9, "candidatesTokenCount": 7}})
+
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", openai)
+        app.router.add_post("/openai/deployments/{deployment}/chat/completions", openai)  # Azure
+        app.router.add_post("/v1/messages", anthropic)
+        app.router.add_post("/v1beta/{model:.*}", gemini)
+        return app
+
+
+@pytest.mark.parametrize(("name", "path"), [("openai", "/v1"), ("anthropic", "/v1"), ("gemini", "/v1beta"),
+                                            ("deepseek", "/v1"), ("azure", "")])
+def test_structured_requests_round_trip_through_the_engine_over_http(name: str, path: str) -> None:
+    import asyncio
+
+    from aiohttp import web
+
+    from gen_ai_frames import create_client
+
+    vendor = StructuredVendor()
+
+    async def run() -> list[Any]:
+        runner = web.AppRunner(vendor.app(), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        try:
+            client = create_client(provider=name, api_key=FAKE_KEY, model_name="m", max_retries=0,
+                                   endpoint=f"http://127.0.0.1:{port}{path}")
+            async with client.engine(max_concurrent=2) as engine:
+                plain = await engine.run([[{"role": "user", "content": "Ada"}]], GenerationParams())
+                structured = await engine.run([[{"role": "user", "content": "Ada"}]],
+                                              GenerationParams(schema=PERSON, logprobs=True))
+            return [plain[0], structured[0]]
+        finally:
+            await runner.cleanup()
+
+    plain, structured = asyncio.run(run())
+    assert plain.error is None and plain.text == "plain"
+    assert structured.error is None, structured.error
+    assert json.loads(structured.text) == StructuredVendor.ANSWER
+    if name == "anthropic":
+        assert structured.text == '{"name":"Zoë","age":36,"mood":"happy"}'
+        assert structured.finish_reason == "stop"
+    first, second = vendor.bodies
+    assert "response_format" not in json.dumps(first) and "tools" not in first
+    assert PERSON_JSON in json.dumps(second, separators=(",", ":"), ensure_ascii=False).replace('\\"', '"')
