@@ -7,7 +7,12 @@ Differences from OpenAI that this module absorbs:
 - ``temperature`` ranges over [0, 1], not [0, 2]: a larger value is refused before sending;
 - ``top_p`` is sent only when it differs from 1.0, because recent Claude models reject a request
   that sets both ``temperature`` and ``top_p``;
-- errors carry a ``type`` (``overloaded_error`` ...) that we map to our error classes.
+- errors carry a ``type`` (``overloaded_error`` ...) that we map to our error classes;
+- structured output (``params.schema``) is a forced tool: ``tools`` holds one tool whose
+  ``input_schema`` is the schema and ``tool_choice`` names it, so Claude answers with a
+  ``tool_use`` block whose ``input`` becomes the answer text, as compact JSON
+  (https://docs.anthropic.com/en/docs/build-with-claude/tool-use, "Forcing tool use" and "JSON
+  mode"). Log-probabilities are not offered: ``Completion.logprob`` stays None.
 """
 
 from __future__ import annotations
@@ -26,7 +31,17 @@ from ..errors import (
 )
 from ..params import GenerationParams, Message
 from ..transport import HttpRequest, HttpResponse
-from .base import Completion, Provider, dumps, error_for_status, finish_reason_field, join_url, token_field
+from .base import (
+    BAD_FIELD_SUGGESTION,
+    Completion,
+    Provider,
+    compact_json,
+    dumps,
+    error_for_status,
+    finish_reason_field,
+    join_url,
+    token_field,
+)
 
 __all__ = ["AnthropicProvider"]
 
@@ -52,6 +67,10 @@ _FINISH_REASONS = {
     "model_context_window_exceeded": "length",
     "tool_use": "tool_calls",
 }
+
+#: The forced tool's description when the schema has none of its own.
+_TOOL_DESCRIPTION = ("Give your answer by calling this tool: its input is the answer, in the required "
+                     "structure.")
 
 _BILLING_SUGGESTION = ("The Anthropic account has no usable credit: add credits or raise the spend limit "
                        "in the Anthropic Console (Plans & Billing), then run again: finished rows are kept.")
@@ -123,6 +142,14 @@ class AnthropicProvider(Provider):
             body["top_p"] = params.top_p
         if params.stop:
             body["stop_sequences"] = list(params.stop)
+        if params.schema is not None:
+            schema = params.schema
+            description = schema.json_schema.get("description")
+            if not isinstance(description, str):
+                description = _TOOL_DESCRIPTION
+            body["tools"] = [{"name": schema.name, "description": description,
+                              "input_schema": schema.json_schema}]
+            body["tool_choice"] = {"type": "tool", "name": schema.name}
         return HttpRequest("POST", self._url, self._headers, dumps(body))
 
     def parse_response(self, response: HttpResponse) -> Completion:
@@ -146,11 +173,24 @@ class AnthropicProvider(Provider):
         if stop_reason == "refusal":
             # Anthropic's safety classifiers stopped the answer: a content filter, not the model's words.
             raise ContentFilterError("Claude declined to answer (stop_reason 'refusal')", status_code=status)
-        # Only text blocks: thinking or tool-use blocks are not part of the answer text.
-        text = "".join(block["text"] for block in content
-                       if isinstance(block, dict) and block.get("type") == "text"
-                       and isinstance(block.get("text"), str))
         finish_reason = _FINISH_REASONS.get(stop_reason or "", stop_reason)
+        tool_use = next((block for block in content
+                         if isinstance(block, dict) and block.get("type") == "tool_use"), None)
+        if tool_use is not None:
+            # Structured output: the forced tool's input is the answer.
+            tool_input = tool_use.get("input")
+            if not isinstance(tool_input, dict):
+                shown = "missing" if tool_input is None else f"a {type(tool_input).__name__}, not an object"
+                raise MalformedResponseError(f"the answer's tool_use block has no input (input is {shown})",
+                                             status_code=status, suggestion=BAD_FIELD_SUGGESTION)
+            text = compact_json(tool_input)
+            if finish_reason == "tool_calls":
+                finish_reason = "stop"  # the forced tool call is the whole, finished answer
+        else:
+            # Only text blocks: thinking blocks are not part of the answer text.
+            text = "".join(block["text"] for block in content
+                           if isinstance(block, dict) and block.get("type") == "text"
+                           and isinstance(block.get("text"), str))
         if not text and finish_reason == "length":
             raise EmptyAnswerError(f"the answer has no text: Claude reached max_tokens (stop_reason "
                                    f"{stop_reason!r}) before writing any", status_code=status)

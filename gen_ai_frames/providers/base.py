@@ -7,6 +7,7 @@ A provider never sends anything, so it is tested with plain JSON fixtures and an
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 from urllib.parse import urlsplit, urlunsplit
@@ -28,6 +29,7 @@ from ..errors import (
     register_secret,
 )
 from ..params import GenerationParams, Message
+from ..schema import Schema
 from ..transport import (
     HttpRequest,
     HttpResponse,
@@ -59,10 +61,14 @@ __all__ = [
     "endpoint_secrets",
     "error_for_status",
     "finish_reason_field",
+    "compact_json",
     "join_url",
+    "logprob_sum",
     "normalize_endpoint",
     "redact_url",
     "same_origin",
+    "schema_instruction",
+    "strict_compatible",
     "text_field",
     "token_field",
 ]
@@ -81,6 +87,9 @@ class Completion:
     finish_reason: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    #: Sum of the answer's token log-probabilities, when asked for (``logprobs=True``) and the
+    #: provider returned them; None otherwise.
+    logprob: float | None = None
 
 
 class Provider:
@@ -283,6 +292,98 @@ def finish_reason_field(value: Any, where: str, status: int) -> str | None:
         return value
     raise MalformedResponseError(f"{where} is {_shown(value)}, not a string", status_code=status,
                                  suggestion=BAD_FIELD_SUGGESTION)
+
+
+# Structured output helpers shared by providers ----------------------------------------------------
+
+#: Keywords OpenAI's strict mode accepts (https://platform.openai.com/docs/guides/structured-outputs,
+#: "Supported schemas"); any other keyword (minLength, default, allOf, not, if/then...) makes a schema
+#: fail strict mode with HTTP 400, so such a schema is sent with strict=False instead.
+_STRICT_KEYWORDS = frozenset({
+    "type", "properties", "required", "additionalProperties", "items", "enum", "const", "anyOf",
+    "description", "title", "$defs", "$ref", "pattern", "format", "minimum", "maximum",
+    "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minItems", "maxItems",
+})
+#: OpenAI's documented limits for strict schemas: nesting depth and total object properties.
+_STRICT_MAX_DEPTH = 10
+_STRICT_MAX_PROPERTIES = 5000
+
+
+def strict_compatible(schema: dict[str, Any]) -> bool:
+    """Whether a JSON Schema meets OpenAI's strict-mode rules: the root is an object; every object
+    sets ``additionalProperties: false`` and lists all its properties as ``required``; only
+    supported keywords; at most 10 levels of nesting and 5000 properties.
+
+    >>> strict_compatible(Schema.parse("name, age int").json_schema)
+    True
+    >>> strict_compatible({"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]})
+    False
+    """
+    counted = [0]
+
+    def ok(node: Any, depth: int) -> bool:
+        if not isinstance(node, dict) or depth > _STRICT_MAX_DEPTH or not set(node) <= _STRICT_KEYWORDS:
+            return False
+        kinds = node.get("type")
+        kinds = kinds if isinstance(kinds, list) else [kinds]
+        if "object" in kinds:
+            properties = node.get("properties")
+            required = node.get("required")
+            if (not isinstance(properties, dict) or node.get("additionalProperties") is not False
+                    or not isinstance(required, list) or set(required) != set(properties)):
+                return False
+            counted[0] += len(properties)
+            if not all(ok(child, depth + 1) for child in properties.values()):
+                return False
+        if "items" in node and not ok(node["items"], depth + 1):
+            return False
+        alternatives = node.get("anyOf", [])
+        return isinstance(alternatives, list) and all(ok(child, depth + 1) for child in alternatives)
+
+    root_kind = schema.get("type") if isinstance(schema, dict) else None
+    return root_kind == "object" and ok(schema, 1) and counted[0] <= _STRICT_MAX_PROPERTIES
+
+
+def compact_json(value: Any) -> str:
+    """JSON text without spaces, non-ASCII kept as is: how a tool call's input becomes answer text.
+
+    >>> compact_json({"name": "Zoë", "tags": ["a", "b"]})
+    '{"name":"Zoë","tags":["a","b"]}'
+    """
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def schema_instruction(schema: Schema) -> str:
+    """The instruction that carries the schema in the prompt, for providers without a schema field
+    (JSON mode, the legacy Completions API) and for those whose docs ask for it in the prompt too.
+
+    >>> print(schema_instruction(Schema.parse("n int")))  # doctest: +ELLIPSIS
+    Answer with one JSON object ... JSON Schema:
+    {"type":"object","properties":{"n":{"type":"integer"}},"required":["n"],"additionalProperties":false}
+    """
+    return ("Answer with one JSON object and nothing else (no code fence, no comments) that matches this "
+            f"JSON Schema:\n{compact_json(schema.json_schema)}")
+
+
+def logprob_sum(values: Any) -> float | None:
+    """The sum of token log-probabilities, or None when there are none or any is not a finite
+    number: an odd logprob never fails a row, it only leaves the confidence unknown.
+
+    >>> logprob_sum([-0.5, -0.25])
+    -0.75
+    >>> logprob_sum([-0.5, "x"]) is None, logprob_sum([]) is None, logprob_sum(None) is None
+    (True, True, True)
+    >>> logprob_sum([-0.5, float("-inf")]) is None, logprob_sum([-0.5, True]) is None
+    (True, True)
+    """
+    if not isinstance(values, list) or not values:
+        return None
+    total = 0.0
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return None
+        total += value
+    return total
 
 
 def _shown(value: Any) -> str:

@@ -2,6 +2,16 @@
 
 The key travels in the ``x-goog-api-key`` header, never in the ``?key=`` query parameter that
 Google also accepts: URLs end up in logs, proxies and error messages, headers do not.
+
+Structured output (``params.schema``) sets ``generationConfig.responseMimeType`` to
+``application/json`` and ``generationConfig.responseJsonSchema`` to the schema as it is:
+``responseJsonSchema`` is "an alternative to responseSchema that accepts JSON Schema" (Gemini's
+``GenerationConfig``: https://firebase.google.com/docs/reference/js/ai.generationconfig and the
+google-genai SDK's ``GenerationConfig.responseJsonSchema``), so no translation to the OpenAPI subset
+of ``responseSchema`` is needed; "if set, responseSchema must be omitted, but responseMimeType is
+required and must be set to application/json". ``logprobs=True`` sets
+``generationConfig.responseLogprobs``; the answer's ``candidates[0].logprobsResult.chosenCandidates``
+carry each token's ``logProbability``.
 """
 
 from __future__ import annotations
@@ -21,7 +31,16 @@ from ..errors import (
 )
 from ..params import GenerationParams, Message, validate_positive_int
 from ..transport import HttpRequest, HttpResponse
-from .base import Completion, Provider, dumps, error_for_status, finish_reason_field, join_url, token_field
+from .base import (
+    Completion,
+    Provider,
+    dumps,
+    error_for_status,
+    finish_reason_field,
+    join_url,
+    logprob_sum,
+    token_field,
+)
 
 __all__ = ["GeminiProvider"]
 
@@ -99,6 +118,11 @@ class GeminiProvider(Provider):
             config["stopSequences"] = list(params.stop)
         if self.thinking_budget is not None:
             config["thinkingConfig"] = {"thinkingBudget": self.thinking_budget}
+        if params.schema is not None:
+            config["responseMimeType"] = "application/json"
+            config["responseJsonSchema"] = params.schema.json_schema
+        if params.logprobs:
+            config["responseLogprobs"] = True
         body: dict[str, Any] = {"contents": contents}
         instruction = "\n\n".join(system) if system else params.system_prompt
         if instruction is not None:
@@ -153,7 +177,8 @@ class GeminiProvider(Provider):
         # A usageMetadata that is not an object is ignored; a count of the wrong type fails the row.
         usage = data.get("usageMetadata") if isinstance(data.get("usageMetadata"), dict) else {}
         prompt_tokens = token_field(usage, "promptTokenCount", "usageMetadata", status)
-        return Completion("".join(texts), finish_reason, prompt_tokens, _completion_tokens(usage, status))
+        return Completion("".join(texts), finish_reason, prompt_tokens, _completion_tokens(usage, status),
+                          _logprob(candidate.get("logprobsResult")))
 
     def _error(self, response: HttpResponse, data: Any) -> RequestError:
         if data is None:
@@ -199,6 +224,24 @@ class GeminiProvider(Provider):
         if self.thinking_budget is not None:
             fingerprint["thinking_budget"] = self.thinking_budget
         return fingerprint
+
+
+def _logprob(result: Any) -> float | None:
+    """The sum of ``chosenCandidates[*].logProbability``, else ``logProbabilitySum``; None when absent
+    or odd (an odd value never fails the row).
+
+    >>> _logprob({"chosenCandidates": [{"token": "a", "logProbability": -0.5}, {"logProbability": -1}]})
+    -1.5
+    >>> _logprob({"logProbabilitySum": -2.0}), _logprob({"chosenCandidates": [{"token": "a"}]})
+    (-2.0, None)
+    """
+    if not isinstance(result, dict):
+        return None
+    chosen = result.get("chosenCandidates")
+    if isinstance(chosen, list):
+        return logprob_sum([token.get("logProbability") if isinstance(token, dict) else None
+                            for token in chosen])
+    return logprob_sum([result["logProbabilitySum"]]) if "logProbabilitySum" in result else None
 
 
 def _completion_tokens(usage: dict[str, Any], status: int) -> int | None:

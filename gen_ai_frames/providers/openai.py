@@ -1,11 +1,18 @@
 """The OpenAI HTTP API, spoken by OpenAI and by compatible servers (vLLM, Ollama, llama.cpp, ...).
 
 Chat Completions by default (``api="chat"``); the legacy Completions API with ``api="completions"``.
+
+Structured output (``params.schema``) is OpenAI's ``response_format`` ``json_schema``, with
+``strict: true`` only for a schema that meets strict mode's rules (see
+:func:`~gen_ai_frames.providers.base.strict_compatible`); vLLM, llama.cpp's server, Ollama and
+LM Studio read the same field. A preset whose service documents only JSON mode sets
+``schema_mode = "json_object"`` and gets the schema written into the system prompt. The legacy
+Completions API has no JSON mode: the schema goes into the prompt.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from ..errors import (
     ConfigurationError,
@@ -16,6 +23,7 @@ from ..errors import (
     RequestError,
 )
 from ..params import GenerationParams, Message
+from ..schema import Schema
 from ..transport import HttpRequest, HttpResponse
 from .base import (
     Completion,
@@ -24,6 +32,9 @@ from .base import (
     error_for_status,
     finish_reason_field,
     join_url,
+    logprob_sum,
+    schema_instruction,
+    strict_compatible,
     text_field,
     token_field,
 )
@@ -44,6 +55,16 @@ class OpenAIProvider(Provider):
     api_key_env: ClassVar[str | None] = "OPENAI_API_KEY"
     default_endpoint: ClassVar[str | None] = "https://api.openai.com/v1"
     default_model: ClassVar[str | None] = "gpt-4o-mini"
+    #: How a schema is asked for (chat API): "json_schema", the native structured output, or
+    #: "json_object", JSON mode with the schema written into the system prompt.
+    schema_mode: ClassVar[Literal["json_schema", "json_object"]] = "json_schema"
+    #: Whether ``strict: true`` is sent for a schema that meets strict mode's rules.
+    strict_schemas: ClassVar[bool] = True
+    #: Whether the schema is also written into the system prompt (where a service's docs ask for it).
+    schema_in_prompt: ClassVar[bool] = False
+    #: The chat API's ``logprobs`` value when log-probabilities are asked for; None where the
+    #: service does not offer them (nothing is sent, and ``Completion.logprob`` stays None).
+    logprobs_request: ClassVar[bool | int | None] = True
 
     def __init__(self, *, api_key: str | None, endpoint: str, model_name: str, api: str = "chat",
                  organization: str | None = None, **options: Any) -> None:
@@ -57,6 +78,8 @@ class OpenAIProvider(Provider):
         if organization:
             self._headers["openai-organization"] = organization
         self._url = join_url(endpoint, "chat/completions" if api == "chat" else "completions")
+        # The last schema's request parts: a run asks every row with the same Schema object.
+        self._schema_parts: tuple[Schema, dict[str, Any] | None, str | None] | None = None
 
     def fingerprint(self) -> dict[str, Any]:
         return {**super().fingerprint(), "api": self.api}
@@ -70,13 +93,43 @@ class OpenAIProvider(Provider):
         }
         if params.stop:
             body["stop"] = list(params.stop)
+        response_format, instruction = self._schema_request(params.schema)
         if self.api == "chat":
             if params.system_prompt is not None and not any(m.get("role") == "system" for m in messages):
                 messages = [{"role": "system", "content": params.system_prompt}, *messages]
-            body["messages"] = messages
+            body["messages"] = _with_instruction(messages, instruction) if instruction else messages
+            if response_format is not None:
+                body["response_format"] = response_format
+            if params.logprobs and self.logprobs_request is not None:
+                body["logprobs"] = self.logprobs_request
         else:
-            body["prompt"] = _flatten(messages, params.system_prompt)
+            system = "\n\n".join(part for part in (params.system_prompt, instruction) if part)
+            body["prompt"] = _flatten(messages, system or None)
+            if params.logprobs and self.logprobs_request is not None:
+                # The legacy API takes a count of alternatives; the chosen tokens' come with any.
+                body["logprobs"] = 1
         return HttpRequest("POST", self._url, self._headers, dumps(body))
+
+    def _schema_request(self, schema: Schema | None) -> tuple[dict[str, Any] | None, str | None]:
+        """The ``response_format`` and the prompt instruction (either may be None) for a schema."""
+        if schema is None:
+            return None, None
+        cached = getattr(self, "_schema_parts", None)  # a subclass may skip our __init__
+        if cached is not None and cached[0] is schema:
+            return cached[1], cached[2]
+        response_format: dict[str, Any] | None = None
+        if self.api == "completions":
+            pass  # no response_format in the legacy API: the prompt carries the schema
+        elif self.schema_mode == "json_object":
+            response_format = {"type": "json_object"}
+        else:
+            strict = self.strict_schemas and strict_compatible(schema.json_schema)
+            response_format = {"type": "json_schema", "json_schema": {
+                "name": schema.name, "schema": schema.json_schema, "strict": strict}}
+        in_prompt = self.api == "completions" or self.schema_mode == "json_object" or self.schema_in_prompt
+        instruction = schema_instruction(schema) if in_prompt else None
+        self._schema_parts = (schema, response_format, instruction)
+        return response_format, instruction
 
     def parse_response(self, response: HttpResponse) -> Completion:
         self.raise_for_redirect(response)
@@ -120,7 +173,8 @@ class OpenAIProvider(Provider):
         # A usage that is not an object (a list, a string) is ignored: the answer itself is fine.
         usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
         return Completion(text or "", finish_reason, token_field(usage, "prompt_tokens", "usage", status),
-                          token_field(usage, "completion_tokens", "usage", status))
+                          token_field(usage, "completion_tokens", "usage", status),
+                          _logprob(choice.get("logprobs")))
 
     def _error(self, response: HttpResponse, data: Any = None, status: int | None = None) -> RequestError:
         status = status or response.status
@@ -147,6 +201,27 @@ def _status_from_error(error: Any) -> int:
             if isinstance(value, int) and 400 <= value < 600:
                 return value
     return 400
+
+
+def _logprob(logprobs: Any) -> float | None:
+    """The sum of the answer's token log-probabilities: ``logprobs.content[*].logprob`` (chat), or
+    ``logprobs.token_logprobs`` (the legacy API, and Together's chat answers); None otherwise."""
+    if not isinstance(logprobs, dict):
+        return None
+    content = logprobs.get("content")
+    if isinstance(content, list):
+        return logprob_sum([token.get("logprob") if isinstance(token, dict) else None for token in content])
+    return logprob_sum(logprobs.get("token_logprobs"))
+
+
+def _with_instruction(messages: list[Message], instruction: str) -> list[Message]:
+    """The messages with ``instruction`` appended to the first system message, or in a new one first
+    (one system message: some chat templates accept no other)."""
+    for i, message in enumerate(messages):
+        if message.get("role") == "system":
+            merged = {**message, "content": f"{message.get('content', '')}\n\n{instruction}"}
+            return [*messages[:i], merged, *messages[i + 1:]]
+    return [{"role": "system", "content": instruction}, *messages]
 
 
 def _flatten(messages: list[Message], system_prompt: str | None) -> str:

@@ -1,6 +1,11 @@
 """OpenAI-compatible services and servers, preset: each is the OpenAI provider with its own name,
 default endpoint and key variable, so ``create_client(provider="groq", model_name=...)`` is enough.
 
+Each also says what its service documents for structured output and log-probabilities (the table
+is in docs/providers.md, "Structured output"): every preset takes OpenAI's ``response_format``
+``json_schema`` except DeepSeek, which documents only JSON mode (``json_object``, with the schema
+written into the prompt).
+
 >>> GroqProvider.default_endpoint, GroqProvider.api_key_env
 ('https://api.groq.com/openai/v1', 'GROQ_API_KEY')
 >>> sorted(PRESETS)
@@ -9,7 +14,7 @@ default endpoint and key variable, so ``create_client(provider="groq", model_nam
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from .openai import OpenAIProvider
 
@@ -34,6 +39,9 @@ class OllamaProvider(OpenAIProvider):
     default_endpoint: ClassVar[str | None] = "http://localhost:11434/v1"
     default_model: ClassVar[str | None] = None
     requires_api_key: ClassVar[bool] = False
+    # response_format json_schema: Ollama's OpenAI layer passes json_schema.schema on as its
+    # `format` (openai/openai.go, FromChatRequest); `strict` is ignored. Logprobs: listed among
+    # the supported features of https://docs.ollama.com/api/openai-compatibility.
 
 
 class VLLMProvider(OpenAIProvider):
@@ -46,6 +54,8 @@ class VLLMProvider(OpenAIProvider):
     default_model: ClassVar[str | None] = None
     # A remote vLLM without --api-key needs no key either: never demand one.
     requires_api_key: ClassVar[bool] = False
+    # response_format json_schema: https://docs.vllm.ai/en/latest/features/structured_outputs/
+    # (guided_json, the older extra field, was removed in v0.12).
 
 
 class LMStudioProvider(OpenAIProvider):
@@ -56,6 +66,8 @@ class LMStudioProvider(OpenAIProvider):
     default_endpoint: ClassVar[str | None] = "http://localhost:1234/v1"
     default_model: ClassVar[str | None] = None
     requires_api_key: ClassVar[bool] = False
+    # response_format json_schema, "the same format as OpenAI's Structured Output API":
+    # https://lmstudio.ai/docs/api/structured-output
 
 
 class TogetherProvider(OpenAIProvider):
@@ -65,6 +77,11 @@ class TogetherProvider(OpenAIProvider):
     api_key_env: ClassVar[str | None] = "TOGETHER_API_KEY"
     default_endpoint: ClassVar[str | None] = "https://api.together.xyz/v1"
     default_model: ClassVar[str | None] = None
+    # https://docs.together.ai/docs/inference/chat/structured-outputs: response_format json_schema,
+    # and "always ... include a plain-text copy of the schema in the prompt" as well.
+    schema_in_prompt: ClassVar[bool] = True
+    # https://docs.together.ai/docs/logprobs: `"logprobs": 1`; the answer carries token_logprobs.
+    logprobs_request: ClassVar[bool | int | None] = 1
 
 
 class GroqProvider(OpenAIProvider):
@@ -74,6 +91,11 @@ class GroqProvider(OpenAIProvider):
     api_key_env: ClassVar[str | None] = "GROQ_API_KEY"
     default_endpoint: ClassVar[str | None] = "https://api.groq.com/openai/v1"
     default_model: ClassVar[str | None] = None
+    # https://console.groq.com/docs/structured-outputs: json_schema on every model with structured
+    # outputs, but strict: true only on a few (gpt-oss): best-effort mode (strict: false) everywhere.
+    strict_schemas: ClassVar[bool] = False
+    # https://console.groq.com/docs/openai: `logprobs` "will result in a 400 error": never sent.
+    logprobs_request: ClassVar[bool | int | None] = None
 
 
 class OpenRouterProvider(OpenAIProvider):
@@ -83,6 +105,7 @@ class OpenRouterProvider(OpenAIProvider):
     api_key_env: ClassVar[str | None] = "OPENROUTER_API_KEY"
     default_endpoint: ClassVar[str | None] = "https://openrouter.ai/api/v1"
     default_model: ClassVar[str | None] = None
+    # response_format json_schema with strict: https://openrouter.ai/docs/structured-outputs
 
 
 class MistralProvider(OpenAIProvider):
@@ -92,6 +115,10 @@ class MistralProvider(OpenAIProvider):
     api_key_env: ClassVar[str | None] = "MISTRAL_API_KEY"
     default_endpoint: ClassVar[str | None] = "https://api.mistral.ai/v1"
     default_model: ClassVar[str | None] = "mistral-small-latest"
+    # response_format json_schema (name, schema, strict):
+    # https://docs.mistral.ai/capabilities/structured-output/custom_structured_output/
+    # Its chat API documents no logprobs: never sent.
+    logprobs_request: ClassVar[bool | int | None] = None
 
 
 class DeepSeekProvider(OpenAIProvider):
@@ -101,6 +128,9 @@ class DeepSeekProvider(OpenAIProvider):
     api_key_env: ClassVar[str | None] = "DEEPSEEK_API_KEY"
     default_endpoint: ClassVar[str | None] = "https://api.deepseek.com/v1"
     default_model: ClassVar[str | None] = "deepseek-chat"
+    # https://api-docs.deepseek.com/guides/json_mode: only {"type": "json_object"}, and the prompt
+    # must say "json" and show the format: the schema goes into the system prompt.
+    schema_mode: ClassVar[Literal["json_schema", "json_object"]] = "json_object"
 
 
 #: Preset name -> class.
