@@ -21,14 +21,20 @@ from .errors import (
     InvalidPromptError,
     NotSentError,
     RequestError,
+    SchemaValidationError,
 )
 from .params import GenerationParams, Message
 from .providers.base import Provider, redact_url
 from .ratelimit import AdaptiveConcurrency, RateLimiter, ratelimit_wait
 from .retry import RetryPolicy, parse_retry_after
+from .schema import SchemaMismatch
 from .transport import HttpResponse, Transport, TransportError
 
 __all__ = ["Engine", "Result"]
+
+# What a model is told when its answer broke the schema (structured output's retry).
+_SCHEMA_RETRY = ("That answer does not match the required JSON schema: {problem}. Answer again with only "
+                 "the JSON object, matching the schema exactly.")
 
 K = TypeVar("K")
 
@@ -153,7 +159,7 @@ class Engine:
                 if state.fatal is not None:
                     queue.put_nowait((key, Result(error=_not_sent(state.fatal))))
                     continue
-                queue.put_nowait((key, await self._send(messages, params, state)))
+                queue.put_nowait((key, await self._answer(messages, params, state)))
 
         def finished(task: asyncio.Task[None]) -> None:
             queue.put_nowait(done_marker if task.cancelled() or task.exception() is None else task)
@@ -190,6 +196,41 @@ class Engine:
         while (wait := state.paused_until - self._clock()) > 0:
             await self._sleep(wait)
         state.set_status(None)
+
+    async def _answer(self, messages: list[Message], params: GenerationParams, state: _RunState) -> Result:
+        """:meth:`_send`, and with a schema, check the answer; ask again (showing the model its
+        mistake) up to ``params.schema_retries`` times before the row fails with SchemaValidationError."""
+        result = await self._send(messages, params, state)
+        schema = params.schema
+        if schema is None:
+            return result
+        spent = [0, 0, 0]  # prompt tokens, completion tokens and attempts of the answers asked again
+        for retry in range(params.schema_retries + 1):
+            if result.error is not None or result.text is None:
+                break
+            try:
+                schema.validate(result.text)
+                break
+            except SchemaMismatch as mismatch:
+                problem = str(mismatch)
+            spent = [spent[0] + (result.prompt_tokens or 0), spent[1] + (result.completion_tokens or 0),
+                     spent[2] + result.attempts]
+            if retry == params.schema_retries:
+                error = SchemaValidationError(f"the answer does not match the schema: {problem}")
+                error.attempts = spent[2]
+                return Result(error=error, finish_reason=result.finish_reason, prompt_tokens=spent[0],
+                              completion_tokens=spent[1], latency_s=result.latency_s, attempts=spent[2])
+            messages = [*messages, {"role": "assistant", "content": result.text},
+                        {"role": "user", "content": _SCHEMA_RETRY.format(problem=problem)}]
+            result = await self._send(messages, params, state)
+        # The row's usage and attempts include every answer it took, as they were all paid for.
+        if result.prompt_tokens is not None:
+            result.prompt_tokens += spent[0]
+        if result.completion_tokens is not None:
+            result.completion_tokens += spent[1]
+        if result.error is None:
+            result.attempts += spent[2]
+        return result
 
     async def _send(self, messages: list[Message], params: GenerationParams, state: _RunState) -> Result:
         try:
@@ -236,7 +277,7 @@ class Engine:
                     self._respect_ratelimit_headers(response, state)
                     return Result(
                         completion.text, None, completion.finish_reason, completion.prompt_tokens,
-                        completion.completion_tokens, self._clock() - started, attempts,
+                        completion.completion_tokens, self._clock() - started, attempts, completion.logprob,
                     )
             finally:
                 state.concurrency.release()
