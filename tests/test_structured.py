@@ -196,3 +196,62 @@ def test_a_bad_schema_fails_before_any_request(mock_client: Build) -> None:
 def test_schema_validation_error_is_a_request_error_with_a_suggestion() -> None:
     error = SchemaValidationError("the answer does not match the schema: at 'n': 'x' is not of type 'integer'")
     assert "schema_retries" in error.suggestion and error.to_dict()["type"] == "SchemaValidationError"
+
+
+def test_cli_schema_writes_typed_columns(tmp_path: Path) -> None:
+    from gen_ai_frames.cli import main
+    from gen_ai_frames.testing.hostile import HostileServer, Reply, chat
+
+    source, target = tmp_path / "in.csv", tmp_path / "out.parquet"
+    source.write_text("text\nfirst\nsecond\n")
+    schema_file = tmp_path / "schema.json"
+    schema_file.write_text(json.dumps({"type": "object", "properties": {"n": {"type": "integer"},
+                                                                        "mood": {"enum": ["x", "y"]}}}))
+    script = {"first": Reply(json=chat('{"n": 1, "mood": "y"}')), "second": Reply(json=chat('{"n": "two"}'))}
+    with HostileServer(script) as server:
+        for schema in ("n int, mood x|y", str(schema_file)):
+            code = main(["generate", str(source), "-o", str(target), "--column", "text", "--endpoint", server.url,
+                         "--model", "m", "--no-progress", "--schema", schema, "--schema-retries", "0"])
+            assert code == 1  # the second row breaks the schema
+            table = pq.read_table(target)
+            assert str(table.schema.field("n").type) == "int64"
+            assert str(table.schema.field("mood").type) == "dictionary<values=string, indices=int32, ordered=0>"
+            assert table.column("n").to_pylist() == [1, None] and table.column("mood").to_pylist() == ["y", None]
+        sent = [json.loads(r.body)["response_format"]["json_schema"]["schema"] for r in server.requests]
+        assert sent[0]["properties"]["mood"]["enum"] == ["x", "y"]
+
+
+def test_cli_classify_writes_a_label_column(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from gen_ai_frames.cli import main
+    from gen_ai_frames.testing.hostile import HostileServer, Reply, chat
+
+    source, target = tmp_path / "in.csv", tmp_path / "out.parquet"
+    source.write_text("review\ngood\nbad\n")
+    script = {"good": Reply(json=chat('{"label": "positive"}')), "bad": Reply(json=chat('{"label": "negative"}'))}
+    with HostileServer(script) as server:
+        code = main(["classify", str(source), "-o", str(target), "--column", "review", "--labels",
+                     "positive,negative", "--endpoint", server.url, "--model", "m", "--no-progress"])
+        assert code == 0, capsys.readouterr().err
+        body = json.loads(server.requests[0].body)
+    table = pq.read_table(target)
+    assert table.column("label").to_pylist() == ["positive", "negative"]
+    assert table.column("confidence").to_pylist() == [None, None]  # chat() answers carry no logprobs
+    assert body["response_format"]["json_schema"]["schema"]["properties"]["label"]["enum"] == ["positive", "negative"]
+    assert body["logprobs"] is True and "positive, negative" in body["messages"][0]["content"]
+
+
+def test_dask_takes_the_same_schema_and_gives_the_same_typed_columns(tmp_path: Path) -> None:
+    dd = pytest.importorskip("dask.dataframe")
+    import gen_ai_frames.dask  # noqa: F401  (registers ddf.genai)
+    from gen_ai_frames.testing.hostile import HostileServer, Reply, chat
+
+    script = {f"row {i}": Reply(json=chat(json.dumps({"n": i, "mood": "x" if i % 2 else "y"}))) for i in range(4)}
+    df = pd.DataFrame({"text": [f"row {i}" for i in range(4)]})
+    with HostileServer(script) as server:
+        lazy = dd.from_pandas(df, npartitions=2).genai.generate(
+            column="text", endpoint=server.url, model_name="m", schema="n int, mood x|y",
+            checkpoint=tmp_path / "run")
+        assert str(lazy.dtypes["n"]) == "Int64" and isinstance(lazy.dtypes["mood"], pd.CategoricalDtype)
+        out = lazy.compute(scheduler="sync")
+    assert out["n"].tolist() == [0, 1, 2, 3] and out["mood"].tolist() == ["y", "x", "y", "x"]
+    assert out["mood"].cat.categories.tolist() == ["x", "y"]
