@@ -14,9 +14,9 @@ from contextlib import asynccontextmanager
 from typing import Any, Literal, overload
 
 from ._sync import run_sync
-from .engine import Engine, Result
+from .engine import Engine, Result, validate_rate_limit_timeout
 from .errors import ConfigurationError, FailedPromptsWarning
-from .options import ENGINE_OPTIONS, GENERATION_OPTIONS, RunOptions, takes_options, split_options
+from .options import ENGINE_OPTIONS, GENERATION_OPTIONS, RunOptions, split_options, takes_options
 from .params import Message, validate_positive_int
 from .prompts import Prompts, check_prompt, prompt_list
 from .schema import Schema
@@ -51,15 +51,19 @@ class Client:
         retry: RetryPolicy | None = None,
         requests_per_minute: float | None = None,
         tokens_per_minute: float | None = None,
+        rate_limit_timeout: float = 600.0,
     ) -> None:
         self.provider = provider
         self._transport_factory = transport_factory
         validate_positive_int("max_retries", max_retries, minimum=0)
         self.retry = retry or RetryPolicy(max_retries=max_retries)
         RateLimiter(requests_per_minute, tokens_per_minute)  # validates both
+        validate_rate_limit_timeout(rate_limit_timeout)
         #: Default rate limits of every run of this client; each call may override them.
         self.requests_per_minute = requests_per_minute
         self.tokens_per_minute = tokens_per_minute
+        #: Seconds a run may be rate limited without a single answer before waiting rows fail.
+        self.rate_limit_timeout = rate_limit_timeout
 
     def __repr__(self) -> str:
         return (f"Client(provider={self.provider.name!r}, model_name={self.provider.model_name!r}, "
@@ -76,10 +80,11 @@ class Client:
     @asynccontextmanager
     async def engine(self, *, max_concurrent: int = 5, max_retries: int | None = None,
                      requests_per_minute: float | None = None, tokens_per_minute: float | None = None,
+                     rate_limit_timeout: float | None = None,
                      on_status: Callable[[str | None], None] | None = None) -> AsyncIterator[Engine]:
         """An engine with a fresh transport, closed on exit. The accessor streams through it.
 
-        Rate limits left at None fall back to the client's.
+        Rate limits and ``rate_limit_timeout`` left at None fall back to the client's.
 
         >>> async with client.engine(max_concurrent=64) as engine:  # doctest: +SKIP
         ...     results = await engine.run([[{"role": "user", "content": "Hi"}]], RunOptions().params)
@@ -97,12 +102,15 @@ class Client:
             requests_per_minute = self.requests_per_minute
         if tokens_per_minute is None:
             tokens_per_minute = self.tokens_per_minute
+        if rate_limit_timeout is None:
+            rate_limit_timeout = self.rate_limit_timeout
         RateLimiter(requests_per_minute, tokens_per_minute)  # validates before the transport opens
+        validate_rate_limit_timeout(rate_limit_timeout)
         transport = self._transport_factory()
         try:
             yield Engine(self.provider, transport, max_concurrent=max_concurrent, retry=retry,
                          requests_per_minute=requests_per_minute, tokens_per_minute=tokens_per_minute,
-                         on_status=on_status)
+                         rate_limit_timeout=rate_limit_timeout, on_status=on_status)
         finally:
             await transport.aclose()
 

@@ -20,17 +20,19 @@ from .errors import (
     ConfigurationError,
     InvalidPromptError,
     NotSentError,
+    RateLimitError,
     RequestError,
     SchemaValidationError,
 )
 from .params import GenerationParams, Message
 from .providers.base import Provider, redact_url
-from .ratelimit import AdaptiveConcurrency, RateLimiter, ratelimit_wait
+from .pricing import estimate_tokens
+from .ratelimit import Pace, RateLimiter
 from .retry import RetryPolicy, parse_retry_after
 from .schema import SchemaMismatch
 from .transport import HttpResponse, Transport, TransportError
 
-__all__ = ["Engine", "Result"]
+__all__ = ["Engine", "Result", "validate_rate_limit_timeout"]
 
 # What a model is told when its answer broke the schema (structured output's retry).
 _SCHEMA_RETRY = ("That answer does not match the required JSON schema: {problem}. Answer again with only "
@@ -60,25 +62,45 @@ class Result:
 
 class _RunState:
     """What all workers of one run share: the early-stop cause, the run-wide pause after a 429,
-    the rate limiter and the adaptive concurrency limit."""
+    the rate limiter the user set, the pace learned from the provider, and the progress of the run
+    (answers received, since when it has been rate limited without one)."""
 
-    __slots__ = ("fatal", "paused_until", "limiter", "concurrency", "clock", "on_status", "status")
+    __slots__ = ("fatal", "paused_until", "limiter", "pace", "clock", "on_status", "status", "answers",
+                 "limited_since", "_status_at")
 
     def __init__(self, max_concurrent: int, limiter: RateLimiter | None, clock: Callable[[], float],
                  on_status: Callable[[str | None], None] | None) -> None:
         self.fatal: RequestError | None = None
         self.paused_until = 0.0
         self.limiter = limiter
-        self.concurrency = AdaptiveConcurrency(max_concurrent, clock=clock)
+        # A user who states the limit needs no slow start: the limiter spaces requests from the first.
+        self.pace = Pace(max_concurrent, clock=clock, slow_start=limiter is None)
         self.clock = clock
         self.on_status = on_status
         self.status: str | None = None
+        self.answers = 0
+        #: When the run was first rate limited since its last answer (None: not rate limited).
+        self.limited_since: float | None = None
+        self._status_at = float("-inf")
 
     def pause(self, seconds: float, reason: str) -> None:
         until = self.clock() + seconds
         if until > self.paused_until:
             self.paused_until = until
             self.set_status(f"{reason}, waiting {seconds:.1f} s" if seconds < 10 else f"{reason}, waiting {seconds:.0f} s")
+
+    def answered(self) -> None:
+        self.answers += 1
+        self.limited_since = None
+        self.pace.on_answer()
+        # The pace creeps up with every answer: refresh its text at most once a second.
+        if self.pace.rate is not None and self.clock() - self._status_at >= 1.0:
+            self.show_pace()
+
+    def show_pace(self) -> None:
+        if self.paused_until <= self.clock():
+            self._status_at = self.clock()
+            self.set_status(self.pace.status)
 
     def set_status(self, status: str | None) -> None:
         if status != self.status:
@@ -91,10 +113,13 @@ class Engine:
     """Sends prompts through a provider and a transport.
 
     ``requests_per_minute`` / ``tokens_per_minute`` cap the run's rate (tokens estimated from the
-    prompt length plus ``max_tokens``, corrected by reported usage). A 429 with Retry-After, or
-    rate-limit headers at zero, pause every request of the run; bursts of 429s halve the
-    concurrency, which grows back by one per window of successes, never above ``max_concurrent``.
-    ``on_status`` hears about pauses (the progress bar shows them).
+    prompt length plus ``max_tokens``, corrected by reported usage). Without them the run paces
+    itself to the limits the provider states in its rate-limit headers, else to the rate its 429s
+    allow (see :class:`~gen_ai_frames.ratelimit.Pace`). A 429 with Retry-After, or rate-limit
+    headers at zero, pause every request of the run. A 429 does not use up a row's ``max_retries``:
+    the row waits its turn, until ``rate_limit_timeout`` seconds pass without a single answer. Any
+    wait the server asks for longer than ``retry.max_retry_after`` stops the run with a message.
+    ``on_status`` hears about pauses and the pace (the progress bar shows them).
 
     >>> engine = Engine(provider, transport, max_concurrent=64)  # doctest: +SKIP
     >>> results = await engine.run([[{"role": "user", "content": "Hi"}]], GenerationParams())  # doctest: +SKIP
@@ -109,11 +134,14 @@ class Engine:
         retry: RetryPolicy = RetryPolicy(),
         requests_per_minute: float | None = None,
         tokens_per_minute: float | None = None,
+        rate_limit_timeout: float = 600.0,
         on_status: Callable[[str | None], None] | None = None,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        validate_rate_limit_timeout(rate_limit_timeout)
         self.provider = provider
+        self.rate_limit_timeout = rate_limit_timeout
         self.transport = transport
         self.max_concurrent = max_concurrent
         self.retry = retry
@@ -149,6 +177,9 @@ class Engine:
         ``items`` is consumed lazily, at most ``max_concurrent`` ahead of the answers.
         """
         iterator = iter(items)
+        if self._limiter is not None:  # a fresh schedule per run: no slots booked by an earlier run
+            self._limiter = RateLimiter(self._limiter.requests_per_minute, self._limiter.tokens_per_minute,
+                                        clock=self._clock)
         state = self._state = _RunState(self.max_concurrent, self._limiter, self._clock, self.on_status)
         self.fatal = None
         queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -181,6 +212,7 @@ class Engine:
             for task in workers:
                 task.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
+            state.set_status(None)  # the run is over: nothing left to show
             # Answers that arrived but were not consumed (the caller stopped early, e.g. Ctrl-C):
             # kept, so the caller can still save what was paid for.
             self.unconsumed = [queue.get_nowait() for _ in range(queue.qsize())]
@@ -193,9 +225,15 @@ class Engine:
 
     async def _wait_while_paused(self, state: _RunState) -> None:
         # A loop, not one sleep: another 429 may extend the pause while this worker waits.
+        if state.paused_until <= self._clock():
+            return
         while (wait := state.paused_until - self._clock()) > 0:
             await self._sleep(wait)
-        state.set_status(None)
+        state.show_pace()
+
+    #: A row refused this many times with 429 while other rows got answers is failed: it is
+    #: likely larger than the provider's per-minute token limit and would wait forever.
+    MAX_RATE_LIMITED_WHILE_OTHERS_PASS = 10
 
     async def _answer(self, messages: list[Message], params: GenerationParams, state: _RunState) -> Result:
         """:meth:`_send`, and with a schema, check the answer; ask again (showing the model its
@@ -239,22 +277,32 @@ class Engine:
             raise  # a setting the provider cannot take (e.g. Anthropic's temperature > 1): fail the call
         except (TypeError, ValueError) as err:  # e.g. a lone surrogate that cannot be encoded as JSON
             return Result(error=InvalidPromptError(f"the prompt cannot be sent: {err}", sent=False))
-        estimated = _estimate_tokens(messages, params) if state.limiter is not None else 0
+        # The same estimate as the cost preview (pricing.estimate_tokens), before the answer tells.
+        texts = [params.system_prompt or "", *(m.get("content") or "" for m in messages)]
+        prompt_tokens = estimate_tokens("".join(texts))
+        estimated = prompt_tokens + params.max_tokens
+        costs = {"requests": 1.0, "tokens": float(estimated), "input-tokens": float(prompt_tokens),
+                 "output-tokens": float(params.max_tokens)}
+        pace = state.pace
         started = self._clock()
-        attempts = 0
+        attempts = failures = rate_limited = refused_while_others_pass = 0
+        answers_at_first_429: int | None = None
         while True:
             await self._wait_while_paused(state)
-            await state.concurrency.acquire()
+            await pace.acquire()
             try:
+                generation = pace.generation
+                wait = pace.reserve(costs)
                 if state.limiter is not None:
-                    wait = state.limiter.reserve(estimated)
-                    if wait > 0:
-                        await self._sleep(wait)
-                    if state.paused_until > self._clock():
-                        continue  # a 429 arrived while this request waited for its slot
+                    wait = max(wait, state.limiter.reserve(estimated))
+                if wait > 0:
+                    await self._sleep(wait)
+                    if state.paused_until > self._clock() or pace.generation != generation:
+                        continue  # a 429 or new limits arrived while this request waited: book again
                 if state.fatal is not None:
                     return Result(error=_not_sent(state.fatal), attempts=attempts)
                 attempts += 1
+                sent_at = self._clock()
                 response: HttpResponse | None = None
                 try:
                     async with asyncio.timeout(params.timeout):
@@ -271,39 +319,92 @@ class Engine:
                     if response is not None and error.retry_after is None:
                         error.retry_after = parse_retry_after(response.headers)
                 else:
-                    state.concurrency.on_success()
+                    state.answered()
                     if state.limiter is not None and completion.prompt_tokens is not None:
                         state.limiter.correct(estimated, completion.prompt_tokens + (completion.completion_tokens or 0))
-                    self._respect_ratelimit_headers(response, state)
+                    self._learn(response, state)
                     return Result(
                         completion.text, None, completion.finish_reason, completion.prompt_tokens,
                         completion.completion_tokens, self._clock() - started, attempts, completion.logprob,
                     )
             finally:
-                state.concurrency.release()
+                pace.release()
             error.attempts = attempts
             if response is not None:
-                self._respect_ratelimit_headers(response, state)
-            if error.status_code == 429:
-                state.concurrency.on_rate_limited()
-            if error.retryable and attempts <= self.retry.max_retries:
-                delay = self.retry.delay(attempts, error.retry_after)
-                if error.status_code == 429 and error.retry_after:
+                if error.status_code != 429:
+                    pace.on_answer()  # served, if not answered: it counts for the rate the server serves
+                self._learn(response, state)
+            cap = self.retry.max_retry_after
+            if error.retryable and error.retry_after is not None and error.retry_after > cap:
+                # Waiting hours for one row would hang the run; every other row would be told the same.
+                message = (f"{error.message} The server asked to wait {error.retry_after:.0f} s, "
+                           f"more than max_retry_after={cap:g} s, so the run stopped.")
+                error = _with_message(error, message, _LONG_WAIT_SUGGESTION)
+                if state.fatal is None:  # stop sending; the rows come back failed, the call does not raise
+                    state.fatal = _with_message(error, error.message, error.suggestion, sent=False)
+                return Result(error=error, latency_s=self._clock() - started, attempts=attempts)
+            if error.status_code == 429 and error.retryable:
+                # Not a failure of the row: the run slows down and the row waits its turn.
+                rate_limited += 1
+                now = self._clock()
+                pace.on_rate_limited(sent_at, key=id(messages))
+                state.show_pace()
+                if answers_at_first_429 is None:
+                    answers_at_first_429 = state.answers
+                elif state.answers > answers_at_first_429:
+                    refused_while_others_pass += 1
+                if state.limited_since is None:
+                    state.limited_since = now
+                if now - state.limited_since > self.rate_limit_timeout:
+                    timed_out = _rate_limit_timeout(error, now - state.limited_since, self.rate_limit_timeout)
+                    if state.fatal is None:  # the rows still waiting get it too, as not sent
+                        state.fatal = timed_out
+                    return Result(error=_with_message(timed_out, timed_out.message, timed_out.suggestion,
+                                                      sent=True, attempts=attempts),
+                                  latency_s=now - started, attempts=attempts)
+                if refused_while_others_pass >= self.MAX_RATE_LIMITED_WHILE_OTHERS_PASS:
+                    error = _with_message(
+                        error, f"{error.message} Refused {rate_limited} times while other requests got "
+                               "answers: this request may exceed the provider's per-minute token limit "
+                               "on its own.",
+                        "Shorten the prompt or lower max_tokens, or ask the provider for a higher "
+                        "tokens-per-minute limit; set requests_per_minute / tokens_per_minute to pace "
+                        "the run.")
+                    return Result(error=error, latency_s=now - started, attempts=attempts)
+                delay = self.retry.delay(rate_limited, error.retry_after)
+                if error.retry_after:
                     # The server asked the whole client to wait, not just this request: the pause
                     # holds every worker at the top of the loop, this one included.
                     state.pause(delay, "rate limited")
                 else:
                     await self._sleep(delay)
                 continue
+            failures += 1
+            if error.retryable and failures <= self.retry.max_retries:
+                delay = self.retry.delay(failures, error.retry_after)
+                await self._sleep(delay)
+                continue
             if error.fatal and state.fatal is None:
                 state.fatal = self.fatal = error
             return Result(error=error, latency_s=self._clock() - started, attempts=attempts)
 
-    @staticmethod
-    def _respect_ratelimit_headers(response: HttpResponse | None, state: _RunState) -> None:
-        wait = None if response is None else ratelimit_wait(response.headers)
-        if wait:
-            state.pause(wait, "rate limit budget used up")
+    def _learn(self, response: HttpResponse, state: _RunState) -> None:
+        """Take the limits an answer states; wait for a used-up budget's reset, or stop the run
+        when that reset is further away than ``max_retry_after``."""
+        learned = state.pace.learn(response.headers)
+        state.show_pace()
+        if learned is None:
+            return
+        seconds, header = learned
+        cap = self.retry.max_retry_after
+        if seconds > cap:
+            if state.fatal is None:
+                state.fatal = RateLimitError(
+                    f"the provider's rate limit is used up and resets in {seconds:.0f} s ({header}), "
+                    f"more than max_retry_after={cap:g} s, so the run stopped.",
+                    suggestion=_LONG_WAIT_SUGGESTION, status_code=response.status, retryable=True, sent=False)
+        elif seconds > 0:
+            state.pause(seconds, "rate limit budget used up")
 
     def _connection_error(self, err: TransportError) -> APIConnectionError:
         endpoint = redact_url(self.provider.endpoint)
@@ -330,10 +431,33 @@ class Engine:
         return APIConnectionError(f"request to {endpoint} failed: {err}")
 
 
-def _estimate_tokens(messages: list[Message], params: GenerationParams) -> int:
-    """A request's token cost before the answer tells: ~4 characters a token, plus the answer budget."""
-    characters = sum(len(m.get("content") or "") for m in messages) + len(params.system_prompt or "")
-    return characters // 4 + 1 + params.max_tokens
+_LONG_WAIT_SUGGESTION = (
+    "Run again once the provider's limit has reset (finished rows are kept), or allow longer waits "
+    "with retry=RetryPolicy(max_retry_after=SECONDS)."
+)
+
+
+def validate_rate_limit_timeout(value: object) -> None:
+    """``rate_limit_timeout`` must be a number of seconds > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigurationError(f"rate_limit_timeout must be a number of seconds > 0, got {value!r}")
+
+
+def _rate_limit_timeout(error: RequestError, waited: float, timeout: float) -> RateLimitError:
+    return RateLimitError(
+        f"rate limited for {waited:.0f} s without a single answer (rate_limit_timeout={timeout:g} s); "
+        f"last answer: {error.message}",
+        suggestion="Set requests_per_minute (and tokens_per_minute) to your plan's limits, wait for the "
+                   "provider's quota to reset, or raise rate_limit_timeout. Finished rows are kept.",
+        status_code=429, retryable=True, sent=False)
+
+
+def _with_message(error: RequestError, message: str, suggestion: str, *, sent: bool | None = None,
+                  attempts: int | None = None) -> RequestError:
+    """A copy of ``error`` (same type) with another message: errors are values shared by rows."""
+    return type(error)(message, suggestion=suggestion, status_code=error.status_code,
+                       retryable=error.retryable, attempts=error.attempts if attempts is None else attempts,
+                       retry_after=error.retry_after, sent=error.sent if sent is None else sent)
 
 
 def _not_sent(cause: RequestError) -> RequestError:
@@ -341,6 +465,9 @@ def _not_sent(cause: RequestError) -> RequestError:
     own type (an unsent row of a run with a bad key is an AuthenticationError too), marked unsent."""
     if isinstance(cause, NotSentError):  # a deliberate stop: its message already explains
         return NotSentError(cause.message, suggestion=cause.suggestion, retryable=False, sent=False)
+    if not cause.sent:  # a stop no request failed for (e.g. a rate limit that resets tomorrow)
+        return type(cause)(cause.message, suggestion=cause.suggestion, status_code=cause.status_code,
+                           retryable=cause.retryable, sent=False)
     return type(cause)(
         f"not sent: the run stopped early because another request failed with {cause.type}: {cause.message}",
         suggestion=cause.suggestion, status_code=cause.status_code, retryable=False, sent=False,

@@ -33,6 +33,7 @@ def create_client(
     retry: RetryPolicy | None = None,
     requests_per_minute: float | None = None,
     tokens_per_minute: float | None = None,
+    rate_limit_timeout: float = 600.0,
     verify: bool | str | ssl.SSLContext = True,
     http_client: httpx.AsyncClient | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
@@ -41,7 +42,10 @@ def create_client(
 ) -> Client:
     """Build a client for one model of one provider.
 
-    ``requests_per_minute`` / ``tokens_per_minute`` are the default rate limits of every run.
+    ``requests_per_minute`` / ``tokens_per_minute`` are the default rate limits of every run; without
+    them a run paces itself to the limits the provider states or its 429s allow.
+    ``rate_limit_timeout`` (600 s) is how long a run may be rate limited without a single answer
+    before the rows still waiting fail with ``RateLimitError``.
     ``api_key`` falls back to the provider's environment variable (``OPENAI_API_KEY`` for
     ``"openai"``). ``verify`` controls TLS verification (``False``, or a CA bundle path).
     ``http_client`` (an ``httpx.AsyncClient``) or ``transport`` (e.g. ``httpx.MockTransport``) send
@@ -95,7 +99,8 @@ def create_client(
 
     make_transport = _TransportFactory(instance, http_client, transport, verify, max_response_bytes)
     return Client(instance, make_transport, max_retries=max_retries, retry=retry,
-                  requests_per_minute=requests_per_minute, tokens_per_minute=tokens_per_minute)
+                  requests_per_minute=requests_per_minute, tokens_per_minute=tokens_per_minute,
+                  rate_limit_timeout=rate_limit_timeout)
 
 
 @dataclass(frozen=True)

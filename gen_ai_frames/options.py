@@ -171,6 +171,10 @@ class RunOptions:
     tokens_per_minute: float | None = field(default=None, metadata=_about(
         "keep prompt + answer tokens under this rate (None: the client's)", group="limits",
         check=_check_optional_positive, metavar="T"))
+    rate_limit_timeout: float | None = field(default=None, metadata=_about(
+        "seconds a run may be rate limited without a single answer before the waiting rows fail with "
+        "RateLimitError (None: the client's, 600 by default)", group="limits", check=_check_optional_positive,
+        metavar="S"))
     # budget
     max_cost: float | None = field(default=None, metadata=_about(
         "stop sending once this run has spent this many US dollars (needs the model's price)",
@@ -260,7 +264,7 @@ class RunOptions:
 
 
 #: Options the engine takes; the client's batch calls accept exactly these plus the generation ones.
-ENGINE_OPTIONS = ("max_concurrent", "max_retries", "requests_per_minute", "tokens_per_minute")
+ENGINE_OPTIONS = ("max_concurrent", "max_retries", "requests_per_minute", "tokens_per_minute", "rate_limit_timeout")
 GENERATION_OPTIONS = ("system_prompt", "max_tokens", "temperature", "top_p", "timeout", "schema", "schema_retries")
 
 

@@ -27,7 +27,9 @@ class RetryPolicy:
     max_delay: float = 8.0
     #: Fraction of the delay randomised away, so that many clients do not retry in lockstep.
     jitter: float = 0.25
-    #: Longest server-requested wait honoured; past it the request fails rather than hang a run.
+    #: The cap on every wait the server asks for (``Retry-After``, ``retry-after-ms``, the rate-limit
+    #: reset headers). A longer wait fails the affected rows and stops the run with a message saying
+    #: so, instead of silently pausing for hours.
     max_retry_after: float = 120.0
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
@@ -40,7 +42,8 @@ class RetryPolicy:
 
 def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
     """Seconds the server asked us to wait: ``retry-after-ms``, then ``retry-after`` (seconds or an
-    HTTP date). Header names must be lower-case. None when absent or unreadable.
+    HTTP date). Header names must be lower-case. None when absent or unreadable, and for a date
+    already past: a stale date is no hint, so the normal backoff applies (not a retry at once).
 
     >>> parse_retry_after({"retry-after-ms": "1500"})
     1.5
@@ -48,6 +51,8 @@ def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> f
     2.0
     >>> parse_retry_after({"retry-after": "Wed, 21 Oct 2015 07:28:05 GMT"}, now=1445412480.0)
     5.0
+    >>> parse_retry_after({"retry-after": "Wed, 21 Oct 2015 07:27:00 GMT"}, now=1445412480.0) is None
+    True
     >>> parse_retry_after({"retry-after": "soon"}) is None
     True
     """
@@ -70,5 +75,5 @@ def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> f
         except (TypeError, ValueError):
             return None
         seconds = date.timestamp() - (time.time() if now is None else now)
-        return max(seconds, 0.0)
+        return seconds if seconds > 0 else None
     return seconds if seconds >= 0 else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import select
 import signal
 import subprocess
@@ -752,3 +753,89 @@ def test_dialects_share_chaos_and_stats() -> None:
     assert stats["requests"] == 5
     assert stats["outcomes"] == {"a": ["wrong_shape"], "b": ["wrong_shape"], "c": ["wrong_shape"],
                                  "one two three four": ["length", "length"]}
+
+
+# ------------------------------------------------------------ rate limits
+def test_request_limit_is_a_token_bucket_with_openai_headers() -> None:
+    # 600 a minute = 10 a second; the bucket holds one second of them.
+    with FakeServer(rate_limit_rpm=600) as server:
+        answers = [chat(server, f"p{i}") for i in range(12)]
+        stats = server.stats()
+    statuses = [status for status, _, _ in answers]
+    assert statuses[:10] == [200] * 10 and 429 in statuses[10:]  # the burst, then refused
+    _, headers, _ = answers[0]
+    assert headers["x-ratelimit-limit-requests"] == "600"
+    assert headers["x-ratelimit-remaining-requests"] == "9"
+    assert headers["x-ratelimit-reset-requests"].endswith("ms")  # e.g. "100ms": one request's refill
+    assert int(answers[9][1]["x-ratelimit-remaining-requests"]) <= 3  # little refilled meanwhile
+    status, headers, body = answers[statuses.index(429)]
+    assert 0 < int(headers["retry-after-ms"]) <= 100 and headers["retry-after"] == "1"
+    assert body["error"]["code"] == "rate_limit_exceeded"
+    assert stats["outcome_counts"]["rate_limited"] == statuses.count(429)
+    assert stats["retry_after_windows_opened"] == statuses.count(429)
+
+
+def test_token_limit_charges_prompt_words_plus_max_tokens() -> None:
+    # 6000 tokens a minute = 100 a second, one second of burst.
+    with FakeServer(rate_limit_tpm=6000) as server:
+        first = chat(server, "one two three four five", max_tokens=55)  # 5 + 55 = 60 tokens
+        second = chat(server, "one two three four five", max_tokens=55)  # 40 left: refused
+    assert first[0] == 200 and first[1]["x-ratelimit-limit-tokens"] == "6000"
+    assert first[1]["x-ratelimit-remaining-tokens"] == "40"
+    assert "x-ratelimit-limit-requests" not in first[1]  # only the limits that are set
+    assert second[0] == 429 and 150 <= int(second[1]["retry-after-ms"]) <= 200
+
+
+def test_retry_after_style_says_nothing_but_retry_after() -> None:
+    with FakeServer(rate_limit_rpm=120, rate_limit_style="retry_after") as server:  # 2 a second
+        answers = [chat(server, f"p{i}") for i in range(3)]
+    assert [status for status, _, _ in answers] == [200, 200, 429]
+    assert not any(name.startswith("x-ratelimit") for name in answers[0][1])
+    assert answers[2][1]["retry-after"] == "1" and "retry-after-ms" not in answers[2][1]
+
+
+def test_anthropic_dialect_states_limits_in_its_own_headers() -> None:
+    with FakeServer(rate_limit_rpm=60, rate_limit_tpm=60000, rate_limit_burst=2) as server:  # 2 requests
+        answers = [anthropic(server, f"p{i}") for i in range(3)]
+    (status, headers, _), limited = answers[0], answers[2]
+    assert status == 200 and headers["anthropic-ratelimit-requests-limit"] == "60"
+    assert headers["anthropic-ratelimit-requests-remaining"] == "1"
+    assert headers["anthropic-ratelimit-tokens-limit"] == "60000"
+    reset = headers["anthropic-ratelimit-requests-reset"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", reset)
+    assert not any(name.startswith("x-ratelimit") for name in headers)
+    assert limited[0] == 429 and limited[2]["error"]["type"] == "rate_limit_error"
+    assert limited[1]["retry-after"] == "1"
+
+
+def test_gemini_rate_limit_wait_travels_in_the_body() -> None:
+    with FakeServer(rate_limit_rpm=60) as server:  # one request of burst
+        answers = [gemini(server, f"p{i}") for i in range(2)]
+    assert answers[0][0] == 200 and answers[1][0] == 429
+    assert "retry-after" not in answers[1][1]
+    assert answers[1][2]["error"]["details"][0]["retryDelay"] == "1s"
+
+
+def test_rate_limit_settings_are_validated_and_reset_refills() -> None:
+    for bad in ({"rate_limit_rpm": 0}, {"rate_limit_tpm": -5}, {"rate_limit_burst": 0},
+                {"rate_limit_style": "loud"}):
+        with pytest.raises(ValueError, match="rate_limit"):
+            FakeServer(**bad)
+    with FakeServer(rate_limit_rpm=60) as server:
+        assert [chat(server, "a")[0], chat(server, "b")[0]] == [200, 429]
+        server.reset()  # a fresh bucket, as for a new benchmark round
+        assert chat(server, "c")[0] == 200
+        server.configure(rate_limit_rpm=None)  # no limit any more
+        assert {chat(server, f"d{i}")[0] for i in range(5)} == {200}
+
+
+def test_cli_takes_rate_limit_options() -> None:
+    proc = _spawn_cli("--rate-limit-rpm", "60", "--rate-limit-style", "retry_after")
+    try:
+        url = _listening_line(proc).split("listening on ", 1)[1].strip()
+        payload = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        assert post(url + "/chat/completions", payload)[0] == 200
+        status, headers, _ = post(url + "/chat/completions", payload)
+        assert status == 429 and headers["retry-after"] == "1"
+    finally:
+        _stop_cli(proc, signal.SIGTERM)

@@ -21,7 +21,8 @@ NOW = 1445412480.0  # Wed, 21 Oct 2015 07:28:00 GMT
         ({"retry-after": "0.5"}, 0.5),
         ({"retry-after": "-1"}, None),
         ({"retry-after": "Wed, 21 Oct 2015 07:28:05 GMT"}, 5.0),
-        ({"retry-after": "Wed, 21 Oct 2015 07:27:00 GMT"}, 0.0),  # a date in the past: go now
+        ({"retry-after": "Wed, 21 Oct 2015 07:27:00 GMT"}, None),  # a date in the past: no hint (issue 13)
+        ({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, None),  # exactly now: no hint either
         ({"retry-after": "tomorrow-ish"}, None),
     ],
 )

@@ -32,7 +32,8 @@ def test_api_key_audit(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None
     caplog.set_level(logging.DEBUG)  # every logger, aiohttp's and asyncio's included
     seen: list[str] = []
     with FakeServer(api_key=FAKE_KEY) as server:
-        client = create_client(endpoint=server.url, model_name="m", api_key=FAKE_KEY, retry=FAST_RETRY)
+        client = create_client(endpoint=server.url, model_name="m", api_key=FAKE_KEY, retry=FAST_RETRY,
+                               rate_limit_timeout=1)  # "limited" is refused for ever: give up after 1 s
         df = pd.DataFrame({"prompt": ["ok", "flaky [[fail_times=2]] [[status=503]]", "bad [[status=400]]",
                                       "limited [[status=429]]", "", None, "html [[html]]"]})
         ckpt = tmp_path / "run.ckpt"

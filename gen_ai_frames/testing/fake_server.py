@@ -49,6 +49,22 @@ The "prompt" of a request (the key of the per-prompt stats, and where
 directives are read) is the text of the last ``user`` message for chat, or
 ``prompt`` for completions (a list of prompts is joined with ``"\\n"``).
 
+Rate limits, as providers enforce them: ``rate_limit_rpm`` (requests per minute) and/or
+``rate_limit_tpm`` (tokens per minute: the prompt's words plus ``max_tokens``, charged when the
+request arrives) are token buckets holding ``rate_limit_burst`` seconds of their rate (1 s). A
+request over a limit is answered 429 at once (outcome ``"rate_limited"``). ``rate_limit_style``
+says how the server tells the client:
+
+=================  =====================================================================
+``"headers"``      every answer states the limits in the dialect's own headers: OpenAI's
+                   ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` (OpenAI, Azure;
+                   resets as durations, ``"120ms"``), Anthropic's
+                   ``anthropic-ratelimit-{requests,tokens}-{limit,remaining,reset}`` (resets as
+                   RFC 3339 times); a 429 adds ``retry-after-ms`` (OpenAI) and ``Retry-After``.
+                   Gemini states no limits: its 429 has the wait in a ``RetryInfo`` detail.
+``"retry_after"``  no rate-limit headers; a 429 carries only ``Retry-After`` (whole seconds).
+=================  =====================================================================
+
 Directives, written anywhere in the prompt, for targeted tests:
 
 * ``[[status=NNN]]``: answer NNN with the dialect's error body; for 429 add
@@ -63,7 +79,7 @@ Directives, written anywhere in the prompt, for targeted tests:
 
 Outcomes recorded per attempt (``stats()["outcomes"][prompt]``): ``"ok"``, a
 chaos fault name (see :data:`FAULTS`), or for directives ``"<status>"``
-(e.g. ``"503"``), ``"429_retry_after"``/``"429_plain"``, ``"html"``,
+(e.g. ``"503"``), ``"429_retry_after"``/``"429_plain"``, ``"rate_limited"``, ``"html"``,
 ``"context_length"``, ``"content_filter"``, ``"error_body"``; and
 ``"auth_error"``, ``"model_not_found"``, ``"bad_request"``.
 
@@ -154,7 +170,12 @@ _DEFAULTS: dict[str, Any] = {
     "chaos_retry_after": 1.0,
     "chaos_slow_seconds": 30.0,
     "retry_after_grace": 0.05,
+    "rate_limit_rpm": None,
+    "rate_limit_tpm": None,
+    "rate_limit_burst": 1.0,
+    "rate_limit_style": "headers",
 }
+_RATE_LIMIT_STYLES = ("headers", "retry_after")
 # Settings fixed once the socket is bound (constructor / command line only).
 _SERVER_ONLY = ("host", "port", "access_log", "shutdown_timeout")
 
@@ -298,6 +319,19 @@ def _validate(settings: Mapping[str, Any]) -> dict[str, Any]:
             value = float(value)
             if value < 0 or math.isnan(value):
                 raise ValueError(f"{key} must be >= 0")
+        elif key in ("rate_limit_rpm", "rate_limit_tpm"):
+            if value is not None:
+                value = float(value)
+                if not value > 0 or math.isinf(value):
+                    raise ValueError(f"{key} must be > 0 (or None for no limit)")
+        elif key == "rate_limit_burst":
+            value = float(value)
+            if not value > 0 or math.isinf(value):
+                raise ValueError("rate_limit_burst must be > 0 seconds")
+        elif key == "rate_limit_style":
+            if value not in _RATE_LIMIT_STYLES:
+                raise ValueError(f"rate_limit_style must be one of {', '.join(_RATE_LIMIT_STYLES)}; "
+                                 f"got {value!r}")
         elif key == "latency_median":
             if value is not None:
                 value = float(value)
@@ -322,6 +356,45 @@ def _validate(settings: Mapping[str, Any]) -> dict[str, Any]:
             value = chaos
         out[key] = value
     return out
+
+
+# ------------------------------------------------------------------ rate limits
+class _Bucket:
+    """A token bucket: ``per_minute`` units a minute, holding ``burst`` seconds of them, full at start."""
+
+    def __init__(self, per_minute: float, burst: float, now: float) -> None:
+        self.per_minute = per_minute
+        self.rate = per_minute / 60.0
+        self.capacity = max(1.0, self.rate * burst)
+        self.level = self.capacity
+        self.at = now
+
+    def wait_for(self, cost: float, now: float) -> float:
+        """Seconds until ``cost`` units are there (0: now). A request larger than the whole bucket
+        passes when the bucket is full, as it would otherwise wait forever."""
+        self.level = min(self.capacity, self.level + (now - self.at) * self.rate)
+        self.at = now
+        return max(0.0, (min(cost, self.capacity) - self.level) / self.rate)
+
+    def reset_in(self) -> float:
+        """Seconds until the bucket is full again (what providers' ``reset`` headers say)."""
+        return (self.capacity - self.level) / self.rate
+
+
+def _duration(seconds: float) -> str:
+    """OpenAI's reset format: ``"120ms"``, ``"1.5s"``, ``"6m0s"``."""
+    if seconds < 1:
+        return f"{math.ceil(seconds * 1000)}ms"
+    if seconds < 60:
+        return f"{seconds:.3g}s"
+    minutes, rest = divmod(seconds, 60)
+    return f"{int(minutes)}m{rest:.0f}s"
+
+
+def _rfc3339_in(seconds: float) -> str:
+    """An RFC 3339 UTC time ``seconds`` from now (Anthropic's reset format)."""
+    when = time.time() + seconds
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when)) + f".{int(when % 1 * 1000):03d}Z"
 
 
 # ------------------------------------------------------------------ dialects
@@ -941,6 +1014,8 @@ class FakeLLM:
         # Pre-encode once so the per-request check is a single compare_digest.
         self._auth_header = None if key is None else b"Bearer " + key.encode()
         self._key = None if key is None else key.encode()  # other dialects send the bare key
+        if any(key.startswith("rate_limit_") for key in clean) or not hasattr(self, "_buckets"):
+            self._fill_buckets()
         # Cumulative table so choosing a fault is one uniform draw.
         self._chaos_table: list[tuple[float, str]] = []
         acc = 0.0
@@ -974,6 +1049,40 @@ class FakeLLM:
         self.retry_after_windows_opened = 0
         self._windows: list[tuple[float, float]] = []
         self._next_id = 0
+        self._fill_buckets()
+
+    def _fill_buckets(self) -> None:
+        """Full buckets for the configured limits (at start, on reset and when they change)."""
+        now = time.monotonic()
+        burst = self.settings["rate_limit_burst"]
+        self._buckets: dict[str, _Bucket] = {
+            kind: _Bucket(per_minute, burst, now)
+            for kind, per_minute in (("requests", self.settings["rate_limit_rpm"]),
+                                     ("tokens", self.settings["rate_limit_tpm"]))
+            if per_minute is not None
+        }
+
+    def _admit(self, dialect: _OpenAIDialect, tokens: int, now: float) -> tuple[float, dict[str, str]]:
+        """Charge one request to the rate limits: ``(seconds to wait, headers)``; 0 s means admitted.
+        A refused request is charged nothing, as providers do."""
+        costs = {"requests": 1.0, "tokens": float(tokens)}
+        wait = max(bucket.wait_for(costs[kind], now) for kind, bucket in self._buckets.items())
+        if wait == 0:  # all or nothing: a refused request is charged nothing, as providers do
+            for kind, bucket in self._buckets.items():
+                bucket.level = max(0.0, bucket.level - costs[kind])
+        headers: dict[str, str] = {}
+        if self.settings["rate_limit_style"] == "headers":
+            for kind, bucket in self._buckets.items():
+                remaining, reset = str(int(bucket.level)), bucket.reset_in()
+                if dialect.name == "anthropic":
+                    prefix = f"anthropic-ratelimit-{kind}-"
+                    headers.update({prefix + "limit": f"{bucket.per_minute:g}",
+                                    prefix + "remaining": remaining, prefix + "reset": _rfc3339_in(reset)})
+                elif dialect.name in ("openai", "azure"):
+                    headers.update({f"x-ratelimit-limit-{kind}": f"{bucket.per_minute:g}",
+                                    f"x-ratelimit-remaining-{kind}": remaining,
+                                    f"x-ratelimit-reset-{kind}": _duration(reset)})
+        return wait, headers
 
     def stats(self) -> dict[str, Any]:
         """A snapshot (copies) of the counters; see the module docs for the keys."""
@@ -1207,6 +1316,13 @@ class FakeLLM:
                 self._record(prompt_key, "bad_request")
                 return dialect.bad_request(exc)
 
+        rate_headers: dict[str, str] | None = None
+        if self._buckets:
+            wait, rate_headers = self._admit(dialect, prompt_tokens + (max_tokens or 0), time.monotonic())
+            if wait > 0:
+                self._record(prompt_key, "rate_limited")
+                return self._rate_limited(dialect, wait, rate_headers, request)
+
         outcome, status, retry_after = self._decide(directives, prompt_key or "", attempt)
         self._record(prompt_key, outcome)
 
@@ -1255,7 +1371,22 @@ class FakeLLM:
             return await self._send_reset(request, _dumps(payload))
         if outcome == "truncated":
             return await self._send_truncated(request, _dumps(payload))
-        return _json_response(payload)
+        return _json_response(payload, headers=rate_headers)
+
+    def _rate_limited(self, dialect: _OpenAIDialect, wait: float, headers: dict[str, str],
+                      request: web.Request) -> web.Response:
+        """The 429 of a request over a rate limit, telling the wait as the style and dialect do."""
+        seconds = max(1, math.ceil(wait))  # Retry-After is whole seconds
+        if self.settings["rate_limit_style"] == "headers" and dialect.name in ("openai", "azure"):
+            headers = {**headers, "retry-after-ms": str(math.ceil(wait * 1000)), "retry-after": str(seconds)}
+            advertised = math.ceil(wait * 1000) / 1000
+        else:
+            headers = {**headers, "retry-after": str(seconds)}
+            advertised = float(seconds)
+        self._open_window(advertised)
+        if dialect.retry_in_body:
+            headers = {}  # Gemini: the wait travels in the error body instead
+        return dialect.error(429, headers, advertised, request)
 
     @staticmethod
     def _parse_directives(text: str) -> dict[str, Any]:
@@ -1377,6 +1508,8 @@ class FakeServer:
     * ``chaos``: ``{fault: probability}`` (see :data:`FAULTS`), ``seed``,
       ``chaos_retry_after`` (1 s), ``chaos_slow_seconds`` (30 s)
     * ``retry_after_grace``: 0.05 s before a retry-after window opens
+    * ``rate_limit_rpm`` / ``rate_limit_tpm`` (None: no limit), ``rate_limit_burst`` (1 s),
+      ``rate_limit_style`` (``"headers"`` or ``"retry_after"``): see the module docs
 
     Example::
 
@@ -1557,10 +1690,22 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--chaos-slow-seconds", type=float, default=30.0)
     parser.add_argument("--retry-after-grace", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rate-limit-rpm", type=float, default=None,
+                        help="requests per minute (token bucket)")
+    parser.add_argument("--rate-limit-tpm", type=float, default=None, help="tokens per minute (token bucket)")
+    parser.add_argument("--rate-limit-burst", type=float, default=1.0,
+                        help="seconds of the rate a bucket holds")
+    parser.add_argument("--rate-limit-style", choices=_RATE_LIMIT_STYLES, default="headers",
+                        help="state the limits in headers, or only Retry-After on 429s")
     parser.add_argument("--access-log", action="store_true", help="log requests to stderr")
     args = parser.parse_args(argv)
     if args.api_key_env is not None and not os.environ.get(args.api_key_env):
         parser.error(f"environment variable {args.api_key_env} is not set or empty")
+    try:
+        _validate({"rate_limit_rpm": args.rate_limit_rpm, "rate_limit_tpm": args.rate_limit_tpm,
+                   "rate_limit_burst": args.rate_limit_burst})
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.chaos is not None:
         try:
             args.chaos = _loads(args.chaos.encode())
@@ -1580,6 +1725,10 @@ async def _serve(args: argparse.Namespace) -> None:
         "chaos_slow_seconds": args.chaos_slow_seconds,
         "retry_after_grace": args.retry_after_grace,
         "seed": args.seed,
+        "rate_limit_rpm": args.rate_limit_rpm,
+        "rate_limit_tpm": args.rate_limit_tpm,
+        "rate_limit_burst": args.rate_limit_burst,
+        "rate_limit_style": args.rate_limit_style,
     }
     if args.api_key_env:
         settings["api_key"] = os.environ[args.api_key_env]
