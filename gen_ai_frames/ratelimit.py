@@ -120,9 +120,10 @@ class Pace:
     INCREASE = 0.003
     #: Seconds of answers the rate measured at the first 429 looks back on, at most.
     WINDOW_S = 10.0
-    #: Once paced, a 429 cuts the pace only if 429s of two or more requests are among the last
-    #: RECENT outcomes.
+    #: Once paced, a 429 cuts the pace only if 429s of REFUSED or more requests are among the last
+    #: RECENT outcomes: 429s that come at random (a 5 % rate of them) rarely do.
     RECENT = 10
+    REFUSED = 3
 
     def __init__(self, maximum: int, *, clock: Clock = time.monotonic, slow_start: bool = True) -> None:
         self.maximum = maximum
@@ -219,7 +220,7 @@ class Pace:
         if sent_at <= self._last_cut:
             return
         refused = {k for k in self._recent if k is not None}
-        if (self.budgets or self._adaptive is not None) and len(refused) < 2:
+        if (self.budgets or self._adaptive is not None) and len(refused) < self.REFUSED:
             return  # 429s of one request only: noise, or a request too large, not this run's pace
         self._last_cut = now
         self.generation += 1  # slots booked at the old pace are booked again, at the new one
@@ -264,7 +265,6 @@ class Pace:
                 budget = self.budgets.get(kind)
                 if budget is None or budget.limit != limit:
                     budget = self.budgets[kind] = _Budget(limit, now)
-                    self.generation += 1
                     self._adaptive = None  # stated limits replace what 429s taught
                     self.rate = None
                     self._open_fully()

@@ -92,8 +92,10 @@ def test_a_429_after_answers_sets_a_rate_that_429s_cut_and_answers_raise() -> No
     rate, now[0] = pace.rate, 4.0
     pace.on_rate_limited(sent_at=3.5)  # one 429 among many answers: noise, not the limit
     assert pace.rate == rate
-    pace.on_rate_limited(sent_at=3.6)  # the second within the last ten outcomes: too fast
-    assert pace.rate == pytest.approx(rate * Pace.DECREASE)
+    pace.on_rate_limited(sent_at=3.6)  # the second within the last ten outcomes: still noise
+    assert pace.rate == rate
+    pace.on_rate_limited(sent_at=3.7)  # the third: too fast, but never below what the server served:
+    assert pace.rate == pytest.approx(120 / 4 * 0.95)  # 120 answers in the last 4 s, less 5 %
 
 
 def test_stated_limits_pace_requests_and_tokens() -> None:
