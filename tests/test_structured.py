@@ -255,3 +255,44 @@ def test_dask_takes_the_same_schema_and_gives_the_same_typed_columns(tmp_path: P
         out = lazy.compute(scheduler="sync")
     assert out["n"].tolist() == [0, 1, 2, 3] and out["mood"].tolist() == ["y", "x", "y", "x"]
     assert out["mood"].cat.categories.tolist() == ["x", "y"]
+
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "structured-output.md"
+
+
+def test_the_structured_output_doc_examples_run_against_the_fake_server(capsys: pytest.CaptureFixture[str]) -> None:
+    import re
+
+    from gen_ai_frames.testing import FakeServer
+
+    examples = dict(re.findall(r"<!-- example: (\w+) -->\n```python\n(.*?)```", DOC.read_text(), flags=re.DOTALL))
+    assert set(examples) == {"generate", "classify", "extract", "client"}
+    first_block = re.search(r"```python\n(from pydantic import BaseModel.*?)```", DOC.read_text(), re.DOTALL)
+    assert first_block is not None
+    namespace: dict[str, Any] = {}
+    with FakeServer() as server:
+        exec(first_block.group(1), namespace)  # noqa: S102 - the doc's own code
+        for name in ("generate", "classify", "extract", "client"):
+            exec(examples[name].replace("https://api.example.com/v1", server.url), namespace)  # noqa: S102
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == ["category Int64", "['positive', 'negative', 'mixed']", "['string', 'Int64']",
+                       "Review"]
+
+
+@pytest.mark.parametrize("provider", ["openai", "azure", "anthropic", "gemini", "vllm"])
+def test_classify_never_leaves_the_labels_against_a_server_that_breaks_answers(provider: str) -> None:
+    from gen_ai_frames import create_client
+    from gen_ai_frames.testing import FakeServer
+
+    labels = ["red", "green", "blue"]
+    df = pd.DataFrame({"text": [f"item {i}" for i in range(60)]})
+    with FakeServer(schema_broken_rate=0.2, schema_violation_rate=0.2, seed=3) as server:
+        client = create_client(provider=provider, endpoint=server.endpoint_for(provider), model_name="m",
+                               api_key="k")
+        out = df.genai.classify("text", labels=labels, client=client, schema_retries=0, progress=False)
+        again = df.genai.classify("text", labels=labels, client=client, progress=False)  # one retry each
+    assert out["label"].cat.categories.tolist() == labels and set(out["label"].dropna()) <= set(labels)
+    if provider != "anthropic":  # a tool's input is always JSON: only violations there
+        assert out["error"].str.contains("not valid JSON").sum() > 0
+    assert out["label"].isna().sum() == out["error"].notna().sum() > 0
+    assert again["error"].isna().all() and again["label"].notna().all()

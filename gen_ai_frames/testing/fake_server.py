@@ -103,6 +103,7 @@ import asyncio
 import concurrent.futures
 import hashlib
 import hmac
+import json
 import math
 import os
 import random
@@ -113,10 +114,13 @@ import struct
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from aiohttp import web
+
+from .schema_answers import conforming_answer, violating_answer
 
 try:  # orjson is ~5x faster than json for our small bodies; optional.
     import orjson as _orjson
@@ -174,6 +178,10 @@ _DEFAULTS: dict[str, Any] = {
     "rate_limit_tpm": None,
     "rate_limit_burst": 1.0,
     "rate_limit_style": "headers",
+    # Structured output: the share of prompts whose *first* answer is broken JSON, or JSON that
+    # breaks the schema (the answer to a retry is always right).
+    "schema_broken_rate": 0.0,
+    "schema_violation_rate": 0.0,
 }
 _RATE_LIMIT_STYLES = ("headers", "retry_after")
 # Settings fixed once the socket is bound (constructor / command line only).
@@ -324,6 +332,10 @@ def _validate(settings: Mapping[str, Any]) -> dict[str, Any]:
                 value = float(value)
                 if not value > 0 or math.isinf(value):
                     raise ValueError(f"{key} must be > 0 (or None for no limit)")
+        elif key in ("schema_broken_rate", "schema_violation_rate"):
+            value = float(value)
+            if not 0 <= value <= 1:
+                raise ValueError(f"{key} must be in [0, 1]")
         elif key == "rate_limit_burst":
             value = float(value)
             if not value > 0 or math.isinf(value):
@@ -472,6 +484,61 @@ def _answer_text(prompt: str, outcome: str, max_tokens: int | None) -> tuple[str
         if len(words) > max_tokens:
             return " ".join(words[: max(0, max_tokens)]), "length"
     return text, "stop"
+
+
+def _first_user_text(content: Any) -> str | None:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = [part.get("text") for part in content if isinstance(part, dict) and isinstance(part.get("text"), str)]
+        return "".join(texts) if texts else None
+    return None
+
+
+def _structured_request(dialect: str, data: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    """The JSON Schema a request asks its answer to match (if any), and its first user prompt."""
+    schema = prompt = None
+    if dialect == "anthropic":
+        tools, choice = data.get("tools"), data.get("tool_choice")
+        if isinstance(tools, list) and tools and isinstance(choice, dict) and choice.get("type") == "tool":
+            schema = next((t.get("input_schema") for t in tools if t.get("name") == choice.get("name")), None)
+        first = next((m for m in data.get("messages") or [] if m.get("role") == "user"), None)
+        prompt = None if first is None else _first_user_text(first.get("content"))
+    elif dialect == "gemini":
+        config = data.get("generationConfig") or {}
+        schema = config.get("responseJsonSchema") or config.get("responseSchema")
+        contents = data.get("contents") or []
+        prompt = _first_user_text((contents[0].get("parts") if contents else None) or [])
+    else:
+        response_format = data.get("response_format")
+        if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
+            schema = (response_format.get("json_schema") or {}).get("schema")
+        first = next((m for m in data.get("messages") or [] if m.get("role") == "user"), None)
+        prompt = None if first is None else _first_user_text(first.get("content"))
+    return (schema if isinstance(schema, dict) else None), prompt
+
+
+def _put_structured(dialect: str, payload: dict[str, Any], text: str, answer: Any) -> None:
+    if dialect == "anthropic":
+        payload["content"] = [{"type": "tool_use", "id": "toolu_fake", "name": "answer", "input": answer}]
+        payload["stop_reason"] = "tool_use"
+    elif dialect == "gemini":
+        payload["candidates"][0]["content"]["parts"] = [{"text": text}]
+    elif "message" in payload["choices"][0]:
+        for choice in payload["choices"]:
+            choice["message"]["content"] = text
+
+
+def _put_logprobs(dialect: str, payload: dict[str, Any]) -> None:
+    if dialect == "gemini":
+        for candidate in payload.get("candidates", []):
+            words = "".join(p.get("text", "") for p in candidate["content"]["parts"]).split()
+            candidate["logprobsResult"] = {"chosenCandidates": [{"token": w, "logProbability": -0.05} for w in words]}
+    elif dialect != "anthropic":
+        for choice in payload.get("choices", []):
+            text = choice.get("message", {}).get("content") or ""
+            choice["logprobs"] = {"content": [{"token": w, "logprob": -0.05, "bytes": None, "top_logprobs": []}
+                                              for w in text.split()]}
 
 
 def _int_option(value: Any, name: str) -> int | None:
@@ -1049,6 +1116,7 @@ class FakeLLM:
         self.retry_after_windows_opened = 0
         self._windows: list[tuple[float, float]] = []
         self._next_id = 0
+        self._schema_asks: dict[str, int] = {}
         self._fill_buckets()
 
     def _fill_buckets(self) -> None:
@@ -1367,11 +1435,34 @@ class FakeLLM:
         payload = dialect.success(model, prompts, n, max_tokens, prompt_tokens, outcome, self._next_id)
         if isinstance(payload, web.StreamResponse):
             return payload
+        if outcome == "ok" and isinstance(data, dict):
+            self._answer_structured(dialect.name, data, payload)
         if outcome == "reset":
             return await self._send_reset(request, _dumps(payload))
         if outcome == "truncated":
             return await self._send_truncated(request, _dumps(payload))
         return _json_response(payload, headers=rate_headers)
+
+    def _answer_structured(self, dialect: str, data: dict[str, Any], payload: dict[str, Any]) -> None:
+        """With a schema in the request (each dialect's own field), answer JSON that matches it,
+        derived from the first user prompt; with logprobs asked for, return them (-0.05 a word)."""
+        schema, prompt = _structured_request(dialect, data)
+        if schema is not None and prompt is not None:
+            asks = self._schema_asks[prompt] = self._schema_asks.get(prompt, 0) + 1
+            draw = zlib.crc32(f"{self.settings['seed']}|{prompt}".encode()) / 2**32
+            broken_rate, violation_rate = self.settings["schema_broken_rate"], self.settings["schema_violation_rate"]
+            answer: Any = conforming_answer(schema, prompt)
+            text = json.dumps(answer)
+            if asks == 1 and draw < broken_rate:
+                text = text[: len(text) // 2]  # cut off mid-object: not valid JSON
+            elif asks == 1 and draw < broken_rate + violation_rate:
+                answer = violating_answer(schema, prompt)
+                text = json.dumps(answer)
+            _put_structured(dialect, payload, text, answer)
+        wants_logprobs = data.get("logprobs") is True or (
+            dialect == "gemini" and (data.get("generationConfig") or {}).get("responseLogprobs") is True)
+        if wants_logprobs:
+            _put_logprobs(dialect, payload)
 
     def _rate_limited(self, dialect: _OpenAIDialect, wait: float, headers: dict[str, str],
                       request: web.Request) -> web.Response:
