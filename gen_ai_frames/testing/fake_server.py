@@ -120,7 +120,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from .schema_answers import conforming_answer, violating_answer
+from gen_ai_frames.testing.schema_answers import conforming_answer, violating_answer
 
 try:  # orjson is ~5x faster than json for our small bodies; optional.
     import orjson as _orjson
