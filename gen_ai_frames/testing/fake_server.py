@@ -120,7 +120,17 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from gen_ai_frames.testing.schema_answers import conforming_answer, violating_answer
+try:
+    from .schema_answers import conforming_answer, violating_answer
+except ImportError:  # run as a plain script: load the sibling module without the package (and pandas)
+    import importlib.util as _util
+
+    _spec = _util.spec_from_file_location("_schema_answers", os.path.join(os.path.dirname(__file__),
+                                                                           "schema_answers.py"))
+    assert _spec is not None and _spec.loader is not None
+    _schema_answers = _util.module_from_spec(_spec)
+    _spec.loader.exec_module(_schema_answers)
+    conforming_answer, violating_answer = _schema_answers.conforming_answer, _schema_answers.violating_answer
 
 try:  # orjson is ~5x faster than json for our small bodies; optional.
     import orjson as _orjson
