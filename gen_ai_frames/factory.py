@@ -19,6 +19,8 @@ from .transport import AiohttpTransport, HttpxTransport, Transport
 if TYPE_CHECKING:
     import httpx
 
+    from .providers.local import LocalModel
+
 __all__ = ["create_client"]
 
 
@@ -75,6 +77,13 @@ def create_client(
             if provider_class.api_key_env else f"no API key for provider {provider!r}: pass api_key=..."
         )
     instance = provider_class(api_key=api_key, endpoint=endpoint, model_name=model_name, **provider_options)
+    local_model = _local_model(instance)
+    if local_model is not None:
+        from .providers.local import load_model
+
+        # Probe llama.cpp and load the model now (once per process): a library build this CPU cannot
+        # run, or a file llama.cpp cannot load, fails here rather than at the first prompt.
+        load_model(local_model)
 
     make_transport = _TransportFactory(instance, http_client, transport, verify)
     return Client(instance, make_transport, max_retries=max_retries, retry=retry,
@@ -92,12 +101,27 @@ class _TransportFactory:
     verify: bool | str | ssl.SSLContext
 
     def __call__(self) -> Transport:
+        local_model = _local_model(self.provider)
+        if local_model is not None:
+            from .providers.local import LocalTransport
+
+            return LocalTransport(local_model)  # the in-process model pool
         own = self.provider.create_transport()
         if own is not None:
             return own
         if self.http_client is not None or self.transport is not None:
             return HttpxTransport(self.http_client, transport=self.transport, verify=self.verify)
         return AiohttpTransport(verify=self.verify)
+
+
+def _local_model(provider: Provider) -> LocalModel | None:
+    """The model of an in-process ``provider="local"``, None for every other provider."""
+    if provider.uses_http:
+        return None
+    # Imported only here: clients of HTTP providers never load the local provider's module.
+    from .providers.local import LocalProvider
+
+    return provider.model if isinstance(provider, LocalProvider) else None
 
 
 def is_local(endpoint: str) -> bool:
