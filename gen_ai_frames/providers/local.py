@@ -71,7 +71,8 @@ CACHE_DIR_ENV = "GEN_AI_FRAMES_CACHE_DIR"
 #: Seconds the probe may take: loading a large model from a slow disk is the slow part.
 PROBE_TIMEOUT = 300.0
 
-_INSTALL_HINT = 'pip install "gen-ai-frames[local]" (in a source checkout: pip install -e ".[local]")'
+_INSTALL_HINT = ('CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install "gen-ai-frames[local]" '
+                 '(in a source checkout: CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install -e ".[local]")')
 
 #: The body keys passed on to ``create_chat_completion``; anything else in the request is ignored.
 _CHAT_KEYS = ("messages", "max_tokens", "temperature", "top_p", "stop", "seed")
