@@ -235,5 +235,13 @@ class LocalModelError(ConfigurationError):
         self.suggestion = suggestion
         self.signal = signal
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Dask ships a worker's exception to the client pickled: rebuild it with its keywords.
+        return (_local_model_error, (self.message, self.suggestion, self.signal))
+
+
+def _local_model_error(message: str, suggestion: str, signal: str | None) -> LocalModelError:
+    return LocalModelError(message, suggestion=suggestion, signal=signal)
+
 
 __all__ += ["LocalModelError"]

@@ -313,6 +313,8 @@ def test_probe_dying_of_sigill_names_the_signal_and_the_reinstall_command(
             '"llama-cpp-python') in error.suggestion
     assert isinstance(error, ConfigurationError) and "\n" not in str(error)
     assert str(error) == f"{error.message} Suggestion: {error.suggestion}"
+    copy = pickle.loads(pickle.dumps(error))  # as Dask sends it from a worker
+    assert (type(copy), str(copy), copy.signal) == (LocalModelError, str(error), error.signal)
 
     # The verdict holds for this process: asked again, it raises without another subprocess...
     with pytest.raises(LocalModelError, match="SIGILL"):
