@@ -378,6 +378,12 @@ def test_probe_other_failures(probe_cache: Path, tmp_path: Path) -> None:
     assert "out-of-memory" in caught.value.message and "smaller model" in caught.value.suggestion
 
 
+def test_probe_that_hangs_is_stopped(probe_cache: Path, tmp_path: Path) -> None:
+    runs, model = tmp_path / "runs", tmp_path / "model.gguf"
+    with pytest.raises(LocalModelError, match=r"did not finish within 1 s.*smaller model"):
+        local_module.probe_library(model, command=probe_command(runs, "signal.pause()"), timeout=1)
+
+
 def test_probe_of_a_file_the_library_cannot_load_decides_nothing(probe_cache: Path, tmp_path: Path) -> None:
     # Exit 3: llama.cpp ran but refused the file; the in-process load reports that, as ever.
     runs, model = tmp_path / "runs", tmp_path / "model.gguf"

@@ -414,8 +414,10 @@ def _run_probe(model_path: Path, command: Sequence[str] | None,
     try:
         done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout,
                               check=False)
-    except subprocess.TimeoutExpired:
-        return (f"{what} did not finish within {timeout:g} s", reinstall, None)
+    except subprocess.TimeoutExpired:  # subprocess.run has killed it
+        return (f"{what} did not finish within {timeout:g} s",
+                "The model may be too large for this machine's memory or disk, or the machine too busy: "
+                "try a smaller model, or again when the machine is less loaded.", None)
     except OSError as err:
         return (f"the llama.cpp probe could not start ({err})", reinstall, None)
     if done.returncode == 0:
