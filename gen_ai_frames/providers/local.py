@@ -415,9 +415,9 @@ def _run_probe(model_path: Path, command: Sequence[str] | None,
         done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout,
                               check=False)
     except subprocess.TimeoutExpired:  # subprocess.run has killed it
-        return (f"{what} did not finish within {timeout:g} s",
-                "The model may be too large for this machine's memory or disk, or the machine too busy: "
-                "try a smaller model, or again when the machine is less loaded.", None)
+        advice = ("The model may be too large for this machine's memory or disk, or the machine too "
+                  "busy: try a smaller model, or again when the machine is less loaded.")
+        return (f"{what} did not finish within {timeout:g} s", advice, None)
     except OSError as err:
         return (f"the llama.cpp probe could not start ({err})", reinstall, None)
     if done.returncode == 0:
