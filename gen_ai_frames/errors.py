@@ -294,3 +294,34 @@ class ServerError(APIStatusError):
         "or lower `max_concurrent`."
     )
     retryable_by_default = True
+
+
+class LocalModelError(ConfigurationError):
+    """llama.cpp cannot run on this machine: its probe in a subprocess died of a signal or failed.
+
+    Raised before the first model load of a process, so that the process itself never dies of the
+    native library (``provider="local"``). ``signal`` names the signal that killed the probe, if one
+    did; ``suggestion`` gives the command that fixes it (usually a portable rebuild of llama-cpp-python).
+
+    >>> raise LocalModelError("llama.cpp died of SIGILL.", suggestion="Rebuild it.")
+    Traceback (most recent call last):
+    ...
+    gen_ai_frames.errors.LocalModelError: llama.cpp died of SIGILL. Suggestion: Rebuild it.
+    """
+
+    def __init__(self, message: str, *, suggestion: str, signal: str | None = None) -> None:
+        super().__init__(f"{message} Suggestion: {suggestion}")
+        self.message = message
+        self.suggestion = suggestion
+        self.signal = signal
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Dask ships a worker's exception to the client pickled: rebuild it with its keywords.
+        return (_local_model_error, (self.message, self.suggestion, self.signal))
+
+
+def _local_model_error(message: str, suggestion: str, signal: str | None) -> LocalModelError:
+    return LocalModelError(message, suggestion=suggestion, signal=signal)
+
+
+__all__ += ["LocalModelError"]

@@ -20,6 +20,8 @@ from .transport import DEFAULT_MAX_RESPONSE_BYTES, AiohttpTransport, HttpxTransp
 if TYPE_CHECKING:
     import httpx
 
+    from .providers.local import LocalModel
+
 __all__ = ["create_client"]
 
 
@@ -96,6 +98,13 @@ def create_client(
             "both would go in the Authorization header; drop the credentials from the endpoint, or the key"
         )
     instance = provider_class(api_key=api_key, endpoint=endpoint, model_name=model_name, **provider_options)
+    local_model = _local_model(instance)
+    if local_model is not None:
+        from .providers.local import load_model
+
+        # Probe llama.cpp and load the model now (once per process): a library build this CPU cannot
+        # run, or a file llama.cpp cannot load, fails here rather than at the first prompt.
+        load_model(local_model)
 
     make_transport = _TransportFactory(instance, http_client, transport, verify, max_response_bytes)
     return Client(instance, make_transport, max_retries=max_retries, retry=retry,
@@ -115,6 +124,11 @@ class _TransportFactory:
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
 
     def __call__(self) -> Transport:
+        local_model = _local_model(self.provider)
+        if local_model is not None:
+            from .providers.local import LocalTransport
+
+            return LocalTransport(local_model)  # the in-process model pool
         own = self.provider.create_transport()
         if own is not None:
             return own
@@ -122,6 +136,16 @@ class _TransportFactory:
             return HttpxTransport(self.http_client, transport=self.transport, verify=self.verify,
                                   max_response_bytes=self.max_response_bytes)
         return AiohttpTransport(verify=self.verify, max_response_bytes=self.max_response_bytes)
+
+
+def _local_model(provider: Provider) -> LocalModel | None:
+    """The model of an in-process ``provider="local"``, None for every other provider."""
+    if provider.uses_http:
+        return None
+    # Imported only here: clients of HTTP providers never load the local provider's module.
+    from .providers.local import LocalProvider
+
+    return provider.model if isinstance(provider, LocalProvider) else None
 
 
 def is_local(endpoint: str) -> bool:

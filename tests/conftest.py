@@ -63,3 +63,38 @@ def fake_server() -> Iterator[Any]:
 
     with FakeServer() as server:
         yield server
+
+
+# --------------------------------------------------------------------------- local model probe
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_probe(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The bundled GGUF's path, once llama.cpp has run it in a subprocess; skips where it cannot run.
+
+    The probe (``gen_ai_frames.providers.local.probe_library``) runs llama.cpp in a child process, so
+    a library build this CPU cannot run (SIGILL) skips the tests that need it, with the probe's
+    reason, instead of killing pytest. Its verdict then serves every local load of the session.
+    """
+    import importlib.util
+
+    from gen_ai_frames.errors import ConfigurationError
+    from gen_ai_frames.providers.local import CACHE_DIR_ENV, bundled_model_path, probe_library
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("needs llama-cpp-python: pip install -e '.[local]'")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CACHE_DIR_ENV, str(tmp_path_factory.mktemp("probe-cache")))  # not the user's cache
+        try:
+            model = bundled_model_path()
+            probe_library(model)
+        except ConfigurationError as err:  # LocalModelError, or the bundled model is not installed
+            pytest.skip(f"the local model cannot run here: {err}")
+    return model
+
+
+@pytest.fixture(autouse=True)
+def _local_model_marker(request: pytest.FixtureRequest) -> None:
+    """Tests marked ``local_model`` run llama.cpp in this process: only behind the probe."""
+    if request.node.get_closest_marker("local_model") is not None:
+        request.getfixturevalue("llama_cpp_probe")

@@ -22,11 +22,11 @@ import pytest
 import gen_ai_frames  # noqa: F401  (registers df.genai)
 from gen_ai_frames import create_client
 from gen_ai_frames.client import Client
-from gen_ai_frames.local import bundled_model_path
 
-# Only the package is checked: if the [server] extra's web stack is missing, the fixture fails and
-# shows the server's own ImportError rather than skipping quietly.
-pytest.importorskip("llama_cpp", reason="needs llama-cpp-python[server]: pip install -e '.[test]'")
+# The server runs llama.cpp in a child process, but it is only started behind the library probe
+# (conftest.py's llama_cpp_probe): where llama.cpp cannot run, these tests are skipped with its reason.
+# If the [server] extra's web stack is missing, the fixture fails and shows the server's own
+# ImportError rather than skipping quietly.
 
 PROMPTS = ["What is the capital of France?", "Name a color.", "What is 2+2?"]
 STARTUP_DEADLINE_S = 90.0
@@ -50,8 +50,8 @@ def _log_tail(path: Path, limit: int = 3000) -> str:
 
 
 @pytest.fixture(scope="module")
-def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
-    model = bundled_model_path()
+def llama_server(llama_cpp_probe: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
+    model = llama_cpp_probe  # the bundled GGUF, which llama.cpp has just run in a probe subprocess
     port = _free_port()
     log_path = tmp_path_factory.mktemp("llama_server") / "server.log"
     command = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",

@@ -41,7 +41,7 @@ _BUILTIN: dict[str, str] = {
     "openrouter": "gen_ai_frames.providers.presets:OpenRouterProvider",
     "mistral": "gen_ai_frames.providers.presets:MistralProvider",
     "deepseek": "gen_ai_frames.providers.presets:DeepSeekProvider",
-    "local": "gen_ai_frames.local:LocalProvider",
+    "local": "gen_ai_frames.providers.local:LocalProvider",
 }
 
 
