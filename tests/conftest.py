@@ -69,7 +69,7 @@ def fake_server() -> Iterator[Any]:
 
 
 @pytest.fixture(scope="session")
-def llama_cpp_probe(tmp_path_factory: pytest.TempPathFactory) -> Any:
+def llama_cpp_probe(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """The bundled GGUF's path, once llama.cpp has run it in a subprocess; skips where it cannot run.
 
     The probe (``gen_ai_frames.providers.local.probe_library``) runs llama.cpp in a child process, so
@@ -90,7 +90,17 @@ def llama_cpp_probe(tmp_path_factory: pytest.TempPathFactory) -> Any:
             probe_library(model)
         except ConfigurationError as err:  # LocalModelError, or the bundled model is not installed
             pytest.skip(f"the local model cannot run here: {err}")
-    return model
+    yield model
+    # llama-cpp-python opens two /dev/null files at import and keeps them for the process's life;
+    # close them once the session's local tests are done, or interpreter shutdown may report them
+    # as a ResourceWarning (an error under filterwarnings=error), depending on teardown order.
+    import sys
+
+    utils = sys.modules.get("llama_cpp._utils")
+    for name in ("outnull_file", "errnull_file"):
+        handle = getattr(utils, name, None)
+        if handle is not None:
+            handle.close()
 
 
 @pytest.fixture(autouse=True)
