@@ -83,9 +83,9 @@ EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process killed by i
 PROG = "gen-ai-frames"
 DEFAULT_BATCH_ROWS = 50_000
 DEMO_OUTPUT = "demo_output.parquet"
-DEMO_TEMPLATE = (
-    "Is this product review positive, negative or mixed? Answer with one word.\n\nReview: {review}"
-)
+DEMO_TEMPLATE = "Product review: {review}"
+#: The demo classifies: structured output makes every answer one of these, even from a 135M model.
+DEMO_LABELS = ("positive", "negative", "mixed")
 
 _KEY_HELP = (
     "API keys are read from the provider's environment variable only (OPENAI_API_KEY for "
@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-o", "--output", default=DEMO_OUTPUT, metavar="OUTPUT",
                       help="Parquet file to write (default: %(default)s)")
     _add_model_options(demo, default_provider="local")
-    _add_run_options(demo, ("generation", "limits"), defaults={"max_tokens": 16})
+    _add_run_options(demo, ("generation", "limits"), defaults={"max_tokens": 24})
     demo.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     demo.set_defaults(handler=_cmd_demo)
     return parser
@@ -398,15 +398,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if OUTPUT_FORMATS.get(output.suffix.lower()) != "parquet":
         raise UsageError(f"the demo writes Parquet: give -o a .parquet path, not {str(output)!r}")
     with importlib.resources.as_file(importlib.resources.files(__package__) / "data" / "sample_reviews.csv") as data:
+        options = _run_options(args, schema=labels_schema(DEMO_LABELS),
+                               system_prompt=args.system_prompt or classify_instruction(DEMO_LABELS))
         job = Job(input=data, output=output, template=DEMO_TEMPLATE, provider=args.provider, model=args.model,
-                  endpoint=args.endpoint, options=_run_options(args))
+                  endpoint=args.endpoint, options=options)
         status, written = _run(job, sys.stderr)
     if written:
-        frame = pd.read_parquet(output, columns=["id", "review", "response"])
-        shown = frame.head(5).assign(
-            review=lambda f: f["review"].map(lambda s: _shorten(s, 50)),
-            response=lambda f: f["response"].map(lambda s: _shorten(s, 40)),
-        )
+        frame = pd.read_parquet(output, columns=["id", "review", "label"])
+        shown = frame.head(5).assign(review=lambda f: f["review"].map(lambda s: _shorten(s, 60)))
         print(shown.to_string(index=False))
         print(f"... {len(frame)} rows in {output}; read them with pandas.read_parquet({str(output)!r})")
     return status

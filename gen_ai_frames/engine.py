@@ -254,7 +254,8 @@ class Engine:
             spent = [spent[0] + (result.prompt_tokens or 0), spent[1] + (result.completion_tokens or 0),
                      spent[2] + result.attempts]
             if retry == params.schema_retries:
-                error = SchemaValidationError(f"the answer does not match the schema: {problem}")
+                cut = " (it was cut off at max_tokens)" if result.finish_reason == "length" else ""
+                error = SchemaValidationError(f"the answer does not match the schema{cut}: {problem}")
                 error.attempts = spent[2]
                 return Result(error=error, finish_reason=result.finish_reason, prompt_tokens=spent[0],
                               completion_tokens=spent[1], latency_s=result.latency_s, attempts=spent[2])

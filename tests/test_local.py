@@ -451,3 +451,22 @@ def test_where_llama_cpp_dies_the_suite_skips_its_tests_and_runs_the_rest(tmp_pa
     assert "1 passed, 1 skipped" in done.stdout, done.stdout[-3000:]
     skipped = next(line for line in done.stdout.splitlines() if line.startswith("SKIPPED"))
     assert "the local model cannot run here" in skipped and "SIGILL (illegal instruction)" in skipped
+
+
+@pytest.mark.slow
+@pytest.mark.local_model
+def test_structured_output_on_the_local_model_is_valid_for_every_demo_row() -> None:
+    import pandas as pd
+
+    from gen_ai_frames.cli import DEMO_LABELS
+
+    reviews = pd.read_csv(Path(__file__).resolve().parent.parent / "gen_ai_frames" / "data" / "sample_reviews.csv")
+    client = create_client(provider="local")
+    labelled = reviews.genai.classify("review", labels=list(DEMO_LABELS), client=client, max_tokens=24,
+                                      progress=False)
+    assert labelled["error"].isna().all() and set(labelled["label"]) <= set(DEMO_LABELS)
+    # Bounded fields (an unbounded int can run on until max_tokens cuts the JSON off).
+    rated = reviews.genai.generate(column="review", client=client, schema="sentiment positive|negative|mixed, "
+                                   "recommend bool", schema_retries=0, max_tokens=40, progress=False)
+    assert rated["error"].isna().all()  # the grammar lets SmolLM2 emit only JSON that matches
+    assert str(rated["recommend"].dtype) == "boolean" and rated["sentiment"].notna().all()

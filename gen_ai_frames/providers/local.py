@@ -30,6 +30,7 @@ toward ``timeout``). Models are loaded once per process and cached.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -245,6 +246,12 @@ class _ModelPool:
         llama = self._idle.get()
         try:
             kwargs = {key: body[key] for key in _CHAT_KEYS if body.get(key) is not None}
+            response_format = body.get("response_format")
+            if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
+                # llama-cpp-python builds a grammar from a schema given this way, so the model can
+                # only emit JSON that matches it.
+                kwargs["response_format"] = {"type": "json_object",
+                                             "schema": response_format["json_schema"]["schema"]}
             # Forget the previous prompt: llama-cpp-python would otherwise reuse its cached prefix and
             # evaluate only the rest, whose logits differ in the last bits from a full evaluation, so
             # a greedy (temperature 0) answer would depend on which prompt this instance saw before.
@@ -297,6 +304,11 @@ def unload_models() -> None:
         _POOLS.clear()
     for pool in pools:
         pool.close()
+
+
+# Free the models while the interpreter is whole: llama-cpp-python's own finalizers, run during
+# interpreter teardown, fail with "'NoneType' object is not callable" and print a traceback.
+atexit.register(unload_models)
 
 
 def default_threads(n_parallel: int = 1) -> int:
