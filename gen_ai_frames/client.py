@@ -19,10 +19,10 @@ from .errors import ConfigurationError, FailedPromptsWarning
 from .options import ENGINE_OPTIONS, GENERATION_OPTIONS, RunOptions, split_options, takes_options
 from .params import Message, validate_positive_int
 from .prompts import Prompts, check_prompt, prompt_list
-from .schema import Schema
 from .providers.base import Provider, redact_url
 from .ratelimit import RateLimiter
 from .retry import RetryPolicy
+from .schema import Schema
 from .transport import Transport
 
 __all__ = ["Client"]
@@ -66,8 +66,10 @@ class Client:
         self.rate_limit_timeout = rate_limit_timeout
 
     def __repr__(self) -> str:
-        return (f"Client(provider={self.provider.name!r}, model_name={self.provider.model_name!r}, "
-                f"endpoint={redact_url(self.provider.endpoint)!r})")
+        return (
+            f"Client(provider={self.provider.name!r}, model_name={self.provider.model_name!r}, "
+            f"endpoint={redact_url(self.provider.endpoint)!r})"
+        )
 
     @property
     def model_name(self) -> str:
@@ -78,10 +80,16 @@ class Client:
         return self.provider.fingerprint()
 
     @asynccontextmanager
-    async def engine(self, *, max_concurrent: int = 5, max_retries: int | None = None,
-                     requests_per_minute: float | None = None, tokens_per_minute: float | None = None,
-                     rate_limit_timeout: float | None = None,
-                     on_status: Callable[[str | None], None] | None = None) -> AsyncIterator[Engine]:
+    async def engine(
+        self,
+        *,
+        max_concurrent: int = 5,
+        max_retries: int | None = None,
+        requests_per_minute: float | None = None,
+        tokens_per_minute: float | None = None,
+        rate_limit_timeout: float | None = None,
+        on_status: Callable[[str | None], None] | None = None,
+    ) -> AsyncIterator[Engine]:
         """An engine with a fresh transport, closed on exit. The accessor streams through it.
 
         Rate limits and ``rate_limit_timeout`` left at None fall back to the client's.
@@ -95,9 +103,13 @@ class Client:
         retry = self.retry
         if max_retries is not None:
             validate_positive_int("max_retries", max_retries, minimum=0)
-            retry = RetryPolicy(max_retries=max_retries, initial_delay=retry.initial_delay,
-                                max_delay=retry.max_delay, jitter=retry.jitter,
-                                max_retry_after=retry.max_retry_after)
+            retry = RetryPolicy(
+                max_retries=max_retries,
+                initial_delay=retry.initial_delay,
+                max_delay=retry.max_delay,
+                jitter=retry.jitter,
+                max_retry_after=retry.max_retry_after,
+            )
         if requests_per_minute is None:
             requests_per_minute = self.requests_per_minute
         if tokens_per_minute is None:
@@ -108,25 +120,49 @@ class Client:
         validate_rate_limit_timeout(rate_limit_timeout)
         transport = self._transport_factory()
         try:
-            yield Engine(self.provider, transport, max_concurrent=max_concurrent, retry=retry,
-                         requests_per_minute=requests_per_minute, tokens_per_minute=tokens_per_minute,
-                         rate_limit_timeout=rate_limit_timeout, on_status=on_status)
+            yield Engine(
+                self.provider,
+                transport,
+                max_concurrent=max_concurrent,
+                retry=retry,
+                requests_per_minute=requests_per_minute,
+                tokens_per_minute=tokens_per_minute,
+                rate_limit_timeout=rate_limit_timeout,
+                on_status=on_status,
+            )
         finally:
             await transport.aclose()
 
     # Batch -----------------------------------------------------------------------------------
 
     @overload
-    def generate_batch_response(self, prompts: Sequence[str], max_tokens: int = ..., temperature: float = ...,
-                                top_p: float = ..., timeout: float = ..., concurrent: bool = ...,
-                                max_concurrent: int = ..., return_error: Literal[False] = ...,
-                                **options: Any) -> list[str | None]: ...
+    def generate_batch_response(
+        self,
+        prompts: Sequence[str],
+        max_tokens: int = ...,
+        temperature: float = ...,
+        top_p: float = ...,
+        timeout: float = ...,
+        concurrent: bool = ...,
+        max_concurrent: int = ...,
+        return_error: Literal[False] = ...,
+        **options: Any,
+    ) -> list[str | None]: ...
 
     @overload
-    def generate_batch_response(self, prompts: Sequence[str], max_tokens: int = ..., temperature: float = ...,
-                                top_p: float = ..., timeout: float = ..., concurrent: bool = ...,
-                                max_concurrent: int = ..., *, return_error: Literal[True],
-                                **options: Any) -> tuple[list[str | None], list[dict[str, Any] | None]]: ...
+    def generate_batch_response(
+        self,
+        prompts: Sequence[str],
+        max_tokens: int = ...,
+        temperature: float = ...,
+        top_p: float = ...,
+        timeout: float = ...,
+        concurrent: bool = ...,
+        max_concurrent: int = ...,
+        *,
+        return_error: Literal[True],
+        **options: Any,
+    ) -> tuple[list[str | None], list[dict[str, Any] | None]]: ...
 
     @takes_options(BATCH_OPTIONS, client_options=False)
     def generate_batch_response(
@@ -153,12 +189,20 @@ class Client:
         of :class:`~gen_ai_frames.options.RunOptions` (``max_retries``, ``requests_per_minute``,
         ``tokens_per_minute``, ...); an unknown one is an error naming the closest valid one.
 
-        >>> responses, errors = client.generate_batch_response(["Hi", ""], return_error=True)  # doctest: +SKIP
+        >>> responses, errors = client.generate_batch_response(  # doctest: +SKIP
+        ...     ["Hi", ""], return_error=True)
         >>> errors[1]["type"]  # doctest: +SKIP
         'InvalidPromptError'
         """
-        run = _batch_options("generate_batch_response", max_tokens, temperature, top_p, timeout,
-                             max_concurrent if concurrent else 1, options)
+        run = _batch_options(
+            "generate_batch_response",
+            max_tokens,
+            temperature,
+            top_p,
+            timeout,
+            max_concurrent if concurrent else 1,
+            options,
+        )
         return _batch_output(run_sync(self._batch(prompts, run)), return_error, run.schema)
 
     @takes_options(BATCH_OPTIONS, client_options=False)
@@ -178,8 +222,15 @@ class Client:
 
         >>> responses = await client.agenerate_batch_response(["Hi"])  # doctest: +SKIP
         """
-        run = _batch_options("agenerate_batch_response", max_tokens, temperature, top_p, timeout,
-                             max_concurrent if concurrent else 1, options)
+        run = _batch_options(
+            "agenerate_batch_response",
+            max_tokens,
+            temperature,
+            top_p,
+            timeout,
+            max_concurrent if concurrent else 1,
+            options,
+        )
         return _batch_output(await self._batch(prompts, run), return_error, run.schema)
 
     async def _batch(self, prompts: Sequence[str], options: RunOptions) -> list[Result]:
@@ -197,8 +248,15 @@ class Client:
     # One prompt ------------------------------------------------------------------------------
 
     @takes_options(SINGLE_OPTIONS, client_options=False)
-    def generate_response(self, prompt: str, max_tokens: int = 256, temperature: float = 0,
-                          top_p: float = 1.0, timeout: float = 60, **options: Any) -> str:
+    def generate_response(
+        self,
+        prompt: str,
+        max_tokens: int = 256,
+        temperature: float = 0,
+        top_p: float = 1.0,
+        timeout: float = 60,
+        **options: Any,
+    ) -> str:
         """Answer one prompt; raises a :class:`~gen_ai_frames.errors.RequestError` subclass on failure.
 
         Keyword options: ``system_prompt`` and ``max_retries``.
@@ -209,37 +267,64 @@ class Client:
         return run_sync(self.agenerate_response(prompt, max_tokens, temperature, top_p, timeout, **options))
 
     @takes_options(SINGLE_OPTIONS, client_options=False)
-    async def agenerate_response(self, prompt: str, max_tokens: int = 256, temperature: float = 0,
-                                 top_p: float = 1.0, timeout: float = 60, **options: Any) -> str:
+    async def agenerate_response(
+        self,
+        prompt: str,
+        max_tokens: int = 256,
+        temperature: float = 0,
+        top_p: float = 1.0,
+        timeout: float = 60,
+        **options: Any,
+    ) -> str:
         """Async twin of :meth:`generate_response`."""
         if not isinstance(prompt, str):
             raise ConfigurationError(f"prompt must be a string, got {type(prompt).__name__}")
         problem = check_prompt(prompt)
         if problem is not None:
             raise problem
-        return await self.agenerate_chat_response([{"role": "user", "content": prompt}], max_tokens,
-                                                  temperature, top_p, timeout, **options)
+        return await self.agenerate_chat_response(
+            [{"role": "user", "content": prompt}], max_tokens, temperature, top_p, timeout, **options
+        )
 
     @takes_options(SINGLE_OPTIONS, client_options=False)
-    def generate_chat_response(self, messages: list[Message], max_tokens: int = 256, temperature: float = 0,
-                               top_p: float = 1.0, timeout: float = 60, **options: Any) -> str:
+    def generate_chat_response(
+        self,
+        messages: list[Message],
+        max_tokens: int = 256,
+        temperature: float = 0,
+        top_p: float = 1.0,
+        timeout: float = 60,
+        **options: Any,
+    ) -> str:
         """Answer one conversation given as chat messages. Keyword options as :meth:`generate_response`.
 
         >>> client.generate_chat_response([{"role": "user", "content": "Hi"}])  # doctest: +SKIP
         'Hello!'
         """
-        return run_sync(self.agenerate_chat_response(messages, max_tokens, temperature, top_p, timeout,
-                                                     **options))
+        return run_sync(
+            self.agenerate_chat_response(messages, max_tokens, temperature, top_p, timeout, **options)
+        )
 
     @takes_options(SINGLE_OPTIONS, client_options=False)
-    async def agenerate_chat_response(self, messages: list[Message], max_tokens: int = 256,
-                                      temperature: float = 0, top_p: float = 1.0, timeout: float = 60,
-                                      **options: Any) -> str:
+    async def agenerate_chat_response(
+        self,
+        messages: list[Message],
+        max_tokens: int = 256,
+        temperature: float = 0,
+        top_p: float = 1.0,
+        timeout: float = 60,
+        **options: Any,
+    ) -> str:
         """Async twin of :meth:`generate_chat_response`."""
-        run, _ = split_options(options, where="generate_response", accepted=SINGLE_OPTIONS,
-                               also=("prompt", "messages", "max_tokens", "temperature", "top_p", "timeout"))
-        run = run.replace(max_tokens=max_tokens, temperature=temperature, top_p=top_p, timeout=timeout,
-                          max_concurrent=1)
+        run, _ = split_options(
+            options,
+            where="generate_response",
+            accepted=SINGLE_OPTIONS,
+            also=("prompt", "messages", "max_tokens", "temperature", "top_p", "timeout"),
+        )
+        run = run.replace(
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, timeout=timeout, max_concurrent=1
+        )
         _check_messages(messages)
         async with self.engine(**run.engine_limits) as engine:
             (result,) = await engine.run([messages], run.params)
@@ -250,9 +335,13 @@ class Client:
 
 
 def _check_messages(messages: object) -> None:
-    if not isinstance(messages, list) or not messages or not all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-        for m in messages
+    if (
+        not isinstance(messages, list)
+        or not messages
+        or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        )
     ):
         raise ConfigurationError(
             "messages must be a non-empty list of dicts like {'role': 'user', 'content': 'Hi'}"
@@ -275,17 +364,31 @@ def _batch_output(results: list[Result], return_error: bool, schema: Schema | No
         kinds = ", ".join(f"{n} {kind}" for kind, n in counts.most_common())
         warnings.warn(
             f"{len(failed)} of {len(results)} prompts failed ({kinds}); their responses are None. "
-            f"First error: {failed[0].message} Pass return_error=True to get each error's message and suggestion.",
+            f"First error: {failed[0].message} Pass return_error=True to get each error's message and "
+            "suggestion.",
             FailedPromptsWarning,
             stacklevel=3,
         )
     return responses
 
 
-def _batch_options(where: str, max_tokens: int, temperature: float, top_p: float, timeout: float,
-                   max_concurrent: int, options: Mapping[str, Any]) -> RunOptions:
+def _batch_options(
+    where: str,
+    max_tokens: int,
+    temperature: float,
+    top_p: float,
+    timeout: float,
+    max_concurrent: int,
+    options: Mapping[str, Any],
+) -> RunOptions:
     """The batch calls' positional parameters and keyword options as one checked RunOptions."""
-    run, _ = split_options(options, where=where, accepted=BATCH_OPTIONS,
-                           also=("prompts", "concurrent", "return_error"))
-    return run.replace(max_tokens=max_tokens, temperature=temperature, top_p=top_p, timeout=timeout,
-                       max_concurrent=max_concurrent)
+    run, _ = split_options(
+        options, where=where, accepted=BATCH_OPTIONS, also=("prompts", "concurrent", "return_error")
+    )
+    return run.replace(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        timeout=timeout,
+        max_concurrent=max_concurrent,
+    )

@@ -50,7 +50,7 @@ from .checkpoint import run_fingerprint
 from .client import Client
 from .errors import ConfigurationError
 from .factory import create_client
-from .options import RunOptions, takes_options, split_run_and_client
+from .options import RunOptions, split_run_and_client, takes_options
 from .params import validate_positive_int
 from .providers import get_provider
 from .providers.base import redact_url
@@ -149,9 +149,11 @@ class _ClientConfig:
         if self.client is not None:
             return f"_ClientConfig({self.client!r})"
         endpoint = self.options.get("endpoint")
-        return (f"_ClientConfig(provider={self.options.get('provider', 'openai')!r}, "
-                f"model_name={self.options.get('model_name')!r}, "
-                f"endpoint={None if endpoint is None else redact_url(str(endpoint))!r})")
+        return (
+            f"_ClientConfig(provider={self.options.get('provider', 'openai')!r}, "
+            f"model_name={self.options.get('model_name')!r}, "
+            f"endpoint={None if endpoint is None else redact_url(str(endpoint))!r})"
+        )
 
     def __getstate__(self) -> tuple[Client | None, dict[str, Any]]:
         return self.client, self.options
@@ -200,12 +202,18 @@ def _numbered(ddf: dd.DataFrame) -> dd.DataFrame:
     checkpoint. A collection passed alongside is sliced the same way as the data, so each
     partition always gets its own number.
     """
-    return dd.from_map(_partition_number, range(ddf.npartitions), label="genai-partition-number",
-                       meta=_partition_number(0).iloc[:0], enforce_metadata=False)
+    return dd.from_map(
+        _partition_number,
+        range(ddf.npartitions),
+        label="genai-partition-number",
+        meta=_partition_number(0).iloc[:0],
+        enforce_metadata=False,
+    )
 
 
-def _generate_partition(part: pd.DataFrame, job: _PartitionJob,
-                        numbers: pd.DataFrame | None = None) -> pd.DataFrame:
+def _generate_partition(
+    part: pd.DataFrame, job: _PartitionJob, numbers: pd.DataFrame | None = None
+) -> pd.DataFrame:
     """One task: the pandas accessor on one partition, with that partition's own checkpoint."""
     client = job.client.build()
     checkpoint: Path | None = None
@@ -217,8 +225,9 @@ def _generate_partition(part: pd.DataFrame, job: _PartitionJob,
         number = int(numbers["partition"].iloc[0])
         # The fingerprint must be the one the runner stores, or its own (resume=True) open refuses it.
         fingerprint = run_fingerprint(client, job.options.params)
-        run = ShardedCheckpoint.attach(job.checkpoint, "partitions", fingerprint, run_id=job.run_id,
-                                       shards=job.npartitions)
+        run = ShardedCheckpoint.attach(
+            job.checkpoint, "partitions", fingerprint, run_id=job.run_id, shards=job.npartitions
+        )
         checkpoint = run.shard_path(number)
         if not resume:
             run.start_shard_over_once(number, fingerprint)
@@ -240,9 +249,15 @@ class DaskGenAIAccessor:
         self._ddf = ddf
 
     @takes_options()
-    def generate(self, column: Hashable | None = None, *, template: str | None = None,
-                 client: Client | None = None, partitions_in_flight: int | None = None,
-                 **options: Any) -> dd.DataFrame:
+    def generate(
+        self,
+        column: Hashable | None = None,
+        *,
+        template: str | None = None,
+        client: Client | None = None,
+        partitions_in_flight: int | None = None,
+        **options: Any,
+    ) -> dd.DataFrame:
         """A lazy copy of the frame with ``response`` and ``error`` columns (more with ``details=True``).
 
         Options are those of the pandas accessor, with these differences:
@@ -272,10 +287,15 @@ class DaskGenAIAccessor:
         >>> out.to_parquet("/shared/out/")  # doctest: +SKIP
         """
         ddf = self._ddf
-        run, client_options = split_run_and_client(options, client, where="ddf.genai.generate",
-                                                   also=("partitions_in_flight",))
-        in_flight, per_partition = plan_concurrency(run.max_concurrent, ddf.npartitions, partitions_in_flight,
-                                                    scheduler=dask.base.get_scheduler(collections=[ddf]))
+        run, client_options = split_run_and_client(
+            options, client, where="ddf.genai.generate", also=("partitions_in_flight",)
+        )
+        in_flight, per_partition = plan_concurrency(
+            run.max_concurrent,
+            ddf.npartitions,
+            partitions_in_flight,
+            scheduler=dask.base.get_scheduler(collections=[ddf]),
+        )
         # Rate limits given for the call, else the client's own defaults: both are run totals here.
         limits = {}
         for name in ("requests_per_minute", "tokens_per_minute"):
@@ -286,17 +306,29 @@ class DaskGenAIAccessor:
                 limits[name] = _split_rate(value, in_flight)
         # progress: a bar per worker task would only fill the worker logs.
         partition_options = run.replace(
-            max_concurrent=per_partition, progress=False, checkpoint=None, resume=True, **limits,
+            max_concurrent=per_partition,
+            progress=False,
+            checkpoint=None,
+            resume=True,
+            **limits,
             max_cost=None if run.max_cost is None else run.max_cost / ddf.npartitions,
         )
         config = _client_config(client, client_options)
         # The pandas accessor on the empty meta frame checks the columns, template fields and names
         # and gives the exact output columns and dtypes, sending nothing.
-        meta = ddf._meta.genai.generate(column, client=config.build(), template=template,
-                                        **partition_options.as_kwargs())
-        job = _PartitionJob(column=column, template=template, client=config, options=partition_options,
-                            checkpoint=_checkpoint_root(run.checkpoint), resume=run.resume,
-                            run_id=uuid.uuid4().hex, npartitions=ddf.npartitions)
+        meta = ddf._meta.genai.generate(
+            column, client=config.build(), template=template, **partition_options.as_kwargs()
+        )
+        job = _PartitionJob(
+            column=column,
+            template=template,
+            client=config,
+            options=partition_options,
+            checkpoint=_checkpoint_root(run.checkpoint),
+            resume=run.resume,
+            run_id=uuid.uuid4().hex,
+            npartitions=ddf.npartitions,
+        )
         if job.checkpoint is None:
             return ddf.map_partitions(_generate_partition, job, meta=meta)
         # align_dataframes=False: pair partition i with number i, whatever the divisions.

@@ -25,8 +25,8 @@ from .errors import (
     SchemaValidationError,
 )
 from .params import GenerationParams, Message
-from .providers.base import Provider, redact_url
 from .pricing import estimate_tokens
+from .providers.base import Provider, redact_url
 from .ratelimit import Pace, RateLimiter
 from .retry import RetryPolicy, parse_retry_after
 from .schema import SchemaMismatch
@@ -35,8 +35,10 @@ from .transport import HttpResponse, Transport, TransportError
 __all__ = ["Engine", "Result", "validate_rate_limit_timeout"]
 
 # What a model is told when its answer broke the schema (structured output's retry).
-_SCHEMA_RETRY = ("That answer does not match the required JSON schema: {problem}. Answer again with only "
-                 "the JSON object, matching the schema exactly.")
+_SCHEMA_RETRY = (
+    "That answer does not match the required JSON schema: {problem}. Answer again with only "
+    "the JSON object, matching the schema exactly."
+)
 
 K = TypeVar("K")
 
@@ -65,11 +67,26 @@ class _RunState:
     the rate limiter the user set, the pace learned from the provider, and the progress of the run
     (answers received, since when it has been rate limited without one)."""
 
-    __slots__ = ("fatal", "paused_until", "limiter", "pace", "clock", "on_status", "status", "answers",
-                 "limited_since", "_status_at")
+    __slots__ = (
+        "fatal",
+        "paused_until",
+        "limiter",
+        "pace",
+        "clock",
+        "on_status",
+        "status",
+        "answers",
+        "limited_since",
+        "_status_at",
+    )
 
-    def __init__(self, max_concurrent: int, limiter: RateLimiter | None, clock: Callable[[], float],
-                 on_status: Callable[[str | None], None] | None) -> None:
+    def __init__(
+        self,
+        max_concurrent: int,
+        limiter: RateLimiter | None,
+        clock: Callable[[], float],
+        on_status: Callable[[str | None], None] | None,
+    ) -> None:
         self.fatal: RequestError | None = None
         self.paused_until = 0.0
         self.limiter = limiter
@@ -87,7 +104,9 @@ class _RunState:
         until = self.clock() + seconds
         if until > self.paused_until:
             self.paused_until = until
-            self.set_status(f"{reason}, waiting {seconds:.1f} s" if seconds < 10 else f"{reason}, waiting {seconds:.0f} s")
+            self.set_status(
+                f"{reason}, waiting {seconds:.1f} s" if seconds < 10 else f"{reason}, waiting {seconds:.0f} s"
+            )
 
     def answered(self) -> None:
         self.answers += 1
@@ -122,7 +141,8 @@ class Engine:
     ``on_status`` hears about pauses and the pace (the progress bar shows them).
 
     >>> engine = Engine(provider, transport, max_concurrent=64)  # doctest: +SKIP
-    >>> results = await engine.run([[{"role": "user", "content": "Hi"}]], GenerationParams())  # doctest: +SKIP
+    >>> messages = [[{"role": "user", "content": "Hi"}]]
+    >>> results = await engine.run(messages, GenerationParams())  # doctest: +SKIP
     """
 
     def __init__(
@@ -148,8 +168,11 @@ class Engine:
         self.on_status = on_status
         self._sleep = sleep
         self._clock = clock
-        self._limiter = (RateLimiter(requests_per_minute, tokens_per_minute, clock=clock)
-                         if requests_per_minute or tokens_per_minute else None)
+        self._limiter = (
+            RateLimiter(requests_per_minute, tokens_per_minute, clock=clock)
+            if requests_per_minute or tokens_per_minute
+            else None
+        )
         #: The error that stopped the last run early (a bad key, an unknown model), if any.
         self.fatal: RequestError | None = None
         #: ``(key, result)`` pairs of the last :meth:`stream` that arrived but were never yielded.
@@ -178,8 +201,9 @@ class Engine:
         """
         iterator = iter(items)
         if self._limiter is not None:  # a fresh schedule per run: no slots booked by an earlier run
-            self._limiter = RateLimiter(self._limiter.requests_per_minute, self._limiter.tokens_per_minute,
-                                        clock=self._clock)
+            self._limiter = RateLimiter(
+                self._limiter.requests_per_minute, self._limiter.tokens_per_minute, clock=self._clock
+            )
         state = self._state = _RunState(self.max_concurrent, self._limiter, self._clock, self.on_status)
         self.fatal = None
         queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -205,7 +229,9 @@ class Engine:
                 if item is done_marker:
                     running -= 1
                 elif isinstance(item, asyncio.Task):
-                    raise item.exception()  # a bug, not a failed request: never swallow it
+                    failure = item.exception()
+                    assert failure is not None  # only a failed worker puts itself on the queue
+                    raise failure  # a bug, not a failed request: never swallow it
                 else:
                     yield item
         finally:
@@ -251,16 +277,28 @@ class Engine:
                 break
             except SchemaMismatch as mismatch:
                 problem = str(mismatch)
-            spent = [spent[0] + (result.prompt_tokens or 0), spent[1] + (result.completion_tokens or 0),
-                     spent[2] + result.attempts]
+            spent = [
+                spent[0] + (result.prompt_tokens or 0),
+                spent[1] + (result.completion_tokens or 0),
+                spent[2] + result.attempts,
+            ]
             if retry == params.schema_retries:
                 cut = " (it was cut off at max_tokens)" if result.finish_reason == "length" else ""
                 error = SchemaValidationError(f"the answer does not match the schema{cut}: {problem}")
                 error.attempts = spent[2]
-                return Result(error=error, finish_reason=result.finish_reason, prompt_tokens=spent[0],
-                              completion_tokens=spent[1], latency_s=result.latency_s, attempts=spent[2])
-            messages = [*messages, {"role": "assistant", "content": result.text},
-                        {"role": "user", "content": _SCHEMA_RETRY.format(problem=problem)}]
+                return Result(
+                    error=error,
+                    finish_reason=result.finish_reason,
+                    prompt_tokens=spent[0],
+                    completion_tokens=spent[1],
+                    latency_s=result.latency_s,
+                    attempts=spent[2],
+                )
+            messages = [
+                *messages,
+                {"role": "assistant", "content": result.text},
+                {"role": "user", "content": _SCHEMA_RETRY.format(problem=problem)},
+            ]
             result = await self._send(messages, params, state)
         # The row's usage and attempts include every answer it took, as they were all paid for.
         if result.prompt_tokens is not None:
@@ -282,8 +320,12 @@ class Engine:
         texts = [params.system_prompt or "", *(m.get("content") or "" for m in messages)]
         prompt_tokens = estimate_tokens("".join(texts))
         estimated = prompt_tokens + params.max_tokens
-        costs = {"requests": 1.0, "tokens": float(estimated), "input-tokens": float(prompt_tokens),
-                 "output-tokens": float(params.max_tokens)}
+        costs = {
+            "requests": 1.0,
+            "tokens": float(estimated),
+            "input-tokens": float(prompt_tokens),
+            "output-tokens": float(params.max_tokens),
+        }
         pace = state.pace
         started = self._clock()
         attempts = failures = rate_limited = refused_while_others_pass = 0
@@ -311,7 +353,8 @@ class Engine:
                     completion = self.provider.parse_response(response)
                 except TimeoutError:
                     error: RequestError = APITimeoutError(
-                        f"no answer from {redact_url(self.provider.endpoint)} within timeout={params.timeout:g} s"
+                        f"no answer from {redact_url(self.provider.endpoint)} within "
+                        f"timeout={params.timeout:g} s"
                     )
                 except TransportError as err:
                     error = self._connection_error(err)
@@ -322,11 +365,19 @@ class Engine:
                 else:
                     state.answered()
                     if state.limiter is not None and completion.prompt_tokens is not None:
-                        state.limiter.correct(estimated, completion.prompt_tokens + (completion.completion_tokens or 0))
+                        state.limiter.correct(
+                            estimated, completion.prompt_tokens + (completion.completion_tokens or 0)
+                        )
                     self._learn(response, state)
                     return Result(
-                        completion.text, None, completion.finish_reason, completion.prompt_tokens,
-                        completion.completion_tokens, self._clock() - started, attempts, completion.logprob,
+                        completion.text,
+                        None,
+                        completion.finish_reason,
+                        completion.prompt_tokens,
+                        completion.completion_tokens,
+                        self._clock() - started,
+                        attempts,
+                        completion.logprob,
                     )
             finally:
                 pace.release()
@@ -338,8 +389,10 @@ class Engine:
             cap = self.retry.max_retry_after
             if error.retryable and error.retry_after is not None and error.retry_after > cap:
                 # Waiting hours for one row would hang the run; every other row would be told the same.
-                message = (f"{error.message} The server asked to wait {error.retry_after:.0f} s, "
-                           f"more than max_retry_after={cap:g} s, so the run stopped.")
+                message = (
+                    f"{error.message} The server asked to wait {error.retry_after:.0f} s, "
+                    f"more than max_retry_after={cap:g} s, so the run stopped."
+                )
                 error = _with_message(error, message, _LONG_WAIT_SUGGESTION)
                 if state.fatal is None:  # stop sending; the rows come back failed, the call does not raise
                     state.fatal = _with_message(error, error.message, error.suggestion, sent=False)
@@ -360,17 +413,23 @@ class Engine:
                     timed_out = _rate_limit_timeout(error, now - state.limited_since, self.rate_limit_timeout)
                     if state.fatal is None:  # the rows still waiting get it too, as not sent
                         state.fatal = timed_out
-                    return Result(error=_with_message(timed_out, timed_out.message, timed_out.suggestion,
-                                                      sent=True, attempts=attempts),
-                                  latency_s=now - started, attempts=attempts)
+                    return Result(
+                        error=_with_message(
+                            timed_out, timed_out.message, timed_out.suggestion, sent=True, attempts=attempts
+                        ),
+                        latency_s=now - started,
+                        attempts=attempts,
+                    )
                 if refused_while_others_pass >= self.MAX_RATE_LIMITED_WHILE_OTHERS_PASS:
                     error = _with_message(
-                        error, f"{error.message} Refused {rate_limited} times while other requests got "
-                               "answers: this request may exceed the provider's per-minute token limit "
-                               "on its own.",
+                        error,
+                        f"{error.message} Refused {rate_limited} times while other requests got "
+                        "answers: this request may exceed the provider's per-minute token limit "
+                        "on its own.",
                         "Shorten the prompt or lower max_tokens, or ask the provider for a higher "
                         "tokens-per-minute limit; set requests_per_minute / tokens_per_minute to pace "
-                        "the run.")
+                        "the run.",
+                    )
                     return Result(error=error, latency_s=now - started, attempts=attempts)
                 delay = self.retry.delay(rate_limited, error.retry_after)
                 if error.retry_after:
@@ -403,7 +462,11 @@ class Engine:
                 state.fatal = RateLimitError(
                     f"the provider's rate limit is used up and resets in {seconds:.0f} s ({header}), "
                     f"more than max_retry_after={cap:g} s, so the run stopped.",
-                    suggestion=_LONG_WAIT_SUGGESTION, status_code=response.status, retryable=True, sent=False)
+                    suggestion=_LONG_WAIT_SUGGESTION,
+                    status_code=response.status,
+                    retryable=True,
+                    sent=False,
+                )
         elif seconds > 0:
             state.pause(seconds, "rate limit budget used up")
 
@@ -418,14 +481,19 @@ class Engine:
             error.fatal = True
             return error
         if err.kind == "dns":
-            error = APIConnectionError(f"could not resolve the host of {endpoint}", retryable=False,
-                                       suggestion="Check the host name in `endpoint` and this machine's DNS.")
+            error = APIConnectionError(
+                f"could not resolve the host of {endpoint}",
+                retryable=False,
+                suggestion="Check the host name in `endpoint` and this machine's DNS.",
+            )
             error.fatal = True
             return error
         if err.kind == "tls":
             error = APIConnectionError(
-                f"TLS to {endpoint} failed: {err}", retryable=False,
-                suggestion="Pass `verify='path/to/ca-bundle.pem'` for a private CA, or fix the server certificate.",
+                f"TLS to {endpoint} failed: {err}",
+                retryable=False,
+                suggestion="Pass `verify='path/to/ca-bundle.pem'` for a private CA, or fix the server "
+                "certificate.",
             )
             error.fatal = True
             return error
@@ -449,16 +517,31 @@ def _rate_limit_timeout(error: RequestError, waited: float, timeout: float) -> R
         f"rate limited for {waited:.0f} s without a single answer (rate_limit_timeout={timeout:g} s); "
         f"last answer: {error.message}",
         suggestion="Set requests_per_minute (and tokens_per_minute) to your plan's limits, wait for the "
-                   "provider's quota to reset, or raise rate_limit_timeout. Finished rows are kept.",
-        status_code=429, retryable=True, sent=False)
+        "provider's quota to reset, or raise rate_limit_timeout. Finished rows are kept.",
+        status_code=429,
+        retryable=True,
+        sent=False,
+    )
 
 
-def _with_message(error: RequestError, message: str, suggestion: str, *, sent: bool | None = None,
-                  attempts: int | None = None) -> RequestError:
+def _with_message(
+    error: RequestError,
+    message: str,
+    suggestion: str,
+    *,
+    sent: bool | None = None,
+    attempts: int | None = None,
+) -> RequestError:
     """A copy of ``error`` (same type) with another message: errors are values shared by rows."""
-    return type(error)(message, suggestion=suggestion, status_code=error.status_code,
-                       retryable=error.retryable, attempts=error.attempts if attempts is None else attempts,
-                       retry_after=error.retry_after, sent=error.sent if sent is None else sent)
+    return type(error)(
+        message,
+        suggestion=suggestion,
+        status_code=error.status_code,
+        retryable=error.retryable,
+        attempts=error.attempts if attempts is None else attempts,
+        retry_after=error.retry_after,
+        sent=error.sent if sent is None else sent,
+    )
 
 
 def _not_sent(cause: RequestError) -> RequestError:
@@ -467,9 +550,17 @@ def _not_sent(cause: RequestError) -> RequestError:
     if isinstance(cause, NotSentError):  # a deliberate stop: its message already explains
         return NotSentError(cause.message, suggestion=cause.suggestion, retryable=False, sent=False)
     if not cause.sent:  # a stop no request failed for (e.g. a rate limit that resets tomorrow)
-        return type(cause)(cause.message, suggestion=cause.suggestion, status_code=cause.status_code,
-                           retryable=cause.retryable, sent=False)
+        return type(cause)(
+            cause.message,
+            suggestion=cause.suggestion,
+            status_code=cause.status_code,
+            retryable=cause.retryable,
+            sent=False,
+        )
     return type(cause)(
         f"not sent: the run stopped early because another request failed with {cause.type}: {cause.message}",
-        suggestion=cause.suggestion, status_code=cause.status_code, retryable=False, sent=False,
+        suggestion=cause.suggestion,
+        status_code=cause.status_code,
+        retryable=False,
+        sent=False,
     )

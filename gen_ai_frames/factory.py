@@ -69,8 +69,10 @@ def create_client(
         endpoint = provider_class.default_endpoint
         if endpoint is None:
             endpoint_env = getattr(provider_class, "endpoint_env", None)
-            raise ConfigurationError(f"provider {provider!r} needs `endpoint=` (its API base URL)"
-                                     + (f" or the {endpoint_env} environment variable" if endpoint_env else ""))
+            raise ConfigurationError(
+                f"provider {provider!r} needs `endpoint=` (its API base URL)"
+                + (f" or the {endpoint_env} environment variable" if endpoint_env else "")
+            )
     if provider_class.uses_http:
         endpoint = normalize_endpoint(endpoint)
     if model_name is None:
@@ -81,15 +83,25 @@ def create_client(
         raise ConfigurationError(f"model_name must be a non-empty string, got {model_name!r}")
     if api_key is None and provider_class.api_key_env:
         api_key = os.environ.get(provider_class.api_key_env) or None
-    if api_key is None and provider_class.requires_api_key and not (provider_class.uses_http and is_local(endpoint)):
+    if (
+        api_key is None
+        and provider_class.requires_api_key
+        and not (provider_class.uses_http and is_local(endpoint))
+    ):
         raise ConfigurationError(
-            f"no API key for provider {provider!r}: set the {provider_class.api_key_env} environment variable "
+            f"no API key for provider {provider!r}: set the {provider_class.api_key_env} environment "
+            "variable "
             "or pass api_key=..."
-            if provider_class.api_key_env else f"no API key for provider {provider!r}: pass api_key=..."
+            if provider_class.api_key_env
+            else f"no API key for provider {provider!r}: pass api_key=..."
         )
     validate_positive_int("max_response_bytes", max_response_bytes)
-    if (api_key and provider_class.uses_http and provider_class.credential_header == "authorization"
-            and urlsplit(endpoint).username is not None):
+    if (
+        api_key
+        and provider_class.uses_http
+        and provider_class.credential_header == "authorization"
+        and urlsplit(endpoint).username is not None
+    ):
         # aiohttp would crash on the pair ("Cannot combine AUTHORIZATION header ..."); picking one
         # silently would send the wrong credential.
         raise ConfigurationError(
@@ -107,9 +119,15 @@ def create_client(
         load_model(local_model)
 
     make_transport = _TransportFactory(instance, http_client, transport, verify, max_response_bytes)
-    return Client(instance, make_transport, max_retries=max_retries, retry=retry,
-                  requests_per_minute=requests_per_minute, tokens_per_minute=tokens_per_minute,
-                  rate_limit_timeout=rate_limit_timeout)
+    return Client(
+        instance,
+        make_transport,
+        max_retries=max_retries,
+        retry=retry,
+        requests_per_minute=requests_per_minute,
+        tokens_per_minute=tokens_per_minute,
+        rate_limit_timeout=rate_limit_timeout,
+    )
 
 
 @dataclass(frozen=True)
@@ -133,8 +151,12 @@ class _TransportFactory:
         if own is not None:
             return own
         if self.http_client is not None or self.transport is not None:
-            return HttpxTransport(self.http_client, transport=self.transport, verify=self.verify,
-                                  max_response_bytes=self.max_response_bytes)
+            return HttpxTransport(
+                self.http_client,
+                transport=self.transport,
+                verify=self.verify,
+                max_response_bytes=self.max_response_bytes,
+            )
         return AiohttpTransport(verify=self.verify, max_response_bytes=self.max_response_bytes)
 
 

@@ -41,26 +41,39 @@ class UsageError(Exception):
     """A mistake of the user (bad option, missing file): reported as one line, exit status 2."""
 
 
-INPUT_FORMATS = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".pq": "parquet",
-                  ".jsonl": "jsonl", ".ndjson": "jsonl"}
-OUTPUT_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "tsv",
-                   ".jsonl": "jsonl", ".ndjson": "jsonl"}
+INPUT_FORMATS = {
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+}
+OUTPUT_FORMATS = {
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+}
 # Text inputs may be compressed; only codecs of the standard library, so no extra dependency.
-_OPENERS: dict[str, Callable[[Path], IO[bytes]]] = {
+_OPENERS: dict[str, Callable[[Path], Any]] = {  # each returns a binary file object
     ".gz": lambda p: gzip.open(p, "rb"),
     ".bz2": lambda p: bz2.open(p, "rb"),
     ".xz": lambda p: lzma.open(p, "rb"),
 }
+
 
 def file_format(path: Path, formats: dict[str, str], what: str) -> tuple[str, str | None]:
     """``(format, compression suffix or None)`` of ``path``, from its extension.
 
     >>> file_format(Path("data.csv.gz"), INPUT_FORMATS, "input")
     ('csv', '.gz')
-    >>> file_format(Path("data.xlsx"), INPUT_FORMATS, "input")
+    >>> file_format(Path("data.xlsx"), INPUT_FORMATS, "input")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    gen_ai_frames.files.UsageError: input 'data.xlsx': unknown file type '.xlsx'; use .csv, .tsv, .parquet, .pq, .jsonl, .ndjson
+    gen_ai_frames.files.UsageError: input 'data.xlsx': unknown file type '.xlsx'; use .csv, .tsv, ...
     """
     suffixes = [s.lower() for s in path.suffixes]
     compression = suffixes.pop() if suffixes and suffixes[-1] in _OPENERS else None
@@ -81,6 +94,7 @@ def nullable_ints(dtype: pa.DataType) -> Any:
 
 def is_nested(dtype: pa.DataType) -> bool:
     return pa.types.is_nested(dtype)
+
 
 class _Input(contextlib.AbstractContextManager["_Input"]):
     schema: pa.Schema
@@ -114,8 +128,14 @@ def _reading(path: Path, fmt: str) -> Iterator[None]:
         yield
     except (UsageError, ConfigurationError):
         raise
-    except (OSError, ValueError, UnicodeDecodeError, pa.ArrowException, pd.errors.ParserError,
-            pd.errors.EmptyDataError) as exc:
+    except (
+        OSError,
+        ValueError,
+        UnicodeDecodeError,
+        pa.ArrowException,
+        pd.errors.ParserError,
+        pd.errors.EmptyDataError,
+    ) as exc:
         raise UsageError(f"cannot read {str(path)!r} as {_FORMAT_NAMES[fmt]}: {exc}") from None
 
 
@@ -208,8 +228,16 @@ class _CsvInput(_Input):
         # header=None: the header line is row 0, so the parser expects its number of fields on every
         # line and reports the first longer one (with header=0 it would take an extra first field as
         # the index).
-        with pd.read_csv(self._path, sep=self._sep, header=None, dtype=str, keep_default_na=False,
-                         na_values=[""], index_col=False, chunksize=self._batch_rows) as reader:
+        with pd.read_csv(
+            self._path,
+            sep=self._sep,
+            header=None,
+            dtype=str,
+            keep_default_na=False,
+            na_values=[""],
+            index_col=False,
+            chunksize=self._batch_rows,
+        ) as reader:
             try:
                 for index, chunk in enumerate(reader):
                     if index == 0:
@@ -241,15 +269,26 @@ class _CsvInput(_Input):
         )
 
     def _chunks(self) -> Iterator[pd.DataFrame]:
-        with pd.read_csv(self._path, sep=self._sep, dtype=str, keep_default_na=False, na_values=[""],
-                         index_col=False, chunksize=self._batch_rows) as reader:
+        with pd.read_csv(
+            self._path,
+            sep=self._sep,
+            dtype=str,
+            keep_default_na=False,
+            na_values=[""],
+            index_col=False,
+            chunksize=self._batch_rows,
+        ) as reader:
             for chunk in reader:
                 yield chunk if self._drop is None else chunk.drop(columns=[self._drop])
 
     def batches(self) -> Iterator[pa.Table]:
         fmt = "tsv" if self._sep == "\t" else "csv"
-        tables = (pa.Table.from_pandas(chunk, schema=self.schema, preserve_index=False).replace_schema_metadata(None)
-                  for chunk in self._chunks())
+        tables = (
+            pa.Table.from_pandas(chunk, schema=self.schema, preserve_index=False).replace_schema_metadata(
+                None
+            )
+            for chunk in self._chunks()
+        )
         return _guarded(self._path, fmt, tables)
 
 
@@ -299,10 +338,14 @@ class _JsonLinesInput(_Input):
                 try:
                     row = orjson.loads(line)
                 except orjson.JSONDecodeError as exc:
-                    raise UsageError(f"{str(self._path)!r} line {number:,} is not valid JSON: {exc}") from None
+                    raise UsageError(
+                        f"{str(self._path)!r} line {number:,} is not valid JSON: {exc}"
+                    ) from None
                 if not isinstance(row, dict):
-                    raise UsageError(f"{str(self._path)!r} line {number:,} is not a JSON object "
-                                     f"({type(row).__name__}); JSON Lines input needs one object per line")
+                    raise UsageError(
+                        f"{str(self._path)!r} line {number:,} is not a JSON object "
+                        f"({type(row).__name__}); JSON Lines input needs one object per line"
+                    )
                 rows.append(row)
                 if len(rows) == self._batch_rows:
                     yield rows
@@ -317,7 +360,9 @@ class _JsonLinesInput(_Input):
                 for f in self.schema:
                     values = [row.get(f.name) for row in rows]
                     if f.name in self._mixed:
-                        values = [v if v is None or isinstance(v, str) else orjson.dumps(v).decode() for v in values]
+                        values = [
+                            v if v is None or isinstance(v, str) else orjson.dumps(v).decode() for v in values
+                        ]
                     arrays.append(pa.array(values, type=f.type))
                 yield pa.Table.from_arrays(arrays, schema=self.schema)
 
@@ -327,13 +372,17 @@ class _JsonLinesInput(_Input):
 def _promote(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
     """The type holding values of both, or None if there is none.
 
-    >>> _promote(pa.int64(), pa.float64()), _promote(pa.null(), pa.string()), _promote(pa.int64(), pa.string())
-    (DataType(double), DataType(string), None)
+    >>> _promote(pa.int64(), pa.float64()), _promote(pa.null(), pa.string())
+    (DataType(double), DataType(string))
+    >>> _promote(pa.int64(), pa.string()) is None
+    True
     """
     if a == b:
         return a
     try:
-        unified = pa.unify_schemas([pa.schema([("x", a)]), pa.schema([("x", b)])], promote_options="permissive")
+        unified = pa.unify_schemas(
+            [pa.schema([("x", a)]), pa.schema([("x", b)])], promote_options="permissive"
+        )
     except (pa.ArrowException, TypeError, ValueError):
         return None
     return unified.field("x").type
@@ -442,7 +491,9 @@ def _csv_frame(table: pa.Table) -> pd.DataFrame:
     for name, column in zip(table.column_names, table.columns):
         if is_nested(column.type):
             # JSON text, not numpy's repr, for lists and structs.
-            data[name] = [None if v is None else orjson.dumps(v, default=str).decode() for v in column.to_pylist()]
+            data[name] = [
+                None if v is None else orjson.dumps(v, default=str).decode() for v in column.to_pylist()
+            ]
         else:
             data[name] = column.to_pandas(types_mapper=nullable_ints)
     return pd.DataFrame(data)

@@ -20,13 +20,24 @@ __all__ = ["LocalProvider"]
 LocalProvider = _local.LocalProvider
 
 #: What this module exported before the move; each is looked up in the new module, with a warning.
-_MOVED = frozenset({"BUNDLED_MODEL", "LocalTransport", "bundled_model_path", "default_threads",
-                    "resolve_model", "unload_models"})
+_MOVED = frozenset(
+    {
+        "BUNDLED_MODEL",
+        "LocalTransport",
+        "bundled_model_path",
+        "default_threads",
+        "resolve_model",
+        "unload_models",
+    }
+)
 
 
 def __getattr__(name: str) -> Any:
     if name in _MOVED:
-        warnings.warn(f"gen_ai_frames.local.{name} moved to gen_ai_frames.providers.local.{name}",
-                      DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            f"gen_ai_frames.local.{name} moved to gen_ai_frames.providers.local.{name}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return getattr(_local, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

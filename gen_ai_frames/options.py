@@ -10,10 +10,10 @@ nothing else: the entry points accept it, the CLI grows its flag and the docs te
 Traceback (most recent call last):
 ...
 TypeError: RunOptions.__init__() got an unexpected keyword argument 'max_concurent'
->>> split_options({"max_concurent": 32}, where="df.genai.generate")
+>>> split_options({"max_concurent": 32}, where="df.genai.generate")  # doctest: +ELLIPSIS
 Traceback (most recent call last):
 ...
-gen_ai_frames.errors.ConfigurationError: unknown option 'max_concurent' for df.genai.generate; did you mean 'max_concurrent'?
+gen_ai_frames.errors.ConfigurationError: unknown option 'max_concurent' ...; did you mean 'max_concurrent'?
 """
 
 from __future__ import annotations
@@ -31,8 +31,15 @@ from .errors import ConfigurationError
 from .params import GenerationParams, check_number, validate_positive_int
 from .schema import Schema
 
-__all__ = ["GROUPS", "RunOptions", "option_fields", "options_table", "split_options", "split_run_and_client",
-           "takes_options"]
+__all__ = [
+    "GROUPS",
+    "RunOptions",
+    "option_fields",
+    "options_table",
+    "split_options",
+    "split_run_and_client",
+    "takes_options",
+]
 
 #: Option groups, in the order the CLI's --help and the docs show them.
 GROUPS = {
@@ -45,8 +52,15 @@ GROUPS = {
 }
 
 
-def _about(help: str, *, group: str, check: Callable[[str, Any], None] | None = None,
-           metavar: str | None = None, cli: bool = True, parse: Callable[[str], Any] | None = None) -> dict[str, Any]:
+def _about(
+    help: str,
+    *,
+    group: str,
+    check: Callable[[str, Any], None] | None = None,
+    metavar: str | None = None,
+    cli: bool = True,
+    parse: Callable[[str], Any] | None = None,
+) -> dict[str, Any]:
     """What every entry point needs to know about an option of :class:`RunOptions`, besides its default."""
     return {"help": help, "group": group, "check": check, "metavar": metavar, "cli": cli, "parse": parse}
 
@@ -89,14 +103,21 @@ def _check_prices(name: str, value: Any) -> None:
     if value is None:
         return
     if not isinstance(value, Mapping):
-        raise ConfigurationError(f"{name} must be a dict {{model: (input, output)}} in USD per million "
-                                 f"tokens, got {type(value).__name__}")
+        raise ConfigurationError(
+            f"{name} must be a dict {{model: (input, output)}} in USD per million "
+            f"tokens, got {type(value).__name__}"
+        )
     for model, price in value.items():
-        ok = (isinstance(price, (tuple, list)) and len(price) == 2
-              and all(not isinstance(p, bool) and isinstance(p, (int, float)) and p >= 0 for p in price))
+        ok = (
+            isinstance(price, (tuple, list))
+            and len(price) == 2
+            and all(not isinstance(p, bool) and isinstance(p, (int, float)) and p >= 0 for p in price)
+        )
         if not isinstance(model, str) or not ok:
-            raise ConfigurationError(f"{name}[{model!r}] must be (input, output) USD per million tokens, "
-                                     f"two numbers >= 0, got {price!r}")
+            raise ConfigurationError(
+                f"{name}[{model!r}] must be (input, output) USD per million tokens, "
+                f"two numbers >= 0, got {price!r}"
+            )
 
 
 def _check_schema(name: str, value: Any) -> None:
@@ -129,7 +150,9 @@ def _parse_prices(text: str) -> dict[str, tuple[float, float]]:
     try:
         value = json.loads(text)
     except ValueError:
-        raise ConfigurationError(f"--prices must be JSON like '{{\"my-model\": [0.15, 0.6]}}', got {text!r}") from None
+        raise ConfigurationError(
+            f"--prices must be JSON like '{{\"my-model\": [0.15, 0.6]}}', got {text!r}"
+        ) from None
     _check_prices("--prices", value)
     return {model: (float(p[0]), float(p[1])) for model, p in value.items()}
 
@@ -149,80 +172,201 @@ class RunOptions:
     """
 
     # generation (checked by GenerationParams)
-    system_prompt: str | None = field(default=None, metadata=_about(
-        "system message sent with every prompt", group="generation", metavar="TEXT"))
-    max_tokens: int = field(default=256, metadata=_about(
-        "answer length limit", group="generation", metavar="N"))
-    temperature: float = field(default=0, metadata=_about(
-        "0 to 2; at 0 identical prompts are sent once (see dedupe)", group="generation", metavar="T"))
-    top_p: float = field(default=1.0, metadata=_about(
-        "nucleus sampling, in (0, 1]", group="generation", metavar="P"))
-    timeout: float = field(default=60, metadata=_about(
-        "seconds to wait for one answer", group="generation", metavar="S"))
+    system_prompt: str | None = field(
+        default=None,
+        metadata=_about("system message sent with every prompt", group="generation", metavar="TEXT"),
+    )
+    max_tokens: int = field(
+        default=256, metadata=_about("answer length limit", group="generation", metavar="N")
+    )
+    temperature: float = field(
+        default=0,
+        metadata=_about(
+            "0 to 2; at 0 identical prompts are sent once (see dedupe)", group="generation", metavar="T"
+        ),
+    )
+    top_p: float = field(
+        default=1.0, metadata=_about("nucleus sampling, in (0, 1]", group="generation", metavar="P")
+    )
+    timeout: float = field(
+        default=60, metadata=_about("seconds to wait for one answer", group="generation", metavar="S")
+    )
     # limits
-    max_concurrent: int = field(default=5, metadata=_about(
-        "requests in flight at once", group="limits", check=_check_positive_int, metavar="N"))
-    max_retries: int | None = field(default=None, metadata=_about(
-        "retries of a failed request (None: the client's, 3 by default)", group="limits",
-        check=_check_optional_count, metavar="N"))
-    requests_per_minute: float | None = field(default=None, metadata=_about(
-        "pace request starts to this rate (None: the client's, else learned from the provider)",
-        group="limits", check=_check_optional_positive, metavar="R"))
-    tokens_per_minute: float | None = field(default=None, metadata=_about(
-        "keep prompt + answer tokens under this rate (None: the client's)", group="limits",
-        check=_check_optional_positive, metavar="T"))
-    rate_limit_timeout: float | None = field(default=None, metadata=_about(
-        "seconds a run may be rate limited without a single answer before the waiting rows fail with "
-        "RateLimitError (None: the client's, 600 by default)", group="limits", check=_check_optional_positive,
-        metavar="S"))
+    max_concurrent: int = field(
+        default=5,
+        metadata=_about("requests in flight at once", group="limits", check=_check_positive_int, metavar="N"),
+    )
+    max_retries: int | None = field(
+        default=None,
+        metadata=_about(
+            "retries of a failed request (None: the client's, 3 by default)",
+            group="limits",
+            check=_check_optional_count,
+            metavar="N",
+        ),
+    )
+    requests_per_minute: float | None = field(
+        default=None,
+        metadata=_about(
+            "pace request starts to this rate (None: the client's, else learned from the provider)",
+            group="limits",
+            check=_check_optional_positive,
+            metavar="R",
+        ),
+    )
+    tokens_per_minute: float | None = field(
+        default=None,
+        metadata=_about(
+            "keep prompt + answer tokens under this rate (None: the client's)",
+            group="limits",
+            check=_check_optional_positive,
+            metavar="T",
+        ),
+    )
+    rate_limit_timeout: float | None = field(
+        default=None,
+        metadata=_about(
+            "seconds a run may be rate limited without a single answer before the waiting rows fail with "
+            "RateLimitError (None: the client's, 600 by default)",
+            group="limits",
+            check=_check_optional_positive,
+            metavar="S",
+        ),
+    )
     # budget
-    max_cost: float | None = field(default=None, metadata=_about(
-        "stop sending once this run has spent this many US dollars (needs the model's price)",
-        group="budget", check=_check_optional_positive, metavar="USD"))
-    prices: Mapping[str, tuple[float, float]] | None = field(default=None, metadata=_about(
-        "prices in USD per million tokens, {model: (input, output)}, over the built-in table",
-        group="budget", check=_check_prices, metavar="JSON", parse=_parse_prices))
+    max_cost: float | None = field(
+        default=None,
+        metadata=_about(
+            "stop sending once this run has spent this many US dollars (needs the model's price)",
+            group="budget",
+            check=_check_optional_positive,
+            metavar="USD",
+        ),
+    )
+    prices: Mapping[str, tuple[float, float]] | None = field(
+        default=None,
+        metadata=_about(
+            "prices in USD per million tokens, {model: (input, output)}, over the built-in table",
+            group="budget",
+            check=_check_prices,
+            metavar="JSON",
+            parse=_parse_prices,
+        ),
+    )
     # run
-    chunk_size: int = field(default=500, metadata=_about(
-        "rows per checkpoint write", group="run", check=_check_positive_int, metavar="N"))
-    checkpoint: str | os.PathLike[str] | None = field(default=None, metadata=_about(
-        "save answers in this directory as they arrive; the same call resumes a killed run",
-        group="run", check=_check_path, metavar="DIR"))
-    resume: bool = field(default=True, metadata=_about(
-        "with a checkpoint: continue from what it holds (False: start over)", group="run", check=_check_bool))
-    retry_errors: bool = field(default=False, metadata=_about(
-        "with a checkpoint: send the rows that failed last time again", group="run", check=_check_bool))
-    repair: bool = field(default=False, metadata=_about(
-        "with a checkpoint: drop unreadable parts and rebuild a lost manifest (with a warning) instead of "
-        "refusing", group="run", check=_check_bool))
-    dedupe: bool | None = field(default=None, metadata=_about(
-        "send identical prompts once (None: when temperature is 0)", group="run", check=_check_optional_bool))
-    progress: bool = field(default=True, metadata=_about(
-        "show a progress bar", group="run", check=_check_bool))
+    chunk_size: int = field(
+        default=500,
+        metadata=_about("rows per checkpoint write", group="run", check=_check_positive_int, metavar="N"),
+    )
+    checkpoint: str | os.PathLike[str] | None = field(
+        default=None,
+        metadata=_about(
+            "save answers in this directory as they arrive; the same call resumes a killed run",
+            group="run",
+            check=_check_path,
+            metavar="DIR",
+        ),
+    )
+    resume: bool = field(
+        default=True,
+        metadata=_about(
+            "with a checkpoint: continue from what it holds (False: start over)",
+            group="run",
+            check=_check_bool,
+        ),
+    )
+    retry_errors: bool = field(
+        default=False,
+        metadata=_about(
+            "with a checkpoint: send the rows that failed last time again", group="run", check=_check_bool
+        ),
+    )
+    repair: bool = field(
+        default=False,
+        metadata=_about(
+            "with a checkpoint: drop unreadable parts and rebuild a lost manifest (with a warning) "
+            "instead of refusing",
+            group="run",
+            check=_check_bool,
+        ),
+    )
+    dedupe: bool | None = field(
+        default=None,
+        metadata=_about(
+            "send identical prompts once (None: when temperature is 0)",
+            group="run",
+            check=_check_optional_bool,
+        ),
+    )
+    progress: bool = field(
+        default=True, metadata=_about("show a progress bar", group="run", check=_check_bool)
+    )
     # output
-    details: bool = field(default=False, metadata=_about(
-        "add error type, suggestion, status code, attempts, finish reason, token counts and latency columns",
-        group="output", check=_check_bool))
-    overwrite: bool = field(default=False, metadata=_about(
-        "replace existing columns of the same names", group="output", check=_check_bool, cli=False))
-    response_column: str = field(default="response", metadata=_about(
-        "name of the answer column", group="output", check=_check_column_name, metavar="NAME"))
-    error_column: str = field(default="error", metadata=_about(
-        "name of the error column", group="output", check=_check_column_name, metavar="NAME"))
+    details: bool = field(
+        default=False,
+        metadata=_about(
+            "add error type, suggestion, status code, attempts, finish reason, token counts, latency and "
+            "logprob columns",
+            group="output",
+            check=_check_bool,
+        ),
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata=_about(
+            "replace existing columns of the same names", group="output", check=_check_bool, cli=False
+        ),
+    )
+    response_column: str = field(
+        default="response",
+        metadata=_about(
+            "name of the answer column", group="output", check=_check_column_name, metavar="NAME"
+        ),
+    )
+    error_column: str = field(
+        default="error",
+        metadata=_about("name of the error column", group="output", check=_check_column_name, metavar="NAME"),
+    )
     # structured output
-    schema: Any = field(default=None, metadata=_about(
-        "a pydantic model, a JSON Schema dict or 'name, age int, mood happy|sad': one typed column per field "
-        "(CLI: the short syntax or a .json file)", group="structured", check=_check_schema, metavar="SCHEMA",
-        parse=_parse_schema))
-    schema_retries: int = field(default=1, metadata=_about(
-        "with a schema: ask again this many times, showing the model what was wrong, before the row fails",
-        group="structured", check=_check_optional_count, metavar="N"))
-    logprobs: bool = field(default=False, metadata=_about(
-        "ask for token log-probabilities where the provider offers them and add a confidence column: the "
-        "probability of each answer (NA where the provider returns none)", group="structured", check=_check_bool))
-    prefix: str = field(default="", metadata=_about(
-        "with a schema: put this before each field's column name, to avoid clashes", group="structured",
-        check=_check_prefix, metavar="TEXT"))
+    schema: Any = field(
+        default=None,
+        metadata=_about(
+            "a pydantic model, a JSON Schema dict or 'name, age int, mood happy|sad': one typed column per "
+            "field (CLI: the short syntax or a .json file)",
+            group="structured",
+            check=_check_schema,
+            metavar="SCHEMA",
+            parse=_parse_schema,
+        ),
+    )
+    schema_retries: int = field(
+        default=1,
+        metadata=_about(
+            "with a schema: ask again this many times, showing the model what was wrong, before the row "
+            "fails",
+            group="structured",
+            check=_check_optional_count,
+            metavar="N",
+        ),
+    )
+    logprobs: bool = field(
+        default=False,
+        metadata=_about(
+            "ask for token log-probabilities where the provider offers them and add a confidence column: the "
+            "probability of each answer (NA where the provider returns none)",
+            group="structured",
+            check=_check_bool,
+        ),
+    )
+    prefix: str = field(
+        default="",
+        metadata=_about(
+            "with a schema: put this before each field's column name, to avoid clashes",
+            group="structured",
+            check=_check_prefix,
+            metavar="TEXT",
+        ),
+    )
 
     def __post_init__(self) -> None:
         if self.schema is not None:  # a pydantic model, a JSON Schema dict or the short syntax
@@ -236,9 +380,16 @@ class RunOptions:
     @property
     def params(self) -> GenerationParams:
         """The generation parameters every request of the run carries."""
-        return GenerationParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-                                timeout=self.timeout, system_prompt=self.system_prompt, schema=self.schema,
-                                schema_retries=self.schema_retries, logprobs=self.logprobs)
+        return GenerationParams(
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            timeout=self.timeout,
+            system_prompt=self.system_prompt,
+            schema=self.schema,
+            schema_retries=self.schema_retries,
+            logprobs=self.logprobs,
+        )
 
     @property
     def engine_limits(self) -> dict[str, Any]:
@@ -264,8 +415,22 @@ class RunOptions:
 
 
 #: Options the engine takes; the client's batch calls accept exactly these plus the generation ones.
-ENGINE_OPTIONS = ("max_concurrent", "max_retries", "requests_per_minute", "tokens_per_minute", "rate_limit_timeout")
-GENERATION_OPTIONS = ("system_prompt", "max_tokens", "temperature", "top_p", "timeout", "schema", "schema_retries")
+ENGINE_OPTIONS = (
+    "max_concurrent",
+    "max_retries",
+    "requests_per_minute",
+    "tokens_per_minute",
+    "rate_limit_timeout",
+)
+GENERATION_OPTIONS = (
+    "system_prompt",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "timeout",
+    "schema",
+    "schema_retries",
+)
 
 
 def option_fields(group: str | None = None) -> list[Any]:
@@ -306,8 +471,9 @@ def split_options(
         elif name in client_options:
             client[name] = value
         elif name in run_names:
-            raise ConfigurationError(f"option {name!r} does not apply to {where}; it is an option of "
-                                     "df.genai.generate and the CLI")
+            raise ConfigurationError(
+                f"option {name!r} does not apply to {where}; it is an option of df.genai.generate and the CLI"
+            )
         else:
             known = sorted({*allowed, *client_options, *also})
             close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
@@ -326,7 +492,9 @@ def client_option_names(provider_class: type | None) -> set[str]:
 
     names = {n for n, p in inspect.signature(create_client).parameters.items() if p.kind is not p.VAR_KEYWORD}
     if provider_class is not None:
-        names |= {n for n, p in inspect.signature(provider_class).parameters.items() if p.kind is p.KEYWORD_ONLY}
+        names |= {
+            n for n, p in inspect.signature(provider_class).parameters.items() if p.kind is p.KEYWORD_ONLY
+        }
     return names
 
 
@@ -342,10 +510,10 @@ def split_run_and_client(
 
     Returns the run options and the ``create_client`` options (empty when ``client`` is given).
 
-    >>> split_run_and_client({"max_token": 5}, None, where="df.genai.generate")
+    >>> split_run_and_client({"max_token": 5}, None, where="df.genai.generate")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    gen_ai_frames.errors.ConfigurationError: unknown option 'max_token' for df.genai.generate; did you mean 'max_tokens'?
+    gen_ai_frames.errors.ConfigurationError: unknown option 'max_token' ...; did you mean 'max_tokens'?
     """
     from .client import Client
     from .providers import get_provider
@@ -357,9 +525,13 @@ def split_run_and_client(
         provider_class = type(client.provider)
     elif isinstance(given.get("provider", "openai"), str):
         provider_class = get_provider(given.get("provider", "openai"))
-    run, client_options = split_options(given, where=where, accepted=accepted,
-                                        client_options=client_option_names(provider_class),
-                                        also=("column", "template", "client", *also))
+    run, client_options = split_options(
+        given,
+        where=where,
+        accepted=accepted,
+        client_options=client_option_names(provider_class),
+        also=("column", "template", "client", *also),
+    )
     if client is not None and client_options:
         raise ConfigurationError(
             f"pass either client= or client options ({', '.join(sorted(client_options))}), not both"
@@ -370,8 +542,9 @@ def split_run_and_client(
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def takes_options(accepted: Collection[str] | None = None, *, client_options: bool = True,
-                  exclude: Collection[str] = ()) -> Callable[[F], F]:
+def takes_options(
+    accepted: Collection[str] | None = None, *, client_options: bool = True, exclude: Collection[str] = ()
+) -> Callable[[F], F]:
     """Decorator: spell out a function's ``**options`` in its signature as the run options it
     accepts, so ``help()``, Jupyter's Shift-Tab and IDEs show every option with its default.
 
@@ -386,12 +559,20 @@ def takes_options(accepted: Collection[str] | None = None, *, client_options: bo
         parameters = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
         named = {p.name for p in parameters}
         for spec in fields(RunOptions):
-            if (accepted is None or spec.name in accepted) and spec.name not in named and spec.name not in exclude:
-                parameters.append(inspect.Parameter(spec.name, inspect.Parameter.KEYWORD_ONLY,
-                                                    default=spec.default, annotation=spec.type))
+            if (
+                (accepted is None or spec.name in accepted)
+                and spec.name not in named
+                and spec.name not in exclude
+            ):
+                parameters.append(
+                    inspect.Parameter(
+                        spec.name, inspect.Parameter.KEYWORD_ONLY, default=spec.default, annotation=spec.type
+                    )
+                )
         if client_options:  # provider=, model_name=, api_key=, endpoint=, ...: see create_client
-            parameters.append(inspect.Parameter("client_options", inspect.Parameter.VAR_KEYWORD,
-                                                annotation="Any"))
+            parameters.append(
+                inspect.Parameter("client_options", inspect.Parameter.VAR_KEYWORD, annotation="Any")
+            )
         function.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
         return function
 
@@ -412,6 +593,7 @@ def options_table() -> str:
             flag = "--no-" + flag[2:]
         elif str(spec.type) == "bool | None":
             flag = f"{flag} / --no-{flag[2:]}"
-        lines.append(f"| `{spec.name}` | `{spec.default!r}` | {f'`{flag}`' if meta['cli'] else '-'} | "
-                     f"{meta['help']} |")
+        lines.append(
+            f"| `{spec.name}` | `{spec.default!r}` | {f'`{flag}`' if meta['cli'] else '-'} | {meta['help']} |"
+        )
     return "\n".join(lines)

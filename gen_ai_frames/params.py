@@ -49,7 +49,9 @@ class GenerationParams:
         check_number("timeout", self.timeout, "> 0 (seconds)", lambda v: v > 0)
         validate_positive_int("schema_retries", self.schema_retries, minimum=0)
         if self.schema is not None and not isinstance(self.schema, Schema):
-            raise ConfigurationError(f"schema must be a gen_ai_frames.schema.Schema, got {type(self.schema).__name__}")
+            raise ConfigurationError(
+                f"schema must be a gen_ai_frames.schema.Schema, got {type(self.schema).__name__}"
+            )
         if self.system_prompt is not None and not isinstance(self.system_prompt, str):
             raise ConfigurationError(
                 f"system_prompt must be a string or None, got {type(self.system_prompt).__name__}"
@@ -57,7 +59,9 @@ class GenerationParams:
 
     def fingerprint(self) -> dict[str, Any]:
         """What makes answers differ: stored in checkpoints to refuse resuming with other settings."""
-        values = {name: getattr(self, name) for name in ("max_tokens", "temperature", "top_p", "system_prompt")}
+        values = {
+            name: getattr(self, name) for name in ("max_tokens", "temperature", "top_p", "system_prompt")
+        }
         values["stop"] = None if self.stop is None else list(self.stop)
         # timeout is left out: a longer timeout does not change an answer. The newer settings are
         # included only when used, so checkpoints written before they existed still resume.
@@ -82,17 +86,13 @@ def validate_positive_int(name: str, value: object, *, minimum: int = 1) -> int:
 
 
 def check_number(name: str, value: object, allowed: str, ok: Any) -> None:
-    """Raise a ConfigurationError naming ``name`` unless ``value`` is a real number (not bool/NaN) that ``ok`` accepts.
+    """Raise a ConfigurationError naming ``name`` unless ``value`` is a real number (not bool or
+    NaN) that ``ok`` accepts.
 
     >>> check_number("top_p", 0, "in (0, 1]", lambda v: 0 < v <= 1)
     Traceback (most recent call last):
     ...
     gen_ai_frames.errors.ConfigurationError: top_p must be a number in (0, 1], got 0
     """
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or math.isnan(value)
-        or not ok(value)
-    ):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value) or not ok(value):
         raise ConfigurationError(f"{name} must be a number {allowed}, got {value!r}")

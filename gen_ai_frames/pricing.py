@@ -55,8 +55,9 @@ def estimate_tokens(text: str) -> int:
     return max(1, -(-len(text) // CHARS_PER_TOKEN))
 
 
-def price_for(model: str, prices: Mapping[str, tuple[float, float]] | None = None,
-              provider: str | None = None) -> tuple[float, float] | None:
+def price_for(
+    model: str, prices: Mapping[str, tuple[float, float]] | None = None, provider: str | None = None
+) -> tuple[float, float] | None:
     """The ``(input, output)`` USD price per million tokens of ``model``, or None when unknown.
 
     >>> price_for("gpt-4o-mini-2024-07-18")
@@ -68,10 +69,15 @@ def price_for(model: str, prices: Mapping[str, tuple[float, float]] | None = Non
     """
     table = {**DEFAULT_PRICES, **(prices or {})}
     for name, price in (prices or {}).items():
-        if not (isinstance(price, tuple | list) and len(price) == 2 and all(
-                isinstance(p, int | float) and p >= 0 for p in price)):
+        if not (
+            isinstance(price, tuple | list)
+            and len(price) == 2
+            and all(isinstance(p, int | float) and p >= 0 for p in price)
+        ):
             raise ConfigurationError(
-                f"prices[{name!r}] must be (input, output) USD per million tokens, e.g. (0.15, 0.60); got {price!r}")
+                f"prices[{name!r}] must be (input, output) USD per million tokens, e.g. (0.15, 0.60); "
+                f"got {price!r}"
+            )
     if model in table:
         return tuple(table[model])  # type: ignore[return-value]
     if provider in ("local", "ollama", "lmstudio"):
@@ -129,14 +135,19 @@ class Budget:
     def charge(self, prompt_tokens: int, completion_tokens: int) -> NotSentError | None:
         """Add one answer's tokens; the first time the budget is spent, the error for unsent rows."""
         self.spend.add(prompt_tokens, completion_tokens)
-        if self.exhausted or self.max_cost is None or self.spend.usd is None or self.spend.usd < self.max_cost:
+        if (
+            self.exhausted
+            or self.max_cost is None
+            or self.spend.usd is None
+            or self.spend.usd < self.max_cost
+        ):
             return None
         self.exhausted = True
         return NotSentError(
             f"not sent: the run reached max_cost=${self.max_cost:g} (${self.spend.usd:.4f} spent on "
             f"{self.spend.tokens:,} tokens)",
             suggestion="Run again with a higher max_cost (or none) to continue: with a checkpoint, "
-                       "answered rows are kept and only these rows are sent.",
+            "answered rows are kept and only these rows are sent.",
             sent=False,
         )
 
@@ -168,8 +179,12 @@ class Estimate:
         return (self.prompt_tokens * self.price[0] + self.max_completion_tokens * self.price[1]) / 1e6
 
     def __str__(self) -> str:
-        cost = ("unknown price: pass prices={model: (input, output)} in USD per million tokens"
-                if self.max_cost_usd is None else f"at most ${self.max_cost_usd:,.4f} "
-                f"(${self.prompt_cost_usd:,.4f} for the prompts)")
-        return (f"{self.rows:,} rows, {self.requests:,} requests, {self.prompt_tokens:,} prompt tokens "
-                f"({self.tokenizer}), up to {self.max_completion_tokens:,} completion tokens; cost {cost}")
+        cost = (
+            "unknown price: pass prices={model: (input, output)} in USD per million tokens"
+            if self.max_cost_usd is None
+            else f"at most ${self.max_cost_usd:,.4f} (${self.prompt_cost_usd:,.4f} for the prompts)"
+        )
+        return (
+            f"{self.rows:,} rows, {self.requests:,} requests, {self.prompt_tokens:,} prompt tokens "
+            f"({self.tokenizer}), up to {self.max_completion_tokens:,} completion tokens; cost {cost}"
+        )

@@ -72,8 +72,9 @@ def build_prompts(df: pd.DataFrame, column: Hashable | None, template: str | Non
     'the prompt is empty or only whitespace'
     """
     if (column is None) == (template is None):
-        raise ConfigurationError("pass exactly one of column= (a column of prompts) or template= "
-                                 "(e.g. 'Summarize: {text}')")
+        raise ConfigurationError(
+            "pass exactly one of column= (a column of prompts) or template= (e.g. 'Summarize: {text}')"
+        )
     if template is not None:
         return _fill_template(df, template)
     _check_columns(df, [column])
@@ -96,7 +97,9 @@ def template_fields(template: str) -> list[str]:
             "and literal braces as {{ and }}"
         ) from None
     if not fields:
-        raise ConfigurationError(f"template {template!r} has no {{column}} field: every row would get the same prompt")
+        raise ConfigurationError(
+            f"template {template!r} has no {{column}} field: every row would get the same prompt"
+        )
     names = []
     for name in fields:
         if name == "" or name.isdigit():
@@ -123,8 +126,11 @@ def _fill_template(df: pd.DataFrame, template: str) -> Prompts:
     for i, row in enumerate(df[names].itertuples(index=False, name=None)):
         missing = [n for n, v in zip(names, row) if v is None or (pd.api.types.is_scalar(v) and pd.isna(v))]
         if missing:
-            failed[i] = InvalidPromptError(f"template field(s) {missing} are missing in this row", sent=False,
-                                           suggestion="Fill or drop the rows with missing values first.")
+            failed[i] = InvalidPromptError(
+                f"template field(s) {missing} are missing in this row",
+                sent=False,
+                suggestion="Fill or drop the rows with missing values first.",
+            )
             texts.append(None)
             continue
         try:
@@ -151,13 +157,17 @@ def _check_columns(df: pd.DataFrame, names: Sequence[Any]) -> None:
         if df.columns.nlevels == 1:
             count = int((df.columns == name).sum())
             if count > 1:
-                raise ConfigurationError(f"column {name!r} appears {count} times: rename the duplicates first")
+                raise ConfigurationError(
+                    f"column {name!r} appears {count} times: rename the duplicates first"
+                )
             continue
         selected = df[name]
         if selected.ndim > 1:  # a partial key of MultiIndex columns selects several sub-columns
             first = selected.columns[0]
-            example = (*((name,) if not isinstance(name, tuple) else name), *(first if isinstance(first, tuple)
-                                                                            else (first,)))
+            example = (
+                *((name,) if not isinstance(name, tuple) else name),
+                *(first if isinstance(first, tuple) else (first,)),
+            )
             raise ConfigurationError(
                 f"column {name!r} selects {selected.shape[1]} sub-columns of the frame's MultiIndex "
                 f"columns; name one with a tuple, e.g. column={example!r}"
@@ -167,21 +177,24 @@ def _check_columns(df: pd.DataFrame, names: Sequence[Any]) -> None:
 def prompt_list(prompts: object) -> list[Any]:
     """Check that ``prompts`` is a sequence of prompt texts (None/NaN allowed: they fail per item).
 
-    >>> prompt_list("Hi")
+    >>> prompt_list("Hi")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    gen_ai_frames.errors.ConfigurationError: prompts must be a list of strings, got one str: wrap it in a list, or call generate_response
+    gen_ai_frames.errors.ConfigurationError: prompts must be a list of strings, got one str: wrap it ...
     """
     if isinstance(prompts, (str, bytes)):
-        raise ConfigurationError(f"prompts must be a list of strings, got one {type(prompts).__name__}: "
-                                 "wrap it in a list, or call generate_response")
+        raise ConfigurationError(
+            f"prompts must be a list of strings, got one {type(prompts).__name__}: "
+            "wrap it in a list, or call generate_response"
+        )
     if not isinstance(prompts, Iterable) or isinstance(prompts, dict):
         raise ConfigurationError(f"prompts must be a list of strings, got {type(prompts).__name__}")
     items = list(prompts)
     for i, prompt in enumerate(items):
         if not (prompt is None or isinstance(prompt, str) or _is_missing(prompt)):
             raise ConfigurationError(
-                f"prompts must be a list of strings: prompts[{i}] is {type(prompt).__name__} {_preview(prompt)}. "
+                f"prompts must be a list of strings: prompts[{i}] is {type(prompt).__name__} "
+                f"{_preview(prompt)}. "
                 "Convert the prompts to text first, e.g. [str(p) for p in prompts]."
             )
     return items
@@ -196,9 +209,11 @@ def check_prompt(prompt: object) -> InvalidPromptError | None:
     if prompt is None or _is_missing(prompt):
         return InvalidPromptError("the prompt is missing (None or NaN)", sent=False)
     if not isinstance(prompt, str):
-        return InvalidPromptError(f"the prompt is {type(prompt).__name__} {_preview(prompt)}, not text",
-                                  suggestion="Convert the column to text first, e.g. df[col].astype(str), "
-                                             "or use a template.", sent=False)
+        return InvalidPromptError(
+            f"the prompt is {type(prompt).__name__} {_preview(prompt)}, not text",
+            suggestion="Convert the column to text first, e.g. df[col].astype(str), or use a template.",
+            sent=False,
+        )
     if not prompt.strip():
         return InvalidPromptError("the prompt is empty or only whitespace", sent=False)
     return None

@@ -32,10 +32,20 @@ class RateLimiter:
     [0.0, 0.1, 0.2]
     """
 
-    def __init__(self, requests_per_minute: float | None = None, tokens_per_minute: float | None = None,
-                 *, clock: Clock = time.monotonic) -> None:
-        for name, value in (("requests_per_minute", requests_per_minute), ("tokens_per_minute", tokens_per_minute)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+    def __init__(
+        self,
+        requests_per_minute: float | None = None,
+        tokens_per_minute: float | None = None,
+        *,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        for name, value in (
+            ("requests_per_minute", requests_per_minute),
+            ("tokens_per_minute", tokens_per_minute),
+        ):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0
+            ):
                 raise ConfigurationError(f"{name} must be a number > 0 or None, got {value!r}")
         self.requests_per_minute = requests_per_minute
         self.tokens_per_minute = tokens_per_minute
@@ -360,14 +370,24 @@ def stated_limits(headers: Mapping[str, str]) -> Iterator[Limit]:
         if limit is not None or remaining is not None:
             reset_header = f"x-ratelimit-reset-{kind}"
             reset = headers.get(reset_header)
-            yield (kind, _number(limit), _number(remaining),
-                   None if reset is None else parse_duration(reset), reset_header)
+            yield (
+                kind,
+                _number(limit),
+                _number(remaining),
+                None if reset is None else parse_duration(reset),
+                reset_header,
+            )
     for kind in _ANTHROPIC_KINDS:
         prefix = f"anthropic-ratelimit-{kind}-"
         limit, remaining = headers.get(prefix + "limit"), headers.get(prefix + "remaining")
         if limit is not None or remaining is not None:
-            reset = _until(headers.get(prefix + "reset"))
-            yield kind, _number(limit), _number(remaining), reset, prefix + "reset"
+            yield (
+                kind,
+                _number(limit),
+                _number(remaining),
+                _until(headers.get(prefix + "reset")),
+                prefix + "reset",
+            )
 
 
 def ratelimit_wait(headers: Mapping[str, str]) -> float | None:

@@ -55,8 +55,10 @@ def output_names(options: RunOptions) -> dict[str, str]:
     if options.schema is not None:
         for name in options.schema.fields:
             if name in names:
-                raise ConfigurationError(f"schema field {name!r} has the name of a result column: pass "
-                                         f"prefix= (e.g. prefix='{name}_') to name the field columns apart")
+                raise ConfigurationError(
+                    f"schema field {name!r} has the name of a result column: pass "
+                    f"prefix= (e.g. prefix='{name}_') to name the field columns apart"
+                )
             names[name] = options.prefix + name
     if options.logprobs:
         names["confidence"] = options.prefix + "confidence"
@@ -103,7 +105,9 @@ class _Progress:
         if enabled:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, unit="row", desc="gen-ai-frames", dynamic_ncols=True)
+            self.bar = tqdm(
+                total=total, initial=initial, unit="row", desc="gen-ai-frames", dynamic_ncols=True
+            )
             self._postfix(refresh=False)
 
     def advance(self, rows: int, failed: bool) -> None:
@@ -153,8 +157,11 @@ async def run_rows(prompts: Prompts | Sequence[object], *, client: Client, optio
     """
     if not isinstance(prompts, Prompts):
         prompts = Prompts.check(prompts)
-    budget = Budget(price_for(client.model_name, options.prices, client.provider.name), options.max_cost,
-                    client.model_name)
+    budget = Budget(
+        price_for(client.model_name, options.prices, client.provider.name),
+        options.max_cost,
+        client.model_name,
+    )
     n = len(prompts)
     columns: dict[str, list[Any]] = {name: [None] * n for name in RESULT_COLUMNS}
     outcome = RowResults(columns)
@@ -165,8 +172,13 @@ async def run_rows(prompts: Prompts | Sequence[object], *, client: Client, optio
 
     store = None
     if options.checkpoint is not None:
-        store = await asyncio.to_thread(Checkpoint.open, options.checkpoint, run_fingerprint(client, options.params),
-                                        resume=options.resume, repair=options.repair)
+        store = await asyncio.to_thread(
+            Checkpoint.open,
+            options.checkpoint,
+            run_fingerprint(client, options.params),
+            resume=options.resume,
+            repair=options.repair,
+        )
     run = _Run(prompts, columns, dict(zip(valid, keys)), store)
     try:
         todo = valid
@@ -180,8 +192,13 @@ async def run_rows(prompts: Prompts | Sequence[object], *, client: Client, optio
         for i in todo:
             groups.setdefault(prompts.texts[i] if dedupe else i, []).append(i)
 
-        bar = _Progress(n, options.progress and n > 0, initial=n - len(todo), spend=budget.spend,
-                        errors=sum(1 for e in columns["error"] if e is not None))
+        bar = _Progress(
+            n,
+            options.progress and n > 0,
+            initial=n - len(todo),
+            spend=budget.spend,
+            errors=sum(1 for e in columns["error"] if e is not None),
+        )
         try:
             await _send_groups(run, groups, client, options, budget, bar, outcome)
         finally:
@@ -207,8 +224,13 @@ class _Run:
         await _flush(self.store, rows, self.prompts.texts, self.columns, self.position_key)
 
 
-def _restore(store: Checkpoint, valid: list[int], keys: list[tuple[str, int]], columns: dict[str, list[Any]],
-             retry_errors: bool) -> tuple[list[int], list[int]]:
+def _restore(
+    store: Checkpoint,
+    valid: list[int],
+    keys: list[tuple[str, int]],
+    columns: dict[str, list[Any]],
+    retry_errors: bool,
+) -> tuple[list[int], list[int]]:
     """Fill rows answered by an earlier run from the checkpoint.
 
     Returns the rows still to send, and the restored rows whose position changed since they were stored.
@@ -218,8 +240,12 @@ def _restore(store: Checkpoint, valid: list[int], keys: list[tuple[str, int]], c
         return valid, []
     stored = {
         (h, int(o)): (int(p), row)
-        for h, o, p, row in zip(records["prompt_hash"], records["occurrence"], records["position"],
-                                records[RESULT_COLUMNS].itertuples(index=False, name=None))
+        for h, o, p, row in zip(
+            records["prompt_hash"],
+            records["occurrence"],
+            records["position"],
+            records[RESULT_COLUMNS].itertuples(index=False, name=None),
+        )
     }
     error_index = RESULT_COLUMNS.index("error")
     todo, moved = [], []
@@ -235,8 +261,15 @@ def _restore(store: Checkpoint, valid: list[int], keys: list[tuple[str, int]], c
     return todo, moved
 
 
-async def _send_groups(run: _Run, groups: dict[Any, list[int]], client: Client, options: RunOptions,
-                       budget: Budget, bar: _Progress, outcome: RowResults) -> None:
+async def _send_groups(
+    run: _Run,
+    groups: dict[Any, list[int]],
+    client: Client,
+    options: RunOptions,
+    budget: Budget,
+    bar: _Progress,
+    outcome: RowResults,
+) -> None:
     if not groups:
         return
     texts = run.prompts.texts
@@ -329,8 +362,13 @@ class _Writer:
                 return
 
 
-async def _flush(store: Checkpoint, rows: list[int], prompts: Sequence[str | None], columns: dict[str, list[Any]],
-                 position_key: dict[int, tuple[str, int]]) -> None:
+async def _flush(
+    store: Checkpoint,
+    rows: list[int],
+    prompts: Sequence[str | None],
+    columns: dict[str, list[Any]],
+    position_key: dict[int, tuple[str, int]],
+) -> None:
     table = pa.table(
         {
             "position": pa.array(rows, pa.int64()),

@@ -37,11 +37,21 @@ from .errors import ConfigurationError
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["Schema", "SchemaMismatch", "classify_instruction", "extraction_schema", "labels_schema",
-           "parse_short_schema"]
+__all__ = [
+    "Schema",
+    "SchemaMismatch",
+    "classify_instruction",
+    "extraction_schema",
+    "labels_schema",
+    "parse_short_schema",
+]
 
-_SCALARS = {"str": {"type": "string"}, "int": {"type": "integer"}, "float": {"type": "number"},
-            "bool": {"type": "boolean"}}
+_SCALARS = {
+    "str": {"type": "string"},
+    "int": {"type": "integer"},
+    "float": {"type": "number"},
+    "bool": {"type": "boolean"},
+}
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -84,18 +94,26 @@ def extraction_schema(fields: Mapping[str, Any]) -> dict[str, Any]:
 
     Every field may be null: a text need not mention it.
 
-    >>> extraction_schema({"company": "the company named", "year": int})["properties"]
-    {'company': {'type': ['string', 'null'], 'description': 'the company named'}, 'year': {'type': ['integer', 'null']}}
+    >>> properties = extraction_schema({"company": "the company named", "year": int})["properties"]
+    >>> properties["company"], properties["year"]
+    ({'type': ['string', 'null'], 'description': 'the company named'}, {'type': ['integer', 'null']})
     """
     if not isinstance(fields, Mapping) or not fields:
-        raise ConfigurationError(f"fields must be a non-empty dict like {{'company': 'the company named', "
-                                 f"'year': int}}, got {fields!r}")
+        raise ConfigurationError(
+            f"fields must be a non-empty dict like {{'company': 'the company named', "
+            f"'year': int}}, got {fields!r}"
+        )
     properties = {}
     for name, spec in fields.items():
         if not isinstance(name, str) or not _NAME.match(name):
             raise ConfigurationError(f"field name {name!r} must be an identifier (letters, digits, _)")
-        kind, description = (spec if isinstance(spec, tuple) and len(spec) == 2 else
-                             (str, spec) if isinstance(spec, str) else (spec, None))
+        kind, description = (
+            spec
+            if isinstance(spec, tuple) and len(spec) == 2
+            else (str, spec)
+            if isinstance(spec, str)
+            else (spec, None)
+        )
         prop = _python_type(kind, name)
         if prop.get("type") != "array":
             prop["type"] = [prop["type"], "null"]
@@ -113,8 +131,10 @@ def _python_type(kind: Any, name: str) -> dict[str, Any]:
         return {"type": scalars[kind]}
     if typing.get_origin(kind) is list and len(typing.get_args(kind)) == 1:
         return {"type": "array", "items": _python_type(typing.get_args(kind)[0], name)}
-    raise ConfigurationError(f"field {name!r}: give a description (text) or a type (str, int, float, bool, "
-                             f"list[str]), got {kind!r}")
+    raise ConfigurationError(
+        f"field {name!r}: give a description (text) or a type (str, int, float, bool, "
+        f"list[str]), got {kind!r}"
+    )
 
 
 def _short_type(word: str, part: str) -> dict[str, Any]:
@@ -127,14 +147,20 @@ def _short_type(word: str, part: str) -> dict[str, Any]:
         if any(not v for v in values) or len(set(values)) != len(values):
             raise ConfigurationError(f"enum {word!r} in schema field {part!r} has an empty or repeated value")
         return {"type": "string", "enum": values}
-    raise ConfigurationError(f"unknown type {word!r} in schema field {part!r}: use str, int, float, bool, "
-                             "list[TYPE] or an enum like a|b|c")
+    raise ConfigurationError(
+        f"unknown type {word!r} in schema field {part!r}: use str, int, float, bool, "
+        "list[TYPE] or an enum like a|b|c"
+    )
 
 
 def _object(properties: dict[str, Any]) -> dict[str, Any]:
     # Every field required and no others: what OpenAI's strict mode asks, and what makes columns total.
-    return {"type": "object", "properties": properties, "required": list(properties),
-            "additionalProperties": False}
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": list(properties),
+        "additionalProperties": False,
+    }
 
 
 def _inline_refs(schema: Any, definitions: Mapping[str, Any], depth: int = 0) -> Any:
@@ -179,7 +205,9 @@ class Schema:
         if isinstance(spec, type) and hasattr(spec, "model_json_schema"):
             raw = spec.model_json_schema()
             schema = _inline_refs(raw, raw.get("$defs", {}))
-            return cls(_checked_object(schema, f"model {spec.__name__}"), model=spec, name=_safe_name(spec.__name__))
+            return cls(
+                _checked_object(schema, f"model {spec.__name__}"), model=spec, name=_safe_name(spec.__name__)
+            )
         raise ConfigurationError(
             f"schema must be a pydantic model class, a JSON Schema dict or a string like 'name, age int', "
             f"got {type(spec).__name__}"
@@ -211,7 +239,7 @@ class Schema:
         if error is not None:
             where = "/".join(str(p) for p in error.absolute_path)
             raise SchemaMismatch(f"at {where!r}: {error.message}" if where else error.message)
-        return value  # type: ignore[no-any-return]
+        return value
 
     def instance(self, value: dict[str, Any]) -> Any:
         """The value the client returns: a model instance for a pydantic schema, else the dict."""
@@ -223,7 +251,9 @@ class Schema:
         """The pandas dtype of each field's column."""
         return {name: _dtype(prop) for name, prop in self.json_schema["properties"].items()}
 
-    def columns_from_answers(self, answers: Sequence[str | None]) -> dict[str, pd.api.extensions.ExtensionArray]:
+    def columns_from_answers(
+        self, answers: Sequence[str | None]
+    ) -> dict[str, pd.api.extensions.ExtensionArray]:
         """:meth:`columns` of raw answers (valid JSON, as a run stores them; None for failed rows).
 
         >>> schema = Schema.parse("n int")
@@ -266,9 +296,15 @@ def _safe_name(title: Any) -> str:
 
 
 def _checked_object(schema: dict[str, Any], what: str) -> dict[str, Any]:
-    if schema.get("type") != "object" or not isinstance(schema.get("properties"), dict) or not schema["properties"]:
-        raise ConfigurationError(f"{what} must describe an object with properties (one column each), "
-                                 f"got type {schema.get('type')!r}")
+    if (
+        schema.get("type") != "object"
+        or not isinstance(schema.get("properties"), dict)
+        or not schema["properties"]
+    ):
+        raise ConfigurationError(
+            f"{what} must describe an object with properties (one column each), "
+            f"got type {schema.get('type')!r}"
+        )
     try:
         import jsonschema
 
@@ -306,7 +342,8 @@ def _arrow_type(prop: Mapping[str, Any]) -> Any:
         return pa.list_(_arrow_type(prop.get("items", {})))
     if kind == "object" and isinstance(prop.get("properties"), dict):
         return pa.struct([pa.field(k, _arrow_type(v)) for k, v in prop["properties"].items()])
-    return {"integer": pa.int64(), "number": pa.float64(), "boolean": pa.bool_()}.get(kind, pa.string())
+    scalars = {"integer": pa.int64(), "number": pa.float64(), "boolean": pa.bool_()}
+    return scalars.get(kind, pa.string()) if isinstance(kind, str) else pa.string()
 
 
 def _check_labels(labels: object) -> list[str]:

@@ -130,8 +130,9 @@ def _read_json(file: Path, format_: str) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
-        raise CheckpointCorruptError(f"Cannot read {file}: {exc}; delete it (it only holds counts) "
-                                     "and run again.") from None
+        raise CheckpointCorruptError(
+            f"Cannot read {file}: {exc}; delete it (it only holds counts) and run again."
+        ) from None
     if not isinstance(data, dict) or data.get("format") != format_:
         raise CheckpointCorruptError(f"{file} is not a gen-ai-frames run record.")
     return data
@@ -194,9 +195,15 @@ class ShardedCheckpoint:
                 with contextlib.suppress(FileNotFoundError):
                     (shard / SHARD_FILE).unlink()
         run.record = {
-            "format": _RUN_FORMAT, "version": 1, "kind": kind, "run_id": uuid.uuid4().hex,
-            "fingerprint": dict(fingerprint), "shard_rows": shard_rows, "input_rows": input_rows,
-            "source": source, "complete": False,
+            "format": _RUN_FORMAT,
+            "version": 1,
+            "kind": kind,
+            "run_id": uuid.uuid4().hex,
+            "fingerprint": dict(fingerprint),
+            "shard_rows": shard_rows,
+            "input_rows": input_rows,
+            "source": source,
+            "complete": False,
         }
         try:
             _write_json(path / RUN_FILE, run.record)
@@ -205,14 +212,30 @@ class ShardedCheckpoint:
         return run
 
     @classmethod
-    def attach(cls, root: str | os.PathLike[str], kind: str, fingerprint: Mapping[str, Any],
-               *, run_id: str, shards: int | None = None) -> ShardedCheckpoint:
+    def attach(
+        cls,
+        root: str | os.PathLike[str],
+        kind: str,
+        fingerprint: Mapping[str, Any],
+        *,
+        run_id: str,
+        shards: int | None = None,
+    ) -> ShardedCheckpoint:
         """Join a run from a worker: write run.json if no task has yet (best effort: it only
         serves ``status``), never empty anything."""
         path = Path(os.fspath(root))
-        record = {"format": _RUN_FORMAT, "version": 1, "kind": kind, "run_id": run_id,
-                  "fingerprint": dict(fingerprint), "shard_rows": None, "input_rows": None,
-                  "shards": shards, "source": None, "complete": False}
+        record = {
+            "format": _RUN_FORMAT,
+            "version": 1,
+            "kind": kind,
+            "run_id": run_id,
+            "fingerprint": dict(fingerprint),
+            "shard_rows": None,
+            "input_rows": None,
+            "shards": shards,
+            "source": None,
+            "complete": False,
+        }
         try:
             existing = _read_json(path / RUN_FILE, _RUN_FORMAT)
         except CheckpointCorruptError:
@@ -262,12 +285,21 @@ class ShardedCheckpoint:
         Rows that cannot be sent (no prompt) are never stored in a checkpoint, so only this
         record has them; a failed write only costs ``status`` its exact counts.
         """
-        errors = Counter(t or "unknown" for t, e in zip(columns["error_type"], columns["error"])
-                         if e is not None)
+        errors = Counter(
+            t or "unknown" for t, e in zip(columns["error_type"], columns["error"]) if e is not None
+        )
         rows, failed = len(columns["error"]), sum(errors.values())
         with contextlib.suppress(OSError):
-            self._write_shard(number, {"rows": rows, "finished": True, "answered": rows - failed,
-                                       "failed": failed, "errors_by_type": dict(errors)})
+            self._write_shard(
+                number,
+                {
+                    "rows": rows,
+                    "finished": True,
+                    "answered": rows - failed,
+                    "failed": failed,
+                    "errors_by_type": dict(errors),
+                },
+            )
 
     def complete(self) -> None:
         """Record that every shard of the run's input was answered."""
@@ -285,8 +317,10 @@ class ShardedCheckpoint:
     def _write_shard(self, number: int, data: dict[str, Any]) -> None:
         directory = self.shard_path(number)
         directory.mkdir(parents=True, exist_ok=True)
-        _write_json(directory / SHARD_FILE, {"format": _SHARD_FORMAT, "version": 1,
-                                             "run_id": self.record.get("run_id"), **data})
+        _write_json(
+            directory / SHARD_FILE,
+            {"format": _SHARD_FORMAT, "version": 1, "run_id": self.record.get("run_id"), **data},
+        )
 
     # ---------------------------------------------------------------------------------- reading
 
@@ -340,11 +374,19 @@ class ShardedCheckpoint:
                 errors.update(_clip_errors(info["errors_by_type"], shard_failed))
         input_rows = self.record.get("input_rows")
         return {
-            "path": str(self.root), "kind": self.kind, "shards": len(shards), "total_shards": last,
-            "input_rows": input_rows, "total": stored, "done": done, "failed": failed,
+            "path": str(self.root),
+            "kind": self.kind,
+            "shards": len(shards),
+            "total_shards": last,
+            "input_rows": input_rows,
+            "total": stored,
+            "done": done,
+            "failed": failed,
             "remaining": None if input_rows is None else max(0, input_rows - done - failed),
             "complete": bool(self.record.get("complete", False)),
-            "errors_by_type": dict(errors.most_common()), "parts": parts, "fingerprint": fingerprint or {},
+            "errors_by_type": dict(errors.most_common()),
+            "parts": parts,
+            "fingerprint": fingerprint or {},
         }
 
     def read(self) -> pd.DataFrame:
@@ -357,8 +399,9 @@ class ShardedCheckpoint:
         name = KINDS[self.kind][3]
         if not frames:
             empty = result_frame(RECORD_SCHEMA.empty_table())
-            index = pd.MultiIndex.from_arrays([pd.Index([], dtype="int64"), empty.index],
-                                              names=[name, "position"])
+            index = pd.MultiIndex.from_arrays(
+                [pd.Index([], dtype="int64"), empty.index], names=[name, "position"]
+            )
             return empty.set_axis(index, axis=0)
         return pd.concat(frames, keys=keys, names=[name, "position"])
 
@@ -415,7 +458,10 @@ def repair_sharded(root: str | os.PathLike[str]) -> dict[str, Any]:
     for number, directory in run.shards():
         if _has_checkpoint(directory):
             reports[number] = repair_checkpoint(directory)
-    return {"path": str(run.root), "kind": run.kind, "shards": reports,
-            "dropped": [f"{run.shard_path(n).name}/{name}" for n, r in reports.items()
-                        for name in r["dropped"]],
-            "rebuilt": [run.shard_path(n).name for n, r in reports.items() if r["rebuilt"]]}
+    return {
+        "path": str(run.root),
+        "kind": run.kind,
+        "shards": reports,
+        "dropped": [f"{run.shard_path(n).name}/{name}" for n, r in reports.items() for name in r["dropped"]],
+        "rebuilt": [run.shard_path(n).name for n, r in reports.items() if r["rebuilt"]],
+    }

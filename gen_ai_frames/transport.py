@@ -127,8 +127,12 @@ class AiohttpTransport:
     >>> response = await transport.send(HttpRequest("GET", "http://127.0.0.1:8000/stats"))  # doctest: +SKIP
     """
 
-    def __init__(self, *, verify: bool | str | ssl.SSLContext = True,
-                 max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES) -> None:
+    def __init__(
+        self,
+        *,
+        verify: bool | str | ssl.SSLContext = True,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+    ) -> None:
         self._verify = verify
         self._max_bytes = max_response_bytes
         self._session: aiohttp.ClientSession | None = None
@@ -159,22 +163,36 @@ class AiohttpTransport:
             # Redirects are never followed by aiohttp itself: it would carry api-key, x-api-key and
             # x-goog-api-key to another host (it strips only Authorization).
             async with self._session.request(
-                request.method, request.url, data=request.body or None, headers=request.headers,
+                request.method,
+                request.url,
+                data=request.body or None,
+                headers=request.headers,
                 allow_redirects=False,
             ) as response:
                 headers = {name.lower(): value for name, value in response.headers.items()}
-                body = await _read_bounded(response.content.iter_chunked(_CHUNK), headers, response.status,
-                                           self._max_bytes, response.close, response.read)
+                body = await _read_bounded(
+                    response.content.iter_chunked(_CHUNK),
+                    headers,
+                    response.status,
+                    self._max_bytes,
+                    response.close,
+                    response.read,
+                )
                 return HttpResponse(response.status, headers, body)
         except aiohttp.ClientConnectorCertificateError as err:
-            raise TransportError(f"TLS certificate check failed: {err.certificate_error}", kind="tls") from None
+            raise TransportError(
+                f"TLS certificate check failed: {err.certificate_error}", kind="tls"
+            ) from None
         except aiohttp.ClientConnectorDNSError:
             raise TransportError("the host name could not be resolved", kind="dns") from None
         except aiohttp.ClientConnectorError as err:
-            raise TransportError(f"connection refused or unreachable ({err.os_error})", kind="refused") from None
+            raise TransportError(
+                f"connection refused or unreachable ({err.os_error})", kind="refused"
+            ) from None
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError) as err:
-            raise TransportError(f"the connection broke before the answer was complete ({type(err).__name__})",
-                                 kind="reset") from None
+            raise TransportError(
+                f"the connection broke before the answer was complete ({type(err).__name__})", kind="reset"
+            ) from None
         except aiohttp.InvalidURL:
             raise TransportError(f"invalid URL {redact_url(request.url)!r}", kind="other") from None
         except aiohttp.ClientError as err:
@@ -216,27 +234,32 @@ class HttpxTransport:
         if self._client is None:
             verify = ssl_context(self._verify)
             self._client = httpx.AsyncClient(
-                transport=self._transport, verify=verify, timeout=None,
+                transport=self._transport,
+                verify=verify,
+                timeout=None,
                 limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
             )
         try:
-            built = self._client.build_request(request.method, request.url, content=request.body or None,
-                                               headers=request.headers)
+            built = self._client.build_request(
+                request.method, request.url, content=request.body or None, headers=request.headers
+            )
             # follow_redirects=False even for a user's client that follows: httpx would re-send
             # api-key or x-goog-api-key to another host (it strips only Authorization).
             response = await self._client.send(built, stream=True, follow_redirects=False)
             try:
                 headers = {name.lower(): value for name, value in response.headers.items()}
-                body = await _read_bounded(response.aiter_bytes(_CHUNK), headers, response.status_code,
-                                           self._max_bytes, None, None)
+                body = await _read_bounded(
+                    response.aiter_bytes(_CHUNK), headers, response.status_code, self._max_bytes, None, None
+                )
             finally:
                 await response.aclose()
         except httpx.ConnectError as err:
             kind = "tls" if "CERTIFICATE" in str(err).upper() else "refused"
             raise TransportError(f"connection failed ({redact_url(str(err))})", kind=kind) from None
         except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as err:
-            raise TransportError(f"the connection broke before the answer was complete ({type(err).__name__})",
-                                 kind="reset") from None
+            raise TransportError(
+                f"the connection broke before the answer was complete ({type(err).__name__})", kind="reset"
+            ) from None
         except httpx.TimeoutException as err:
             raise TransportError(f"transport timeout ({type(err).__name__})", kind="reset") from None
         except (httpx.HTTPError, httpx.InvalidURL) as err:
@@ -249,8 +272,9 @@ class HttpxTransport:
             self._client = None
 
 
-async def _following_redirects(send_once: Callable[[HttpRequest], Awaitable[HttpResponse]],
-                               request: HttpRequest) -> HttpResponse:
+async def _following_redirects(
+    send_once: Callable[[HttpRequest], Awaitable[HttpResponse]], request: HttpRequest
+) -> HttpResponse:
     """Send, following a 307/308 (which keep the method and body) only within the same origin.
 
     Any other 3xx answer is returned with its ``location`` made absolute, for the provider to
@@ -273,9 +297,14 @@ async def _following_redirects(send_once: Callable[[HttpRequest], Awaitable[Http
     return response
 
 
-async def _read_bounded(chunks: AsyncIterator[bytes], headers: Mapping[str, str], status: int, limit: int,
-                        close: Callable[[], None] | None,
-                        read_all: Callable[[], Awaitable[bytes]] | None) -> bytes:
+async def _read_bounded(
+    chunks: AsyncIterator[bytes],
+    headers: Mapping[str, str],
+    status: int,
+    limit: int,
+    close: Callable[[], None] | None,
+    read_all: Callable[[], Awaitable[bytes]] | None,
+) -> bytes:
     """The body, or ResponseTooLargeError as soon as it is known to exceed ``limit``: a declared
     Content-Length is refused before reading, a chunked body once ``limit`` bytes have arrived."""
     declared = headers.get("content-length", "")
@@ -299,8 +328,10 @@ async def _read_bounded(chunks: AsyncIterator[bytes], headers: Mapping[str, str]
 
 
 def _too_large(limit: int, status: int, detail: str) -> ResponseTooLargeError:
-    return ResponseTooLargeError(f"the answer (HTTP {status}) is larger than max_response_bytes={limit:,} "
-                                 f"({detail})", status_code=status)
+    return ResponseTooLargeError(
+        f"the answer (HTTP {status}) is larger than max_response_bytes={limit:,} ({detail})",
+        status_code=status,
+    )
 
 
 def same_origin(url: str, other: str) -> bool:
@@ -312,7 +343,10 @@ def same_origin(url: str, other: str) -> bool:
     try:
         a, b = urlsplit(url), urlsplit(other)
         return (a.scheme.lower(), a.hostname, a.port or _PORTS.get(a.scheme.lower())) == (
-            b.scheme.lower(), b.hostname, b.port or _PORTS.get(b.scheme.lower()))
+            b.scheme.lower(),
+            b.hostname,
+            b.port or _PORTS.get(b.scheme.lower()),
+        )
     except ValueError:
         return False
 
@@ -345,8 +379,9 @@ def redact_url(url: str) -> str:
     'https://gw.example.com/v1?key=***&api-version=2024-10-21'
     """
     url = _CREDENTIALS.sub(r"\1***@", url)
-    return _QUERY_SECRET.sub(lambda m: m.group(1) + "***" if _SECRET_NAME.search(m.group(2)) else m.group(0),
-                             url)
+    return _QUERY_SECRET.sub(
+        lambda m: m.group(1) + "***" if _SECRET_NAME.search(m.group(2)) else m.group(0), url
+    )
 
 
 def public_url(url: str) -> str:

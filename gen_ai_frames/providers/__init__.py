@@ -17,12 +17,20 @@ import sys
 import types
 import warnings
 from importlib.metadata import entry_points
+from typing import Any
 
 from ..errors import ConfigurationError
 from .base import Completion, Provider
 from .openai import OpenAIProvider
 
-__all__ = ["ENTRY_POINT_GROUP", "Completion", "OpenAIProvider", "Provider", "available_providers", "get_provider"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "Completion",
+    "OpenAIProvider",
+    "Provider",
+    "available_providers",
+    "get_provider",
+]
 
 ENTRY_POINT_GROUP = "gen_ai_frames.providers"
 
@@ -66,8 +74,11 @@ class _CallableModule(types.ModuleType):
     package is itself callable now, as a deprecated alias of :func:`available_providers`."""
 
     def __call__(self) -> list[str]:
-        warnings.warn("gen_ai_frames.providers() is deprecated: call gen_ai_frames.available_providers()",
-                      DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "gen_ai_frames.providers() is deprecated: call gen_ai_frames.available_providers()",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return available_providers()
 
 
@@ -95,7 +106,7 @@ def get_provider(name: str) -> type[Provider]:
         raise ConfigurationError(
             f"provider {name!r} is registered as {target!r}, but module {module_name!r} is not installed"
         ) from err
-    provider_class = module
+    provider_class: Any = module
     for part in attribute.split(".") if attribute else ():
         provider_class = getattr(provider_class, part, None)
     if not (isinstance(provider_class, type) and issubclass(provider_class, Provider)):

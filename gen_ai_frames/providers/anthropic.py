@@ -69,11 +69,14 @@ _FINISH_REASONS = {
 }
 
 #: The forced tool's description when the schema has none of its own.
-_TOOL_DESCRIPTION = ("Give your answer by calling this tool: its input is the answer, in the required "
-                     "structure.")
+_TOOL_DESCRIPTION = (
+    "Give your answer by calling this tool: its input is the answer, in the required structure."
+)
 
-_BILLING_SUGGESTION = ("The Anthropic account has no usable credit: add credits or raise the spend limit "
-                       "in the Anthropic Console (Plans & Billing), then run again: finished rows are kept.")
+_BILLING_SUGGESTION = (
+    "The Anthropic account has no usable credit: add credits or raise the spend limit "
+    "in the Anthropic Console (Plans & Billing), then run again: finished rows are kept."
+)
 
 
 class AnthropicProvider(Provider):
@@ -97,8 +100,15 @@ class AnthropicProvider(Provider):
     max_temperature: ClassVar[float] = 1.0
     credential_header: ClassVar[str | None] = "x-api-key"
 
-    def __init__(self, *, api_key: str | None, endpoint: str, model_name: str,
-                 anthropic_version: str = "2023-06-01", **options: Any) -> None:
+    def __init__(
+        self,
+        *,
+        api_key: str | None,
+        endpoint: str,
+        model_name: str,
+        anthropic_version: str = "2023-06-01",
+        **options: Any,
+    ) -> None:
         super().__init__(api_key=api_key, endpoint=endpoint, model_name=model_name, **options)
         self._headers = {
             "content-type": "application/json",
@@ -113,21 +123,26 @@ class AnthropicProvider(Provider):
         """The Messages API body; raises ConfigurationError for a temperature above 1.
 
         >>> provider = AnthropicProvider(api_key="k", endpoint="http://127.0.0.1:9/v1", model_name="m")
-        >>> provider.build_request([{"role": "user", "content": "Hi"}], GenerationParams(temperature=1.5))
+        >>> hot = GenerationParams(temperature=1.5)
+        >>> provider.build_request([{"role": "user", "content": "Hi"}], hot)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        gen_ai_frames.errors.ConfigurationError: temperature=1.5 is above Anthropic's maximum of 1 (its scale is [0, 1], not OpenAI's [0, 2]): pass temperature=1 or lower
+        gen_ai_frames.errors.ConfigurationError: temperature=1.5 is above Anthropic's maximum of 1 ...
         """
         if params.temperature > self.max_temperature:
             # Refused rather than clamped: silently answering at another temperature than asked
             # would change results without a trace.
             raise ConfigurationError(
-                f"temperature={params.temperature:g} is above Anthropic's maximum of {self.max_temperature:g} "
+                f"temperature={params.temperature:g} is above Anthropic's maximum of "
+                f"{self.max_temperature:g} "
                 "(its scale is [0, 1], not OpenAI's [0, 2]): pass temperature=1 or lower"
             )
         system = [m["content"] for m in messages if m.get("role") == "system"]
-        turns = [{"role": m.get("role", "user"), "content": m["content"]}
-                 for m in messages if m.get("role") != "system"]
+        turns = [
+            {"role": m.get("role", "user"), "content": m["content"]}
+            for m in messages
+            if m.get("role") != "system"
+        ]
         body: dict[str, Any] = {
             "model": self.model_name,
             "max_tokens": params.max_tokens,
@@ -147,8 +162,9 @@ class AnthropicProvider(Provider):
             description = schema.json_schema.get("description")
             if not isinstance(description, str):
                 description = _TOOL_DESCRIPTION
-            body["tools"] = [{"name": schema.name, "description": description,
-                              "input_schema": schema.json_schema}]
+            body["tools"] = [
+                {"name": schema.name, "description": description, "input_schema": schema.json_schema}
+            ]
             body["tool_choice"] = {"type": "tool", "name": schema.name}
         return HttpRequest("POST", self._url, self._headers, dumps(body))
 
@@ -159,8 +175,9 @@ class AnthropicProvider(Provider):
         status = response.status
         data = self.parse_json(response)
         if not isinstance(data, dict):
-            raise MalformedResponseError(f"expected a JSON object, got {type(data).__name__}",
-                                         status_code=status)
+            raise MalformedResponseError(
+                f"expected a JSON object, got {type(data).__name__}", status_code=status
+            )
         if data.get("type") == "error" or ("error" in data and "content" not in data):
             raise self._error(response, data)
         content = data.get("content")
@@ -174,30 +191,45 @@ class AnthropicProvider(Provider):
             # Anthropic's safety classifiers stopped the answer: a content filter, not the model's words.
             raise ContentFilterError("Claude declined to answer (stop_reason 'refusal')", status_code=status)
         finish_reason = _FINISH_REASONS.get(stop_reason or "", stop_reason)
-        tool_use = next((block for block in content
-                         if isinstance(block, dict) and block.get("type") == "tool_use"), None)
+        tool_use = next(
+            (block for block in content if isinstance(block, dict) and block.get("type") == "tool_use"), None
+        )
         if tool_use is not None:
             # Structured output: the forced tool's input is the answer.
             tool_input = tool_use.get("input")
             if not isinstance(tool_input, dict):
                 shown = "missing" if tool_input is None else f"a {type(tool_input).__name__}, not an object"
-                raise MalformedResponseError(f"the answer's tool_use block has no input (input is {shown})",
-                                             status_code=status, suggestion=BAD_FIELD_SUGGESTION)
+                raise MalformedResponseError(
+                    f"the answer's tool_use block has no input (input is {shown})",
+                    status_code=status,
+                    suggestion=BAD_FIELD_SUGGESTION,
+                )
             text = compact_json(tool_input)
             if finish_reason == "tool_calls":
                 finish_reason = "stop"  # the forced tool call is the whole, finished answer
         else:
             # Only text blocks: thinking blocks are not part of the answer text.
-            text = "".join(block["text"] for block in content
-                           if isinstance(block, dict) and block.get("type") == "text"
-                           and isinstance(block.get("text"), str))
+            text = "".join(
+                block["text"]
+                for block in content
+                if isinstance(block, dict)
+                and block.get("type") == "text"
+                and isinstance(block.get("text"), str)
+            )
         if not text and finish_reason == "length":
-            raise EmptyAnswerError(f"the answer has no text: Claude reached max_tokens (stop_reason "
-                                   f"{stop_reason!r}) before writing any", status_code=status)
+            raise EmptyAnswerError(
+                f"the answer has no text: Claude reached max_tokens (stop_reason "
+                f"{stop_reason!r}) before writing any",
+                status_code=status,
+            )
         # A usage that is not an object is ignored; a count of the wrong type fails the row.
-        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-        return Completion(text, finish_reason, _prompt_tokens(usage, status),
-                          token_field(usage, "output_tokens", "usage", status))
+        usage: dict[str, Any] = data["usage"] if isinstance(data.get("usage"), dict) else {}
+        return Completion(
+            text,
+            finish_reason,
+            _prompt_tokens(usage, status),
+            token_field(usage, "output_tokens", "usage", status),
+        )
 
     def _error(self, response: HttpResponse, data: Any) -> RequestError:
         if data is None:
@@ -209,13 +241,17 @@ class AnthropicProvider(Provider):
             message = str(error.get("message") or kind or "no message")
         else:
             preview = response.body[:80].decode("utf-8", "replace").replace("\n", " ")
-            message = f"no error details in the answer (starts with {preview!r})" if preview else "empty answer"
+            message = (
+                f"no error details in the answer (starts with {preview!r})" if preview else "empty answer"
+            )
         status = response.status if response.status >= 400 else ERROR_STATUS.get(kind or "", 400)
         text = f"HTTP {status}: {kind}: {message}" if kind else f"HTTP {status}: {message}"
         lowered = message.lower()
         if kind == "billing_error" or "credit balance" in lowered:
             # Every other request of the run would fail the same way: stop the run.
-            billing = APIStatusError(text, suggestion=_BILLING_SUGGESTION, status_code=status, retryable=False)
+            billing = APIStatusError(
+                text, suggestion=_BILLING_SUGGESTION, status_code=status, retryable=False
+            )
             billing.fatal = True
             return billing
         if status in (400, 413) and ("context limit" in lowered or "context window" in lowered):
@@ -223,15 +259,19 @@ class AnthropicProvider(Provider):
             # "prompt is too long" but not this wording)
             return ContextLengthError(text, status_code=status)
         if kind == "request_too_large" and status == 413:
-            return BadRequestError(text, status_code=413,
-                                   suggestion="The request is larger than Anthropic's size limit (32 MB): "
-                                              "shorten the prompt.")
+            return BadRequestError(
+                text,
+                status_code=413,
+                suggestion="The request is larger than Anthropic's size limit (32 MB): shorten the prompt.",
+            )
         return error_for_status(status, text, code=kind, key_suggestion=self.key_suggestion())
 
 
 def _prompt_tokens(usage: dict[str, Any], status: int) -> int | None:
     """All input tokens: ``input_tokens`` excludes the ones read from or written to the prompt cache."""
-    counts = [token_field(usage, name, "usage", status)
-              for name in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")]
+    counts = [
+        token_field(usage, name, "usage", status)
+        for name in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+    ]
     numbers = [count for count in counts if count is not None]
     return sum(numbers) if numbers else None

@@ -43,13 +43,22 @@ class AzureOpenAIProvider(OpenAIProvider):
     default_model: ClassVar[str | None] = None
     credential_header: ClassVar[str | None] = "api-key"
 
-    def __init__(self, *, api_key: str | None, endpoint: str, model_name: str,
-                 api_version: str = DEFAULT_API_VERSION, api: str = "chat", **options: Any) -> None:
+    def __init__(
+        self,
+        *,
+        api_key: str | None,
+        endpoint: str,
+        model_name: str,
+        api_version: str = DEFAULT_API_VERSION,
+        api: str = "chat",
+        **options: Any,
+    ) -> None:
         if "organization" in options:
             raise ConfigurationError("option 'organization' is OpenAI's, not Azure's: drop it")
         if not isinstance(api_version, str) or not api_version.strip():
-            raise ConfigurationError(f"api_version must be a string such as {DEFAULT_API_VERSION!r}, "
-                                     f"got {api_version!r}")
+            raise ConfigurationError(
+                f"api_version must be a string such as {DEFAULT_API_VERSION!r}, got {api_version!r}"
+            )
         # The portal sometimes shows the endpoint with the "/openai" path: accept both.
         parts = urlsplit(endpoint)
         endpoint = urlunsplit(parts._replace(path=parts.path.rstrip("/").removesuffix("/openai")))
@@ -59,8 +68,11 @@ class AzureOpenAIProvider(OpenAIProvider):
         if api_key:
             self._headers["api-key"] = api_key
         path = "chat/completions" if api == "chat" else "completions"
-        self._url = join_url(endpoint, f"openai/deployments/{quote(model_name, safe='')}/{path}",
-                             f"api-version={quote(api_version, safe='')}")
+        self._url = join_url(
+            endpoint,
+            f"openai/deployments/{quote(model_name, safe='')}/{path}",
+            f"api-version={quote(api_version, safe='')}",
+        )
 
     @classmethod
     def endpoint_from_env(cls, endpoint: str | None) -> str | None:
@@ -78,14 +90,18 @@ class AzureOpenAIProvider(OpenAIProvider):
             data = self.json_or_none(response)
         error = data.get("error") if isinstance(data, dict) else None
         if isinstance(error, dict):
-            inner = error.get("innererror") if isinstance(error.get("innererror"), dict) else {}
+            inner: dict[str, Any] = error["innererror"] if isinstance(error.get("innererror"), dict) else {}
             if error.get("code") == "content_filter" or inner.get("code") == "ResponsibleAIPolicyViolation":
                 # Azure's prompt filter answers 400; it is no bad request: rephrasing is the fix.
-                return ContentFilterError(f"HTTP {status or response.status}: {error.get('message') or 'filtered'}",
-                                          status_code=status or response.status)
+                return ContentFilterError(
+                    f"HTTP {status or response.status}: {error.get('message') or 'filtered'}",
+                    status_code=status or response.status,
+                )
         result = super()._error(response, data, status)
         if isinstance(result, NotFoundError):
-            result.suggestion = ("Check `model_name`: for Azure it is the deployment name (Azure portal > "
-                                 "Deployments), not the model name; and check `endpoint` "
-                                 "(https://<resource>.openai.azure.com) and `api_version`.")
+            result.suggestion = (
+                "Check `model_name`: for Azure it is the deployment name (Azure portal > "
+                "Deployments), not the model name; and check `endpoint` "
+                "(https://<resource>.openai.azure.com) and `api_version`."
+            )
         return result

@@ -49,7 +49,7 @@ try:  # orjson parses answers ~3x faster; the standard library is the fallback
         return orjson.dumps(value)
 
 except ImportError:  # pragma: no cover - orjson is a dependency
-    loads = json.loads
+    loads = json.loads  # type: ignore[assignment]
 
     def dumps(value: Any) -> bytes:
         return json.dumps(value, ensure_ascii=False).encode()
@@ -74,9 +74,11 @@ __all__ = [
 ]
 
 #: Suggestion of an answer that is JSON of the right shape with one field of the wrong type.
-BAD_FIELD_SUGGESTION = ("The server broke the API's format in this answer (the field is named in the "
-                        "message); only this row failed: run again with retry_errors to re-ask it, and "
-                        "report the server's answer to its maintainers if it keeps happening.")
+BAD_FIELD_SUGGESTION = (
+    "The server broke the API's format in this answer (the field is named in the "
+    "message); only this row failed: run again with retry_errors to re-ask it, and "
+    "report the server's answer to its maintainers if it keeps happening."
+)
 
 
 @dataclass(slots=True)
@@ -136,7 +138,9 @@ class Provider:
         self._register_secrets()
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(endpoint={redact_url(self.endpoint)!r}, model_name={self.model_name!r})"
+        return (
+            f"{type(self).__name__}(endpoint={redact_url(self.endpoint)!r}, model_name={self.model_name!r})"
+        )
 
     def fingerprint(self) -> dict[str, Any]:
         """What identifies the model answering: stored in checkpoints (never the key, nor a key or
@@ -195,29 +199,37 @@ class Provider:
             return
         location = response.headers.get("location")
         if not location:
-            raise RedirectError(f"the endpoint answered HTTP {status} (a redirect) without saying where to",
-                                status_code=status)
+            raise RedirectError(
+                f"the endpoint answered HTTP {status} (a redirect) without saying where to",
+                status_code=status,
+            )
         shown = redact_url(location)
         if status in (307, 308) and not same_origin(location, self.endpoint):
-            message = (f"the endpoint answered HTTP {status}, redirecting to another host: {shown}; "
-                       "the request was not re-sent there, so that the API key does not travel to "
-                       "another host")
+            message = (
+                f"the endpoint answered HTTP {status}, redirecting to another host: {shown}; "
+                "the request was not re-sent there, so that the API key does not travel to "
+                "another host"
+            )
         elif status in (307, 308):
             message = f"the endpoint kept redirecting (HTTP {status}, last to {shown})"
         else:
-            message = (f"the endpoint answered HTTP {status}: it moved to {shown}; a POST cannot follow a "
-                       f"{status} redirect (it would turn into a GET)")
+            message = (
+                f"the endpoint answered HTTP {status}: it moved to {shown}; a POST cannot follow a "
+                f"{status} redirect (it would turn into a GET)"
+            )
         suggestion = None
         url = getattr(self, "_url", None)
         if isinstance(url, str):
             # The request URL is the endpoint plus a path: the same path cut from the new address
             # gives the endpoint to use instead.
-            suffix = urlsplit(url).path[len(urlsplit(self.endpoint).path):]
+            suffix = urlsplit(url).path[len(urlsplit(self.endpoint).path) :]
             target = urlsplit(location)
             if suffix and target.path.endswith(suffix):
                 new = urlunsplit((target.scheme, target.netloc, target.path[: -len(suffix)], "", ""))
-                suggestion = ("The endpoint moved: if you trust the new address, pass "
-                              f"endpoint={redact_url(new)!r} (the API key is never sent to another host).")
+                suggestion = (
+                    "The endpoint moved: if you trust the new address, pass "
+                    f"endpoint={redact_url(new)!r} (the API key is never sent to another host)."
+                )
         raise RedirectError(message, status_code=status, suggestion=suggestion)
 
     def json_or_none(self, response: HttpResponse) -> Any:
@@ -243,15 +255,23 @@ def text_field(value: Any, where: str, status: int) -> str | None:
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, list):
-        texts = [part if isinstance(part, str) else part.get("text") for part in value
-                 if isinstance(part, str)
-                 or (isinstance(part, dict) and part.get("type", "text") in _TEXT_PARTS)]
+        texts: list[Any] = [
+            part if isinstance(part, str) else part.get("text")
+            for part in value
+            if isinstance(part, str) or (isinstance(part, dict) and part.get("type", "text") in _TEXT_PARTS)
+        ]
         if not all(isinstance(text, str) for text in texts):
-            raise MalformedResponseError(f"{where} has a text part whose text is not a string",
-                                         status_code=status, suggestion=BAD_FIELD_SUGGESTION)
+            raise MalformedResponseError(
+                f"{where} has a text part whose text is not a string",
+                status_code=status,
+                suggestion=BAD_FIELD_SUGGESTION,
+            )
         return "".join(texts) if texts else None
-    raise MalformedResponseError(f"{where} is {_shown(value)}, not text nor a list of text parts",
-                                 status_code=status, suggestion=BAD_FIELD_SUGGESTION)
+    raise MalformedResponseError(
+        f"{where} is {_shown(value)}, not text nor a list of text parts",
+        status_code=status,
+        suggestion=BAD_FIELD_SUGGESTION,
+    )
 
 
 _TEXT_PARTS = frozenset({"text", "output_text"})
@@ -275,8 +295,11 @@ def token_field(usage: dict[str, Any], name: str, where: str, status: int) -> in
     if isinstance(value, float) and value.is_integer() and value >= 0:
         return int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise MalformedResponseError(f"{where}.{name} is {_shown(value)}, not a whole number of tokens",
-                                     status_code=status, suggestion=BAD_FIELD_SUGGESTION)
+        raise MalformedResponseError(
+            f"{where}.{name} is {_shown(value)}, not a whole number of tokens",
+            status_code=status,
+            suggestion=BAD_FIELD_SUGGESTION,
+        )
     return value
 
 
@@ -290,8 +313,9 @@ def finish_reason_field(value: Any, where: str, status: int) -> str | None:
     """
     if value is None or isinstance(value, str):
         return value
-    raise MalformedResponseError(f"{where} is {_shown(value)}, not a string", status_code=status,
-                                 suggestion=BAD_FIELD_SUGGESTION)
+    raise MalformedResponseError(
+        f"{where} is {_shown(value)}, not a string", status_code=status, suggestion=BAD_FIELD_SUGGESTION
+    )
 
 
 # Structured output helpers shared by providers ----------------------------------------------------
@@ -299,11 +323,31 @@ def finish_reason_field(value: Any, where: str, status: int) -> str | None:
 #: Keywords OpenAI's strict mode accepts (https://platform.openai.com/docs/guides/structured-outputs,
 #: "Supported schemas"); any other keyword (minLength, default, allOf, not, if/then...) makes a schema
 #: fail strict mode with HTTP 400, so such a schema is sent with strict=False instead.
-_STRICT_KEYWORDS = frozenset({
-    "type", "properties", "required", "additionalProperties", "items", "enum", "const", "anyOf",
-    "description", "title", "$defs", "$ref", "pattern", "format", "minimum", "maximum",
-    "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minItems", "maxItems",
-})
+_STRICT_KEYWORDS = frozenset(
+    {
+        "type",
+        "properties",
+        "required",
+        "additionalProperties",
+        "items",
+        "enum",
+        "const",
+        "anyOf",
+        "description",
+        "title",
+        "$defs",
+        "$ref",
+        "pattern",
+        "format",
+        "minimum",
+        "maximum",
+        "exclusiveMinimum",
+        "exclusiveMaximum",
+        "multipleOf",
+        "minItems",
+        "maxItems",
+    }
+)
 #: OpenAI's documented limits for strict schemas: nesting depth and total object properties.
 _STRICT_MAX_DEPTH = 10
 _STRICT_MAX_PROPERTIES = 5000
@@ -329,8 +373,12 @@ def strict_compatible(schema: dict[str, Any]) -> bool:
         if "object" in kinds:
             properties = node.get("properties")
             required = node.get("required")
-            if (not isinstance(properties, dict) or node.get("additionalProperties") is not False
-                    or not isinstance(required, list) or set(required) != set(properties)):
+            if (
+                not isinstance(properties, dict)
+                or node.get("additionalProperties") is not False
+                or not isinstance(required, list)
+                or set(required) != set(properties)
+            ):
                 return False
             counted[0] += len(properties)
             if not all(ok(child, depth + 1) for child in properties.values()):
@@ -361,8 +409,10 @@ def schema_instruction(schema: Schema) -> str:
     Answer with one JSON object ... JSON Schema:
     {"type":"object","properties":{"n":{"type":"integer"}},"required":["n"],"additionalProperties":false}
     """
-    return ("Answer with one JSON object and nothing else (no code fence, no comments) that matches this "
-            f"JSON Schema:\n{compact_json(schema.json_schema)}")
+    return (
+        "Answer with one JSON object and nothing else (no code fence, no comments) that matches this "
+        f"JSON Schema:\n{compact_json(schema.json_schema)}"
+    )
 
 
 def logprob_sum(values: Any) -> float | None:
@@ -392,7 +442,11 @@ def _shown(value: Any) -> str:
 
 
 def error_for_status(
-    status: int, message: str, *, code: str | None = None, key_suggestion: str | None = None,
+    status: int,
+    message: str,
+    *,
+    code: str | None = None,
+    key_suggestion: str | None = None,
     retry_after: float | None = None,
 ) -> RequestError:
     """Map an HTTP error status (and the provider's error code) to our typed error.
@@ -404,9 +458,13 @@ def error_for_status(
     """
     lowered = f"{code or ''} {message}".lower()
     kwargs: dict[str, Any] = {"status_code": status, "retry_after": retry_after}
-    if status in (400, 413, 422) and ("context_length" in lowered or "context length" in lowered
-                                       or "maximum context" in lowered or "too many tokens" in lowered
-                                       or "prompt is too long" in lowered):
+    if status in (400, 413, 422) and (
+        "context_length" in lowered
+        or "context length" in lowered
+        or "maximum context" in lowered
+        or "too many tokens" in lowered
+        or "prompt is too long" in lowered
+    ):
         return ContextLengthError(message, **kwargs)
     if status == 401:
         return AuthenticationError(message, suggestion=key_suggestion, **kwargs)
@@ -415,9 +473,13 @@ def error_for_status(
     if status == 404:
         return NotFoundError(message, **kwargs)
     if status == 408:
-        return APIStatusError(message, retryable=True,
-                              suggestion="The server timed out the request: it is retried; raise `timeout` "
-                                         "or lower `max_tokens` if it keeps happening.", **kwargs)
+        return APIStatusError(
+            message,
+            retryable=True,
+            suggestion="The server timed out the request: it is retried; raise `timeout` "
+            "or lower `max_tokens` if it keeps happening.",
+            **kwargs,
+        )
     if status == 409:
         return ConflictError(message, **kwargs)
     if status == 429:
@@ -449,14 +511,18 @@ def normalize_endpoint(endpoint: str) -> str:
     gen_ai_frames.errors.ConfigurationError: endpoint 'http://***@host:99999/v1' has an invalid port: ...
     """
     if not isinstance(endpoint, str) or not endpoint.strip():
-        raise ConfigurationError(f"endpoint must be a URL string such as 'https://api.example.com/v1', got {endpoint!r}")
+        raise ConfigurationError(
+            f"endpoint must be a URL string such as 'https://api.example.com/v1', got {endpoint!r}"
+        )
     endpoint = endpoint.strip()
     shown = redact_url(endpoint)
     try:
         parts = urlsplit(endpoint)
     except ValueError as err:  # e.g. "http://[::1/v1": an unclosed IPv6 bracket
-        raise ConfigurationError(f"endpoint {shown!r} is not a valid URL ({err}): write it like "
-                                 "'https://api.example.com/v1' or 'http://[::1]:8000/v1'") from None
+        raise ConfigurationError(
+            f"endpoint {shown!r} is not a valid URL ({err}): write it like "
+            "'https://api.example.com/v1' or 'http://[::1]:8000/v1'"
+        ) from None
     if parts.scheme not in ("http", "https") or not parts.netloc:
         if "://" not in endpoint:
             raise ConfigurationError(f"endpoint {shown!r} has no scheme: write it as 'https://{shown}'")
@@ -466,14 +532,16 @@ def normalize_endpoint(endpoint: str) -> str:
     except ValueError:
         port = 0
     if port == 0 or any(c.isspace() for c in endpoint):
-        problem = ("has an invalid port: a port is a number from 1 to 65535" if port == 0
-                   else "contains spaces")
+        problem = (
+            "has an invalid port: a port is a number from 1 to 65535" if port == 0 else "contains spaces"
+        )
         raise ConfigurationError(f"endpoint {shown!r} {problem}")
     if not parts.hostname:
         raise ConfigurationError(f"endpoint {shown!r} has no host name")
     if parts.fragment or endpoint.endswith("#"):
-        raise ConfigurationError(f"endpoint {shown!r} has a #fragment, which is never sent to a server: "
-                                 "drop it")
+        raise ConfigurationError(
+            f"endpoint {shown!r} has a #fragment, which is never sent to a server: drop it"
+        )
     return urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), parts.query, ""))
 
 

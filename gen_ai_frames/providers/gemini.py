@@ -90,8 +90,15 @@ class GeminiProvider(Provider):
     default_model: ClassVar[str | None] = "gemini-2.5-flash"
     credential_header: ClassVar[str | None] = "x-goog-api-key"
 
-    def __init__(self, *, api_key: str | None, endpoint: str, model_name: str,
-                 thinking_budget: int | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        *,
+        api_key: str | None,
+        endpoint: str,
+        model_name: str,
+        thinking_budget: int | None = None,
+        **options: Any,
+    ) -> None:
         super().__init__(api_key=api_key, endpoint=endpoint, model_name=model_name, **options)
         if thinking_budget is not None and thinking_budget != -1:  # -1: the model decides ("dynamic")
             validate_positive_int("thinking_budget", thinking_budget, minimum=0)
@@ -107,7 +114,8 @@ class GeminiProvider(Provider):
         system = [m["content"] for m in messages if m.get("role") == "system"]
         contents = [
             {"role": "model" if m.get("role") == "assistant" else "user", "parts": [{"text": m["content"]}]}
-            for m in messages if m.get("role") != "system"
+            for m in messages
+            if m.get("role") != "system"
         ]
         config: dict[str, Any] = {
             "maxOutputTokens": params.max_tokens,
@@ -137,14 +145,18 @@ class GeminiProvider(Provider):
         status = response.status
         data = self.parse_json(response)
         if not isinstance(data, dict):
-            raise MalformedResponseError(f"expected a JSON object, got {type(data).__name__}",
-                                         status_code=status)
+            raise MalformedResponseError(
+                f"expected a JSON object, got {type(data).__name__}", status_code=status
+            )
         if "error" in data and "candidates" not in data:
             raise self._error(response, data)
-        feedback = data.get("promptFeedback") if isinstance(data.get("promptFeedback"), dict) else {}
+        feedback: dict[str, Any] = (
+            data["promptFeedback"] if isinstance(data.get("promptFeedback"), dict) else {}
+        )
         if feedback.get("blockReason"):
-            raise ContentFilterError(f"Gemini blocked the prompt (blockReason {feedback['blockReason']!r})",
-                                     status_code=status)
+            raise ContentFilterError(
+                f"Gemini blocked the prompt (blockReason {feedback['blockReason']!r})", status_code=status
+            )
         try:
             candidate = data["candidates"][0]
             finish = candidate.get("finishReason")
@@ -157,28 +169,41 @@ class GeminiProvider(Provider):
             ) from None
         finish = finish_reason_field(finish, "candidates[0].finishReason", status)
         if finish in FILTERED:
-            raise ContentFilterError(f"Gemini withheld the answer (finishReason {finish!r})",
-                                     status_code=status)
+            raise ContentFilterError(
+                f"Gemini withheld the answer (finishReason {finish!r})", status_code=status
+            )
         if not isinstance(parts, list):
-            raise MalformedResponseError(f"candidates[0].content.parts is {type(parts).__name__}, not a list",
-                                         status_code=status)
+            raise MalformedResponseError(
+                f"candidates[0].content.parts is {type(parts).__name__}, not a list", status_code=status
+            )
         # Thought summaries ("thought": true) are the model's reasoning, not its answer.
-        texts = [part["text"] for part in parts if isinstance(part, dict)
-                 and isinstance(part.get("text"), str) and not part.get("thought")]
+        texts = [
+            part["text"]
+            for part in parts
+            if isinstance(part, dict) and isinstance(part.get("text"), str) and not part.get("thought")
+        ]
         finish_reason = _FINISH_REASONS.get(finish or "", finish.lower() if finish else None)
         if not texts and finish_reason == "length":
             # Thinking spent the whole budget: say so, so the row is re-asked with more tokens.
-            raise EmptyAnswerError(f"the answer has no text: Gemini reached maxOutputTokens (finishReason "
-                                   f"{finish!r}) before writing any (thinking counts against max_tokens)",
-                                   status_code=status)
+            raise EmptyAnswerError(
+                f"the answer has no text: Gemini reached maxOutputTokens (finishReason "
+                f"{finish!r}) before writing any (thinking counts against max_tokens)",
+                status_code=status,
+            )
         if not texts:
-            raise MalformedResponseError(f"the answer has no text (finishReason {finish!r})",
-                                         status_code=status)
+            raise MalformedResponseError(
+                f"the answer has no text (finishReason {finish!r})", status_code=status
+            )
         # A usageMetadata that is not an object is ignored; a count of the wrong type fails the row.
-        usage = data.get("usageMetadata") if isinstance(data.get("usageMetadata"), dict) else {}
+        usage: dict[str, Any] = data["usageMetadata"] if isinstance(data.get("usageMetadata"), dict) else {}
         prompt_tokens = token_field(usage, "promptTokenCount", "usageMetadata", status)
-        return Completion("".join(texts), finish_reason, prompt_tokens, _completion_tokens(usage, status),
-                          _logprob(candidate.get("logprobsResult")))
+        return Completion(
+            "".join(texts),
+            finish_reason,
+            prompt_tokens,
+            _completion_tokens(usage, status),
+            _logprob(candidate.get("logprobsResult")),
+        )
 
     def _error(self, response: HttpResponse, data: Any) -> RequestError:
         if data is None:
@@ -188,15 +213,20 @@ class GeminiProvider(Provider):
         error = data.get("error") if isinstance(data, dict) else None
         if not isinstance(error, dict):
             preview = response.body[:80].decode("utf-8", "replace").replace("\n", " ")
-            message = f"no error details in the answer (starts with {preview!r})" if preview else "empty answer"
-            return error_for_status(response.status, f"HTTP {response.status}: {message}",
-                                    key_suggestion=self.key_suggestion())
+            message = (
+                f"no error details in the answer (starts with {preview!r})" if preview else "empty answer"
+            )
+            return error_for_status(
+                response.status, f"HTTP {response.status}: {message}", key_suggestion=self.key_suggestion()
+            )
         rpc_status = str(error.get("status") or "")
         message = str(error.get("message") or rpc_status or "no message")
         status = response.status
         if status < 400:  # an error object inside a 200 answer
             code = error.get("code")
-            status = code if isinstance(code, int) and 400 <= code < 600 else STATUS_CODES.get(rpc_status, 400)
+            status = (
+                code if isinstance(code, int) and 400 <= code < 600 else STATUS_CODES.get(rpc_status, 400)
+            )
         text = f"HTTP {status} {rpc_status}: {message}" if rpc_status else f"HTTP {status}: {message}"
         details = [d for d in error.get("details") or [] if isinstance(d, dict)]
         reasons = {str(d.get("reason")) for d in details if d.get("reason")}
@@ -207,16 +237,22 @@ class GeminiProvider(Provider):
         if rpc_status == "FAILED_PRECONDITION":
             # e.g. "User location is not supported for the API use": no request of the run can succeed.
             return PermissionDeniedError(
-                text, status_code=status,
+                text,
+                status_code=status,
                 suggestion="The Gemini API refuses this project or location (free tier not available "
-                           "here, or billing not enabled): enable billing on the Google Cloud project.",
+                "here, or billing not enabled): enable billing on the Google Cloud project.",
             )
         lowered = message.lower()
         if status == 400 and "token count" in lowered and "exceeds" in lowered:
             # "The input token count (1048577) exceeds the maximum number of tokens allowed (1048576)."
             return ContextLengthError(text, status_code=status)
-        return error_for_status(status, text, code=rpc_status or None, key_suggestion=self.key_suggestion(),
-                                retry_after=retry_after)
+        return error_for_status(
+            status,
+            text,
+            code=rpc_status or None,
+            key_suggestion=self.key_suggestion(),
+            retry_after=retry_after,
+        )
 
     def fingerprint(self) -> dict[str, Any]:
         # Thinking changes the answers, so a checkpoint made with another budget must not resume.
@@ -239,15 +275,18 @@ def _logprob(result: Any) -> float | None:
         return None
     chosen = result.get("chosenCandidates")
     if isinstance(chosen, list):
-        return logprob_sum([token.get("logProbability") if isinstance(token, dict) else None
-                            for token in chosen])
+        return logprob_sum(
+            [token.get("logProbability") if isinstance(token, dict) else None for token in chosen]
+        )
     return logprob_sum([result["logProbabilitySum"]]) if "logProbabilitySum" in result else None
 
 
 def _completion_tokens(usage: dict[str, Any], status: int) -> int | None:
     """Output tokens as billed: answer tokens plus thinking tokens (as OpenAI counts reasoning)."""
-    counts = [token_field(usage, name, "usageMetadata", status)
-              for name in ("candidatesTokenCount", "thoughtsTokenCount")]
+    counts = [
+        token_field(usage, name, "usageMetadata", status)
+        for name in ("candidatesTokenCount", "thoughtsTokenCount")
+    ]
     numbers = [count for count in counts if count is not None]
     return sum(numbers) if numbers else None
 

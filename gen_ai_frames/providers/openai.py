@@ -66,8 +66,16 @@ class OpenAIProvider(Provider):
     #: service does not offer them (nothing is sent, and ``Completion.logprob`` stays None).
     logprobs_request: ClassVar[bool | int | None] = True
 
-    def __init__(self, *, api_key: str | None, endpoint: str, model_name: str, api: str = "chat",
-                 organization: str | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        *,
+        api_key: str | None,
+        endpoint: str,
+        model_name: str,
+        api: str = "chat",
+        organization: str | None = None,
+        **options: Any,
+    ) -> None:
         super().__init__(api_key=api_key, endpoint=endpoint, model_name=model_name, **options)
         if api not in ("chat", "completions"):
             raise ConfigurationError(f"api must be 'chat' or 'completions', got {api!r}")
@@ -124,8 +132,10 @@ class OpenAIProvider(Provider):
             response_format = {"type": "json_object"}
         else:
             strict = self.strict_schemas and strict_compatible(schema.json_schema)
-            response_format = {"type": "json_schema", "json_schema": {
-                "name": schema.name, "schema": schema.json_schema, "strict": strict}}
+            response_format = {
+                "type": "json_schema",
+                "json_schema": {"name": schema.name, "schema": schema.json_schema, "strict": strict},
+            }
         in_prompt = self.api == "completions" or self.schema_mode == "json_object" or self.schema_in_prompt
         instruction = schema_instruction(schema) if in_prompt else None
         self._schema_parts = (schema, response_format, instruction)
@@ -138,8 +148,9 @@ class OpenAIProvider(Provider):
         status = response.status
         data = self.parse_json(response)
         if not isinstance(data, dict):
-            raise MalformedResponseError(f"expected a JSON object, got {type(data).__name__}",
-                                         status_code=status)
+            raise MalformedResponseError(
+                f"expected a JSON object, got {type(data).__name__}", status_code=status
+            )
         if "error" in data and "choices" not in data:
             # Some proxies answer 200 with an error object inside.
             raise self._error(response, data, status=_status_from_error(data["error"]))
@@ -159,22 +170,33 @@ class OpenAIProvider(Provider):
         finish_reason = finish_reason_field(raw_finish, "choices[0].finish_reason", status)
         text = text_field(raw_text, where, status)
         if finish_reason == "content_filter":
-            raise ContentFilterError("the provider's content filter withheld the answer "
-                                     "(finish_reason 'content_filter')", status_code=status)
+            raise ContentFilterError(
+                "the provider's content filter withheld the answer (finish_reason 'content_filter')",
+                status_code=status,
+            )
         if not text:
             if isinstance(refusal, str) and refusal.strip():
                 raise RefusalError(f"the model refused to answer: {refusal.strip()}", status_code=status)
             if finish_reason == "length":
-                raise EmptyAnswerError("the answer has no text: the model reached max_tokens (finish_reason "
-                                       "'length') before writing any", status_code=status)
+                raise EmptyAnswerError(
+                    "the answer has no text: the model reached max_tokens (finish_reason "
+                    "'length') before writing any",
+                    status_code=status,
+                )
             if text is None:
-                raise MalformedResponseError(f"the answer has no text ({where} is missing or null, "
-                                             f"finish_reason {finish_reason!r})", status_code=status)
+                raise MalformedResponseError(
+                    f"the answer has no text ({where} is missing or null, finish_reason {finish_reason!r})",
+                    status_code=status,
+                )
         # A usage that is not an object (a list, a string) is ignored: the answer itself is fine.
-        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-        return Completion(text or "", finish_reason, token_field(usage, "prompt_tokens", "usage", status),
-                          token_field(usage, "completion_tokens", "usage", status),
-                          _logprob(choice.get("logprobs")))
+        usage: dict[str, Any] = data["usage"] if isinstance(data.get("usage"), dict) else {}
+        return Completion(
+            text or "",
+            finish_reason,
+            token_field(usage, "prompt_tokens", "usage", status),
+            token_field(usage, "completion_tokens", "usage", status),
+            _logprob(choice.get("logprobs")),
+        )
 
     def _error(self, response: HttpResponse, data: Any = None, status: int | None = None) -> RequestError:
         status = status or response.status
@@ -188,10 +210,16 @@ class OpenAIProvider(Provider):
             message, code = error, None
         else:
             preview = response.body[:80].decode("utf-8", "replace").replace("\n", " ")
-            message, code = (f"no error details in the answer (starts with {preview!r})" if preview
-                             else "empty answer"), None
-        return error_for_status(status, f"HTTP {status}: {message}", code=str(code) if code else None,
-                                key_suggestion=self.key_suggestion())
+            message, code = (
+                (f"no error details in the answer (starts with {preview!r})" if preview else "empty answer"),
+                None,
+            )
+        return error_for_status(
+            status,
+            f"HTTP {status}: {message}",
+            code=str(code) if code else None,
+            key_suggestion=self.key_suggestion(),
+        )
 
 
 def _status_from_error(error: Any) -> int:
@@ -220,7 +248,7 @@ def _with_instruction(messages: list[Message], instruction: str) -> list[Message
     for i, message in enumerate(messages):
         if message.get("role") == "system":
             merged = {**message, "content": f"{message.get('content', '')}\n\n{instruction}"}
-            return [*messages[:i], merged, *messages[i + 1:]]
+            return [*messages[:i], merged, *messages[i + 1 :]]
     return [{"role": "system", "content": instruction}, *messages]
 
 

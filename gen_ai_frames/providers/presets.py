@@ -32,7 +32,8 @@ __all__ = [
 
 
 class OllamaProvider(OpenAIProvider):
-    """A local Ollama server (``ollama serve``): no key; ``model_name`` is a pulled model, e.g. ``"llama3.2"``."""
+    """A local Ollama server (``ollama serve``): no key; ``model_name`` is a pulled model, e.g.
+    ``"llama3.2"``."""
 
     name: ClassVar[str] = "ollama"
     api_key_env: ClassVar[str | None] = None
@@ -136,6 +137,14 @@ class DeepSeekProvider(OpenAIProvider):
 #: Preset name -> class.
 PRESETS: dict[str, type[OpenAIProvider]] = {
     cls.name: cls
-    for cls in (OllamaProvider, VLLMProvider, LMStudioProvider, TogetherProvider, GroqProvider,
-                OpenRouterProvider, MistralProvider, DeepSeekProvider)
+    for cls in (
+        OllamaProvider,
+        VLLMProvider,
+        LMStudioProvider,
+        TogetherProvider,
+        GroqProvider,
+        OpenRouterProvider,
+        MistralProvider,
+        DeepSeekProvider,
+    )
 }

@@ -125,13 +125,15 @@ try:
 except ImportError:  # run as a plain script: load the sibling module without the package (and pandas)
     import importlib.util as _util
 
-    _spec = _util.spec_from_file_location("_schema_answers", os.path.join(os.path.dirname(__file__),
-                                                                           "schema_answers.py"))
+    _spec = _util.spec_from_file_location(
+        "_schema_answers", os.path.join(os.path.dirname(__file__), "schema_answers.py")
+    )
     assert _spec is not None and _spec.loader is not None
     _schema_answers = _util.module_from_spec(_spec)
     _spec.loader.exec_module(_schema_answers)
     conforming_answer, violating_answer = _schema_answers.conforming_answer, _schema_answers.violating_answer
 
+_orjson: Any
 try:  # orjson is ~5x faster than json for our small bodies; optional.
     import orjson as _orjson
 except ImportError:  # pragma: no cover - depends on the environment
@@ -215,8 +217,7 @@ _HTML_PAGE = (
 
 # The server never says *which* key was wrong: the key must not leak anywhere.
 _AUTH_MESSAGE = (
-    "Incorrect API key provided. You can find your API key at "
-    "https://platform.openai.com/account/api-keys."
+    "Incorrect API key provided. You can find your API key at https://platform.openai.com/account/api-keys."
 )
 
 _STATUS_ERRORS: dict[int, tuple[str, str, str | None]] = {
@@ -262,12 +263,8 @@ def _error_payload(
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def _json_response(
-    obj: Any, status: int = 200, headers: Mapping[str, str] | None = None
-) -> web.Response:
-    return web.Response(
-        body=_dumps(obj), status=status, headers=headers, content_type="application/json"
-    )
+def _json_response(obj: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.Response(body=_dumps(obj), status=status, headers=headers, content_type="application/json")
 
 
 def _error_response(
@@ -332,8 +329,13 @@ def _validate(settings: Mapping[str, Any]) -> dict[str, Any]:
                 value = list(value)
         elif key == "default_model":
             value = str(value)
-        elif key in ("latency", "latency_sigma", "chaos_retry_after",
-                     "chaos_slow_seconds", "retry_after_grace"):
+        elif key in (
+            "latency",
+            "latency_sigma",
+            "chaos_retry_after",
+            "chaos_slow_seconds",
+            "retry_after_grace",
+        ):
             value = float(value)
             if value < 0 or math.isnan(value):
                 raise ValueError(f"{key} must be >= 0")
@@ -352,8 +354,9 @@ def _validate(settings: Mapping[str, Any]) -> dict[str, Any]:
                 raise ValueError("rate_limit_burst must be > 0 seconds")
         elif key == "rate_limit_style":
             if value not in _RATE_LIMIT_STYLES:
-                raise ValueError(f"rate_limit_style must be one of {', '.join(_RATE_LIMIT_STYLES)}; "
-                                 f"got {value!r}")
+                raise ValueError(
+                    f"rate_limit_style must be one of {', '.join(_RATE_LIMIT_STYLES)}; got {value!r}"
+                )
         elif key == "latency_median":
             if value is not None:
                 value = float(value)
@@ -441,10 +444,26 @@ _ANTHROPIC_ERRORS: dict[int, tuple[str, str]] = {
 }
 
 # Fields the Messages API accepts; it rejects any other ("Extra inputs are not permitted").
-_ANTHROPIC_FIELDS = frozenset({
-    "model", "messages", "max_tokens", "system", "temperature", "top_p", "top_k", "stop_sequences",
-    "stream", "metadata", "tools", "tool_choice", "thinking", "service_tier", "container", "mcp_servers",
-})
+_ANTHROPIC_FIELDS = frozenset(
+    {
+        "model",
+        "messages",
+        "max_tokens",
+        "system",
+        "temperature",
+        "top_p",
+        "top_k",
+        "stop_sequences",
+        "stream",
+        "metadata",
+        "tools",
+        "tool_choice",
+        "thinking",
+        "service_tier",
+        "container",
+        "mcp_servers",
+    }
+)
 
 _GEMINI_STATUS: dict[int, str] = {
     400: "INVALID_ARGUMENT",
@@ -460,16 +479,41 @@ _GEMINI_STATUS: dict[int, str] = {
     504: "DEADLINE_EXCEEDED",
 }
 # Google's JSON parser rejects unknown fields; it accepts lowerCamel and snake_case names.
-_GEMINI_FIELDS = frozenset({
-    "contents", "systemInstruction", "generationConfig", "safetySettings", "tools", "toolConfig",
-    "cachedContent", "labels",
-})
-_GEMINI_CONFIG_FIELDS = frozenset({
-    "stopSequences", "responseMimeType", "responseSchema", "responseJsonSchema", "responseModalities",
-    "candidateCount", "maxOutputTokens", "temperature", "topP", "topK", "seed", "presencePenalty",
-    "frequencyPenalty", "responseLogprobs", "logprobs", "enableEnhancedCivicAnswers", "speechConfig",
-    "thinkingConfig", "mediaResolution",
-})
+_GEMINI_FIELDS = frozenset(
+    {
+        "contents",
+        "systemInstruction",
+        "generationConfig",
+        "safetySettings",
+        "tools",
+        "toolConfig",
+        "cachedContent",
+        "labels",
+    }
+)
+_GEMINI_CONFIG_FIELDS = frozenset(
+    {
+        "stopSequences",
+        "responseMimeType",
+        "responseSchema",
+        "responseJsonSchema",
+        "responseModalities",
+        "candidateCount",
+        "maxOutputTokens",
+        "temperature",
+        "topP",
+        "topK",
+        "seed",
+        "presencePenalty",
+        "frequencyPenalty",
+        "responseLogprobs",
+        "logprobs",
+        "enableEnhancedCivicAnswers",
+        "speechConfig",
+        "thinkingConfig",
+        "mediaResolution",
+    }
+)
 
 _AZURE_FILTER_RESULTS = {
     name: {"filtered": False, "severity": "safe"} for name in ("hate", "self_harm", "sexual", "violence")
@@ -500,7 +544,9 @@ def _first_user_text(content: Any) -> str | None:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        texts = [part.get("text") for part in content if isinstance(part, dict) and isinstance(part.get("text"), str)]
+        texts: list[str] = [
+            part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str)
+        ]
         return "".join(texts) if texts else None
     return None
 
@@ -543,12 +589,17 @@ def _put_logprobs(dialect: str, payload: dict[str, Any]) -> None:
     if dialect == "gemini":
         for candidate in payload.get("candidates", []):
             words = "".join(p.get("text", "") for p in candidate["content"]["parts"]).split()
-            candidate["logprobsResult"] = {"chosenCandidates": [{"token": w, "logProbability": -0.05} for w in words]}
+            candidate["logprobsResult"] = {
+                "chosenCandidates": [{"token": w, "logProbability": -0.05} for w in words]
+            }
     elif dialect != "anthropic":
         for choice in payload.get("choices", []):
             text = choice.get("message", {}).get("content") or ""
-            choice["logprobs"] = {"content": [{"token": w, "logprob": -0.05, "bytes": None, "top_logprobs": []}
-                                              for w in text.split()]}
+            choice["logprobs"] = {
+                "content": [
+                    {"token": w, "logprob": -0.05, "bytes": None, "top_logprobs": []} for w in text.split()
+                ]
+            }
 
 
 def _int_option(value: Any, name: str) -> int | None:
@@ -606,13 +657,13 @@ class _OpenAIDialect:
                         last_user = text
             prompt = last_user if last_user is not None else (last_any or "")
             return [prompt], max(1, tokens)
-        prompt = data.get("prompt")
-        if isinstance(prompt, str):
-            prompts = [prompt]
-        elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-            prompts = list(prompt)  # legacy batch: one choice per prompt
-        elif isinstance(prompt, list) and prompt:
-            prompts = [str(prompt)]  # token ids: echo them as text
+        raw_prompt = data.get("prompt")
+        if isinstance(raw_prompt, str):
+            prompts = [raw_prompt]
+        elif isinstance(raw_prompt, list) and raw_prompt and all(isinstance(p, str) for p in raw_prompt):
+            prompts = list(raw_prompt)  # legacy batch: one choice per prompt
+        elif isinstance(raw_prompt, list) and raw_prompt:
+            prompts = [str(raw_prompt)]  # token ids: echo them as text
         else:
             raise _BadRequest("'prompt' is a required property", param="prompt")
         return prompts, max(1, sum(_word_count(p) for p in prompts))
@@ -639,12 +690,15 @@ class _OpenAIDialect:
 
     def model_not_found(self, model: str) -> web.Response:
         return _error_response(
-            404, f"The model `{model}` does not exist or you do not have access to it.",
-            code="model_not_found", param="model",
+            404,
+            f"The model `{model}` does not exist or you do not have access to it.",
+            code="model_not_found",
+            param="model",
         )
 
-    def error(self, status: int, headers: Mapping[str, str] | None, retry_after: float | None,
-              request: web.Request) -> web.Response:
+    def error(
+        self, status: int, headers: Mapping[str, str] | None, retry_after: float | None, request: web.Request
+    ) -> web.Response:
         return _error_response(status, headers=headers)
 
     def context_length(self) -> web.Response:
@@ -658,14 +712,24 @@ class _OpenAIDialect:
         )
 
     def error_body(self) -> web.Response:
-        return _json_response(_error_payload(
-            "The server had an error while processing your request "
-            "(error body with status 200, injected by FakeServer).",
-            "server_error",
-        ))
+        return _json_response(
+            _error_payload(
+                "The server had an error while processing your request "
+                "(error body with status 200, injected by FakeServer).",
+                "server_error",
+            )
+        )
 
-    def success(self, model: str, prompts: list[str], n: int, max_tokens: int | None,
-                prompt_tokens: int, outcome: str, seq: int) -> dict[str, Any] | web.Response:
+    def success(
+        self,
+        model: str,
+        prompts: list[str],
+        n: int,
+        max_tokens: int | None,
+        prompt_tokens: int,
+        outcome: str,
+        seq: int,
+    ) -> dict[str, Any] | web.Response:
         """A success body (or the ``wrong_shape``/``length``/``content_filter`` variant)."""
         if self.chat:
             prompts = prompts[-1:]
@@ -747,45 +811,70 @@ class _AzureDialect(_OpenAIDialect):
         return super().bad_request(exc)
 
     def model_not_found(self, model: str) -> web.Response:
-        return _json_response({"error": {
-            "code": "DeploymentNotFound",
-            "message": "The API deployment for this resource does not exist. If you created the "
-                       "deployment within the last 5 minutes, please wait a moment and try again.",
-        }}, status=404)
+        return _json_response(
+            {
+                "error": {
+                    "code": "DeploymentNotFound",
+                    "message": "The API deployment for this resource does not exist. If you created the "
+                    "deployment within the last 5 minutes, please wait a moment and try again.",
+                }
+            },
+            status=404,
+        )
 
-    def error(self, status: int, headers: Mapping[str, str] | None, retry_after: float | None,
-              request: web.Request) -> web.Response:
+    def error(
+        self, status: int, headers: Mapping[str, str] | None, retry_after: float | None, request: web.Request
+    ) -> web.Response:
         message = _STATUS_ERRORS.get(status, (f"Error {status} (injected by FakeServer).",))[0]
         if status == 401:
-            message = ("Access denied due to invalid subscription key or wrong API endpoint. Make sure "
-                       "to provide a valid key for an active subscription and use a correct regional "
-                       "API endpoint for your resource.")
+            message = (
+                "Access denied due to invalid subscription key or wrong API endpoint. Make sure "
+                "to provide a valid key for an active subscription and use a correct regional "
+                "API endpoint for your resource."
+            )
         elif status == 429:
             version = request.query.get("api-version", "")
-            message = (f"Requests to the ChatCompletions_Create Operation under Azure OpenAI API version "
-                       f"{version} have exceeded call rate limit of your current OpenAI S0 pricing tier "
-                       "(injected by FakeServer).")
-        return _json_response({"error": {"code": str(status), "message": message}}, status=status,
-                              headers=headers)
+            message = (
+                f"Requests to the ChatCompletions_Create Operation under Azure OpenAI API version "
+                f"{version} have exceeded call rate limit of your current OpenAI S0 pricing tier "
+                "(injected by FakeServer)."
+            )
+        return _json_response(
+            {"error": {"code": str(status), "message": message}}, status=status, headers=headers
+        )
 
-    def success(self, model: str, prompts: list[str], n: int, max_tokens: int | None,
-                prompt_tokens: int, outcome: str, seq: int) -> dict[str, Any] | web.Response:
+    def success(
+        self,
+        model: str,
+        prompts: list[str],
+        n: int,
+        max_tokens: int | None,
+        prompt_tokens: int,
+        outcome: str,
+        seq: int,
+    ) -> dict[str, Any] | web.Response:
         if outcome == "content_filter":
             # Azure filters the prompt before the model sees it, and says so with a 400.
-            return _json_response({"error": {
-                "message": "The response was filtered due to the prompt triggering Azure OpenAI's "
-                           "content management policy. Please modify your prompt and retry.",
-                "type": None,
-                "param": "prompt",
-                "code": "content_filter",
-                "status": 400,
-                "innererror": {
-                    "code": "ResponsibleAIPolicyViolation",
-                    "content_filter_result": {
-                        **_AZURE_FILTER_RESULTS, "violence": {"filtered": True, "severity": "high"},
-                    },
+            return _json_response(
+                {
+                    "error": {
+                        "message": "The response was filtered due to the prompt triggering Azure OpenAI's "
+                        "content management policy. Please modify your prompt and retry.",
+                        "type": None,
+                        "param": "prompt",
+                        "code": "content_filter",
+                        "status": 400,
+                        "innererror": {
+                            "code": "ResponsibleAIPolicyViolation",
+                            "content_filter_result": {
+                                **_AZURE_FILTER_RESULTS,
+                                "violence": {"filtered": True, "severity": "high"},
+                            },
+                        },
+                    }
                 },
-            }}, status=400)
+                status=400,
+            )
         body = super().success(model, prompts, n, max_tokens, prompt_tokens, outcome, seq)
         if isinstance(body, dict) and "choices" in body:
             body["prompt_filter_results"] = [
@@ -814,11 +903,19 @@ class _AnthropicDialect(_OpenAIDialect):
         return self._error_response(401, message)
 
     @staticmethod
-    def _error_response(status: int, message: str | None = None, type_: str | None = None,
-                        headers: Mapping[str, str] | None = None, http_status: int | None = None) -> web.Response:
+    def _error_response(
+        status: int,
+        message: str | None = None,
+        type_: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        http_status: int | None = None,
+    ) -> web.Response:
         default_type, default_message = _ANTHROPIC_ERRORS.get(
-            status, ("api_error" if status >= 500 else "invalid_request_error",
-                     f"Error {status} (injected by FakeServer).")
+            status,
+            (
+                "api_error" if status >= 500 else "invalid_request_error",
+                f"Error {status} (injected by FakeServer).",
+            ),
         )
         body = {
             "type": "error",
@@ -835,8 +932,11 @@ class _AnthropicDialect(_OpenAIDialect):
                 raise _BadRequest(f"{name}: Extra inputs are not permitted")
         messages = data.get("messages")
         if not isinstance(messages, list) or not messages:
-            raise _BadRequest("messages: Field required" if messages is None
-                              else "messages: at least one message is required")
+            raise _BadRequest(
+                "messages: Field required"
+                if messages is None
+                else "messages: at least one message is required"
+            )
         system = data.get("system")
         tokens = _word_count(_content_text(system)) if system is not None else 0
         prompt = ""
@@ -845,8 +945,10 @@ class _AnthropicDialect(_OpenAIDialect):
                 raise _BadRequest("messages: each message must be an object")
             role = msg.get("role")
             if role == "system":
-                raise _BadRequest('messages: Unexpected role "system". The Messages API accepts a top-level '
-                                  '`system` parameter, not "system" as an input message role.')
+                raise _BadRequest(
+                    'messages: Unexpected role "system". The Messages API accepts a top-level '
+                    '`system` parameter, not "system" as an input message role.'
+                )
             if role not in ("user", "assistant"):
                 raise _BadRequest(f"messages: Input should be 'user' or 'assistant', got {role!r}")
             text = _content_text(msg.get("content")) or ""
@@ -876,19 +978,31 @@ class _AnthropicDialect(_OpenAIDialect):
     def model_not_found(self, model: str) -> web.Response:
         return self._error_response(404, f"model: {model}")
 
-    def error(self, status: int, headers: Mapping[str, str] | None, retry_after: float | None,
-              request: web.Request) -> web.Response:
+    def error(
+        self, status: int, headers: Mapping[str, str] | None, retry_after: float | None, request: web.Request
+    ) -> web.Response:
         return self._error_response(status, headers=headers)
 
     def context_length(self) -> web.Response:
         return self._error_response(400, "prompt is too long: 200001 tokens > 200000 maximum")
 
     def error_body(self) -> web.Response:
-        return self._error_response(500, "Internal server error (error body with status 200, "
-                                         "injected by FakeServer).", http_status=200)
+        return self._error_response(
+            500,
+            "Internal server error (error body with status 200, injected by FakeServer).",
+            http_status=200,
+        )
 
-    def success(self, model: str, prompts: list[str], n: int, max_tokens: int | None,
-                prompt_tokens: int, outcome: str, seq: int) -> dict[str, Any] | web.Response:
+    def success(
+        self,
+        model: str,
+        prompts: list[str],
+        n: int,
+        max_tokens: int | None,
+        prompt_tokens: int,
+        outcome: str,
+        seq: int,
+    ) -> dict[str, Any] | web.Response:
         text, finish = _answer_text(prompts[-1], outcome, max_tokens)
         stop_reason = {"stop": "end_turn", "length": "max_tokens", "content_filter": "refusal"}[finish]
         body: dict[str, Any] = {
@@ -925,19 +1039,31 @@ class _GeminiDialect(_OpenAIDialect):
     def auth_error(self, request: web.Request) -> web.Response:
         if not self.credential(request):
             return self._error_response(
-                403, "Method doesn't allow unregistered callers (callers without established identity). "
-                     "Please use API Key or other form of API consumer identity to call this API.")
+                403,
+                "Method doesn't allow unregistered callers (callers without established identity). "
+                "Please use API Key or other form of API consumer identity to call this API.",
+            )
         # Google answers a wrong key with 400, not 401.
-        return self._error_response(400, "API key not valid. Please pass a valid API key.", details=[{
-            "@type": "type.googleapis.com/google.rpc.ErrorInfo",
-            "reason": "API_KEY_INVALID",
-            "domain": "googleapis.com",
-            "metadata": {"service": "generativelanguage.googleapis.com"},
-        }])
+        return self._error_response(
+            400,
+            "API key not valid. Please pass a valid API key.",
+            details=[
+                {
+                    "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                    "reason": "API_KEY_INVALID",
+                    "domain": "googleapis.com",
+                    "metadata": {"service": "generativelanguage.googleapis.com"},
+                }
+            ],
+        )
 
     @staticmethod
-    def _error_response(status: int, message: str | None = None, details: list[Any] | None = None,
-                        http_status: int | None = None) -> web.Response:
+    def _error_response(
+        status: int,
+        message: str | None = None,
+        details: list[Any] | None = None,
+        http_status: int | None = None,
+    ) -> web.Response:
         error: dict[str, Any] = {
             "code": status,
             "message": message or f"Error {status} (injected by FakeServer).",
@@ -958,8 +1084,10 @@ class _GeminiDialect(_OpenAIDialect):
             raise _BadRequest("Invalid JSON payload received. generationConfig must be an object.")
         for name in config:
             if _camel(name) not in _GEMINI_CONFIG_FIELDS:
-                raise _BadRequest(f'Invalid JSON payload received. Unknown name "{name}" at '
-                                  "'generation_config': Cannot find field.")
+                raise _BadRequest(
+                    f'Invalid JSON payload received. Unknown name "{name}" at '
+                    "'generation_config': Cannot find field."
+                )
         contents = data.get("contents")
         if not isinstance(contents, list) or not contents:
             raise _BadRequest("* GenerateContentRequest.contents: contents is not specified")
@@ -985,8 +1113,9 @@ class _GeminiDialect(_OpenAIDialect):
 
     def options(self, data: dict[str, Any], request: web.Request) -> tuple[int, int | None]:
         config = data.get("generationConfig", data.get("generation_config")) or {}
-        max_tokens = _int_option(config.get("maxOutputTokens", config.get("max_output_tokens")),
-                                 "maxOutputTokens")
+        max_tokens = _int_option(
+            config.get("maxOutputTokens", config.get("max_output_tokens")), "maxOutputTokens"
+        )
         temperature = config.get("temperature")
         if isinstance(temperature, (int, float)) and not 0 <= temperature <= 2:
             raise _BadRequest("* GenerateContentRequest.generation_config.temperature: must be in [0, 2]")
@@ -997,29 +1126,45 @@ class _GeminiDialect(_OpenAIDialect):
 
     def model_not_found(self, model: str) -> web.Response:
         return self._error_response(
-            404, f"models/{model} is not found for API version v1beta, or is not supported for "
-                 "generateContent. Call ListModels to see the list of available models and their "
-                 "supported methods.")
+            404,
+            f"models/{model} is not found for API version v1beta, or is not supported for "
+            "generateContent. Call ListModels to see the list of available models and their "
+            "supported methods.",
+        )
 
-    def error(self, status: int, headers: Mapping[str, str] | None, retry_after: float | None,
-              request: web.Request) -> web.Response:
+    def error(
+        self, status: int, headers: Mapping[str, str] | None, retry_after: float | None, request: web.Request
+    ) -> web.Response:
         details = None
         if status == 429 and retry_after is not None:
-            details = [{"@type": "type.googleapis.com/google.rpc.RetryInfo",
-                        "retryDelay": f"{retry_after:g}s"}]
-        message = ("You exceeded your current quota (injected by FakeServer)." if status == 429 else None)
+            details = [
+                {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{retry_after:g}s"}
+            ]
+        message = "You exceeded your current quota (injected by FakeServer)." if status == 429 else None
         return self._error_response(status, message, details)
 
     def context_length(self) -> web.Response:
         return self._error_response(
-            400, "The input token count (1048577) exceeds the maximum number of tokens allowed (1048576).")
+            400, "The input token count (1048577) exceeds the maximum number of tokens allowed (1048576)."
+        )
 
     def error_body(self) -> web.Response:
-        return self._error_response(500, "An internal error has occurred (error body with status 200, "
-                                         "injected by FakeServer).", http_status=200)
+        return self._error_response(
+            500,
+            "An internal error has occurred (error body with status 200, injected by FakeServer).",
+            http_status=200,
+        )
 
-    def success(self, model: str, prompts: list[str], n: int, max_tokens: int | None,
-                prompt_tokens: int, outcome: str, seq: int) -> dict[str, Any] | web.Response:
+    def success(
+        self,
+        model: str,
+        prompts: list[str],
+        n: int,
+        max_tokens: int | None,
+        prompt_tokens: int,
+        outcome: str,
+        seq: int,
+    ) -> dict[str, Any] | web.Response:
         text, finish = _answer_text(prompts[-1], outcome, max_tokens)
         if text is None:
             # A blocked prompt: no candidates at all, only the feedback.
@@ -1030,11 +1175,13 @@ class _GeminiDialect(_OpenAIDialect):
             }
         completion_tokens = max(1, _word_count(text))
         body: dict[str, Any] = {
-            "candidates": [{
-                "content": {"parts": [{"text": text}], "role": "model"},
-                "finishReason": "MAX_TOKENS" if finish == "length" else "STOP",
-                "index": 0,
-            }],
+            "candidates": [
+                {
+                    "content": {"parts": [{"text": text}], "role": "model"},
+                    "finishReason": "MAX_TOKENS" if finish == "length" else "STOP",
+                    "index": 0,
+                }
+            ],
             "usageMetadata": {
                 "promptTokenCount": prompt_tokens,
                 "candidatesTokenCount": completion_tokens,
@@ -1135,8 +1282,10 @@ class FakeLLM:
         burst = self.settings["rate_limit_burst"]
         self._buckets: dict[str, _Bucket] = {
             kind: _Bucket(per_minute, burst, now)
-            for kind, per_minute in (("requests", self.settings["rate_limit_rpm"]),
-                                     ("tokens", self.settings["rate_limit_tpm"]))
+            for kind, per_minute in (
+                ("requests", self.settings["rate_limit_rpm"]),
+                ("tokens", self.settings["rate_limit_tpm"]),
+            )
             if per_minute is not None
         }
 
@@ -1154,12 +1303,21 @@ class FakeLLM:
                 remaining, reset = str(int(bucket.level)), bucket.reset_in()
                 if dialect.name == "anthropic":
                     prefix = f"anthropic-ratelimit-{kind}-"
-                    headers.update({prefix + "limit": f"{bucket.per_minute:g}",
-                                    prefix + "remaining": remaining, prefix + "reset": _rfc3339_in(reset)})
+                    headers.update(
+                        {
+                            prefix + "limit": f"{bucket.per_minute:g}",
+                            prefix + "remaining": remaining,
+                            prefix + "reset": _rfc3339_in(reset),
+                        }
+                    )
                 elif dialect.name in ("openai", "azure"):
-                    headers.update({f"x-ratelimit-limit-{kind}": f"{bucket.per_minute:g}",
-                                    f"x-ratelimit-remaining-{kind}": remaining,
-                                    f"x-ratelimit-reset-{kind}": _duration(reset)})
+                    headers.update(
+                        {
+                            f"x-ratelimit-limit-{kind}": f"{bucket.per_minute:g}",
+                            f"x-ratelimit-remaining-{kind}": remaining,
+                            f"x-ratelimit-reset-{kind}": _duration(reset),
+                        }
+                    )
         return wait, headers
 
     def stats(self) -> dict[str, Any]:
@@ -1173,9 +1331,7 @@ class FakeLLM:
             "outcome_counts": dict(self.outcome_counts),
             "status_counts": dict(self.status_counts),
             "retry_after_violations": self.retry_after_violations,
-            "retry_after_violation_details": [
-                dict(d) for d in self.retry_after_violation_details
-            ],
+            "retry_after_violation_details": [dict(d) for d in self.retry_after_violation_details],
             "retry_after_windows_opened": self.retry_after_windows_opened,
             "uptime": time.monotonic() - self.started,
         }
@@ -1229,9 +1385,7 @@ class FakeLLM:
         app.router.add_get("/health", self._handle_health)
         return app
 
-    def make_runner(
-        self, *, access_log: bool = False, shutdown_timeout: float = 0.25
-    ) -> web.AppRunner:
+    def make_runner(self, *, access_log: bool = False, shutdown_timeout: float = 0.25) -> web.AppRunner:
         """An AppRunner tuned for tests: no access log, handlers cancelled on
         client disconnect (so ``in_flight`` reflects open requests, and a
         ``slow`` answer does not outlive the client's timeout), quick shutdown."""
@@ -1293,8 +1447,10 @@ class FakeLLM:
         if method != "generateContent" or not model:
             # Only the non-streaming method is faked; anything else is an unknown route.
             return _GeminiDialect._error_response(
-                404, f"Method {method or request.match_info['model_action']!r} is not supported "
-                     "by FakeServer (only :generateContent).")
+                404,
+                f"Method {method or request.match_info['model_action']!r} is not supported "
+                "by FakeServer (only :generateContent).",
+            )
         return await self._handle_llm(request, _GEMINI)
 
     async def _handle_llm(self, request: web.Request, dialect: _OpenAIDialect) -> web.StreamResponse:
@@ -1346,13 +1502,15 @@ class FakeLLM:
         if window is not None:
             self.retry_after_violations += 1
             if len(self.retry_after_violation_details) < _MAX_VIOLATION_DETAILS:
-                self.retry_after_violation_details.append({
-                    "at": arrival - self.started,
-                    "window_start": window[0] - self.started,
-                    "window_end": window[1] - self.started,
-                    "path": request.path,
-                    "prompt": prompt_key,
-                })
+                self.retry_after_violation_details.append(
+                    {
+                        "at": arrival - self.started,
+                        "window_start": window[0] - self.started,
+                        "window_end": window[1] - self.started,
+                        "path": request.path,
+                        "prompt": prompt_key,
+                    }
+                )
 
         expected = self._auth_header if dialect.bearer else self._key
         if expected is not None:
@@ -1424,17 +1582,17 @@ class FakeLLM:
                     headers["retry-after-ms"] = str(int(retry_after * 1000))
             if "retry_after_ms" in directives:
                 headers["retry-after-ms"] = str(int(directives["retry_after_ms"]))
-            wait: float | None = None
+            pause: float | None = None
             if status == 429 and headers:
-                wait = retry_after
-                if wait is None:
-                    wait = directives["retry_after_ms"] / 1000.0
-                self._open_window(wait)
+                pause = retry_after
+                if pause is None:
+                    pause = directives["retry_after_ms"] / 1000.0
+                self._open_window(pause)
             if dialect.retry_in_body:
                 headers = {}  # the wait travels in the error body instead
             if outcome == "context_length":
                 return dialect.context_length()
-            return dialect.error(status, headers or None, wait, request)
+            return dialect.error(status, headers or None, pause, request)
 
         if outcome == "html":
             return web.Response(body=_HTML_PAGE, content_type="text/html", charset="utf-8")
@@ -1460,7 +1618,10 @@ class FakeLLM:
         if schema is not None and prompt is not None:
             asks = self._schema_asks[prompt] = self._schema_asks.get(prompt, 0) + 1
             draw = zlib.crc32(f"{self.settings['seed']}|{prompt}".encode()) / 2**32
-            broken_rate, violation_rate = self.settings["schema_broken_rate"], self.settings["schema_violation_rate"]
+            broken_rate, violation_rate = (
+                self.settings["schema_broken_rate"],
+                self.settings["schema_violation_rate"],
+            )
             answer: Any = conforming_answer(schema, prompt)
             text = json.dumps(answer)
             if asks == 1 and draw < broken_rate:
@@ -1470,12 +1631,14 @@ class FakeLLM:
                 text = json.dumps(answer)
             _put_structured(dialect, payload, text, answer)
         wants_logprobs = data.get("logprobs") is True or (
-            dialect == "gemini" and (data.get("generationConfig") or {}).get("responseLogprobs") is True)
+            dialect == "gemini" and (data.get("generationConfig") or {}).get("responseLogprobs") is True
+        )
         if wants_logprobs:
             _put_logprobs(dialect, payload)
 
-    def _rate_limited(self, dialect: _OpenAIDialect, wait: float, headers: dict[str, str],
-                      request: web.Request) -> web.Response:
+    def _rate_limited(
+        self, dialect: _OpenAIDialect, wait: float, headers: dict[str, str], request: web.Request
+    ) -> web.Response:
         """The 429 of a request over a rate limit, telling the wait as the style and dialect do."""
         seconds = max(1, math.ceil(wait))  # Retry-After is whole seconds
         if self.settings["rate_limit_style"] == "headers" and dialect.name in ("openai", "azure"):
@@ -1544,9 +1707,7 @@ class FakeLLM:
         return "ok", 200, None
 
     @staticmethod
-    def _status_outcome(
-        status: int, directives: Mapping[str, Any]
-    ) -> tuple[str, int, float | None]:
+    def _status_outcome(status: int, directives: Mapping[str, Any]) -> tuple[str, int, float | None]:
         if status == 429:
             retry_after = directives.get("retry_after")
             has_header = retry_after is not None or "retry_after_ms" in directives
@@ -1667,9 +1828,7 @@ class FakeServer:
         if self._thread is not None:
             raise RuntimeError("FakeServer already started")
         started: concurrent.futures.Future[int] = concurrent.futures.Future()
-        self._thread = threading.Thread(
-            target=self._run, args=(started,), name="FakeServer", daemon=True
-        )
+        self._thread = threading.Thread(target=self._run, args=(started,), name="FakeServer", daemon=True)
         self._thread.start()
         try:
             self.port = started.result(timeout=30)
@@ -1700,14 +1859,10 @@ class FakeServer:
     def _run(self, started: concurrent.futures.Future[int]) -> None:
         # A private loop: works even when the caller (e.g. Jupyter) has one running.
         loop = asyncio.new_event_loop()
-        runner = self.app.make_runner(
-            access_log=self._access_log, shutdown_timeout=self._shutdown_timeout
-        )
+        runner = self.app.make_runner(access_log=self._access_log, shutdown_timeout=self._shutdown_timeout)
         try:
             try:
-                port = loop.run_until_complete(
-                    _start_site(runner, self.host, self._requested_port)
-                )
+                port = loop.run_until_complete(_start_site(runner, self.host, self._requested_port))
             except BaseException as exc:
                 started.set_exception(exc)
                 return
@@ -1779,32 +1934,48 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 = pick a free port")
     parser.add_argument("--latency", type=float, default=0.0, help="fixed latency (s)")
-    parser.add_argument("--latency-median", type=float, default=None,
-                        help="lognormal latency median (s); overrides --latency")
+    parser.add_argument(
+        "--latency-median", type=float, default=None, help="lognormal latency median (s); overrides --latency"
+    )
     parser.add_argument("--latency-sigma", type=float, default=0.5)
-    parser.add_argument("--api-key-env", metavar="VAR", default=None,
-                        help="require the API key stored in this environment variable "
-                             "(never on the command line, where `ps` shows it)")
+    parser.add_argument(
+        "--api-key-env",
+        metavar="VAR",
+        default=None,
+        help="require the API key stored in this environment variable "
+        "(never on the command line, where `ps` shows it)",
+    )
     parser.add_argument("--models", default=None, help="comma-separated accepted models")
-    parser.add_argument("--chaos", default=None, help='JSON, e.g. \'{"500": 0.1}\'')
+    parser.add_argument("--chaos", default=None, help="JSON, e.g. '{\"500\": 0.1}'")
     parser.add_argument("--chaos-retry-after", type=float, default=1.0)
     parser.add_argument("--chaos-slow-seconds", type=float, default=30.0)
     parser.add_argument("--retry-after-grace", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--rate-limit-rpm", type=float, default=None,
-                        help="requests per minute (token bucket)")
+    parser.add_argument(
+        "--rate-limit-rpm", type=float, default=None, help="requests per minute (token bucket)"
+    )
     parser.add_argument("--rate-limit-tpm", type=float, default=None, help="tokens per minute (token bucket)")
-    parser.add_argument("--rate-limit-burst", type=float, default=1.0,
-                        help="seconds of the rate a bucket holds")
-    parser.add_argument("--rate-limit-style", choices=_RATE_LIMIT_STYLES, default="headers",
-                        help="state the limits in headers, or only Retry-After on 429s")
+    parser.add_argument(
+        "--rate-limit-burst", type=float, default=1.0, help="seconds of the rate a bucket holds"
+    )
+    parser.add_argument(
+        "--rate-limit-style",
+        choices=_RATE_LIMIT_STYLES,
+        default="headers",
+        help="state the limits in headers, or only Retry-After on 429s",
+    )
     parser.add_argument("--access-log", action="store_true", help="log requests to stderr")
     args = parser.parse_args(argv)
     if args.api_key_env is not None and not os.environ.get(args.api_key_env):
         parser.error(f"environment variable {args.api_key_env} is not set or empty")
     try:
-        _validate({"rate_limit_rpm": args.rate_limit_rpm, "rate_limit_tpm": args.rate_limit_tpm,
-                   "rate_limit_burst": args.rate_limit_burst})
+        _validate(
+            {
+                "rate_limit_rpm": args.rate_limit_rpm,
+                "rate_limit_tpm": args.rate_limit_tpm,
+                "rate_limit_burst": args.rate_limit_burst,
+            }
+        )
     except ValueError as exc:
         parser.error(str(exc))
     if args.chaos is not None:

@@ -34,19 +34,28 @@ CREDENTIAL_HEADERS = ("authorization", "api-key", "x-api-key", "x-goog-api-key")
 _UNSET: Any = object()
 
 
-def chat(text: Any = "ok", *, finish_reason: Any = "stop", usage: Any = _UNSET,
-         **message: Any) -> dict[str, Any]:
+def chat(
+    text: Any = "ok", *, finish_reason: Any = "stop", usage: Any = _UNSET, **message: Any
+) -> dict[str, Any]:
     """An OpenAI Chat Completions answer; every field may be given a wrong type on purpose.
 
     >>> chat("hi", usage=[1])["usage"], chat(None, refusal="No.")["choices"][0]["message"]["refusal"]
     ([1], 'No.')
     """
     return {
-        "id": "chatcmpl-hostile", "object": "chat.completion", "model": "m",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text, **message},
-                     "finish_reason": finish_reason}],
-        "usage": ({"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5} if usage is _UNSET
-                  else usage),
+        "id": "chatcmpl-hostile",
+        "object": "chat.completion",
+        "model": "m",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, **message},
+                "finish_reason": finish_reason,
+            }
+        ],
+        "usage": (
+            {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5} if usage is _UNSET else usage
+        ),
     }
 
 
@@ -128,8 +137,9 @@ class HostileServer:
     # ---------------------------------------------------------------------------- lifecycle
     def __enter__(self) -> HostileServer:
         started: concurrent.futures.Future[int] = concurrent.futures.Future()
-        self._thread = threading.Thread(target=self._serve, args=(started,), name="HostileServer",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._serve, args=(started,), name="HostileServer", daemon=True
+        )
         self._thread.start()
         self.port = started.result(timeout=30)
         return self
@@ -191,22 +201,31 @@ class HostileServer:
             headers["location"] = reply.location + (request.path_qs if reply.append_path else "")
         if reply.echo_key:
             key = next(iter(seen.credentials().values()), "").removeprefix("Bearer ")
-            error = {"error": {"message": f"Incorrect API key provided: {key}",
-                               "type": "invalid_request_error", "code": "invalid_api_key"}}
+            error = {
+                "error": {
+                    "message": f"Incorrect API key provided: {key}",
+                    "type": "invalid_request_error",
+                    "code": "invalid_api_key",
+                }
+            }
             status = 401 if reply.status == 200 else reply.status
             return web.json_response(error, status=status, headers=headers)
         if reply.size:
             return await self._stream(request, reply, headers)
         if reply.json is not _UNSET:
-            return web.Response(status=reply.status, body=json.dumps(reply.json).encode(),
-                                headers={"content-type": "application/json", **headers})
+            return web.Response(
+                status=reply.status,
+                body=json.dumps(reply.json).encode(),
+                headers={"content-type": "application/json", **headers},
+            )
         return web.Response(status=reply.status, body=reply.body or b"", headers=headers)
 
     async def _stream(self, request: Any, reply: Reply, headers: dict[str, str]) -> Any:
         from aiohttp import web
 
-        response = web.StreamResponse(status=reply.status,
-                                      headers={"content-type": "application/json", **headers})
+        response = web.StreamResponse(
+            status=reply.status, headers={"content-type": "application/json", **headers}
+        )
         if not reply.chunked:
             response.content_length = reply.size
         sent = 0
@@ -242,12 +261,18 @@ def _echo(path: str, prompt: str) -> dict[str, Any]:
     """A normal answer, ``echo: PROMPT``, in the dialect of ``path``."""
     text = f"echo: {prompt}"
     if path.endswith(":generateContent"):
-        return {"candidates": [{"content": {"role": "model", "parts": [{"text": text}]},
-                                "finishReason": "STOP"}],
-                "usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 2}}
+        return {
+            "candidates": [{"content": {"role": "model", "parts": [{"text": text}]}, "finishReason": "STOP"}],
+            "usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 2},
+        }
     if path.endswith("/messages"):
-        return {"type": "message", "role": "assistant", "content": [{"type": "text", "text": text}],
-                "stop_reason": "end_turn", "usage": {"input_tokens": 3, "output_tokens": 2}}
+        return {
+            "type": "message",
+            "role": "assistant",
+            "content": [{"type": "text", "text": text}],
+            "stop_reason": "end_turn",
+            "usage": {"input_tokens": 3, "output_tokens": 2},
+        }
     if path.endswith("/chat/completions"):
         return chat(text)
     return {"choices": [{"text": text, "finish_reason": "stop"}]}

@@ -24,10 +24,14 @@ def conforming_answer(schema: dict[str, Any], prompt: str, path: str = "") -> An
     if isinstance(kind, list):  # ["integer", "null"]: answer the non-null type
         kind = next((k for k in kind if k != "null"), "null")
     if kind == "object":
-        return {name: conforming_answer(prop, prompt, f"{path}/{name}")
-                for name, prop in schema.get("properties", {}).items()}
+        return {
+            name: conforming_answer(prop, prompt, f"{path}/{name}")
+            for name, prop in schema.get("properties", {}).items()
+        }
     if kind == "array":
-        return [conforming_answer(schema.get("items", {}), prompt, f"{path}/{i}") for i in range(1 + seed % 2)]
+        return [
+            conforming_answer(schema.get("items", {}), prompt, f"{path}/{i}") for i in range(1 + seed % 2)
+        ]
     if kind == "integer":
         return len(prompt)
     if kind == "number":
