@@ -4,6 +4,7 @@ The tree::
 
     GenAIError
     ├── ConfigurationError (also ValueError)      bad arguments or setup, raised before any request
+    │   └── LocalModelError                        llama.cpp cannot run on this machine (provider="local")
     ├── CheckpointError                            see gen_ai_frames.checkpoint
     └── RequestError                               one prompt failed; carried per row in batch results
         ├── InvalidPromptError                     None, NaN, empty or non-text prompt: never sent
@@ -54,6 +55,7 @@ __all__ = [
     "FailedPromptsWarning",
     "GenAIError",
     "InvalidPromptError",
+    "LocalModelError",
     "MalformedResponseError",
     "NotFoundError",
     "NotSentError",
@@ -322,6 +324,3 @@ class LocalModelError(ConfigurationError):
 
 def _local_model_error(message: str, suggestion: str, signal: str | None) -> LocalModelError:
     return LocalModelError(message, suggestion=suggestion, signal=signal)
-
-
-__all__ += ["LocalModelError"]

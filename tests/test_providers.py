@@ -266,10 +266,10 @@ def test_every_builtin_is_registered_in_pyproject_and_listed() -> None:
 
 
 def test_listing_providers_imports_none(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delitem(sys.modules, "gen_ai_frames.local", raising=False)
+    monkeypatch.delitem(sys.modules, "gen_ai_frames.providers.local", raising=False)
     monkeypatch.delitem(sys.modules, "gen_ai_frames.providers.presets", raising=False)
     assert "local" in available_providers()
-    assert "gen_ai_frames.local" not in sys.modules
+    assert "gen_ai_frames.providers.local" not in sys.modules
     assert "gen_ai_frames.providers.presets" not in sys.modules
 
 
