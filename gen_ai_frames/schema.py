@@ -46,6 +46,11 @@ __all__ = [
     "parse_short_schema",
 ]
 
+try:  # ~3x faster than json for the many small answers of a run
+    from orjson import loads as _loads
+except ImportError:  # pragma: no cover - orjson is a dependency
+    _loads = json.loads  # type: ignore[assignment]
+
 _SCALARS = {
     "str": {"type": "string"},
     "int": {"type": "integer"},
@@ -228,13 +233,30 @@ class Schema:
 
         return jsonschema.Draft202012Validator(self.json_schema)
 
+    @cached_property
+    def _fast_check(self) -> Any:
+        """A validator compiled to Python code: ~10x less CPU per answer than jsonschema's, which
+        only explains the (rare) answers this one rejects. None where it cannot compile the schema."""
+        import fastjsonschema
+
+        try:
+            return fastjsonschema.compile(self.json_schema)
+        except fastjsonschema.JsonSchemaDefinitionException:
+            return None
+
     def validate(self, text: str) -> dict[str, Any]:
         """The answer's parsed object; a :class:`SchemaMismatch` saying what is wrong otherwise."""
         try:
-            value = json.loads(text)
+            value = _loads(text)
         except (TypeError, ValueError) as err:
             preview = text if len(text) <= 60 else text[:57] + "..."
             raise SchemaMismatch(f"the answer is not valid JSON ({err}): {preview!r}") from None
+        if self._fast_check is not None:
+            try:
+                self._fast_check(value)
+                return value
+            except ValueError:  # fastjsonschema's JsonSchemaValueException: say why, below
+                pass
         error = next(iter(self._validator.iter_errors(value)), None)
         if error is not None:
             where = "/".join(str(p) for p in error.absolute_path)
@@ -260,7 +282,7 @@ class Schema:
         >>> schema.columns_from_answers(['{"n": 3}', None])["n"].tolist()
         [3, <NA>]
         """
-        return self.columns([None if text is None else json.loads(text) for text in answers])
+        return self.columns([None if text is None else _loads(text) for text in answers])
 
     def arrow_types(self) -> dict[str, Any]:
         """The Arrow type of each field's column in output files (enums as dictionaries).
