@@ -117,7 +117,7 @@ class GenAIAccessor:
             _set_column(out, new_columns[name], values)
         return out, results
 
-    @takes_options(exclude=("schema", "prefix"))
+    @takes_options(exclude=("schema", "logprobs"))
     def classify(
         self,
         column: Hashable | None = None,
@@ -133,8 +133,9 @@ class GenAIAccessor:
         Adds a categorical ``label`` column whose categories are exactly ``labels`` (``labels``, a list
         column, with ``multi_label=True``), NA where the row failed, and a ``confidence`` column: the
         probability the model gave its answer, from token log-probabilities where the provider returns
-        them (OpenAI-compatible servers, the local model), else NA. The labels are sent as an enum of
-        the structured-output schema, so the model cannot answer anything else. Other options are
+        them (OpenAI-compatible servers, Gemini), else NA (Anthropic, the local model). The labels are
+        sent as an enum of the structured-output schema, so the model cannot answer anything else.
+        Other options are
         those of :meth:`generate` (``prefix=`` names the two columns apart).
 
         >>> out = df.genai.classify("review", labels=["positive", "negative", "mixed"],
