@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-__all__ = ["run_sync"]
+__all__ = ["run_sync", "sigterm_as_interrupt"]
 
 T = TypeVar("T")
 
@@ -31,7 +32,8 @@ def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(coroutine)  # asyncio.run itself cancels the coroutine on Ctrl-C
+        with sigterm_as_interrupt():
+            return asyncio.run(coroutine)  # asyncio.run itself cancels the coroutine on Ctrl-C
     started = threading.Event()
     running: dict[str, Any] = {}
 
@@ -51,3 +53,37 @@ def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
             with contextlib.suppress(BaseException):
                 future.result()  # let it save its work and release its checkpoint
             raise
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[list[int]]:
+    """While inside, SIGTERM (a scheduler stopping the job, ``kill``) stops a run as Ctrl-C does:
+    what was received is saved, the checkpoint's lock released. Yields a list that records the
+    signal if it came.
+
+    Only where the process has no SIGTERM handler of its own (a web server's stays untouched), only
+    in the main thread (where signals are handled), and once: nested uses share the outer one.
+    """
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) not in (
+        signal.SIG_DFL,
+        None,
+    ):
+        yield received
+        return
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        received.append(signum)
+        # Ctrl-C's own path: inside asyncio.run its handler cancels the run (which then saves and
+        # unlocks), elsewhere Python's raises KeyboardInterrupt. Called directly rather than
+        # re-signalled: a job started in the background may have SIGINT ignored.
+        on_sigint = signal.getsignal(signal.SIGINT)
+        if not callable(on_sigint):
+            raise KeyboardInterrupt
+        on_sigint(signal.SIGINT, frame)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)

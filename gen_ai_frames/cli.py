@@ -35,9 +35,7 @@ import importlib.resources
 import json
 import math
 import os
-import signal
 import sys
-import threading
 import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -49,7 +47,7 @@ import pandas as pd
 import pyarrow as pa
 
 from . import __version__
-from ._sync import run_sync
+from ._sync import run_sync, sigterm_as_interrupt
 from .checkpoint import CheckpointError, checkpoint_status, repair_checkpoint, run_fingerprint
 from .client import Client
 from .errors import ConfigurationError, LocalModelError
@@ -120,43 +118,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(err)
     except SystemExit as exit_:  # --help and --version print, then "exit": return instead
         return exit_.code if isinstance(exit_.code, int) else EXIT_OK
-    terminated: list[int] = []
-    previous = _stop_on_sigterm(terminated)
-    try:
-        return int(args.handler(args))
-    except (UsageError, ConfigurationError, CheckpointError) as err:
-        return _fail(err)
-    except KeyboardInterrupt:
-        print(f"{PROG}: {'terminated (SIGTERM)' if terminated else 'interrupted'}", file=sys.stderr)
-        if getattr(args, "checkpoint", None):
-            print(
-                f"{PROG}: finished rows are saved in {args.checkpoint}; run the same command again to resume",
-                file=sys.stderr,
-            )
-        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _stop_on_sigterm(terminated: list[int]) -> Any:
-    """Make SIGTERM (a scheduler stopping the job, ``kill``) stop the run as Ctrl-C does: what was
-    received is saved, the checkpoint's lock released, no partial output left. Returns the handler
-    it replaced (None when not in the main thread, where signals cannot be handled)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def on_sigterm(signum: int, frame: Any) -> None:
-        terminated.append(signum)
-        # Ctrl-C's own path: inside asyncio.run its handler cancels the run (which then saves and
-        # unlocks), elsewhere Python's raises KeyboardInterrupt. Called directly rather than
-        # re-signalled: a job started in the background may have SIGINT ignored.
-        on_sigint = signal.getsignal(signal.SIGINT)
-        if not callable(on_sigint):
-            raise KeyboardInterrupt
-        on_sigint(signal.SIGINT, frame)
-
-    return signal.signal(signal.SIGTERM, on_sigterm)
+    with sigterm_as_interrupt() as terminated:
+        try:
+            return int(args.handler(args))
+        except (UsageError, ConfigurationError, CheckpointError) as err:
+            return _fail(err)
+        except KeyboardInterrupt:
+            print(f"{PROG}: {'terminated (SIGTERM)' if terminated else 'interrupted'}", file=sys.stderr)
+            if getattr(args, "checkpoint", None):
+                print(
+                    f"{PROG}: finished rows are saved in {args.checkpoint}; run the same command again "
+                    "to resume",
+                    file=sys.stderr,
+                )
+            return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
 
 
 def _fail(err: BaseException) -> int:

@@ -209,3 +209,30 @@ def test_slow_answers_are_written_without_waiting_for_a_full_chunk(
                 await task
 
     asyncio.run(main())
+
+
+@pytest.mark.slow
+def test_sigterm_on_a_script_saves_every_answer_received_and_releases_the_lock(fake_server: Any,
+                                                                              tmp_path: Path) -> None:
+    """A scheduler stopping a Python script that runs df.genai.generate: SIGTERM acts as Ctrl-C."""
+    fake_server.configure(latency=0.05)
+    source, target, ckpt = tmp_path / "in.parquet", tmp_path / "out.parquet", tmp_path / "run.ckpt"
+    pd.DataFrame({"prompt": [f"row {i}" for i in range(2000)]}).to_parquet(source)
+    # One chunk for the whole run: without the SIGTERM handling nothing would reach the disk.
+    process = start([str(source), str(target), str(ckpt), fake_server.url, "--max-concurrent", "16",
+                     "--chunk-size", "100000"])
+    deadline = time.monotonic() + 60
+    while fake_server.stats()["requests"] < 150:
+        assert process.poll() is None, process.stderr.read().decode()  # type: ignore[union-attr]
+        assert time.monotonic() < deadline, "the run never started sending"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode != 0 and not target.exists()
+    assert b"KeyboardInterrupt" in err  # the run stopped as Ctrl-C stops it
+    sent = fake_server.stats()["requests"]
+    stored = read_checkpoint(ckpt)
+    assert sent - 16 <= len(stored) <= sent and stored["error"].isna().all()
+    with Checkpoint.open(ckpt, run_fingerprint(create_client(endpoint=fake_server.url, model_name="m"),
+                                               GenerationParams())):
+        pass  # the lock was released
