@@ -1,0 +1,596 @@
+"""The fake model's state and its aiohttp app: settings, stats, directives, chaos and answers."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import math
+import random
+import socket
+import struct
+import time
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import web
+
+from .common import (
+    _DIRECTIVE_RE,
+    _FLAG_DIRECTIVES,
+    _FLOAT_DIRECTIVES,
+    _HTML_PAGE,
+    _INT_DIRECTIVES,
+    _BadRequest,
+    _dumps,
+    _error_response,
+    _format_seconds,
+    _json_response,
+    _loads,
+)
+from .dialects.anthropic import _ANTHROPIC
+from .dialects.azure import _AZURE_CHAT, _AZURE_COMPLETIONS
+from .dialects.gemini import _GEMINI, _GeminiDialect
+from .dialects.openai import _OPENAI_CHAT, _OPENAI_COMPLETIONS, _OpenAIDialect
+from .limits import _Bucket, _duration, _rfc3339_in
+from .settings import _DEFAULTS, _MAX_VIOLATION_DETAILS, FAULTS, _validate
+from .structured import (
+    _put_logprobs,
+    _put_structured,
+    _structured_request,
+    conforming_answer,
+    violating_answer,
+)
+
+
+class FakeLLM:
+    """The fake server's state and aiohttp handlers, independent of how it is run.
+
+    :class:`FakeServer` runs it in a background thread; :func:`main` runs it in
+    the foreground.  You can also mount :meth:`make_app` in your own aiohttp
+    test setup.  All methods must be called from the event loop that serves
+    the app (plain attribute/dict updates, no locks: one loop, one thread).
+
+    Example::
+
+        fake = FakeLLM(chaos={"500": 0.1}, seed=1)
+        runner = fake.make_runner()   # then web.TCPSite(runner, ...)
+    """
+
+    def __init__(self, **settings: Any) -> None:
+        self.settings: dict[str, Any] = dict(_DEFAULTS)
+        self.settings["chaos"] = {}
+        self._latency_rng = random.Random(0)
+        self._auth_header: bytes | None = None
+        self._key: bytes | None = None
+        self.configure(**settings)
+        self.reset()
+
+    # ----------------------------------------------------------------- settings
+    def configure(self, **settings: Any) -> dict[str, Any]:
+        """Update run-time settings (validated as a whole first); return them."""
+        clean = _validate(settings)
+        self.settings.update(clean)
+        if "seed" in clean:
+            self._latency_rng = random.Random(self.settings["seed"])
+        key = self.settings["api_key"]
+        # Pre-encode once so the per-request check is a single compare_digest.
+        self._auth_header = None if key is None else b"Bearer " + key.encode()
+        self._key = None if key is None else key.encode()  # other dialects send the bare key
+        if any(key.startswith("rate_limit_") for key in clean) or not hasattr(self, "_buckets"):
+            self._fill_buckets()
+        # Cumulative table so choosing a fault is one uniform draw.
+        self._chaos_table: list[tuple[float, str]] = []
+        acc = 0.0
+        for name in FAULTS:  # fixed order: same seed -> same faults, whatever the dict order
+            prob = self.settings["chaos"].get(name, 0.0)
+            if prob > 0:
+                acc += prob
+                self._chaos_table.append((acc, name))
+        return self.public_config()
+
+    def public_config(self) -> dict[str, Any]:
+        """Current settings, with the API key replaced by whether one is set."""
+        cfg = {k: v for k, v in self.settings.items() if k != "api_key"}
+        cfg["chaos"] = dict(cfg["chaos"])
+        cfg["api_key_set"] = self.settings["api_key"] is not None
+        return cfg
+
+    # -------------------------------------------------------------------- stats
+    def reset(self) -> None:
+        """Clear all counters (settings are kept)."""
+        self.started = time.monotonic()
+        self.requests = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.per_prompt: dict[str, int] = {}
+        self.outcomes: dict[str, list[str]] = {}
+        self.outcome_counts: dict[str, int] = {}
+        self.status_counts: dict[str, int] = {}
+        self.retry_after_violations = 0
+        self.retry_after_violation_details: list[dict[str, Any]] = []
+        self.retry_after_windows_opened = 0
+        self._windows: list[tuple[float, float]] = []
+        self._next_id = 0
+        self._schema_asks: dict[str, int] = {}
+        self._fill_buckets()
+
+    def _fill_buckets(self) -> None:
+        """Full buckets for the configured limits (at start, on reset and when they change)."""
+        now = time.monotonic()
+        burst = self.settings["rate_limit_burst"]
+        self._buckets: dict[str, _Bucket] = {
+            kind: _Bucket(per_minute, burst, now)
+            for kind, per_minute in (
+                ("requests", self.settings["rate_limit_rpm"]),
+                ("tokens", self.settings["rate_limit_tpm"]),
+            )
+            if per_minute is not None
+        }
+
+    def _admit(self, dialect: _OpenAIDialect, tokens: int, now: float) -> tuple[float, dict[str, str]]:
+        """Charge one request to the rate limits: ``(seconds to wait, headers)``; 0 s means admitted.
+        A refused request is charged nothing, as providers do."""
+        costs = {"requests": 1.0, "tokens": float(tokens)}
+        wait = max(bucket.wait_for(costs[kind], now) for kind, bucket in self._buckets.items())
+        if wait == 0:  # all or nothing: a refused request is charged nothing, as providers do
+            for kind, bucket in self._buckets.items():
+                bucket.level = max(0.0, bucket.level - costs[kind])
+        headers: dict[str, str] = {}
+        if self.settings["rate_limit_style"] == "headers":
+            for kind, bucket in self._buckets.items():
+                remaining, reset = str(int(bucket.level)), bucket.reset_in()
+                if dialect.name == "anthropic":
+                    prefix = f"anthropic-ratelimit-{kind}-"
+                    headers.update(
+                        {
+                            prefix + "limit": f"{bucket.per_minute:g}",
+                            prefix + "remaining": remaining,
+                            prefix + "reset": _rfc3339_in(reset),
+                        }
+                    )
+                elif dialect.name in ("openai", "azure"):
+                    headers.update(
+                        {
+                            f"x-ratelimit-limit-{kind}": f"{bucket.per_minute:g}",
+                            f"x-ratelimit-remaining-{kind}": remaining,
+                            f"x-ratelimit-reset-{kind}": _duration(reset),
+                        }
+                    )
+        return wait, headers
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot (copies) of the counters; see the module docs for the keys."""
+        return {
+            "requests": self.requests,
+            "in_flight": self.in_flight,
+            "max_in_flight": self.max_in_flight,
+            "per_prompt": dict(self.per_prompt),
+            "outcomes": {k: list(v) for k, v in self.outcomes.items()},
+            "outcome_counts": dict(self.outcome_counts),
+            "status_counts": dict(self.status_counts),
+            "retry_after_violations": self.retry_after_violations,
+            "retry_after_violation_details": [dict(d) for d in self.retry_after_violation_details],
+            "retry_after_windows_opened": self.retry_after_windows_opened,
+            "uptime": time.monotonic() - self.started,
+        }
+
+    def _record(self, prompt_key: str | None, outcome: str) -> None:
+        self.outcome_counts[outcome] = self.outcome_counts.get(outcome, 0) + 1
+        if prompt_key is not None:
+            lst = self.outcomes.get(prompt_key)
+            if lst is None:
+                self.outcomes[prompt_key] = [outcome]
+            else:
+                lst.append(outcome)
+
+    def _open_window(self, seconds: float) -> None:
+        # Called when the 429 is actually sent, so the window starts at "t".
+        now = time.monotonic()
+        self._windows.append((now + self.settings["retry_after_grace"], now + seconds))
+        self.retry_after_windows_opened += 1
+
+    def _window_at(self, now: float) -> tuple[float, float] | None:
+        windows = self._windows
+        if not windows:
+            return None
+        live = [w for w in windows if w[1] > now]
+        if len(live) != len(windows):
+            self._windows = live
+        for w in live:
+            if w[0] <= now:
+                return w
+        return None
+
+    # ------------------------------------------------------------------- aiohttp
+    def make_app(self) -> web.Application:
+        """The aiohttp application: OpenAI routes with and without ``/v1``, and the other dialects'."""
+        # Large prompts are legitimate; aiohttp's default limit is 1 MiB.
+        app = web.Application(client_max_size=64 * 1024**2)
+        for prefix in ("/v1", ""):
+            app.router.add_post(prefix + "/chat/completions", self._handle_chat)
+            app.router.add_post(prefix + "/completions", self._handle_completions)
+            app.router.add_get(prefix + "/models", self._handle_models)
+            app.router.add_post(prefix + "/messages", self._handle_anthropic)
+        deployment = "/openai/deployments/{deployment}"
+        app.router.add_post(deployment + "/chat/completions", self._handle_azure_chat)
+        app.router.add_post(deployment + "/completions", self._handle_azure_completions)
+        for version in ("/v1beta", "/v1"):
+            app.router.add_post(version + "/models/{model_action}", self._handle_gemini)
+        app.router.add_get("/stats", self._handle_stats)
+        app.router.add_post("/reset", self._handle_reset)
+        app.router.add_get("/config", self._handle_get_config)
+        app.router.add_post("/config", self._handle_config)
+        app.router.add_get("/health", self._handle_health)
+        return app
+
+    def make_runner(self, *, access_log: bool = False, shutdown_timeout: float = 0.25) -> web.AppRunner:
+        """An AppRunner tuned for tests: no access log, handlers cancelled on
+        client disconnect (so ``in_flight`` reflects open requests, and a
+        ``slow`` answer does not outlive the client's timeout), quick shutdown."""
+        kwargs: dict[str, Any] = {}
+        if not access_log:
+            kwargs["access_log"] = None  # per-request logging costs ~10% throughput
+        return web.AppRunner(
+            self.make_app(),
+            handler_cancellation=True,
+            shutdown_timeout=shutdown_timeout,
+            **kwargs,
+        )
+
+    async def _handle_stats(self, request: web.Request) -> web.Response:
+        return _json_response(self.stats())
+
+    async def _handle_reset(self, request: web.Request) -> web.Response:
+        self.reset()
+        return _json_response({"ok": True})
+
+    async def _handle_get_config(self, request: web.Request) -> web.Response:
+        return _json_response(self.public_config())
+
+    async def _handle_config(self, request: web.Request) -> web.Response:
+        try:
+            data = _loads(await request.read())
+            if not isinstance(data, dict):
+                raise TypeError("POST /config expects a JSON object")
+            cfg = self.configure(**data)
+        except (ValueError, TypeError) as exc:  # orjson.JSONDecodeError is a ValueError
+            return _error_response(400, f"invalid config: {exc}")
+        return _json_response(cfg)
+
+    async def _handle_health(self, request: web.Request) -> web.Response:
+        return _json_response({"status": "ok"})
+
+    async def _handle_models(self, request: web.Request) -> web.Response:
+        names = self.settings["models"] or [self.settings["default_model"]]
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in names]
+        return _json_response({"object": "list", "data": data})
+
+    async def _handle_chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle_llm(request, _OPENAI_CHAT)
+
+    async def _handle_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle_llm(request, _OPENAI_COMPLETIONS)
+
+    async def _handle_anthropic(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle_llm(request, _ANTHROPIC)
+
+    async def _handle_azure_chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle_llm(request, _AZURE_CHAT)
+
+    async def _handle_azure_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle_llm(request, _AZURE_COMPLETIONS)
+
+    async def _handle_gemini(self, request: web.Request) -> web.StreamResponse:
+        model, _, method = request.match_info["model_action"].rpartition(":")
+        if method != "generateContent" or not model:
+            # Only the non-streaming method is faked; anything else is an unknown route.
+            return _GeminiDialect._error_response(
+                404,
+                f"Method {method or request.match_info['model_action']!r} is not supported "
+                "by FakeServer (only :generateContent).",
+            )
+        return await self._handle_llm(request, _GEMINI)
+
+    async def _handle_llm(self, request: web.Request, dialect: _OpenAIDialect) -> web.StreamResponse:
+        arrival = time.monotonic()
+        self.requests += 1
+        self.in_flight += 1
+        if self.in_flight > self.max_in_flight:
+            self.max_in_flight = self.in_flight
+        try:
+            resp = await self._answer(request, dialect, arrival)
+        finally:
+            # Also runs when aiohttp cancels the handler (client went away).
+            self.in_flight -= 1
+        key = str(resp.status)
+        self.status_counts[key] = self.status_counts.get(key, 0) + 1
+        return resp
+
+    # --------------------------------------------------------------- the answer
+    async def _answer(
+        self, request: web.Request, dialect: _OpenAIDialect, arrival: float
+    ) -> web.StreamResponse:
+        settings = self.settings
+        window = self._window_at(arrival)
+        body = await request.read()
+
+        # Parse first (even when auth fails) so every attempt is recorded per prompt.
+        data: Any = None
+        parse_error: str | None = None
+        try:
+            data = _loads(body)
+        except ValueError:
+            parse_error = dialect.parse_error_message
+        prompts: list[str] = []
+        prompt_key: str | None = None
+        bad: _BadRequest | None = None
+        prompt_tokens = 0
+        if parse_error is None:
+            try:
+                prompts, prompt_tokens = dialect.extract(data, request)
+                prompt_key = prompts[0] if len(prompts) == 1 else "\n".join(prompts)
+            except _BadRequest as exc:
+                bad = exc
+
+        attempt = 0
+        if prompt_key is not None:
+            attempt = self.per_prompt.get(prompt_key, 0)
+            self.per_prompt[prompt_key] = attempt + 1
+
+        if window is not None:
+            self.retry_after_violations += 1
+            if len(self.retry_after_violation_details) < _MAX_VIOLATION_DETAILS:
+                self.retry_after_violation_details.append(
+                    {
+                        "at": arrival - self.started,
+                        "window_start": window[0] - self.started,
+                        "window_end": window[1] - self.started,
+                        "path": request.path,
+                        "prompt": prompt_key,
+                    }
+                )
+
+        expected = self._auth_header if dialect.bearer else self._key
+        if expected is not None:
+            if not hmac.compare_digest(dialect.credential(request), expected):
+                self._record(prompt_key, "auth_error")
+                return dialect.auth_error(request)
+
+        if parse_error is not None:
+            self._record(None, "bad_request")
+            return dialect.bad_request(_BadRequest(parse_error))
+        if bad is not None:
+            self._record(prompt_key, "bad_request")
+            return dialect.bad_request(bad)
+
+        model = dialect.model(data, request)
+        models = settings["models"]
+        if models is not None:
+            if model is None:
+                self._record(prompt_key, "bad_request")
+                return dialect.bad_request(_BadRequest("you must provide a model parameter", param="model"))
+            if model not in models:
+                self._record(prompt_key, "model_not_found")
+                return dialect.model_not_found(model)
+        if not isinstance(model, str):
+            model = settings["default_model"]
+        try:
+            n, max_tokens = dialect.options(data, request)
+        except _BadRequest as exc:
+            self._record(prompt_key, "bad_request")
+            return dialect.bad_request(exc)
+
+        # Directives ("[[...]]") only exist in targeted tests: cheap substring test first.
+        directive_text = prompts[-1] if dialect.chat else prompt_key or ""
+        directives: dict[str, Any] = {}
+        if "[[" in directive_text:
+            try:
+                directives = self._parse_directives(directive_text)
+            except _BadRequest as exc:
+                self._record(prompt_key, "bad_request")
+                return dialect.bad_request(exc)
+
+        rate_headers: dict[str, str] | None = None
+        if self._buckets:
+            wait, rate_headers = self._admit(dialect, prompt_tokens + (max_tokens or 0), time.monotonic())
+            if wait > 0:
+                self._record(prompt_key, "rate_limited")
+                return self._rate_limited(dialect, wait, rate_headers, request)
+
+        outcome, status, retry_after = self._decide(directives, prompt_key or "", attempt)
+        self._record(prompt_key, outcome)
+
+        delay = settings["latency"]
+        if settings["latency_median"] is not None:
+            delay = self._latency_rng.lognormvariate(
+                math.log(settings["latency_median"]), settings["latency_sigma"]
+            )
+        delay += directives.get("sleep", 0.0)
+        if outcome == "slow":
+            delay += settings["chaos_slow_seconds"]
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+        if status >= 400:
+            headers: dict[str, str] = {}
+            if status == 429 and retry_after is not None:
+                headers["retry-after"] = _format_seconds(retry_after)
+                if outcome == "429_retry_after" and "retry_after" not in directives:
+                    # Chaos mode: also the OpenAI-style millisecond header.
+                    headers["retry-after-ms"] = str(int(retry_after * 1000))
+            if "retry_after_ms" in directives:
+                headers["retry-after-ms"] = str(int(directives["retry_after_ms"]))
+            pause: float | None = None
+            if status == 429 and headers:
+                pause = retry_after
+                if pause is None:
+                    pause = directives["retry_after_ms"] / 1000.0
+                self._open_window(pause)
+            if dialect.retry_in_body:
+                headers = {}  # the wait travels in the error body instead
+            if outcome == "context_length":
+                return dialect.context_length()
+            return dialect.error(status, headers or None, pause, request)
+
+        if outcome == "html":
+            return web.Response(body=_HTML_PAGE, content_type="text/html", charset="utf-8")
+        if outcome == "error_body":
+            return dialect.error_body()
+
+        self._next_id += 1
+        payload = dialect.success(model, prompts, n, max_tokens, prompt_tokens, outcome, self._next_id)
+        if isinstance(payload, web.StreamResponse):
+            return payload
+        if outcome == "ok" and isinstance(data, dict):
+            self._answer_structured(dialect.name, data, payload)
+        if outcome == "reset":
+            return await self._send_reset(request, _dumps(payload))
+        if outcome == "truncated":
+            return await self._send_truncated(request, _dumps(payload))
+        return _json_response(payload, headers=rate_headers)
+
+    def _answer_structured(self, dialect: str, data: dict[str, Any], payload: dict[str, Any]) -> None:
+        """With a schema in the request (each dialect's own field), answer JSON that matches it,
+        derived from the first user prompt; with logprobs asked for, return them (-0.05 a word)."""
+        schema, prompt = _structured_request(dialect, data)
+        if schema is not None and prompt is not None:
+            asks = self._schema_asks[prompt] = self._schema_asks.get(prompt, 0) + 1
+            draw = zlib.crc32(f"{self.settings['seed']}|{prompt}".encode()) / 2**32
+            broken_rate, violation_rate = (
+                self.settings["schema_broken_rate"],
+                self.settings["schema_violation_rate"],
+            )
+            answer: Any = conforming_answer(schema, prompt)
+            text = json.dumps(answer)
+            if asks == 1 and draw < broken_rate:
+                text = text[: len(text) // 2]  # cut off mid-object: not valid JSON
+            elif asks == 1 and draw < broken_rate + violation_rate:
+                answer = violating_answer(schema, prompt)
+                text = json.dumps(answer)
+            _put_structured(dialect, payload, text, answer)
+        wants_logprobs = data.get("logprobs") is True or (
+            dialect == "gemini" and (data.get("generationConfig") or {}).get("responseLogprobs") is True
+        )
+        if wants_logprobs:
+            _put_logprobs(dialect, payload)
+
+    def _rate_limited(
+        self, dialect: _OpenAIDialect, wait: float, headers: dict[str, str], request: web.Request
+    ) -> web.Response:
+        """The 429 of a request over a rate limit, telling the wait as the style and dialect do."""
+        seconds = max(1, math.ceil(wait))  # Retry-After is whole seconds
+        if self.settings["rate_limit_style"] == "headers" and dialect.name in ("openai", "azure"):
+            headers = {**headers, "retry-after-ms": str(math.ceil(wait * 1000)), "retry-after": str(seconds)}
+            advertised = math.ceil(wait * 1000) / 1000
+        else:
+            headers = {**headers, "retry-after": str(seconds)}
+            advertised = float(seconds)
+        self._open_window(advertised)
+        if dialect.retry_in_body:
+            headers = {}  # Gemini: the wait travels in the error body instead
+        return dialect.error(429, headers, advertised, request)
+
+    @staticmethod
+    def _parse_directives(text: str) -> dict[str, Any]:
+        directives: dict[str, Any] = {}
+        for name, value in _DIRECTIVE_RE.findall(text):
+            try:
+                if name in _INT_DIRECTIVES:
+                    directives[name] = int(value)
+                elif name in _FLOAT_DIRECTIVES:
+                    directives[name] = float(value)
+                elif name in _FLAG_DIRECTIVES:
+                    directives[name] = True
+                # Unknown names are left alone: "[[x]]" may just be prompt text.
+            except ValueError:
+                raise _BadRequest(f"bad directive value [[{name}={value}]]") from None
+        status = directives.get("status")
+        if status is not None and not 100 <= status <= 599:
+            raise _BadRequest(f"bad directive [[status={status}]]")
+        return directives
+
+    def _decide(
+        self, directives: Mapping[str, Any], prompt: str, attempt: int
+    ) -> tuple[str, int, float | None]:
+        """Return (outcome name, status, retry-after seconds or None)."""
+        if directives:
+            status = directives.get("status")
+            fail_times = directives.get("fail_times")
+            if fail_times is not None:
+                if attempt < fail_times:
+                    return self._status_outcome(status or 500, directives)
+                status = None  # recovered: answer normally from now on
+            if status is not None and status >= 400:
+                return self._status_outcome(status, directives)
+            if directives.get("context_length"):
+                return "context_length", 400, None
+            for flag in ("html", "content_filter", "error_body"):
+                if directives.get(flag):
+                    return flag, 200, None
+            if fail_times is not None:
+                return "ok", 200, None
+        if self._chaos_table:
+            # Hash of (seed, prompt, attempt) instead of a shared RNG stream: the
+            # same prompt gets the same faults on the same attempt whatever order
+            # concurrent requests arrive in, so seeded runs are reproducible.
+            seed = self.settings["seed"]
+            digest = hashlib.blake2b(
+                f"{seed}\x00{attempt}\x00{prompt}".encode("utf-8", "surrogatepass"),
+                digest_size=8,
+            ).digest()
+            u = int.from_bytes(digest, "big") / 18446744073709551616.0
+            for threshold, name in self._chaos_table:
+                if u < threshold:
+                    return self._chaos_outcome(name)
+        return "ok", 200, None
+
+    @staticmethod
+    def _status_outcome(status: int, directives: Mapping[str, Any]) -> tuple[str, int, float | None]:
+        if status == 429:
+            retry_after = directives.get("retry_after")
+            has_header = retry_after is not None or "retry_after_ms" in directives
+            return ("429_retry_after" if has_header else "429_plain"), 429, retry_after
+        return str(status), status, None
+
+    def _chaos_outcome(self, name: str) -> tuple[str, int, float | None]:
+        if name == "429_retry_after":
+            return name, 429, self.settings["chaos_retry_after"]
+        if name in ("429_plain", "500", "502", "503", "529"):
+            return name, int(name[:3]), None
+        return name, 200, None
+
+    @staticmethod
+    async def _send_reset(request: web.Request, body: bytes) -> web.StreamResponse:
+        """Headers and half the body, then a hard close (RST) of the connection."""
+        resp = web.StreamResponse(status=200)
+        resp.content_type = "application/json"
+        resp.content_length = len(body)
+        await resp.prepare(request)
+        await resp.write(body[: len(body) // 2])
+        transport = request.transport
+        if transport is not None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                try:  # linger 0 turns the close into a real TCP reset
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                except OSError:  # pragma: no cover - platform dependent
+                    pass
+            transport.abort()
+        # aiohttp's write_eof() then hits the closed transport; it ignores ConnectionError.
+        return resp
+
+    @staticmethod
+    async def _send_truncated(request: web.Request, body: bytes) -> web.StreamResponse:
+        """The whole body, but a Content-Length promising more, then a clean close."""
+        resp = web.StreamResponse(status=200)
+        resp.content_type = "application/json"
+        resp.content_length = len(body) + 64
+        await resp.prepare(request)
+        await resp.write(body)
+        transport = request.transport
+        if transport is not None:
+            transport.close()  # flushes what was written, then FIN
+        return resp

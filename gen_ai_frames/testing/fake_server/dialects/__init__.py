@@ -1,0 +1,1 @@
+"""The vendors' wire formats the fake server speaks, one module each."""
