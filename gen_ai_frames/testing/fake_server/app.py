@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import json
 import math
 import random
-import socket
-import struct
 import time
 import zlib
 from collections.abc import Mapping
@@ -17,12 +14,17 @@ from typing import Any
 
 from aiohttp import web
 
+from .chaos import (
+    _chaos_fault,
+    _chaos_outcome,
+    _chaos_table,
+    _parse_directives,
+    _send_reset,
+    _send_truncated,
+    _status_outcome,
+)
 from .common import (
-    _DIRECTIVE_RE,
-    _FLAG_DIRECTIVES,
-    _FLOAT_DIRECTIVES,
     _HTML_PAGE,
-    _INT_DIRECTIVES,
     _BadRequest,
     _dumps,
     _error_response,
@@ -35,7 +37,7 @@ from .dialects.azure import _AZURE_CHAT, _AZURE_COMPLETIONS
 from .dialects.gemini import _GEMINI, _GeminiDialect
 from .dialects.openai import _OPENAI_CHAT, _OPENAI_COMPLETIONS, _OpenAIDialect
 from .limits import _Bucket, _duration, _rfc3339_in
-from .settings import _DEFAULTS, _MAX_VIOLATION_DETAILS, FAULTS, _validate
+from .settings import _DEFAULTS, _MAX_VIOLATION_DETAILS, _validate
 from .structured import (
     _put_logprobs,
     _put_structured,
@@ -81,14 +83,7 @@ class FakeLLM:
         self._key = None if key is None else key.encode()  # other dialects send the bare key
         if any(key.startswith("rate_limit_") for key in clean) or not hasattr(self, "_buckets"):
             self._fill_buckets()
-        # Cumulative table so choosing a fault is one uniform draw.
-        self._chaos_table: list[tuple[float, str]] = []
-        acc = 0.0
-        for name in FAULTS:  # fixed order: same seed -> same faults, whatever the dict order
-            prob = self.settings["chaos"].get(name, 0.0)
-            if prob > 0:
-                acc += prob
-                self._chaos_table.append((acc, name))
+        self._chaos_table = _chaos_table(self.settings["chaos"])
         return self.public_config()
 
     def public_config(self) -> dict[str, Any]:
@@ -388,7 +383,7 @@ class FakeLLM:
         directives: dict[str, Any] = {}
         if "[[" in directive_text:
             try:
-                directives = self._parse_directives(directive_text)
+                directives = _parse_directives(directive_text)
             except _BadRequest as exc:
                 self._record(prompt_key, "bad_request")
                 return dialect.bad_request(exc)
@@ -447,9 +442,9 @@ class FakeLLM:
         if outcome == "ok" and isinstance(data, dict):
             self._answer_structured(dialect.name, data, payload)
         if outcome == "reset":
-            return await self._send_reset(request, _dumps(payload))
+            return await _send_reset(request, _dumps(payload))
         if outcome == "truncated":
-            return await self._send_truncated(request, _dumps(payload))
+            return await _send_truncated(request, _dumps(payload))
         return _json_response(payload, headers=rate_headers)
 
     def _answer_structured(self, dialect: str, data: dict[str, Any], payload: dict[str, Any]) -> None:
@@ -493,25 +488,6 @@ class FakeLLM:
             headers = {}  # Gemini: the wait travels in the error body instead
         return dialect.error(429, headers, advertised, request)
 
-    @staticmethod
-    def _parse_directives(text: str) -> dict[str, Any]:
-        directives: dict[str, Any] = {}
-        for name, value in _DIRECTIVE_RE.findall(text):
-            try:
-                if name in _INT_DIRECTIVES:
-                    directives[name] = int(value)
-                elif name in _FLOAT_DIRECTIVES:
-                    directives[name] = float(value)
-                elif name in _FLAG_DIRECTIVES:
-                    directives[name] = True
-                # Unknown names are left alone: "[[x]]" may just be prompt text.
-            except ValueError:
-                raise _BadRequest(f"bad directive value [[{name}={value}]]") from None
-        status = directives.get("status")
-        if status is not None and not 100 <= status <= 599:
-            raise _BadRequest(f"bad directive [[status={status}]]")
-        return directives
-
     def _decide(
         self, directives: Mapping[str, Any], prompt: str, attempt: int
     ) -> tuple[str, int, float | None]:
@@ -521,10 +497,10 @@ class FakeLLM:
             fail_times = directives.get("fail_times")
             if fail_times is not None:
                 if attempt < fail_times:
-                    return self._status_outcome(status or 500, directives)
+                    return _status_outcome(status or 500, directives)
                 status = None  # recovered: answer normally from now on
             if status is not None and status >= 400:
-                return self._status_outcome(status, directives)
+                return _status_outcome(status, directives)
             if directives.get("context_length"):
                 return "context_length", 400, None
             for flag in ("html", "content_filter", "error_body"):
@@ -533,64 +509,7 @@ class FakeLLM:
             if fail_times is not None:
                 return "ok", 200, None
         if self._chaos_table:
-            # Hash of (seed, prompt, attempt) instead of a shared RNG stream: the
-            # same prompt gets the same faults on the same attempt whatever order
-            # concurrent requests arrive in, so seeded runs are reproducible.
-            seed = self.settings["seed"]
-            digest = hashlib.blake2b(
-                f"{seed}\x00{attempt}\x00{prompt}".encode("utf-8", "surrogatepass"),
-                digest_size=8,
-            ).digest()
-            u = int.from_bytes(digest, "big") / 18446744073709551616.0
-            for threshold, name in self._chaos_table:
-                if u < threshold:
-                    return self._chaos_outcome(name)
+            fault = _chaos_fault(self._chaos_table, self.settings["seed"], prompt, attempt)
+            if fault is not None:
+                return _chaos_outcome(fault, self.settings["chaos_retry_after"])
         return "ok", 200, None
-
-    @staticmethod
-    def _status_outcome(status: int, directives: Mapping[str, Any]) -> tuple[str, int, float | None]:
-        if status == 429:
-            retry_after = directives.get("retry_after")
-            has_header = retry_after is not None or "retry_after_ms" in directives
-            return ("429_retry_after" if has_header else "429_plain"), 429, retry_after
-        return str(status), status, None
-
-    def _chaos_outcome(self, name: str) -> tuple[str, int, float | None]:
-        if name == "429_retry_after":
-            return name, 429, self.settings["chaos_retry_after"]
-        if name in ("429_plain", "500", "502", "503", "529"):
-            return name, int(name[:3]), None
-        return name, 200, None
-
-    @staticmethod
-    async def _send_reset(request: web.Request, body: bytes) -> web.StreamResponse:
-        """Headers and half the body, then a hard close (RST) of the connection."""
-        resp = web.StreamResponse(status=200)
-        resp.content_type = "application/json"
-        resp.content_length = len(body)
-        await resp.prepare(request)
-        await resp.write(body[: len(body) // 2])
-        transport = request.transport
-        if transport is not None:
-            sock = transport.get_extra_info("socket")
-            if sock is not None:
-                try:  # linger 0 turns the close into a real TCP reset
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                except OSError:  # pragma: no cover - platform dependent
-                    pass
-            transport.abort()
-        # aiohttp's write_eof() then hits the closed transport; it ignores ConnectionError.
-        return resp
-
-    @staticmethod
-    async def _send_truncated(request: web.Request, body: bytes) -> web.StreamResponse:
-        """The whole body, but a Content-Length promising more, then a clean close."""
-        resp = web.StreamResponse(status=200)
-        resp.content_type = "application/json"
-        resp.content_length = len(body) + 64
-        await resp.prepare(request)
-        await resp.write(body)
-        transport = request.transport
-        if transport is not None:
-            transport.close()  # flushes what was written, then FIN
-        return resp

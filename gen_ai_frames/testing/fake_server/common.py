@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -30,10 +29,6 @@ else:  # pragma: no cover - depends on the environment
 # Protect the server from silly `n` values; real APIs cap it too.
 _MAX_N = 128
 
-_DIRECTIVE_RE = re.compile(r"\[\[\s*([a-z_]+)\s*(?:=\s*([^\]\s]*)\s*)?\]\]")
-_INT_DIRECTIVES = {"status", "fail_times"}
-_FLOAT_DIRECTIVES = {"retry_after", "retry_after_ms", "sleep"}
-_FLAG_DIRECTIVES = {"html", "context_length", "content_filter", "error_body"}
 
 _HTML_PAGE = (
     b"<!DOCTYPE html>\n<html><head><title>502 Bad Gateway</title></head>"
