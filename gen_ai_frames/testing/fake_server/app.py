@@ -10,6 +10,7 @@ import random
 import time
 import zlib
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -45,6 +46,22 @@ from .structured import (
     conforming_answer,
     violating_answer,
 )
+
+
+@dataclass
+class _Call:
+    """What one LLM request asked for, filled in as the handler reads and checks it."""
+
+    data: Any = None
+    parse_error: str | None = None
+    bad: _BadRequest | None = None
+    prompts: list[str] = field(default_factory=list)
+    prompt_key: str | None = None
+    prompt_tokens: int = 0
+    model: str = ""
+    n: int = 1
+    max_tokens: int | None = None
+    directives: dict[str, Any] = field(default_factory=dict)
 
 
 class FakeLLM:
@@ -308,59 +325,91 @@ class FakeLLM:
     async def _answer(
         self, request: web.Request, dialect: _OpenAIDialect, arrival: float
     ) -> web.StreamResponse:
-        settings = self.settings
         window = self._window_at(arrival)
         body = await request.read()
 
         # Parse first (even when auth fails) so every attempt is recorded per prompt.
-        data: Any = None
-        parse_error: str | None = None
-        try:
-            data = _loads(body)
-        except ValueError:
-            parse_error = dialect.parse_error_message
-        prompts: list[str] = []
-        prompt_key: str | None = None
-        bad: _BadRequest | None = None
-        prompt_tokens = 0
-        if parse_error is None:
-            try:
-                prompts, prompt_tokens = dialect.extract(data, request)
-                prompt_key = prompts[0] if len(prompts) == 1 else "\n".join(prompts)
-            except _BadRequest as exc:
-                bad = exc
-
+        call = self._parse(body, dialect, request)
         attempt = 0
-        if prompt_key is not None:
-            attempt = self.per_prompt.get(prompt_key, 0)
-            self.per_prompt[prompt_key] = attempt + 1
-
+        if call.prompt_key is not None:
+            attempt = self.per_prompt.get(call.prompt_key, 0)
+            self.per_prompt[call.prompt_key] = attempt + 1
         if window is not None:
-            self.retry_after_violations += 1
-            if len(self.retry_after_violation_details) < _MAX_VIOLATION_DETAILS:
-                self.retry_after_violation_details.append(
-                    {
-                        "at": arrival - self.started,
-                        "window_start": window[0] - self.started,
-                        "window_end": window[1] - self.started,
-                        "path": request.path,
-                        "prompt": prompt_key,
-                    }
-                )
+            self._note_violation(window, arrival, request.path, call.prompt_key)
 
+        refusal = self._refuse(call, dialect, request)
+        if refusal is not None:
+            return refusal
+
+        rate_headers: dict[str, str] | None = None
+        if self._buckets:
+            wait, rate_headers = self._admit(
+                dialect, call.prompt_tokens + (call.max_tokens or 0), time.monotonic()
+            )
+            if wait > 0:
+                self._record(call.prompt_key, "rate_limited")
+                return self._rate_limited(dialect, wait, rate_headers, request)
+
+        outcome, status, retry_after = self._decide(call.directives, call.prompt_key or "", attempt)
+        self._record(call.prompt_key, outcome)
+        await self._delay(call.directives, outcome)
+        if status >= 400:
+            return self._error_answer(dialect, request, outcome, status, retry_after, call.directives)
+        return await self._success_answer(dialect, request, call, outcome, rate_headers)
+
+    @staticmethod
+    def _parse(body: bytes, dialect: _OpenAIDialect, request: web.Request) -> _Call:
+        """Read the body and the prompts; errors are kept to answer after the auth check."""
+        call = _Call()
+        try:
+            call.data = _loads(body)
+        except ValueError:
+            call.parse_error = dialect.parse_error_message
+        if call.parse_error is None:
+            try:
+                call.prompts, call.prompt_tokens = dialect.extract(call.data, request)
+                prompts = call.prompts
+                call.prompt_key = prompts[0] if len(prompts) == 1 else "\n".join(prompts)
+            except _BadRequest as exc:
+                call.bad = exc
+        return call
+
+    def _note_violation(
+        self, window: tuple[float, float], arrival: float, path: str, prompt_key: str | None
+    ) -> None:
+        """Count a request that came while a Retry-After window was open."""
+        self.retry_after_violations += 1
+        if len(self.retry_after_violation_details) < _MAX_VIOLATION_DETAILS:
+            self.retry_after_violation_details.append(
+                {
+                    "at": arrival - self.started,
+                    "window_start": window[0] - self.started,
+                    "window_end": window[1] - self.started,
+                    "path": path,
+                    "prompt": prompt_key,
+                }
+            )
+
+    def _refuse(self, call: _Call, dialect: _OpenAIDialect, request: web.Request) -> web.Response | None:
+        """The error answer for a wrong key, a bad request or an unknown model, else None.
+
+        On None, ``call`` holds the model, ``n``, ``max_tokens`` and the directives."""
+        settings = self.settings
+        prompt_key = call.prompt_key
         expected = self._auth_header if dialect.bearer else self._key
         if expected is not None:
             if not hmac.compare_digest(dialect.credential(request), expected):
                 self._record(prompt_key, "auth_error")
                 return dialect.auth_error(request)
 
-        if parse_error is not None:
+        if call.parse_error is not None:
             self._record(None, "bad_request")
-            return dialect.bad_request(_BadRequest(parse_error))
-        if bad is not None:
+            return dialect.bad_request(_BadRequest(call.parse_error))
+        if call.bad is not None:
             self._record(prompt_key, "bad_request")
-            return dialect.bad_request(bad)
+            return dialect.bad_request(call.bad)
 
+        data = call.data
         model = dialect.model(data, request)
         models = settings["models"]
         if models is not None:
@@ -372,32 +421,26 @@ class FakeLLM:
                 return dialect.model_not_found(model)
         if not isinstance(model, str):
             model = settings["default_model"]
+        call.model = model
         try:
-            n, max_tokens = dialect.options(data, request)
+            call.n, call.max_tokens = dialect.options(data, request)
         except _BadRequest as exc:
             self._record(prompt_key, "bad_request")
             return dialect.bad_request(exc)
 
         # Directives ("[[...]]") only exist in targeted tests: cheap substring test first.
-        directive_text = prompts[-1] if dialect.chat else prompt_key or ""
-        directives: dict[str, Any] = {}
+        directive_text = call.prompts[-1] if dialect.chat else prompt_key or ""
         if "[[" in directive_text:
             try:
-                directives = _parse_directives(directive_text)
+                call.directives = _parse_directives(directive_text)
             except _BadRequest as exc:
                 self._record(prompt_key, "bad_request")
                 return dialect.bad_request(exc)
+        return None
 
-        rate_headers: dict[str, str] | None = None
-        if self._buckets:
-            wait, rate_headers = self._admit(dialect, prompt_tokens + (max_tokens or 0), time.monotonic())
-            if wait > 0:
-                self._record(prompt_key, "rate_limited")
-                return self._rate_limited(dialect, wait, rate_headers, request)
-
-        outcome, status, retry_after = self._decide(directives, prompt_key or "", attempt)
-        self._record(prompt_key, outcome)
-
+    async def _delay(self, directives: Mapping[str, Any], outcome: str) -> None:
+        """Wait the latency, plus ``[[sleep=S]]`` and the chaos ``slow`` fault."""
+        settings = self.settings
         delay = settings["latency"]
         if settings["latency_median"] is not None:
             delay = self._latency_rng.lognormvariate(
@@ -409,38 +452,58 @@ class FakeLLM:
         if delay > 0:
             await asyncio.sleep(delay)
 
-        if status >= 400:
-            headers: dict[str, str] = {}
-            if status == 429 and retry_after is not None:
-                headers["retry-after"] = _format_seconds(retry_after)
-                if outcome == "429_retry_after" and "retry_after" not in directives:
-                    # Chaos mode: also the OpenAI-style millisecond header.
-                    headers["retry-after-ms"] = str(int(retry_after * 1000))
-            if "retry_after_ms" in directives:
-                headers["retry-after-ms"] = str(int(directives["retry_after_ms"]))
-            pause: float | None = None
-            if status == 429 and headers:
-                pause = retry_after
-                if pause is None:
-                    pause = directives["retry_after_ms"] / 1000.0
-                self._open_window(pause)
-            if dialect.retry_in_body:
-                headers = {}  # the wait travels in the error body instead
-            if outcome == "context_length":
-                return dialect.context_length()
-            return dialect.error(status, headers or None, pause, request)
+    def _error_answer(
+        self,
+        dialect: _OpenAIDialect,
+        request: web.Request,
+        outcome: str,
+        status: int,
+        retry_after: float | None,
+        directives: Mapping[str, Any],
+    ) -> web.Response:
+        """The error answer a directive or chaos asked for (opens a window on a 429 with a wait)."""
+        headers: dict[str, str] = {}
+        if status == 429 and retry_after is not None:
+            headers["retry-after"] = _format_seconds(retry_after)
+            if outcome == "429_retry_after" and "retry_after" not in directives:
+                # Chaos mode: also the OpenAI-style millisecond header.
+                headers["retry-after-ms"] = str(int(retry_after * 1000))
+        if "retry_after_ms" in directives:
+            headers["retry-after-ms"] = str(int(directives["retry_after_ms"]))
+        pause: float | None = None
+        if status == 429 and headers:
+            pause = retry_after
+            if pause is None:
+                pause = directives["retry_after_ms"] / 1000.0
+            self._open_window(pause)
+        if dialect.retry_in_body:
+            headers = {}  # the wait travels in the error body instead
+        if outcome == "context_length":
+            return dialect.context_length()
+        return dialect.error(status, headers or None, pause, request)
 
+    async def _success_answer(
+        self,
+        dialect: _OpenAIDialect,
+        request: web.Request,
+        call: _Call,
+        outcome: str,
+        rate_headers: dict[str, str] | None,
+    ) -> web.StreamResponse:
+        """A 200: the answer, or one of the faults that look like one (HTML, reset, truncated...)."""
         if outcome == "html":
             return web.Response(body=_HTML_PAGE, content_type="text/html", charset="utf-8")
         if outcome == "error_body":
             return dialect.error_body()
 
         self._next_id += 1
-        payload = dialect.success(model, prompts, n, max_tokens, prompt_tokens, outcome, self._next_id)
+        payload = dialect.success(
+            call.model, call.prompts, call.n, call.max_tokens, call.prompt_tokens, outcome, self._next_id
+        )
         if isinstance(payload, web.StreamResponse):
             return payload
-        if outcome == "ok" and isinstance(data, dict):
-            self._answer_structured(dialect.name, data, payload)
+        if outcome == "ok" and isinstance(call.data, dict):
+            self._answer_structured(dialect.name, call.data, payload)
         if outcome == "reset":
             return await _send_reset(request, _dumps(payload))
         if outcome == "truncated":
