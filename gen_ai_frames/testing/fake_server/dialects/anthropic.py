@@ -10,13 +10,6 @@ from aiohttp import web
 from ..common import _answer_text, _BadRequest, _content_text, _int_option, _json_response, _word_count
 from .openai import _OpenAIDialect
 
-# ------------------------------------------------------------------ dialects
-#
-# The same fake model speaks several vendors' APIs. A dialect knows one vendor's wire format:
-# where the key goes, where the prompt and the options are in the body, and what answers and
-# errors look like. FakeLLM._answer does everything else (stats, directives, chaos, latency)
-# once for all of them, so every dialect gets the same test tools.
-
 _ANTHROPIC_ERRORS: dict[int, tuple[str, str]] = {
     # status: (type, message)
     400: ("invalid_request_error", "Bad request (injected by FakeServer)."),
