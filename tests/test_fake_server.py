@@ -570,7 +570,7 @@ _HEAVY_CHECK = (
 def test_module_runs_as_a_plain_script_without_the_package() -> None:
     """The module only needs aiohttp, so `python path/to/fake_server.py` works
     too and never imports the package's heavy dependencies."""
-    script = REPO_ROOT / "gen_ai_frames" / "testing" / "fake_server.py"
+    script = REPO_ROOT / "gen_ai_frames" / "testing" / "fake_server" / "__main__.py"
     code = (
         "import runpy, sys; sys.argv = ['fake_server', '--help']\n"
         "try:\n"
