@@ -14,13 +14,13 @@ from contextlib import asynccontextmanager
 from typing import Any, Literal, overload
 
 from ._sync import run_sync
-from .engine import Engine, Result, validate_rate_limit_timeout
+from .engine import Engine, Result
 from .errors import ConfigurationError, FailedPromptsWarning
 from .options import ENGINE_OPTIONS, GENERATION_OPTIONS, RunOptions, split_options, takes_options
 from .params import Message, validate_positive_int
 from .prompts import Prompts, check_prompt, prompt_list
 from .providers.base import Provider, redact_url
-from .ratelimit import RateLimiter
+from .ratelimit import validate_limits
 from .retry import RetryPolicy
 from .schema import Schema
 from .transport import Transport
@@ -57,8 +57,7 @@ class Client:
         self._transport_factory = transport_factory
         validate_positive_int("max_retries", max_retries, minimum=0)
         self.retry = retry or RetryPolicy(max_retries=max_retries)
-        RateLimiter(requests_per_minute, tokens_per_minute)  # validates both
-        validate_rate_limit_timeout(rate_limit_timeout)
+        validate_limits(requests_per_minute, tokens_per_minute, rate_limit_timeout)
         #: Default rate limits of every run of this client; each call may override them.
         self.requests_per_minute = requests_per_minute
         self.tokens_per_minute = tokens_per_minute
@@ -116,8 +115,9 @@ class Client:
             tokens_per_minute = self.tokens_per_minute
         if rate_limit_timeout is None:
             rate_limit_timeout = self.rate_limit_timeout
-        RateLimiter(requests_per_minute, tokens_per_minute)  # validates before the transport opens
-        validate_rate_limit_timeout(rate_limit_timeout)
+        validate_limits(
+            requests_per_minute, tokens_per_minute, rate_limit_timeout
+        )  # before the transport opens
         transport = self._transport_factory()
         try:
             yield Engine(

@@ -27,12 +27,12 @@ from .errors import (
 from .params import GenerationParams, Message
 from .pricing import estimate_tokens
 from .providers.base import Provider, redact_url
-from .ratelimit import Pace, RateLimiter
+from .ratelimit import Pace, RateLimiter, validate_limits
 from .retry import RetryPolicy, parse_retry_after
 from .schema import SchemaMismatch
 from .transport import HttpResponse, Transport, TransportError
 
-__all__ = ["Engine", "Result", "validate_rate_limit_timeout"]
+__all__ = ["Engine", "Result"]
 
 # What a model is told when its answer broke the schema (structured output's retry).
 _SCHEMA_RETRY = (
@@ -159,7 +159,7 @@ class Engine:
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        validate_rate_limit_timeout(rate_limit_timeout)
+        validate_limits(rate_limit_timeout=rate_limit_timeout)
         self.provider = provider
         self.rate_limit_timeout = rate_limit_timeout
         self.transport = transport
@@ -504,12 +504,6 @@ _LONG_WAIT_SUGGESTION = (
     "Run again once the provider's limit has reset (finished rows are kept), or allow longer waits "
     "with retry=RetryPolicy(max_retry_after=SECONDS)."
 )
-
-
-def validate_rate_limit_timeout(value: object) -> None:
-    """``rate_limit_timeout`` must be a number of seconds > 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigurationError(f"rate_limit_timeout must be a number of seconds > 0, got {value!r}")
 
 
 def _rate_limit_timeout(error: RequestError, waited: float, timeout: float) -> RateLimitError:

@@ -15,9 +15,32 @@ from datetime import datetime
 
 from .errors import ConfigurationError
 
-__all__ = ["Pace", "RateLimiter", "parse_duration", "ratelimit_wait", "stated_limits"]
+__all__ = ["Pace", "RateLimiter", "parse_duration", "ratelimit_wait", "stated_limits", "validate_limits"]
 
 Clock = Callable[[], float]
+
+
+def validate_limits(
+    requests_per_minute: object = None, tokens_per_minute: object = None, rate_limit_timeout: object = 600.0
+) -> None:
+    """Check a run's rate limits (each a number > 0, or None) and its ``rate_limit_timeout`` (seconds > 0).
+
+    >>> validate_limits(requests_per_minute=0)
+    Traceback (most recent call last):
+    ...
+    gen_ai_frames.errors.ConfigurationError: requests_per_minute must be a number > 0 or None, got 0
+    """
+    for name, value in (
+        ("requests_per_minute", requests_per_minute),
+        ("tokens_per_minute", tokens_per_minute),
+    ):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0
+        ):
+            raise ConfigurationError(f"{name} must be a number > 0 or None, got {value!r}")
+    value = rate_limit_timeout
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigurationError(f"rate_limit_timeout must be a number of seconds > 0, got {value!r}")
 
 
 class RateLimiter:
@@ -39,14 +62,7 @@ class RateLimiter:
         *,
         clock: Clock = time.monotonic,
     ) -> None:
-        for name, value in (
-            ("requests_per_minute", requests_per_minute),
-            ("tokens_per_minute", tokens_per_minute),
-        ):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0
-            ):
-                raise ConfigurationError(f"{name} must be a number > 0 or None, got {value!r}")
+        validate_limits(requests_per_minute, tokens_per_minute)
         self.requests_per_minute = requests_per_minute
         self.tokens_per_minute = tokens_per_minute
         self._clock = clock
