@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 from .errors import ConfigurationError
 from .params import GenerationParams, check_number, validate_positive_int
+from .pricing import check_prices
 from .schema import Schema
 
 __all__ = [
@@ -100,24 +101,7 @@ def _check_path(name: str, value: Any) -> None:
 
 
 def _check_prices(name: str, value: Any) -> None:
-    if value is None:
-        return
-    if not isinstance(value, Mapping):
-        raise ConfigurationError(
-            f"{name} must be a dict {{model: (input, output)}} in USD per million "
-            f"tokens, got {type(value).__name__}"
-        )
-    for model, price in value.items():
-        ok = (
-            isinstance(price, (tuple, list))
-            and len(price) == 2
-            and all(not isinstance(p, bool) and isinstance(p, (int, float)) and p >= 0 for p in price)
-        )
-        if not isinstance(model, str) or not ok:
-            raise ConfigurationError(
-                f"{name}[{model!r}] must be (input, output) USD per million tokens, "
-                f"two numbers >= 0, got {price!r}"
-            )
+    check_prices(value, name)
 
 
 def _check_schema(name: str, value: Any) -> None:

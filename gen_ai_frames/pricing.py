@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .errors import ConfigurationError, NotSentError
 
-__all__ = ["DEFAULT_PRICES", "Budget", "Estimate", "Spend", "estimate_tokens", "price_for"]
+__all__ = ["DEFAULT_PRICES", "Budget", "Estimate", "Spend", "check_prices", "estimate_tokens", "price_for"]
 
 #: USD per million tokens (input, output), list prices as published by the vendors in 2025.
 DEFAULT_PRICES: dict[str, tuple[float, float]] = {
@@ -55,6 +55,34 @@ def estimate_tokens(text: str) -> int:
     return max(1, -(-len(text) // CHARS_PER_TOKEN))
 
 
+def check_prices(prices: object, name: str = "prices") -> None:
+    """``prices`` must be None or ``{model: (input, output)}``, two numbers >= 0 in USD per million tokens.
+
+    >>> check_prices({"m": (0.15,)})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    gen_ai_frames.errors.ConfigurationError: prices['m'] must be (input, output) USD per million tokens, ...
+    """
+    if prices is None:
+        return
+    if not isinstance(prices, Mapping):
+        raise ConfigurationError(
+            f"{name} must be a dict {{model: (input, output)}} in USD per million tokens, "
+            f"got {type(prices).__name__}"
+        )
+    for model, price in prices.items():
+        ok = (
+            isinstance(price, (tuple, list))
+            and len(price) == 2
+            and all(not isinstance(p, bool) and isinstance(p, (int, float)) and p >= 0 for p in price)
+        )
+        if not isinstance(model, str) or not ok:
+            raise ConfigurationError(
+                f"{name}[{model!r}] must be (input, output) USD per million tokens, two numbers >= 0 "
+                f"(e.g. (0.15, 0.60)), got {price!r}"
+            )
+
+
 def price_for(
     model: str, prices: Mapping[str, tuple[float, float]] | None = None, provider: str | None = None
 ) -> tuple[float, float] | None:
@@ -68,16 +96,7 @@ def price_for(
     (0.0, 0.0)
     """
     table = {**DEFAULT_PRICES, **(prices or {})}
-    for name, price in (prices or {}).items():
-        if not (
-            isinstance(price, tuple | list)
-            and len(price) == 2
-            and all(isinstance(p, int | float) and p >= 0 for p in price)
-        ):
-            raise ConfigurationError(
-                f"prices[{name!r}] must be (input, output) USD per million tokens, e.g. (0.15, 0.60); "
-                f"got {price!r}"
-            )
+    check_prices(prices)
     if model in table:
         return tuple(table[model])  # type: ignore[return-value]
     if provider in ("local", "ollama", "lmstudio"):
