@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import errno
 import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,7 @@ from gen_ai_frames import RetryPolicy, create_client
 from gen_ai_frames.checkpoint import CheckpointError, read_checkpoint
 from gen_ai_frames.testing import FakeServer
 
-from .test_crash_resume import SCRIPT
+from .test_crash_resume import SCRIPT, kill_mid_run
 
 CHAOS = {"429_retry_after": 0.02, "429_plain": 0.03, "500": 0.03, "502": 0.03, "503": 0.03, "529": 0.02,
          "reset": 0.03, "slow": 0.01, "html": 0.03, "wrong_shape": 0.03, "truncated": 0.02, "length": 0.01,
@@ -94,14 +92,7 @@ def test_chaos_killed_mid_run_and_resumed(chaos_server: Any, tmp_path: Path) -> 
             "--max-concurrent", "32", "--chunk-size", "200", "--timeout", str(TIMEOUT), "--fast-retry"]
     rng = random.Random(5)
     for _ in range(2):
-        process = subprocess.Popen(args, stderr=subprocess.DEVNULL)
-        before = chaos_server.stats()["requests"]
-        deadline = time.monotonic() + 60
-        while chaos_server.stats()["requests"] < before + rng.randint(200, 600):
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.01)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+        kill_mid_run(subprocess.Popen(args, stderr=subprocess.PIPE), chaos_server, rng, after=(200, 600))
     assert not target.exists()
     subprocess.run(args, check=True, timeout=300)
     out = pd.read_parquet(target)

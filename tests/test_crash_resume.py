@@ -41,11 +41,13 @@ def start(args: list[str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, str(SCRIPT), *args], stderr=subprocess.PIPE)
 
 
-def kill_mid_run(process: subprocess.Popen[bytes], server: Any, rng: random.Random) -> None:
-    """Wait until the run is sending, then SIGKILL it a random moment later."""
+def kill_mid_run(process: subprocess.Popen[bytes], server: Any, rng: random.Random,
+                 after: tuple[int, int] = (50, 400)) -> None:
+    """Wait until the run has sent a random number of requests in ``after``, then SIGKILL it a
+    random moment later."""
     before = server.stats()["requests"]
     deadline = time.monotonic() + 60
-    while server.stats()["requests"] < before + rng.randint(50, 400):
+    while server.stats()["requests"] < before + rng.randint(*after):
         assert process.poll() is None, process.stderr.read().decode()  # type: ignore[union-attr]
         assert time.monotonic() < deadline, "the run never started sending"
         time.sleep(0.01)

@@ -19,12 +19,12 @@ Example::
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import json
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from .fake_server.loopback import LoopbackServer
 
 __all__ = ["CREDENTIAL_HEADERS", "HostileServer", "Reply", "Seen", "chat"]
 
@@ -97,7 +97,7 @@ class Seen:
         return {name: value for name, value in self.headers.items() if name in CREDENTIAL_HEADERS}
 
 
-class HostileServer:
+class HostileServer(LoopbackServer):
     """Serve ``script`` (prompt -> :class:`Reply`) on 127.0.0.1 in a background thread.
 
     ``default`` answers prompts that are not in the script (None: a normal echo answer).
@@ -105,82 +105,25 @@ class HostileServer:
     ``size`` reply that reached the socket before the client stopped reading.
     """
 
+    thread_name = "HostileServer"
+
     def __init__(self, script: Mapping[str, Reply] | None = None, *, default: Reply | None = None) -> None:
+        super().__init__()
         self.script = dict(script or {})
         self.default = default
         self.requests: list[Seen] = []
         self.bytes_sent: list[int] = []
         self._used: dict[str, int] = {}
-        self.port: int | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
 
     def __repr__(self) -> str:
         return f"<HostileServer port={self.port}>"
 
-    @property
-    def base_url(self) -> str:
-        """``http://127.0.0.1:PORT``."""
-        if self.port is None:
-            raise RuntimeError("HostileServer is not running; use `with`")
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        """The OpenAI-style base URL ``http://127.0.0.1:PORT/v1``."""
-        return self.base_url + "/v1"
-
-    def endpoint_for(self, provider: str) -> str:
-        """The ``endpoint=`` of ``provider`` on this server (Azure: the resource URL; Gemini: /v1beta)."""
-        return {"azure": self.base_url, "gemini": self.base_url + "/v1beta"}.get(provider, self.url)
-
-    # ---------------------------------------------------------------------------- lifecycle
-    def __enter__(self) -> HostileServer:
-        started: concurrent.futures.Future[int] = concurrent.futures.Future()
-        self._thread = threading.Thread(
-            target=self._serve, args=(started,), name="HostileServer", daemon=True
-        )
-        self._thread.start()
-        self.port = started.result(timeout=30)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        loop, thread = self._loop, self._thread
-        if loop is not None and thread is not None:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(timeout=30)
-        self._loop = self._thread = None
-
-    def _serve(self, started: concurrent.futures.Future[int]) -> None:
+    def make_runner(self) -> Any:
         from aiohttp import web
 
-        # A private loop in its own thread: works beside the client's loop (or Jupyter's).
-        loop = self._loop = asyncio.new_event_loop()
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-        try:
-            try:
-                loop.run_until_complete(runner.setup())
-                site = web.TCPSite(runner, "127.0.0.1", 0)
-                loop.run_until_complete(site.start())
-                port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-            except BaseException as err:  # pragma: no cover - a failed bind
-                started.set_exception(err)
-                return
-            started.set_result(port)
-            loop.run_forever()
-        finally:
-            try:
-                loop.run_until_complete(runner.cleanup())  # closes every connection
-                pending = asyncio.all_tasks(loop)
-                for task in pending:
-                    task.cancel()
-                if pending:
-                    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-                loop.run_until_complete(loop.shutdown_asyncgens())
-            finally:
-                loop.close()
+        return web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
 
     # ----------------------------------------------------------------------------- answers
     async def _handle(self, request: Any) -> Any:

@@ -11,7 +11,7 @@ from typing import Any
 
 from .app import FakeLLM
 from .common import _loads
-from .server import _start_site
+from .loopback import _start_site
 from .settings import _RATE_LIMIT_STYLES, _validate
 
 
