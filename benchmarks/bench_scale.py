@@ -1,0 +1,182 @@
+"""Many rows on one machine: throughput, memory and resume time of ``df.genai.generate`` (issue 19).
+
+The fake server answers at zero latency (``--latency 0``), so the client's own work per row is what
+is measured. Each variant runs in its own fresh subprocess:
+
+* ``plain``     ``df.genai.generate(column="prompt", client=client, chunk_size=2000,
+                max_concurrent=128, progress=False)`` over N distinct ~55-character prompts
+* ``ckpt``      the same with ``checkpoint=<dir>`` (the checkpoint is kept for ``resume``)
+* ``resume``    the same call again on the finished checkpoint: nothing is sent (checked with the
+                server's request count); its wall time is the time to the first request of a resume
+* ``synthetic`` writes an M-row checkpoint directly (no server, ``--synthetic-rows``, default
+                10,000,000), then resumes it with one new row appended to the frame: the wall time of
+                that call is the time to the first (and only) request
+
+Memory: ``peak RSS over the frame`` is the process's peak RSS (``ru_maxrss``) minus its RSS once the
+input frame is built; ``returned`` is the deep memory size of the columns the call added.
+
+    python benchmarks/bench_scale.py                          # 1,000,000 rows, all variants
+    python benchmarks/bench_scale.py --rows 200000 --variants plain,ckpt,resume
+    python benchmarks/bench_scale.py --variants synthetic --synthetic-rows 10000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+VARIANTS = ("plain", "ckpt", "resume", "synthetic")
+
+
+def make_prompts(n: int, start: int = 0) -> list[str]:
+    """Distinct prompts of ~55 characters (dedupe must not skip any)."""
+    return [f"Summarize customer review number {i:09d} in one line." for i in range(start, start + n)]
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def write_synthetic(path: str, rows: int, url: str) -> float:
+    """An answered checkpoint of ``rows`` rows, written part by part as a run would; returns seconds."""
+    import gen_ai_frames
+    from gen_ai_frames.checkpoint import Checkpoint, make_records, run_fingerprint
+    from gen_ai_frames.options import RunOptions
+
+    # The fingerprint of the resuming call: same provider, endpoint, model and parameters.
+    client = gen_ai_frames.create_client(provider="openai", endpoint=url, model_name="m")
+    fingerprint = run_fingerprint(client, RunOptions().params)
+    started = time.perf_counter()
+    prompts = make_prompts(rows)  # distinct, so keys counted per part equal keys over the whole frame
+    part = 500_000
+    with Checkpoint.open(path, fingerprint) as store:
+        for lo in range(0, rows, part):
+            chunk = prompts[lo : lo + part]
+            records = make_records(chunk, positions=range(lo, lo + len(chunk)),
+                                   responses=["echo: " + p for p in chunk])
+            store.append(records)
+    return time.perf_counter() - started
+
+
+def worker(args: argparse.Namespace) -> None:
+    import aiohttp  # noqa: F401  (imported lazily by the transport: keep it out of the timing)
+    import pandas as pd
+
+    import gen_ai_frames  # registers df.genai
+
+    variant = args._worker
+    extra: dict[str, Any] = {}
+    n = args.rows
+    if variant == "synthetic":
+        n = args.synthetic_rows
+        if not os.path.exists(os.path.join(args.checkpoint, "manifest.json")):
+            extra["write_s"] = write_synthetic(args.checkpoint, n, args.url)
+        gc.collect()
+        prompts = make_prompts(n) + make_prompts(1, start=n)
+    else:
+        prompts = make_prompts(n)
+    df = pd.DataFrame({"prompt": prompts})
+    del prompts
+    gc.collect()
+    client = gen_ai_frames.create_client(provider="openai", endpoint=args.url, model_name="m")
+    base_rss = rss_bytes()
+    checkpoint = None if variant == "plain" else args.checkpoint
+    with _common.measure() as m:
+        out = df.genai.generate(column="prompt", client=client, chunk_size=args.chunk_size,
+                                checkpoint=checkpoint, max_concurrent=args.max_concurrent, progress=False)
+    peak = peak_rss_bytes()
+    added = out[["response", "error"]]
+    expected = "echo: " + df["prompt"]
+    correct = int((added["response"] == expected).sum())
+    _common.emit_result({
+        "variant": variant, "n": len(df), **m.as_dict(), "correct": correct,
+        "peak_over_frame_mb": (peak - base_rss) / 1e6,
+        "returned_mb": added.memory_usage(deep=True, index=False).sum() / 1e6,
+        **extra,
+    })
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=1_000_000, help="rows of plain/ckpt/resume (default 1,000,000)")
+    p.add_argument("--synthetic-rows", type=int, default=10_000_000, help="rows of the synthetic checkpoint")
+    p.add_argument("--max-concurrent", type=int, default=128)
+    p.add_argument("--chunk-size", type=int, default=2000)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--tmp-dir", default=None, help="where checkpoints go (default: system temp)")
+    p.add_argument("--timeout", type=float, default=3600)
+    p.add_argument("--_worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    p.add_argument("--url", help=argparse.SUPPRESS)
+    p.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.variant_list = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in args.variant_list if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {unknown}; choose from {VARIANTS}")
+    if "resume" in args.variant_list and "ckpt" not in args.variant_list:
+        p.error("resume needs the ckpt variant in the same run (it resumes that checkpoint)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args._worker:
+        worker(args)
+        return 0
+    _common.print_environment()
+    print(f"# bench_scale: rows={args.rows:,}, synthetic={args.synthetic_rows:,}, "
+          f"max_concurrent={args.max_concurrent}, chunk_size={args.chunk_size}, zero latency")
+    tmp = tempfile.mkdtemp(prefix="bench_scale_", dir=args.tmp_dir)
+    runs = []
+    try:
+        with _common.FakeServerProcess(["--latency", "0"]) as server:
+            for variant in args.variant_list:
+                ckpt = os.path.join(tmp, "synthetic.ckpt" if variant == "synthetic" else "run.ckpt")
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", variant, "--url", server.url,
+                       "--rows", str(args.rows), "--synthetic-rows", str(args.synthetic_rows),
+                       "--max-concurrent", str(args.max_concurrent), "--chunk-size", str(args.chunk_size),
+                       "--checkpoint", ckpt]
+                result = _common.run_measured_worker(server, cmd, timeout=args.timeout)
+                result.pop("stderr", None)
+                n = result["n"]
+                result.update(rows_per_s=n / result["wall_s"], cpu_us=result["cpu_s"] * 1e6 / n,
+                              bytes_per_row=result["peak_over_frame_mb"] * 1e6 / n, check=f"{result['correct']}/{n}")
+                runs.append(result)
+                print(f"  {variant:9s} {result['wall_s']:8.2f} s  {result['rows_per_s']:8.0f} rows/s  "
+                      f"peak +{result['peak_over_frame_mb']:.0f} MB  requests {result['server_requests']}  "
+                      f"bg load {result['background_cores']:.2f}", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    columns = [("variant", "variant", ""), ("n", "rows", "d"), ("wall_s", "wall s", ".2f"),
+               ("rows_per_s", "rows/s", ".0f"), ("cpu_us", "client CPU us/row", ".1f"),
+               ("peak_over_frame_mb", "peak RSS over frame MB", ".0f"), ("bytes_per_row", "bytes/row", ".0f"),
+               ("returned_mb", "returned columns MB", ".0f"), ("server_requests", "requests", "d"),
+               ("background_cores", "bg load (cores)", ".2f"), ("check", "correct", "")]
+    print()
+    print(_common.format_table(runs, columns))
+    by = {r["variant"]: r for r in runs}
+    if "plain" in by and "ckpt" in by:
+        print(f"\ncheckpoint / plain rows/s = {by['ckpt']['rows_per_s'] / by['plain']['rows_per_s']:.2f} "
+              "(target >= 0.9)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
