@@ -24,7 +24,7 @@ import copy
 import html
 import os
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,6 +45,7 @@ __all__ = [
     "CONTEXT_WINDOWS",
     "DEFAULT_SAMPLE",
     "Plan",
+    "Segment",
     "batch_price_for",
     "cached_prompts",
     "context_window_for",
@@ -346,6 +347,21 @@ def _check_arguments(sample: object, context_window: object) -> None:
         validate_positive_int("context_window", context_window)
 
 
+@dataclass(frozen=True)
+class Segment:
+    """Rows ``start`` to ``stop`` of the input, answered by one runner call with its own checkpoint.
+
+    ``df.genai.plan`` has one segment; ``gen-ai-frames plan`` one per batch of ``--batch-rows``
+    rows, as ``generate`` answers them (each batch with its own checkpoint, dedupe within it).
+    ``prepare`` runs once before the sample writes to ``checkpoint`` (the CLI records its batch).
+    """
+
+    start: int
+    stop: int
+    checkpoint: str | os.PathLike[str] | None
+    prepare: Callable[[], None] | None = None
+
+
 async def make_plan(
     prompts: Prompts,
     *,
@@ -355,12 +371,14 @@ async def make_plan(
     context_window: int | None = None,
     empty_fields: Mapping[str, int] | None = None,
     notes: Sequence[str] = (),
+    segments: Sequence[Segment] | None = None,
 ) -> Plan:
     """The plan of a run of ``prompts`` with ``options``; sends at most ``sample`` requests.
 
     ``context_window`` (tokens) overrides :data:`CONTEXT_WINDOWS`; ``empty_fields`` counts the rows
     where each template field is empty (:func:`empty_template_fields`); ``notes`` are warnings the
-    caller found (e.g. a column the run would refuse to overwrite).
+    caller found (e.g. a column the run would refuse to overwrite); ``segments`` split the rows as
+    the run will (default: one, with ``options.checkpoint``).
 
     >>> plan = await make_plan(Prompts.check(["Hi", "Hi"]), client=client, options=RunOptions(),
     ...                        sample=0)  # doctest: +SKIP
@@ -369,23 +387,31 @@ async def make_plan(
     """
     _check_arguments(sample, context_window)
     texts = prompts.texts
-    valid = prompts.sendable
     price = price_for(client.model_name, options.prices, client.provider.name)
     Budget(price, options.max_cost, client.model_name)  # max_cost needs a price: the run's own check
+    if segments is None:
+        segments = [Segment(0, len(texts), options.checkpoint)]
 
-    answered = await asyncio.to_thread(_answered_keys, client, options)
-    keys = row_keys([texts[i] for i in valid])  # type: ignore[misc]  # sendable rows have text
-    todo = [i for i, key in zip(valid, keys) if key not in answered]
-    checkpoint_hits = len(valid) - len(todo)
-    cached = cached_prompts([texts[i] for i in todo], client, options)  # type: ignore[misc]
-    todo = [i for i in todo if texts[i] not in cached] if cached else todo
-    cache_hits = len(valid) - checkpoint_hits - len(todo)
     dedupe = options.sends_duplicates_once
-    # One request per group: a distinct prompt with dedupe, else a row.
+    # One request per group: a distinct prompt of a segment with dedupe, else a row.
     groups: dict[Any, list[int]] = {}
-    for i in todo:
-        groups.setdefault(texts[i] if dedupe else i, []).append(i)
+    segment_of: dict[int, int] = {}
+    checkpoint_hits = cache_hits = 0
+    for number, segment in enumerate(segments):
+        valid = [i for i in range(segment.start, segment.stop) if texts[i] is not None]
+        answered = await asyncio.to_thread(_answered_keys, client, options, segment.checkpoint)
+        keys = row_keys([texts[i] for i in valid])  # type: ignore[misc]  # sendable rows have text
+        todo = [i for i, key in zip(valid, keys) if key not in answered]
+        checkpoint_hits += len(valid) - len(todo)
+        cached = cached_prompts([texts[i] for i in todo], client, options)  # type: ignore[misc]
+        if cached:
+            cache_hits += sum(1 for i in todo if texts[i] in cached)
+            todo = [i for i in todo if texts[i] not in cached]
+        for i in todo:
+            groups.setdefault((number, texts[i]) if dedupe else i, []).append(i)
+            segment_of[i] = number
 
+    valid_rows = prompts.sendable
     plan = Plan(
         model=client.model_name,
         provider=client.provider.name,
@@ -393,9 +419,9 @@ async def make_plan(
         invalid_rows=len(prompts.failed),
         checkpoint_hits=checkpoint_hits,
         cache_hits=cache_hits,
-        duplicate_rows=len(todo) - len(groups),
+        duplicate_rows=sum(len(rows) - 1 for rows in groups.values()),
         requests=len(groups),
-        examples=[text for text in dict.fromkeys(texts[i] for i in valid) if text is not None][:EXAMPLES],
+        examples=[t for t in dict.fromkeys(texts[i] for i in valid_rows) if t is not None][:EXAMPLES],
         system_prompt=options.system_prompt,
         max_tokens=options.max_tokens,
         sample=sample,
@@ -409,8 +435,8 @@ async def make_plan(
     chosen = requests[:sample]
     measured_prompt = None
     if chosen:
-        shared = groups if dedupe else None
-        measured_prompt = await _send_sample(plan, prompts, chosen, shared, client, options)
+        sampled = _Sample(prompts, segments, segment_of, groups if dedupe else None)
+        measured_prompt = await _send_sample(plan, sampled, chosen, client, options)
     fixed_tokens = _fixed_tokens(options)
     estimated = {i: estimate_tokens(texts[i]) + fixed_tokens for i in requests}  # type: ignore[arg-type]
     kept = set(chosen[: plan.sample_sent]) if plan.sample_kept else set()
@@ -442,13 +468,14 @@ def _fixed_tokens(options: RunOptions) -> int:
     return tokens
 
 
-def _answered_keys(client: Client, options: RunOptions) -> set[tuple[str, int]]:
-    """Row keys the checkpoint holds answers for (errors too, unless ``retry_errors``).
+def _answered_keys(
+    client: Client, options: RunOptions, path: str | os.PathLike[str] | None
+) -> set[tuple[str, int]]:
+    """Row keys the checkpoint at ``path`` holds answers for (errors too, unless ``retry_errors``).
 
     Opens an existing checkpoint as the run would (the same settings check, the same lock) and
     never creates or starts one over: with ``resume=False`` the run starts over, so nothing counts.
     """
-    path = options.checkpoint
     if path is None or not options.resume or not Path(os.fspath(path)).is_dir():
         return set()
     store = Checkpoint.open(path, run_fingerprint(client, options.params), repair=options.repair)
@@ -465,36 +492,77 @@ def _answered_keys(client: Client, options: RunOptions) -> set[tuple[str, int]]:
 _NOT_SAMPLED = InvalidPromptError("not in the plan's sample", sent=False)
 
 
+@dataclass(frozen=True)
+class _Sample:
+    """Where the sampled requests' rows live: the prompts, their segments and (with dedupe) the
+    rows that share each request."""
+
+    prompts: Prompts
+    segments: Sequence[Segment]
+    segment_of: Mapping[int, int]
+    groups: Mapping[Any, list[int]] | None
+
+    def rows(self, batch: list[int], *, with_earlier: bool) -> set[int]:
+        """The rows a sample run includes for the requests ``batch`` (all of one segment).
+
+        With dedupe, every row of each sampled prompt: they share the answer, so none is paid for
+        again. With a checkpoint, also the earlier rows of the same prompt: a row's checkpoint key
+        counts the identical prompts before it, so the sampled row must keep its rank (the earlier
+        rows are answered already and are restored, not sent).
+        """
+        texts = self.prompts.texts
+        number = self.segment_of[batch[0]]
+        rows = set(batch)
+        if self.groups is not None:
+            for i in batch:
+                rows.update(self.groups[(number, texts[i])])
+        if with_earlier:
+            wanted = {texts[i] for i in rows}
+            start = self.segments[number].start
+            rows.update(i for i in range(start, max(rows) + 1) if texts[i] in wanted)
+        return rows
+
+    def subset(self, number: int, rows: set[int]) -> Prompts:
+        """Segment ``number``'s prompts with only ``rows`` sendable, positioned as in the segment."""
+        segment = self.segments[number]
+        texts = self.prompts.texts[segment.start : segment.stop]
+        local = {i - segment.start for i in rows}
+        return Prompts(
+            [text if i in local else None for i, text in enumerate(texts)],
+            {i: _NOT_SAMPLED for i in range(len(texts)) if i not in local},
+        )
+
+
 async def _send_sample(
-    plan: Plan,
-    prompts: Prompts,
-    chosen: list[int],
-    groups: Mapping[Any, list[int]] | None,
-    client: Client,
-    options: RunOptions,
+    plan: Plan, sample: _Sample, chosen: list[int], client: Client, options: RunOptions
 ) -> int | None:
     """Send the sample's requests through the runner, the first alone: a bad key or model stops
     the plan after one request. Returns the prompt tokens the answers reported (None: not all did)."""
     # The response cache (when it exists) keeps the sample's answers too: set keep when it is on.
     keep = options.checkpoint is not None and options.resume
-    # A plan never starts a checkpoint over: with resume=False the run would, so the sample goes
-    # without one (and says its answers are not kept).
-    sample_options = options.replace(progress=False, **({} if keep else {"checkpoint": None}))
     plan.sample_kept = keep
     engines: list[Any] = []
     watched = _watching(client, engines)
     measured: list[tuple[int, RowResults]] = []
-    for batch in (chosen[:1], chosen[1:]):
-        if not batch:
-            continue
-        rows = _sample_rows(prompts, batch, groups, with_earlier=keep)
-        subset = Prompts(
-            [text if i in rows else None for i, text in enumerate(prompts.texts)],
-            {i: _NOT_SAMPLED for i in range(len(prompts.texts)) if i not in rows},
-        )
-        results = await run_rows(subset, client=watched, options=sample_options)
+    batches = [chosen[:1]]
+    for i in chosen[1:]:  # the rest, one runner call per segment
+        if len(batches) == 1 or sample.segment_of[batches[-1][0]] != sample.segment_of[i]:
+            batches.append([])
+        batches[-1].append(i)
+    prepared: set[int] = set()
+    for batch in batches:
+        number = sample.segment_of[batch[0]]
+        segment = sample.segments[number]
+        if keep and segment.prepare is not None and number not in prepared:
+            segment.prepare()
+            prepared.add(number)
+        # A plan never starts a checkpoint over: with resume=False the run would, so the sample
+        # goes without one (and the plan says its answers are not kept).
+        sample_options = options.replace(progress=False, checkpoint=segment.checkpoint if keep else None)
+        rows = sample.rows(batch, with_earlier=keep)
+        results = await run_rows(sample.subset(number, rows), client=watched, options=sample_options)
         plan.sample_sent += results.sent
-        measured.extend((i, results) for i in batch)
+        measured.extend((i - segment.start, results) for i in batch)
         if results.fatal is not None:
             fatal = results.fatal
             plan.fatal = _error_text(fatal.type, fatal.message, fatal.suggestion)
@@ -508,28 +576,6 @@ async def _send_sample(
 
 def _error_text(kind: str | None, message: str, suggestion: str | None) -> str:
     return f"{kind or 'error'}: {message}" + (f" {suggestion}" if suggestion else "")
-
-
-def _sample_rows(
-    prompts: Prompts, batch: list[int], groups: Mapping[Any, list[int]] | None, *, with_earlier: bool
-) -> set[int]:
-    """The rows a sample run includes for the requests ``batch``.
-
-    With dedupe, every row of each sampled prompt: they share the answer, so none is paid for
-    again. With a checkpoint, also the earlier rows of the same prompt: a row's checkpoint key
-    counts the identical prompts before it, so the sampled row must keep its rank (the earlier
-    rows are answered already and are restored, not sent).
-    """
-    texts = prompts.texts
-    rows = set(batch)
-    if groups is not None:
-        for i in batch:
-            rows.update(groups[texts[i]])
-    if with_earlier:
-        wanted = {texts[i] for i in rows}
-        last = max(rows)
-        rows.update(i for i, text in enumerate(texts[: last + 1]) if text in wanted)
-    return rows
 
 
 def _watching(client: Client, engines: list[Any]) -> Client:
