@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import copy
 import html
+import math
 import os
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -48,6 +49,7 @@ __all__ = [
     "Segment",
     "batch_price_for",
     "cached_prompts",
+    "check_plan_arguments",
     "context_window_for",
     "empty_template_fields",
     "make_plan",
@@ -266,16 +268,20 @@ class Plan:
                 f"unknown: no price for {self.model!r}; pass prices={{model: (input, output)}} in USD per "
                 "million tokens"
             ]
-        basis = (
-            "at most: every answer using all of max_tokens (no sample)"
-            if self.cost_is_upper_bound
-            else "extrapolated from the sample"
-        )
-        lines = [f"realtime: {_usd(self.cost_usd or 0.0)} for {self.remaining_requests:,} requests ({basis})"]
-        if self.batch_cost_usd is not None:
-            lines.append(f"batch: {_usd(self.batch_cost_usd)}")
+        if self.remaining_requests == 0:
+            lines = ["realtime: $0.00, nothing left to send"]
         else:
-            lines.append("batch: no batch price known for this model")
+            basis = (
+                "at most: every answer using all of max_tokens (no sample)"
+                if self.cost_is_upper_bound
+                else "extrapolated from the sample"
+            )
+            cost = _usd(self.cost_usd or 0.0)
+            lines = [f"realtime: {cost} for {self.remaining_requests:,} requests ({basis})"]
+            if self.batch_cost_usd is not None:
+                lines.append(f"batch: {_usd(self.batch_cost_usd)}")
+            else:
+                lines.append("batch: no batch price known for this model")
         if self.sample_cost_usd is not None and self.sample_sent:
             lines.append(f"spent by the sample: {_usd(self.sample_cost_usd)}")
         return lines
@@ -316,12 +322,13 @@ def _shorten(text: str) -> str:
 def _usd(amount: float) -> str:
     """Dollars with cents, or with the digits a small amount needs.
 
-    >>> _usd(1234.5), _usd(0.000123), _usd(0.0)
-    ('$1,234.50', '$0.000123', '$0.00')
+    >>> _usd(1234.5), _usd(0.000123), _usd(0.00000555), _usd(0.0)
+    ('$1,234.50', '$0.000123', '$0.00000555', '$0.00')
     """
     if amount == 0 or amount >= 0.01:
         return f"${amount:,.2f}"
-    return f"${amount:.3g}"
+    digits = 2 - math.floor(math.log10(amount))  # three significant digits
+    return f"${amount:.{digits}f}"
 
 
 def _duration(seconds: float) -> str:
@@ -341,7 +348,14 @@ def _duration(seconds: float) -> str:
 # Building a plan
 
 
-def _check_arguments(sample: object, context_window: object) -> None:
+def check_plan_arguments(sample: object, context_window: object) -> None:
+    """``sample`` must be an integer >= 0 and ``context_window`` None or an integer >= 1.
+
+    >>> check_plan_arguments(-1, None)
+    Traceback (most recent call last):
+    ...
+    gen_ai_frames.errors.ConfigurationError: sample must be an integer >= 0, got -1
+    """
     validate_positive_int("sample", sample, minimum=0)
     if context_window is not None:
         validate_positive_int("context_window", context_window)
@@ -385,7 +399,7 @@ async def make_plan(
     >>> plan.requests  # doctest: +SKIP
     1
     """
-    _check_arguments(sample, context_window)
+    check_plan_arguments(sample, context_window)
     texts = prompts.texts
     price = price_for(client.model_name, options.prices, client.provider.name)
     Budget(price, options.max_cost, client.model_name)  # max_cost needs a price: the run's own check
