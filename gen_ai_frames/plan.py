@@ -162,6 +162,9 @@ class Plan:
     sample_sent: int = 0
     #: Whether the sample's answers are kept for the run (a checkpoint it resumes, or the cache).
     sample_kept: bool = False
+    #: Sampled requests whose outcome is kept, so the run will not send them (an error that stops
+    #: the run, such as a bad key, is not kept: the run sends that request again).
+    sample_saved: int = 0
     sample_answers: int = 0
     sample_errors: dict[str, int] = field(default_factory=dict)
     first_error: str | None = None
@@ -192,7 +195,7 @@ class Plan:
     @property
     def remaining_requests(self) -> int:
         """Requests the run will still send (those of the sample are kept when answers are kept)."""
-        return max(0, self.requests - (self.sample_sent if self.sample_kept else 0))
+        return max(0, self.requests - (self.sample_saved if self.sample_kept else 0))
 
     @property
     def ok(self) -> bool:
@@ -218,8 +221,8 @@ class Plan:
         if self.sample_sent:
             rows.append(
                 f"sent by this plan's sample: {self.sample_sent:,} "
-                + ("(kept: the run will not send them again)" if self.sample_kept else
-                   "(not kept: add a checkpoint to keep them)")
+                + (f"({self.sample_saved:,} kept: the run will not send them again)" if self.sample_kept
+                   else "(not kept: add a checkpoint to keep them)")
             )
         rows.append(f"left to pay for: {self.remaining_requests:,}")
         examples = [_shorten(text) for text in self.examples] or ["(no prompt can be sent)"]
@@ -453,7 +456,7 @@ async def make_plan(
         measured_prompt = await _send_sample(plan, sampled, chosen, client, options)
     fixed_tokens = _fixed_tokens(options)
     estimated = {i: estimate_tokens(texts[i]) + fixed_tokens for i in requests}  # type: ignore[arg-type]
-    kept = set(chosen[: plan.sample_sent]) if plan.sample_kept else set()
+    kept = set(chosen[: plan.sample_saved]) if plan.sample_kept else set()
     _extrapolate(plan, [estimated[i] for i in requests if i not in kept], sum(estimated[i] for i in chosen),
                  measured_prompt, options)
     plan.warnings.extend(notes)
@@ -577,7 +580,11 @@ async def _send_sample(
         results = await run_rows(sample.subset(number, rows), client=watched, options=sample_options)
         plan.sample_sent += results.sent
         measured.extend((i - segment.start, results) for i in batch)
-        if results.fatal is not None:
+        if results.fatal is None:
+            plan.sample_saved += results.sent
+        else:  # only the answers got before the stop are saved
+            errors = results.columns["error"]
+            plan.sample_saved += sum(1 for i in batch if errors[i - segment.start] is None)
             fatal = results.fatal
             plan.fatal = _error_text(fatal.type, fatal.message, fatal.suggestion)
             break

@@ -38,17 +38,19 @@ def frame(n: int) -> pd.DataFrame:
 # ------------------------------------------------------------------------------------ sending
 
 
-def test_a_wrong_key_shows_in_the_sample_and_nothing_else_is_sent() -> None:
+def test_a_wrong_key_shows_in_the_sample_and_nothing_else_is_sent(tmp_path: Path) -> None:
     from gen_ai_frames.testing import FakeServer
 
     with FakeServer(api_key="the-right-key") as server:
         client = create_client(endpoint=server.url, model_name="m", api_key=FAKE_KEY, retry=FAST_RETRY)
-        plan = frame(20).genai.plan(column="q", client=client, sample=5, max_concurrent=8)
+        plan = frame(20).genai.plan(column="q", client=client, sample=5, max_concurrent=8,
+                                    checkpoint=tmp_path / "run.ckpt")
         assert sent(server) == 1  # the probe alone: the other four sampled requests were never sent
         assert server.stats()["status_counts"] == {"401": 1}
     assert not plan.ok
     assert plan.fatal is not None and plan.fatal.startswith("AuthenticationError")
     assert plan.sample_sent == 1 and plan.sample_answers == 0
+    assert plan.remaining_requests == 20
     text = str(plan)
     assert "STOPPED: AuthenticationError" in text and "nothing else was sent" in text
     assert FAKE_KEY not in text and FAKE_KEY not in plan._repr_html_()

@@ -76,8 +76,9 @@ def test_a_wrong_key_stops_after_one_request(server: Any, tmp_path: Path, monkey
     assert "STOPPED: AuthenticationError" in out and FAKE_KEY not in out
 
 
-def test_the_samples_answers_are_kept_in_generates_batch_checkpoints(server: Any, tmp_path: Path,
-                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_samples_answers_are_kept_in_generates_batch_checkpoints(
+    server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     source = write_input(tmp_path / "in.csv")
     checkpoint = tmp_path / "run.ckpt"
     flags = ("--checkpoint", checkpoint, "--batch-rows", "3")
