@@ -450,15 +450,17 @@ async def make_plan(
     )
     requests = [rows[0] for rows in groups.values()]
     chosen = requests[:sample]
-    measured_prompt = None
+    reported: dict[int, int] | None = None
     if chosen:
         sampled = _Sample(prompts, segments, segment_of, groups if dedupe else None)
-        measured_prompt = await _send_sample(plan, sampled, chosen, client, options)
+        reported = await _send_sample(plan, sampled, chosen, client, options)
     fixed_tokens = _fixed_tokens(options)
     estimated = {i: estimate_tokens(texts[i]) + fixed_tokens for i in requests}  # type: ignore[arg-type]
     kept = set(chosen[: plan.sample_saved]) if plan.sample_kept else set()
-    _extrapolate(plan, [estimated[i] for i in requests if i not in kept], sum(estimated[i] for i in chosen),
-                 measured_prompt, options)
+    ratio = 1.0  # real prompt tokens over estimated ones, as the sample's answers reported them
+    if reported:
+        ratio = sum(reported.values()) / sum(estimated[i] for i in reported)
+    _extrapolate(plan, [estimated[i] * ratio for i in requests if i not in kept], options)
     plan.warnings.extend(notes)
     plan.warnings.extend(_warnings(plan, prompts, estimated, empty_fields or {}, options))
     return plan
@@ -552,15 +554,16 @@ class _Sample:
 
 async def _send_sample(
     plan: Plan, sample: _Sample, chosen: list[int], client: Client, options: RunOptions
-) -> int | None:
+) -> dict[int, int] | None:
     """Send the sample's requests through the runner, the first alone: a bad key or model stops
-    the plan after one request. Returns the prompt tokens the answers reported (None: not all did)."""
+    the plan after one request. Returns the prompt tokens each answer reported, by row (None when
+    some answer reported none)."""
     # The response cache (when it exists) keeps the sample's answers too: set keep when it is on.
     keep = options.checkpoint is not None and options.resume
     plan.sample_kept = keep
     engines: list[Any] = []
     watched = _watching(client, engines)
-    measured: list[tuple[int, RowResults]] = []
+    measured: list[tuple[int, int, RowResults]] = []
     batches = [chosen[:1]]
     for i in chosen[1:]:  # the rest, one runner call per segment
         if len(batches) == 1 or sample.segment_of[batches[-1][0]] != sample.segment_of[i]:
@@ -579,7 +582,7 @@ async def _send_sample(
         rows = sample.rows(batch, with_earlier=keep)
         results = await run_rows(sample.subset(number, rows), client=watched, options=sample_options)
         plan.sample_sent += results.sent
-        measured.extend((i - segment.start, results) for i in batch)
+        measured.extend((i, i - segment.start, results) for i in batch)
         if results.fatal is None:
             plan.sample_saved += results.sent
         else:  # only the answers got before the stop are saved
@@ -614,15 +617,17 @@ def _watching(client: Client, engines: list[Any]) -> Client:
     return watched
 
 
-def _measure(plan: Plan, measured: list[tuple[int, RowResults]]) -> int | None:
-    """Tokens, latency, cut answers and errors of the sampled requests; returns the prompt tokens
-    the answers reported (None when some did not report usage)."""
+def _measure(plan: Plan, measured: list[tuple[int, int, RowResults]]) -> dict[int, int] | None:
+    """Tokens, latency, cut answers and errors of the sampled requests (``(row, row in its
+    segment, results)``); returns the prompt tokens each answer reported, by row (None when some
+    answer reported none)."""
+    reported: dict[int, int] = {}
     prompt_tokens: list[int] = []
     completion_tokens: list[int] = []
     latencies: list[float] = []
     cut = answers = 0
     errors: Counter[str] = Counter()
-    for i, results in measured:
+    for row, i, results in measured:
         columns = results.columns
         error = columns["error"][i]
         if error is not None:
@@ -636,6 +641,7 @@ def _measure(plan: Plan, measured: list[tuple[int, RowResults]]) -> int | None:
         answers += 1
         if columns["prompt_tokens"][i] is not None:
             prompt_tokens.append(columns["prompt_tokens"][i])
+            reported[row] = columns["prompt_tokens"][i]
         completion = columns["completion_tokens"][i]
         if completion is None and columns["response"][i] is not None:
             completion = estimate_tokens(columns["response"][i])
@@ -658,21 +664,16 @@ def _measure(plan: Plan, measured: list[tuple[int, RowResults]]) -> int | None:
         plan.sample_cost_usd = (
             sum(prompt_tokens) * plan.price[0] + sum(completion_tokens) * plan.price[1]
         ) / 1e6
-    return sum(prompt_tokens) if answers and len(prompt_tokens) == answers else None
+    return reported if answers and len(reported) == answers else None
 
 
-def _extrapolate(
-    plan: Plan, remaining: list[int], sampled_estimate: int, measured_prompt: int | None, options: RunOptions
-) -> None:
+def _extrapolate(plan: Plan, remaining: list[float], options: RunOptions) -> None:
     """Cost and duration of the requests left, from the sample where it measured something.
 
-    ``remaining`` holds the estimated prompt tokens (about 4 characters a token) of each request
-    left; a sample that reported usage corrects that estimate by the ratio measured on it.
+    ``remaining`` holds the estimated prompt tokens of each request left (about 4 characters a
+    token, corrected by what the sample's answers reported).
     """
-    ratio = 1.0
-    if measured_prompt and sampled_estimate:
-        ratio = measured_prompt / sampled_estimate
-    prompt_tokens = sum(remaining) * ratio
+    prompt_tokens = sum(remaining)
     measured = plan.completion_tokens is not None
     per_answer = plan.completion_tokens if measured else float(options.max_tokens)
     completion_tokens = len(remaining) * per_answer  # type: ignore[operator]

@@ -181,6 +181,17 @@ def test_the_sample_measures_tokens_latency_and_cost(fake_server: Any, client: A
     assert plan.batch_cost_usd is None and "no batch price" in str(plan)
 
 
+def test_the_cost_scales_each_prompts_estimate_by_what_the_sample_reported(fake_server: Any,
+                                                                           client: Any) -> None:
+    # The fake server counts a prompt's words as its tokens: "a b c d" is 4 tokens, estimated at 2
+    # (7 characters), so every estimate is doubled; a prompt of 400 characters then counts 200.
+    df = pd.DataFrame({"q": ["a b c d", "x" * 400]})
+    plan = df.genai.plan(column="q", client=client, sample=1, prices=DOLLAR_A_TOKEN)
+    assert plan.prompt_tokens == 4 and plan.completion_tokens == 5  # "echo: a b c d"
+    # Both requests are left (no checkpoint keeps the sample): (2 * 2 + 5) + (100 * 2 + 5) tokens.
+    assert plan.cost_usd == pytest.approx(9 + 205)
+
+
 def test_rate_limits_learned_from_headers_and_the_duration(client: Any) -> None:
     from gen_ai_frames.testing import FakeServer
 
