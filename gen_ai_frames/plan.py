@@ -762,7 +762,7 @@ def _warnings(
                 f"max_cost=${options.max_cost:g} is below the estimated cost ({_usd(total)}): the run "
                 "will stop sending when it is spent, and the rows left get NotSentError"
             )
-    if plan.price is None:
+    if plan.price is None and plan.remaining_requests:
         found.append(
             f"no price known for model {plan.model!r}: pass prices={{{plan.model!r}: (input, output)}} "
             "in USD per million tokens to see the cost"

@@ -301,6 +301,8 @@ def test_unknown_price_and_a_budget_below_the_cost(fake_server: Any, client: Any
     plan = frame(3).genai.plan(column="q", client=client, sample=0)
     assert plan.cost_usd is None and warned(plan, "no price known for model 'm'")
     assert "unknown: no price" in str(plan)
+    nothing_left = pd.DataFrame({"q": [None]}).genai.plan(column="q", client=client, sample=0)
+    assert nothing_left.warnings == []  # nothing to pay for: an unknown price does not matter
     low = frame(3).genai.plan(column="q", client=client, sample=0, prices=DOLLAR_A_TOKEN, max_cost=10)
     assert warned(low, "max_cost=$10 is below the estimated cost")
     high = frame(3).genai.plan(column="q", client=client, sample=0, prices=DOLLAR_A_TOKEN, max_cost=1e6)
