@@ -22,6 +22,7 @@ from .client import Client
 from .errors import ConfigurationError
 from .factory import create_client
 from .options import GENERATION_OPTIONS, RunOptions, split_options, split_run_and_client, takes_options
+from .plan import DEFAULT_SAMPLE, Plan, empty_template_fields, make_plan
 from .pricing import Estimate, estimate_tokens, price_for
 from .prompts import build_prompts
 from .runner import RowResults, output_names, run_rows
@@ -250,6 +251,75 @@ class GenAIAccessor:
             max_completion_tokens=len(sent) * run.max_tokens,
             price=price_for(model_name, run.prices, provider),
             tokenizer="estimated at ~4 characters a token",
+        )
+
+    @takes_options()
+    def plan(
+        self,
+        column: Hashable | None = None,
+        *,
+        template: str | None = None,
+        client: Client | None = None,
+        sample: int = DEFAULT_SAMPLE,
+        context_window: int | None = None,
+        **options: Any,
+    ) -> Plan:
+        """What :meth:`generate` with the same arguments would send, cost and take, before it runs.
+
+        Counts the rows, the requests really sent (after dedupe, checkpoint and cache hits) and shows
+        example prompts; sends ``sample`` real requests (0: none) to measure tokens, latency, the
+        provider's rate limits and answers cut by ``max_tokens``, then extrapolates cost and duration.
+        A bad key or unknown model shows here after one request, and nothing else is sent. The sample's
+        answers go to ``checkpoint`` (and the cache), so the run does not pay for them again.
+        ``context_window`` (tokens) is the model's, for the warning on prompts too long for it (known
+        models have one built in). ``print(plan)`` shows the report; a notebook shows it as HTML.
+
+        >>> plan = df.genai.plan(column="prompt", client=client, checkpoint="run.ckpt")  # doctest: +SKIP
+        >>> plan.remaining_requests, plan.cost_usd  # doctest: +SKIP
+        (812, 0.0143)
+        """
+        return run_sync(
+            self.aplan(
+                column, template=template, client=client, sample=sample, context_window=context_window,
+                **options,
+            )
+        )
+
+    @takes_options()
+    async def aplan(
+        self,
+        column: Hashable | None = None,
+        *,
+        template: str | None = None,
+        client: Client | None = None,
+        sample: int = DEFAULT_SAMPLE,
+        context_window: int | None = None,
+        **options: Any,
+    ) -> Plan:
+        """Async twin of :meth:`plan`.
+
+        >>> plan = await df.genai.aplan(column="prompt", client=client)  # doctest: +SKIP
+        """
+        run, client_options = split_run_and_client(
+            options, client, where="df.genai.plan", also=("sample", "context_window")
+        )
+        prompts = build_prompts(self._df, column, template)
+        notes = []
+        clash = [name for name in output_names(run).values() if name in self._df.columns]
+        if clash and not run.overwrite:
+            notes.append(
+                f"the frame already has column(s) {clash}: generate refuses them without overwrite=True"
+            )
+        if client is None:
+            client = create_client(**client_options)
+        return await make_plan(
+            prompts,
+            client=client,
+            options=run,
+            sample=sample,
+            context_window=context_window,
+            empty_fields=empty_template_fields(self._df, template),
+            notes=notes,
         )
 
 

@@ -4,6 +4,7 @@ Commands (``python -m gen_ai_frames`` works too)::
 
     gen-ai-frames generate reviews.parquet -o out.parquet --template "Sentiment of: {review}" \\
         --model gpt-4o-mini --checkpoint run.ckpt
+    gen-ai-frames plan reviews.parquet --template "Sentiment of: {review}" --model gpt-4o-mini
     gen-ai-frames status run.ckpt
     gen-ai-frames repair run.ckpt
     gen-ai-frames demo
@@ -38,7 +39,7 @@ import os
 import sys
 import warnings
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
@@ -64,6 +65,7 @@ from .files import (
 )
 from .options import GROUPS, RunOptions, option_fields
 from .params import GenerationParams, validate_positive_int
+from .plan import DEFAULT_SAMPLE, Plan, Segment, check_plan_arguments, empty_template_fields, make_plan
 from .prompts import build_prompts, template_fields
 from .results import RESULT_TYPES, arrow_array
 from .runner import RowResults, output_names, run_rows
@@ -230,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--labels", required=True, metavar="A,B,C", help="the labels, separated by commas")
     classify.add_argument("--multi-label", action="store_true", help="every label that applies, as a list")
     classify.set_defaults(handler=_cmd_classify)
+
+    _plan_command(commands)
 
     status = commands.add_parser(
         "status",
@@ -435,6 +439,137 @@ def _cmd_classify(args: argparse.Namespace) -> int:
         logprobs=True,
         system_prompt=args.system_prompt or classify_instruction(labels, args.multi_label),
     )
+
+
+def _plan_command(commands: Any) -> argparse.ArgumentParser:
+    """``plan``: generate's flags (but no OUTPUT) plus --sample and --context-window."""
+    command = commands.add_parser(
+        "plan",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="what 'generate' would send, cost and take, from a small real sample",
+        description=(
+            "Report what 'generate' with the same flags would do to INPUT, without running it: rows, "
+            "requests really sent (after dedupe and --checkpoint hits), example prompts, and from "
+            "--sample N real requests the tokens, latency, rate limits and answers cut by --max-tokens, "
+            "then the cost and duration of the run. A bad key or model stops the plan after one request. "
+            "With --checkpoint the sample's answers are kept: 'generate' does not pay for them again."
+        ),
+        epilog=(
+            "exit status: 0 planned, 1 the sample met an error that would stop the run (a bad key, an "
+            "unknown model), 2 usage or configuration error.\n\nexamples:\n"
+            f"  {PROG} plan reviews.csv --template 'Sentiment of: {{review}}' --model gpt-4o-mini\n"
+            f"  {PROG} plan big.parquet --column prompt --checkpoint run.ckpt --sample 10\n\n" + _KEY_HELP
+        ),
+    )
+    command.add_argument("input", metavar="INPUT", help="the file whose rows are prompts")
+    prompt = command.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--column", metavar="NAME", help="column holding the prompts")
+    prompt.add_argument(
+        "--template",
+        metavar="TEXT",
+        help="build prompts from columns, e.g. 'Summarize: {text}' ({{ and }} for braces)",
+    )
+    _add_model_options(command, default_provider="openai")
+    groups = _add_run_options(command, ("generation", "limits", "budget", "run", "output", "structured"))
+    groups["run"].add_argument(
+        "--batch-rows",
+        type=int,
+        default=DEFAULT_BATCH_ROWS,
+        metavar="N",
+        help="as for generate: rows answered at a time, each batch with its own checkpoint "
+        "(default: %(default)s)",
+    )
+    sampling = command.add_argument_group("plan")
+    sampling.add_argument(
+        "--sample",
+        type=int,
+        default=DEFAULT_SAMPLE,
+        metavar="N",
+        help="real requests sent to measure the run; 0 sends nothing (default: %(default)s)",
+    )
+    sampling.add_argument(
+        "--context-window",
+        type=int,
+        metavar="TOKENS",
+        help="the model's context window, for the warning on prompts too long (known models have one)",
+    )
+    command.set_defaults(handler=_cmd_plan)
+    return command
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    job = Job(
+        input=Path(args.input),
+        output=Path(os.devnull),  # a plan writes no output
+        column=args.column,
+        template=args.template,
+        provider=args.provider,
+        model=args.model,
+        endpoint=args.endpoint,
+        batch_rows=args.batch_rows,
+        options=_run_options(args),
+    )
+    if job.checkpoint is None and (not job.options.resume or job.options.retry_errors):
+        raise UsageError("--no-resume and --retry-errors only apply with --checkpoint DIR")
+    plan = plan_job(job, sample=args.sample, context_window=args.context_window)
+    print(plan)
+    return EXIT_OK if plan.ok else EXIT_FAILED_ROWS
+
+
+def plan_job(job: Job, *, sample: int = DEFAULT_SAMPLE, context_window: int | None = None) -> Plan:
+    """The :class:`~gen_ai_frames.plan.Plan` of :func:`run_job` for ``job`` (its output is ignored).
+
+    Reads only the prompt columns of INPUT, batch by batch; each batch is a segment of the plan
+    with the checkpoint ``generate`` gives it, so checkpoint hits, dedupe and the sample's kept
+    answers match what ``generate`` will do.
+
+    >>> print(plan_job(Job(Path("reviews.csv"), Path("-"), template="Sentiment: {review}")))  # doctest: +SKIP
+    plan for gpt-4o-mini (openai): will pay for 812 requests of 10,000 rows
+    """
+    in_format, compression = file_format(job.input, INPUT_FORMATS, "input")
+    if not job.input.is_file():
+        raise UsageError(f"input file {str(job.input)!r} does not exist or is not a file")
+    validate_positive_int("--batch-rows", job.batch_rows)
+    check_plan_arguments(sample, context_window)
+    with open_input(job.input, in_format, compression, job.batch_rows) as source:
+        _result_names(job, source.schema)
+        fields = [job.column] if job.template is None else template_fields(job.template)
+        frames = [_prompt_frame(table, fields) for table in source.batches()]  # type: ignore[arg-type]
+        total = source.rows
+    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=fields)
+    client = _make_client(job)
+    shards: list[ShardedCheckpoint] = []
+    root = job.checkpoint
+
+    def prepare(index: int, rows: int) -> Callable[[], None]:
+        def start() -> None:  # the checkpoint generate would open, created only when the sample writes
+            if not shards:
+                shards.append(_prepare_checkpoint(job, client, job.options.params, total))
+            shards[0].start_shard(index, rows)
+
+        return start
+
+    if root is not None and root.exists() and job.options.resume:
+        shards.append(_prepare_checkpoint(job, client, job.options.params, total))  # checks --batch-rows
+    segments = []
+    for index, start in enumerate(range(0, len(frame), job.batch_rows), start=1):
+        stop = min(start + job.batch_rows, len(frame))
+        shard = None if root is None else ShardedCheckpoint(root, "batches", {}).shard_path(index)
+        segments.append(Segment(start, stop, shard, prepare(index, stop - start)))
+    try:
+        return run_sync(
+            make_plan(
+                build_prompts(frame, job.column, job.template),
+                client=client,
+                options=job.options,
+                sample=sample,
+                context_window=context_window,
+                empty_fields=empty_template_fields(frame, job.template),
+                segments=segments,
+            )
+        )
+    except ImportError as exc:  # an in-process provider loads its library when the sample starts
+        raise UsageError(_provider_unavailable(job.provider, exc)) from None
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
