@@ -280,7 +280,11 @@ class GenAIAccessor:
         """
         return run_sync(
             self.aplan(
-                column, template=template, client=client, sample=sample, context_window=context_window,
+                column,
+                template=template,
+                client=client,
+                sample=sample,
+                context_window=context_window,
                 **options,
             )
         )

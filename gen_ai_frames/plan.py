@@ -221,8 +221,11 @@ class Plan:
         if self.sample_sent:
             rows.append(
                 f"sent by this plan's sample: {self.sample_sent:,} "
-                + (f"({self.sample_saved:,} kept: the run will not send them again)" if self.sample_kept
-                   else "(not kept: add a checkpoint to keep them)")
+                + (
+                    f"({self.sample_saved:,} kept: the run will not send them again)"
+                    if self.sample_kept
+                    else "(not kept: add a checkpoint to keep them)"
+                )
             )
         rows.append(f"left to pay for: {self.remaining_requests:,}")
         examples = [_shorten(text) for text in self.examples] or ["(no prompt can be sent)"]
@@ -308,8 +311,12 @@ class Plan:
         for title, body in self.sections():
             style = " style='color:#b00'" if title == "warnings" or (title == "sample" and self.fatal) else ""
             parts.append(f"<p{style}><b>{html.escape(title)}</b></p><ul>")
-            parts.extend(f"<li><code>{html.escape(line)}</code></li>" if title == "example prompts"
-                         else f"<li>{html.escape(line)}</li>" for line in body)
+            parts.extend(
+                f"<li><code>{html.escape(line)}</code></li>"
+                if title == "example prompts"
+                else f"<li>{html.escape(line)}</li>"
+                for line in body
+            )
             parts.append("</ul>")
         parts.append("</div>")
         return "".join(parts)
@@ -694,11 +701,17 @@ def _estimate_duration(plan: Plan, requests: int, prompt: float, completion: flo
     bounds: list[tuple[float, str]] = []  # (requests per second, why)
     if plan.latency_s:
         bounds.append(
-            (plan.max_concurrent / plan.latency_s,
-             f"max_concurrent={plan.max_concurrent} at {plan.latency_s:.2f} s a request")
+            (
+                plan.max_concurrent / plan.latency_s,
+                f"max_concurrent={plan.max_concurrent} at {plan.latency_s:.2f} s a request",
+            )
         )
-    per_request = {"requests": 1.0, "tokens": prompt + completion, "input-tokens": prompt,
-                   "output-tokens": completion}
+    per_request = {
+        "requests": 1.0,
+        "tokens": prompt + completion,
+        "input-tokens": prompt,
+        "output-tokens": completion,
+    }
     for source, limits in (("given", plan.given_limits), ("the provider's", plan.rate_limits)):
         for kind, limit in limits.items():
             units = per_request.get(kind, 0.0)
@@ -745,9 +758,7 @@ def _warnings(
         )
     distinct = len(set(texts[i] for i in valid))
     if len(valid) > 1 and distinct == 1:
-        found.append(
-            f"all {len(valid):,} prompts are identical: check the column or the template's fields"
-        )
+        found.append(f"all {len(valid):,} prompts are identical: check the column or the template's fields")
     rows = len(texts)
     for name, empty in empty_fields.items():
         if rows and empty and empty / rows >= EMPTY_FIELD_SHARE_WARNING:
