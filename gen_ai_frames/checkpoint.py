@@ -637,7 +637,9 @@ class LocalStorage(Storage):
         return _FlockLock(_lock_directory(self.location))
 
 
-def storage_for(path: str | os.PathLike[str] | Storage, storage_options: Mapping[str, Any] | None = None) -> Storage:
+def storage_for(
+    path: str | os.PathLike[str] | Storage, storage_options: Mapping[str, Any] | None = None
+) -> Storage:
     """The :class:`Storage` of checkpoint ``path``: ``s3://bucket/prefix`` is object storage
     (``storage_options`` as for fsspec/s3fs, else the ``AWS_*`` environment), anything else a
     local directory.
@@ -1091,7 +1093,9 @@ def _read_holder(fd: int) -> str:
     return " (this process)" if pid == os.getpid() else f" (process {pid})"
 
 
-def _prepare(directory: Storage, fingerprint: dict[str, Any], *, resume: bool, repair: bool) -> dict[str, Any]:
+def _prepare(
+    directory: Storage, fingerprint: dict[str, Any], *, resume: bool, repair: bool
+) -> dict[str, Any]:
     """Under the lock: clean up after crashes, check the manifest, and return it (new if needed)."""
     for name in directory.names():
         if _TMP_RE.match(name):

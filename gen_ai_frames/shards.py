@@ -48,7 +48,7 @@ import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import pandas as pd
 
@@ -92,7 +92,7 @@ KINDS: dict[str, tuple[str, int, int, str]] = {
 _SHARD_DIR = re.compile(r"^(batch|partition)-(\d{5,})$")
 
 #: A run's root: a directory path, an ``s3://`` URL, or its Storage.
-Root = Union[str, os.PathLike, Storage]
+Root = str | os.PathLike | Storage
 
 
 class ShardSizeError(CheckpointMismatchError):
