@@ -116,7 +116,7 @@ def bench_put(bucket: str, endpoint: str, size: int = 100_000, n: int = 30) -> d
         except OSError as exc:
             results[name] = f"failed: {str(exc).splitlines()[0][:100]}"
             continue
-        results[name] = statistics.median(timed(lambda i=i: put(i)) for i in range(n))
+        results[name] = statistics.median(timed(lambda i=i, put=put: put(i)) for i in range(n))
     return results
 
 
