@@ -40,7 +40,10 @@ part of the next level. Files stay at most ``(compact_every - 1) * levels`` with
 >>> checkpoint_status(path)["done"]
 2
 
-POSIX only: locking uses ``fcntl.flock``.
+A local checkpoint needs a POSIX disk (locking uses ``fcntl.flock``). Every file goes through a
+:class:`Storage`: :class:`LocalStorage` here, and for ``s3://bucket/prefix``
+:class:`gen_ai_frames.storage.S3Storage`, which keeps the same guarantees with a lease object and
+conditional writes.
 """
 
 from __future__ import annotations
@@ -580,6 +583,8 @@ class LocalStorage(Storage):
     """A checkpoint directory on a local or shared POSIX disk: ``fcntl.flock`` excludes other runs,
     and :func:`write_atomic` writes every file (tmp file, fsync, rename, directory fsync)."""
 
+    location: Path
+
     def __init__(self, directory: Path) -> None:
         self.location = directory
 
@@ -828,7 +833,7 @@ class Checkpoint:
     @classmethod
     def open(
         cls,
-        path: str | os.PathLike[str],
+        path: str | os.PathLike[str] | Storage,
         fingerprint: Mapping[str, Any],
         *,
         resume: bool = True,
@@ -1322,7 +1327,7 @@ def result_frame(table: pa.Table) -> pd.DataFrame:
 
 
 def read_checkpoint(
-    path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None
+    path: str | os.PathLike[str] | Storage, *, storage_options: Mapping[str, Any] | None = None
 ) -> pd.DataFrame:
     """The results stored in the checkpoint at ``path``, read without taking the lock.
 
@@ -1355,7 +1360,7 @@ def read_checkpoint(
 
 
 def checkpoint_status(
-    path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None
+    path: str | os.PathLike[str] | Storage, *, storage_options: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """Counts of the checkpoint at ``path`` (single or sharded), read without taking the lock.
 
@@ -1394,7 +1399,7 @@ def checkpoint_status(
 
 
 def repair_checkpoint(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | Storage,
     fingerprint: Mapping[str, Any] | None = None,
     *,
     storage_options: Mapping[str, Any] | None = None,

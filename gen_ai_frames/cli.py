@@ -239,7 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
         f"by '{PROG} generate --checkpoint', by df.genai.generate(checkpoint=...) or by a Dask "
         "run. Safe while a run is writing to it.",
     )
-    status.add_argument("checkpoint", metavar="CHECKPOINT", help="the checkpoint directory (or s3://bucket/prefix)")
+    status.add_argument(
+        "checkpoint", metavar="CHECKPOINT", help="the checkpoint directory (or s3://bucket/prefix)"
+    )
     status.add_argument("--json", action="store_true", help="print the counts as one JSON object")
     _add_storage_options(status)
     status.set_defaults(handler=_cmd_status)
@@ -253,7 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
         "part files, keeping every answer that can be read. Works on every kind of checkpoint "
         f"('{PROG} generate --checkpoint', df.genai.generate, Dask). Not while a run uses it.",
     )
-    repair.add_argument("checkpoint", metavar="CHECKPOINT", help="the checkpoint directory (or s3://bucket/prefix)")
+    repair.add_argument(
+        "checkpoint", metavar="CHECKPOINT", help="the checkpoint directory (or s3://bucket/prefix)"
+    )
     _add_storage_options(repair)
     repair.set_defaults(handler=_cmd_repair)
 

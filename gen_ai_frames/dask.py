@@ -176,7 +176,7 @@ class _PartitionJob:
     npartitions: int | None = None
 
 
-def partition_checkpoint(root: str | os.PathLike[str], number: int) -> Path:
+def partition_checkpoint(root: str | os.PathLike[str], number: int) -> Path | str:
     """The checkpoint directory of partition ``number`` of a run checkpointed under ``root``.
 
     Read one partition's answers with :func:`gen_ai_frames.checkpoint.read_checkpoint` on it, or
@@ -185,7 +185,7 @@ def partition_checkpoint(root: str | os.PathLike[str], number: int) -> Path:
     >>> partition_checkpoint("/data/run.ckpt", 7).as_posix()
     '/data/run.ckpt/partition-00007'
     """
-    return ShardedCheckpoint(Path(os.fspath(root)), "partitions", {}).shard_path(number)
+    return ShardedCheckpoint(root, "partitions", {}).shard_path(number)  # an s3:// root gives a URL
 
 
 def _partition_number(number: int) -> pd.DataFrame:

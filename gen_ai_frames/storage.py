@@ -101,11 +101,9 @@ def _filesystem(options: dict[str, Any]) -> Any:
     reuse the old endpoint: we key our cache on both instead.
     """
     try:
-        import s3fs
+        import s3fs  # type: ignore[import-untyped]
     except ImportError:
-        raise ConfigurationError(
-            "s3:// checkpoints need s3fs: pip install 'gen-ai-frames[s3]'"
-        ) from None
+        raise ConfigurationError("s3:// checkpoints need s3fs: pip install 'gen-ai-frames[s3]'") from None
     env = sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))
     key = json.dumps([options, env], sort_keys=True, default=repr)
     with _filesystems_lock:
@@ -132,6 +130,8 @@ def _precondition_failed(exc: BaseException) -> bool:
 
 class S3Storage(Storage):
     """A checkpoint directory on S3 (see the module docstring for how it keeps the guarantees)."""
+
+    location: str
 
     def __init__(self, fs: Any, bucket: str, prefix: str) -> None:
         self.fs, self.bucket, self.prefix = fs, bucket, prefix
@@ -220,7 +220,7 @@ class S3Storage(Storage):
 
     def _get(self, name: str) -> tuple[bytes, str]:
         """The object's bytes and ETag, in one GET."""
-        from fsspec.asyn import sync
+        from fsspec.asyn import sync  # type: ignore[import-untyped]
 
         async def get() -> tuple[bytes, str]:
             response = await self.fs._call_s3("get_object", Bucket=self.bucket, Key=self._key(name))
