@@ -35,6 +35,7 @@ gen_ai_frames.errors.ConfigurationError: checkpoint 'gs://bucket/run': only s3:/
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -43,7 +44,7 @@ import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, BinaryIO
 
 from .checkpoint import CheckpointError, CheckpointLockedError, Storage, _Lock
@@ -128,6 +129,24 @@ def _precondition_failed(exc: BaseException) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def _client_errors(location: str) -> Iterator[None]:
+    """botocore's own errors (no credentials, endpoint unreachable...) as a CheckpointError that says
+    what to check. (s3fs already turns the store's answers, such as 404 or 403, into OSErrors.)"""
+    try:
+        yield
+    except Exception as exc:
+        from botocore.exceptions import BotoCoreError
+
+        if not isinstance(exc, BotoCoreError):
+            raise
+        raise CheckpointError(
+            f"Checkpoint {location}: cannot use object storage ({type(exc).__name__}: {exc}); check "
+            "the credentials and endpoint (storage_options, or the AWS_* environment variables such "
+            "as AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_ENDPOINT_URL)."
+        ) from None
+
+
 class S3Storage(Storage):
     """A checkpoint directory on S3 (see the module docstring for how it keeps the guarantees)."""
 
@@ -154,7 +173,8 @@ class S3Storage(Storage):
 
     def _listing(self) -> list[dict[str, Any]]:
         try:
-            return list(self.fs.ls(self._path(), detail=True))
+            with _client_errors(self.location):
+                return list(self.fs.ls(self._path(), detail=True))
         except (FileNotFoundError, NotADirectoryError):
             return []
 
@@ -162,7 +182,8 @@ class S3Storage(Storage):
         return bool(self._listing())
 
     def is_file(self) -> bool:
-        return bool(self.prefix) and self.fs.isfile(self._path())
+        with _client_errors(self.location):
+            return bool(self.prefix) and bool(self.fs.isfile(self._path()))
 
     def names(self) -> list[str]:
         return [e["name"].rsplit("/", 1)[-1] for e in self._listing() if e.get("type") == "file"]
@@ -172,7 +193,8 @@ class S3Storage(Storage):
         return [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in listing if e.get("type") == "directory"]
 
     def has(self, name: str) -> bool:
-        return bool(self.fs.isfile(self._path(name)))
+        with _client_errors(self.location):
+            return bool(self.fs.isfile(self._path(name)))
 
     def read_bytes(self, name: str) -> bytes:
         return self._get(name)[0]  # one GET (s3fs's cat_file sends a HEAD first)
@@ -215,7 +237,8 @@ class S3Storage(Storage):
 
     def _put(self, name: str, data: bytes, condition: Mapping[str, str]) -> str:
         key = self._key(name)
-        response = self.fs.call_s3("put_object", Bucket=self.bucket, Key=key, Body=data, **condition)
+        with _client_errors(self.location):
+            response = self.fs.call_s3("put_object", Bucket=self.bucket, Key=key, Body=data, **condition)
         return str(response["ETag"])
 
     def _get(self, name: str) -> tuple[bytes, str]:
@@ -230,13 +253,15 @@ class S3Storage(Storage):
             finally:
                 body.close()
 
-        result: tuple[bytes, str] = sync(self.fs.loop, get)
+        with _client_errors(self.location):
+            result: tuple[bytes, str] = sync(self.fs.loop, get)
         return result
 
     def remove(self, name: str) -> None:
         try:
-            self.fs.rm_file(self._path(name))
-        except OSError:
+            with _client_errors(self.location):
+                self.fs.rm_file(self._path(name))
+        except (OSError, CheckpointError):
             pass  # best effort: whatever is left is cleaned up on the next open
         if self._etags is not None:
             self._etags.pop(name, None)
@@ -356,8 +381,8 @@ class _Lease(_Lock):
             try:
                 self.etag = self.storage._put(LEASE, self._body(now), {"IfMatch": self.etag})
                 self.expires = now + self.seconds
-            except OSError as exc:
-                if _precondition_failed(exc):
+            except (OSError, CheckpointError) as exc:
+                if isinstance(exc, OSError) and _precondition_failed(exc):
                     self.lost = "another run took its lease over"
                 elif _now() > self.expires:
                     self.lost = f"its lease expired before it could be renewed ({type(exc).__name__})"
@@ -399,10 +424,11 @@ class _Lease(_Lock):
             return
         try:
             # If-Match: never delete a lease another run took over meanwhile.
-            self.storage.fs.call_s3(
-                "delete_object", Bucket=self.storage.bucket, Key=self.storage._key(LEASE), IfMatch=etag
-            )
-        except OSError:
+            with _client_errors(self.storage.location):
+                self.storage.fs.call_s3(
+                    "delete_object", Bucket=self.storage.bucket, Key=self.storage._key(LEASE), IfMatch=etag
+                )
+        except (OSError, CheckpointError):
             pass  # it expires by itself
 
     def abandon(self) -> None:

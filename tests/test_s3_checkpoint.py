@@ -313,7 +313,9 @@ def test_a_sigkilled_generate_resumes_from_its_s3_checkpoint(
 # ------------------------------------------------------------------------------------------ shards
 
 
-def test_cli_batches_status_and_repair_on_s3(bucket: str, fake: FakeServer, tmp_path: Path) -> None:
+def test_cli_batches_status_and_repair_on_s3(
+    bucket: str, fake: FakeServer, tmp_path: Path, s3_endpoint: str
+) -> None:
     source, target = tmp_path / "in.csv", tmp_path / "out.csv"
     prompts(25).to_csv(source, index=False)
     url = f"s3://{bucket}/cli.ckpt"
@@ -322,9 +324,13 @@ def test_cli_batches_status_and_repair_on_s3(bucket: str, fake: FakeServer, tmp_
                "--batch-rows", "10", "--no-progress"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    status = subprocess.run([sys.executable, "-m", "gen_ai_frames", "status", url, "--json"],
-                            capture_output=True, text=True, timeout=120)
+    # status with --storage-options instead of the environment's endpoint and keys
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_ENDPOINT", "AWS_ACCESS", "AWS_SECRET"))}
+    options = json.dumps({"endpoint_url": s3_endpoint, "key": ACCESS_KEY, "secret": SECRET_KEY})
+    status = subprocess.run([sys.executable, "-m", "gen_ai_frames", "status", url, "--json",
+                             "--storage-options", options], capture_output=True, text=True, timeout=120, env=env)
     assert status.returncode == 0, status.stderr
+    assert SECRET_KEY not in status.stdout + status.stderr
     info = json.loads(status.stdout)
     assert (info["kind"], info["batches"], info["answered"], info["remaining"]) == ("batches", 3, 25, 0)
     assert info["path"] == url
@@ -341,11 +347,18 @@ def test_cli_batches_status_and_repair_on_s3(bucket: str, fake: FakeServer, tmp_
     assert fake.stats()["requests"] == before
 
 
-def test_status_of_an_s3_path_with_nothing_there(bucket: str) -> None:
+def test_status_of_an_s3_path_with_nothing_there_or_without_credentials(bucket: str) -> None:
     done = subprocess.run([sys.executable, "-m", "gen_ai_frames", "status", f"s3://{bucket}/nothing"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert f"no checkpoint at 's3://{bucket}/nothing'" in done.stderr
+    # Half the credentials: one clear line naming what to check, not a traceback.
+    options = json.dumps({"key": ACCESS_KEY})
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_ACCESS", "AWS_SECRET"))}
+    done = subprocess.run([sys.executable, "-m", "gen_ai_frames", "status", f"s3://{bucket}/nothing",
+                           "--storage-options", options], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and "check the credentials and endpoint" in done.stderr
 
 
 def test_a_dask_run_with_an_s3_checkpoint(bucket: str, fake: FakeServer) -> None:
