@@ -128,8 +128,9 @@ def test_a_run_writes_an_s3_checkpoint_and_a_second_run_resumes_from_it(
 def test_storage_options_instead_of_the_environment_and_never_stored(
     fake: FakeServer, bucket: str, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # dead: only storage_options is right
     options = {"key": ACCESS_KEY, "secret": SECRET_KEY, "endpoint_url": s3_endpoint}
     url = f"s3://{bucket}/opts.ckpt"
     client = create_client(endpoint=fake.url, model_name="m")
@@ -325,7 +326,8 @@ def test_cli_batches_status_and_repair_on_s3(
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     # status with --storage-options instead of the environment's endpoint and keys
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_ENDPOINT", "AWS_ACCESS", "AWS_SECRET"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_ACCESS", "AWS_SECRET"))}
+    env["AWS_ENDPOINT_URL"] = "http://127.0.0.1:9"  # dead: only --storage-options is right
     options = json.dumps({"endpoint_url": s3_endpoint, "key": ACCESS_KEY, "secret": SECRET_KEY})
     status = subprocess.run([sys.executable, "-m", "gen_ai_frames", "status", url, "--json",
                              "--storage-options", options], capture_output=True, text=True, timeout=120, env=env)
@@ -361,24 +363,30 @@ def test_status_of_an_s3_path_with_nothing_there_or_without_credentials(bucket: 
     assert "Traceback" not in done.stderr and "check the credentials and endpoint" in done.stderr
 
 
-def test_a_dask_run_with_an_s3_checkpoint(bucket: str, fake: FakeServer) -> None:
+def test_a_dask_run_with_an_s3_checkpoint(
+    bucket: str, fake: FakeServer, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     distributed = pytest.importorskip("distributed")
     dd = pytest.importorskip("dask.dataframe")
     import gen_ai_frames.dask  # noqa: F401  (registers ddf.genai)
     url = f"s3://{bucket}/dask.ckpt"
     df = prompts(24)
+    # The workers are spawned with a dead endpoint (port 9, never a remote host): only storage_options,
+    # sent with the tasks, has the right one.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    s3 = {"storage_options": {"endpoint_url": s3_endpoint}}
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=":0") as cluster, distributed.Client(cluster):
         ddf = dd.from_pandas(df, npartitions=4)
         out = ddf.genai.generate(column="prompt", provider="openai", endpoint=fake.url, model_name="m",
-                                 checkpoint=url).compute()
+                                 checkpoint=url, **s3).compute()
         assert sorted(out["response"].tolist()) == sorted(f"echo: {p}" for p in df["prompt"])
         sent = fake.stats()["requests"]
         again = ddf.genai.generate(column="prompt", provider="openai", endpoint=fake.url, model_name="m",
-                                   checkpoint=url).compute()
+                                   checkpoint=url, **s3).compute()
         assert again["response"].tolist() == out["response"].tolist()
         assert fake.stats()["requests"] == sent  # every partition resumed from S3
-    frame = read_checkpoint(url)
+    frame = read_checkpoint(url, **s3)
     assert frame.index.names == ["partition", "position"] and len(frame) == 24
-    status = checkpoint_status(url)
+    status = checkpoint_status(url, **s3)
     assert (status["kind"], status["shards"], status["done"]) == ("partitions", 4, 24)
