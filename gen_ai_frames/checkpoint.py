@@ -40,7 +40,10 @@ part of the next level. Files stay at most ``(compact_every - 1) * levels`` with
 >>> checkpoint_status(path)["done"]
 2
 
-POSIX only: locking uses ``fcntl.flock``.
+A local checkpoint needs a POSIX disk (locking uses ``fcntl.flock``). Every file goes through a
+:class:`Storage`: :class:`LocalStorage` here, and for ``s3://bucket/prefix``
+:class:`gen_ai_frames.storage.S3Storage`, which keeps the same guarantees with a lease object and
+conditional writes.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from __future__ import annotations
 import copy
 import errno
 import fcntl
+import fnmatch
 import hashlib
 import json
 import os
@@ -460,43 +464,250 @@ def _part_name(seq: int) -> str:
     return f"part-{seq:08d}.parquet"
 
 
-def _corrupt_part_message(file: Path, problem: str) -> str:
+class Storage:
+    """Where a checkpoint's files live: the seam between the checkpoint protocol and a file system.
+
+    Names are relative to the checkpoint's directory. :class:`LocalStorage` is a POSIX directory
+    (``fcntl`` lock, fsync and rename); :class:`gen_ai_frames.storage.S3Storage` is an ``s3://``
+    prefix (a lease object, conditional writes). ``str()`` is the location for messages: it never
+    holds credentials.
+    """
+
+    #: The directory as the user gave it: a Path for a local disk, a URL string for object storage.
+    location: Path | str
+
+    def __str__(self) -> str:
+        return str(self.location)
+
+    def show(self, name: str) -> str:
+        """The location of file ``name``, for messages."""
+        raise NotImplementedError
+
+    def exists(self) -> bool:
+        """Whether the directory exists (object storage: whether anything is stored under it)."""
+        raise NotImplementedError
+
+    def is_file(self) -> bool:
+        """Whether the path is a file rather than a directory."""
+        raise NotImplementedError
+
+    def names(self) -> list[str]:
+        """Names of the files directly in the directory ([] when it does not exist)."""
+        raise NotImplementedError
+
+    def subdirs(self) -> list[str]:
+        """Names of the sub-directories ([] when the directory does not exist)."""
+        raise NotImplementedError
+
+    def has(self, name: str) -> bool:
+        raise NotImplementedError
+
+    def read_bytes(self, name: str) -> bytes:
+        """The file's bytes; FileNotFoundError when missing."""
+        raise NotImplementedError
+
+    def open_read(self, name: str) -> BinaryIO:
+        """A seekable binary file to read ``name`` (a context manager)."""
+        raise NotImplementedError
+
+    def write(
+        self,
+        name: str,
+        data: bytes | Callable[[BinaryIO], object],
+        *,
+        on_replaced: Callable[[], None] | None = None,
+        exclusive: bool = False,
+    ) -> None:
+        """Replace ``name`` atomically: readers see the old file or the new one, never half.
+
+        ``exclusive``: a file of the checkpoint written under its lock (parts, the manifest). An
+        object store makes those writes conditional, so a writer that lost its lease cannot
+        overwrite what another wrote: it gets :class:`CheckpointLockedError`.
+        """
+        raise NotImplementedError
+
+    def remove(self, name: str) -> None:
+        """Delete ``name`` if it exists; best effort (leftovers are cleaned up on the next open)."""
+        raise NotImplementedError
+
+    def mkdir(self) -> None:
+        """Create the directory (and its parents) if needed; nothing to do on object storage."""
+        raise NotImplementedError
+
+    def child(self, name: str) -> Storage:
+        """The storage of sub-directory ``name``."""
+        raise NotImplementedError
+
+    def lock(self) -> _Lock:
+        """Create the directory if needed and take its exclusive lock (CheckpointLockedError if held)."""
+        raise NotImplementedError
+
+
+class _Lock:
+    """A held checkpoint lock. ``release()`` is idempotent; ``check()`` raises if it was lost."""
+
+    def release(self) -> None:
+        raise NotImplementedError
+
+    def abandon(self) -> None:
+        """Let go without cleaning up (from ``__del__``, when the interpreter may be exiting)."""
+        self.release()
+
+    def check(self) -> None:
+        """Raise CheckpointLockedError if another run took the lock over (only a lease can be lost)."""
+
+
+class _FlockLock(_Lock):
+    def __init__(self, fd: int) -> None:
+        self.fd: int | None = fd
+
+    def release(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            # Explicit unlock: a forked child may share this descriptor and would keep the lock.
+            try:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
+
+    def abandon(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class LocalStorage(Storage):
+    """A checkpoint directory on a local or shared POSIX disk: ``fcntl.flock`` excludes other runs,
+    and :func:`write_atomic` writes every file (tmp file, fsync, rename, directory fsync)."""
+
+    location: Path
+
+    def __init__(self, directory: Path) -> None:
+        self.location = directory
+
+    def show(self, name: str) -> str:
+        return str(self.location / name)
+
+    def exists(self) -> bool:
+        return self.location.exists()
+
+    def is_file(self) -> bool:
+        return self.location.exists() and not self.location.is_dir()
+
+    def names(self) -> list[str]:
+        try:
+            return [entry.name for entry in os.scandir(self.location)]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def subdirs(self) -> list[str]:
+        try:
+            return [entry.name for entry in os.scandir(self.location) if entry.is_dir()]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def has(self, name: str) -> bool:
+        return (self.location / name).exists()
+
+    def read_bytes(self, name: str) -> bytes:
+        return (self.location / name).read_bytes()
+
+    def open_read(self, name: str) -> BinaryIO:
+        return open(self.location / name, "rb")
+
+    def write(
+        self,
+        name: str,
+        data: bytes | Callable[[BinaryIO], object],
+        *,
+        on_replaced: Callable[[], None] | None = None,
+        exclusive: bool = False,
+    ) -> None:
+        # The module's write_atomic, looked up at call time (tests patch it to simulate a full disk).
+        write_atomic(self.location / name, data, on_replaced=on_replaced)
+
+    def remove(self, name: str) -> None:
+        _remove_quietly(self.location / name)
+
+    def mkdir(self) -> None:
+        self.location.mkdir(parents=True, exist_ok=True)
+
+    def child(self, name: str) -> LocalStorage:
+        return LocalStorage(self.location / name)
+
+    def lock(self) -> _Lock:
+        return _FlockLock(_lock_directory(self.location))
+
+
+def storage_for(
+    path: str | os.PathLike[str] | Storage, storage_options: Mapping[str, Any] | None = None
+) -> Storage:
+    """The :class:`Storage` of checkpoint ``path``: ``s3://bucket/prefix`` is object storage
+    (``storage_options`` as for fsspec/s3fs, else the ``AWS_*`` environment), anything else a
+    local directory.
+
+    >>> storage_for("/data/run.ckpt").location
+    PosixPath('/data/run.ckpt')
+    >>> storage_for("/data/run.ckpt", {"anon": True})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    gen_ai_frames.errors.ConfigurationError: storage_options only apply to ... is a local path: ...
+    """
+    if isinstance(path, Storage):
+        return path
+    text = os.fspath(path)
+    if isinstance(text, str) and "://" in text:
+        from .storage import object_storage  # s3fs is an optional dependency (the `s3` extra)
+
+        return object_storage(text, storage_options)
+    if storage_options:
+        raise ConfigurationError(
+            "storage_options only apply to object-store checkpoints (s3://bucket/prefix); "
+            f"{str(text)!r} is a local path: leave storage_options out"
+        )
+    return LocalStorage(Path(text))
+
+
+def _corrupt_part_message(store: Storage, name: str, problem: str) -> str:
     # Deleting the file is no cure (the manifest still lists it): name the repair instead.
     return (
-        f"Checkpoint part {file} is {problem}. To recover, {_repair_advice(file.parent)}: it "
+        f"Checkpoint part {store.show(name)} is {problem}. To recover, {_repair_advice(store)}: it "
         "drops missing or unreadable parts from the manifest (with Checkpoint.open, repair=True "
         "does the same), and their rows will be generated again on resume."
     )
 
 
-def _read_part(file: Path) -> pa.Table:
+def _read_part(store: Storage, name: str) -> pa.Table:
     try:
         # An explicit file object so the handle is closed even when the read fails.
-        with open(file, "rb") as f:
+        with store.open_read(name) as f:
             table = pq.read_table(f)
         for spec in RECORD_SCHEMA:
             if spec.name in ADDED_COLUMNS and spec.name not in table.column_names:
                 table = table.append_column(spec, pa.nulls(table.num_rows, spec.type))
         return table.select(RECORD_SCHEMA.names).cast(RECORD_SCHEMA)
     except FileNotFoundError as exc:
-        raise CheckpointCorruptError(_corrupt_part_message(file, "missing")) from exc
+        raise CheckpointCorruptError(_corrupt_part_message(store, name, "missing")) from exc
     except (OSError, pa.ArrowException, KeyError, ValueError) as exc:
-        raise CheckpointCorruptError(_corrupt_part_message(file, f"unreadable ({exc})")) from exc
+        raise CheckpointCorruptError(_corrupt_part_message(store, name, f"unreadable ({exc})")) from exc
 
 
-def _check_part(file: Path, rows: int) -> None:
+def _check_part(store: Storage, name: str, rows: int) -> None:
     """Cheap check at open: the file exists and its footer is intact (a truncated file fails here)."""
     try:
-        with open(file, "rb") as f:
+        with store.open_read(name) as f:
             metadata = pq.read_metadata(f)
     except FileNotFoundError as exc:
-        raise CheckpointCorruptError(_corrupt_part_message(file, "missing")) from exc
+        raise CheckpointCorruptError(_corrupt_part_message(store, name, "missing")) from exc
     except (OSError, pa.ArrowException) as exc:
-        raise CheckpointCorruptError(_corrupt_part_message(file, f"unreadable ({exc})")) from exc
+        raise CheckpointCorruptError(_corrupt_part_message(store, name, f"unreadable ({exc})")) from exc
     if metadata.num_rows != rows:
         raise CheckpointCorruptError(
             _corrupt_part_message(
-                file, f"inconsistent (manifest says {rows} rows, file has {metadata.num_rows})"
+                store, name, f"inconsistent (manifest says {rows} rows, file has {metadata.num_rows})"
             )
         )
 
@@ -505,9 +716,9 @@ class _NewerFormatError(CheckpointCorruptError):
     """A manifest of another format version: not damage, so repair must not rewrite it."""
 
 
-def _read_manifest(directory: Path) -> dict[str, Any] | None:
+def _read_manifest(directory: Storage) -> dict[str, Any] | None:
     """The parsed, validated manifest, or None if there is none."""
-    file = directory / _MANIFEST
+    file = directory.show(_MANIFEST)
 
     def damaged(problem: str) -> CheckpointCorruptError:
         message = f"{problem}. {_START_FRESH}"
@@ -519,7 +730,7 @@ def _read_manifest(directory: Path) -> dict[str, Any] | None:
         return CheckpointCorruptError(message)
 
     try:
-        text = file.read_text(encoding="utf-8")
+        text = directory.read_bytes(_MANIFEST).decode("utf-8")
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError) as exc:
@@ -554,24 +765,24 @@ def _read_manifest(directory: Path) -> dict[str, Any] | None:
     return manifest
 
 
-def _load_parts(directory: Path, parts: Sequence[Mapping[str, Any]]) -> pa.Table:
-    tables = [_read_part(directory / p["file"]) for p in parts]
+def _load_parts(directory: Storage, parts: Sequence[Mapping[str, Any]]) -> pa.Table:
+    tables = [_read_part(directory, p["file"]) for p in parts]
     if not tables:
         return RECORD_SCHEMA.empty_table()
     return pa.concat_tables(tables)
 
 
-def _read_snapshot(path: str | os.PathLike[str]) -> tuple[dict[str, Any], pa.Table]:
+def _read_snapshot(path: str | os.PathLike[str] | Storage) -> tuple[dict[str, Any], pa.Table]:
     """Manifest and latest-wins records, without a lock.
 
     A run may compact (and delete parts) between our reading the manifest and its parts: if a part
     turns out missing and the manifest has changed meanwhile, read again.
     """
-    directory = Path(os.fspath(path))
+    directory = storage_for(path)
     for _ in range(10):
         manifest = _read_manifest(directory)
         if manifest is None:
-            if directory.is_dir() and _part_files(directory):
+            if _part_files(directory):
                 raise CheckpointCorruptError(_no_manifest_message(directory))
             what = "does not exist" if not directory.exists() else "has no manifest.json"
             raise CheckpointError(f"No checkpoint at {directory}: the path {what}.")
@@ -601,16 +812,17 @@ class Checkpoint:
     def __init__(
         self,
         *,
-        _path: Path,
+        _store: Storage,
         _fingerprint: dict[str, Any],
-        _lock_fd: int,
+        _lock: _Lock,
         _manifest: dict[str, Any],
         _compact_every: int,
     ) -> None:
         # Private: use Checkpoint.open(), which takes the lock and loads or creates the manifest.
-        self._path = _path
+        self._store = _store
+        self._path = _store.location
         self._fingerprint = _fingerprint
-        self._lock_fd: int | None = _lock_fd
+        self._lock: _Lock | None = _lock
         self._manifest = _manifest
         self._compact_every = _compact_every
         # The accessor may call append() from worker threads; parts and the manifest are not thread-safe.
@@ -621,14 +833,19 @@ class Checkpoint:
     @classmethod
     def open(
         cls,
-        path: str | os.PathLike[str],
+        path: str | os.PathLike[str] | Storage,
         fingerprint: Mapping[str, Any],
         *,
         resume: bool = True,
         compact_every: int = 16,
         repair: bool = False,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> Checkpoint:
         """Open (or create) the checkpoint at directory ``path`` and lock it for this run.
+
+        ``path`` may be ``s3://bucket/prefix`` (object storage, see :mod:`gen_ai_frames.storage`);
+        ``storage_options`` are then passed to s3fs (credentials, ``endpoint_url``...), which
+        otherwise reads the ``AWS_*`` environment. They are never stored.
 
         ``fingerprint`` (JSON values: provider, model, endpoint, generation parameters) must equal the
         stored one when resuming. ``resume=False`` deletes stored results and starts empty.
@@ -649,17 +866,17 @@ class Checkpoint:
         normalized = _normalize_fingerprint(fingerprint)
         if isinstance(compact_every, bool) or not isinstance(compact_every, int) or compact_every < 2:
             raise ConfigurationError(f"compact_every must be an integer >= 2, got {compact_every!r}")
-        directory = Path(os.fspath(path))
-        fd = _lock_directory(directory)
+        directory = storage_for(path, storage_options)
+        lock = directory.lock()
         try:
             manifest = _prepare(directory, normalized, resume=resume, repair=repair)
         except BaseException:
-            os.close(fd)  # closing the only descriptor releases the flock
+            lock.release()
             raise
         return cls(
-            _path=directory,
+            _store=directory,
             _fingerprint=normalized,
-            _lock_fd=fd,
+            _lock=lock,
             _manifest=manifest,
             _compact_every=compact_every,
         )
@@ -667,8 +884,8 @@ class Checkpoint:
     # ---------------------------------------------------------------------------------- reading
 
     @property
-    def path(self) -> Path:
-        """The checkpoint directory."""
+    def path(self) -> Path | str:
+        """The checkpoint directory (a Path; for object storage its ``s3://`` URL)."""
         return self._path
 
     @property
@@ -678,7 +895,7 @@ class Checkpoint:
 
     @property
     def closed(self) -> bool:
-        return self._lock_fd is None
+        return self._lock is None
 
     def records(self) -> pd.DataFrame:
         """All stored records, the latest per ``(prompt_hash, occurrence)``, with RECORD_SCHEMA columns.
@@ -687,7 +904,7 @@ class Checkpoint:
         """
         with self._mutex:
             self._check_open()
-            table = _load_parts(self._path, self._manifest["parts"])
+            table = _load_parts(self._store, self._manifest["parts"])
         return _table_to_frame(_dedup_latest(table))
 
     # ---------------------------------------------------------------------------------- writing
@@ -721,7 +938,7 @@ class Checkpoint:
         manifest = self._manifest
         seq = manifest["next_seq"]
         name = _part_name(seq)
-        file = self._path / name
+        file = self._store.show(name)
         entry = {"file": name, "level": level, "rows": table.num_rows}
         parts = list(manifest["parts"])
         if replaces:
@@ -733,7 +950,7 @@ class Checkpoint:
         try:
             # Each part carries the run's fingerprint too, so a lost manifest can be rebuilt.
             stamped = table.replace_schema_metadata({_PART_FINGERPRINT: json.dumps(self._fingerprint)})
-            write_atomic(file, lambda f: pq.write_table(stamped, f))
+            self._store.write(name, lambda f: pq.write_table(stamped, f), exclusive=True)
         except OSError as exc:
             raise CheckpointError(
                 f"Could not write checkpoint part {file}: {exc}. Results stored before are intact; "
@@ -743,9 +960,9 @@ class Checkpoint:
             self._commit(new_manifest)
         except OSError as exc:
             if self._manifest is not new_manifest:
-                _remove_quietly(file)  # unlisted, so ignored anyway; don't leave it around
+                self._store.remove(name)  # unlisted, so ignored anyway; don't leave it around
             raise CheckpointError(
-                f"Could not write checkpoint manifest {self._path / _MANIFEST}: {exc}. Results stored "
+                f"Could not write checkpoint manifest {self._store.show(_MANIFEST)}: {exc}. Results stored "
                 "before are intact; free disk space or fix permissions, then run again to resume."
             ) from exc
 
@@ -755,7 +972,7 @@ class Checkpoint:
             # it even if the directory fsync that follows fails.
             self._manifest = manifest
 
-        _write_manifest(self._path, manifest, on_replaced=adopt)
+        _write_manifest(self._store, manifest, on_replaced=adopt)
 
     def _maybe_compact(self) -> None:
         """Merge runs of ``compact_every`` adjacent same-level parts into one part of the next level.
@@ -770,7 +987,7 @@ class Checkpoint:
                 return
             level, names = run
             try:
-                merged = _dedup_latest(_load_parts(self._path, [{"file": n} for n in names]))
+                merged = _dedup_latest(_load_parts(self._store, [{"file": n} for n in names]))
                 self._add_part(merged, level=level + 1, replaces=names)
             except CheckpointError as exc:
                 warnings.warn(
@@ -780,7 +997,7 @@ class Checkpoint:
                 )
                 return
             for name in names:
-                _remove_quietly(self._path / name)
+                self._store.remove(name)
 
     def _find_run(self) -> tuple[int, list[str]] | None:
         parts = self._manifest["parts"]
@@ -798,13 +1015,9 @@ class Checkpoint:
     def close(self) -> None:
         """Release the lock. Idempotent."""
         with self._mutex:
-            fd, self._lock_fd = self._lock_fd, None
-            if fd is not None:
-                # Explicit unlock: a forked child may share this descriptor and would keep the lock.
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_UN)
-                finally:
-                    os.close(fd)
+            lock, self._lock = self._lock, None
+            if lock is not None:
+                lock.release()
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -814,17 +1027,15 @@ class Checkpoint:
 
     def __del__(self) -> None:
         # A notebook user may drop the object without closing it; don't keep the lock until exit.
-        fd = getattr(self, "_lock_fd", None)
-        if fd is not None:
-            self._lock_fd = None
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            self._lock = None
+            lock.abandon()
 
     def _check_open(self) -> None:
-        if self._lock_fd is None:
+        if self._lock is None:
             raise CheckpointError(f"Checkpoint {self._path} is closed; open it again to use it.")
+        self._lock.check()  # a lease another run took over: stop before writing anything
 
     def __repr__(self) -> str:
         parts = self._manifest["parts"]
@@ -887,11 +1098,13 @@ def _read_holder(fd: int) -> str:
     return " (this process)" if pid == os.getpid() else f" (process {pid})"
 
 
-def _prepare(directory: Path, fingerprint: dict[str, Any], *, resume: bool, repair: bool) -> dict[str, Any]:
+def _prepare(
+    directory: Storage, fingerprint: dict[str, Any], *, resume: bool, repair: bool
+) -> dict[str, Any]:
     """Under the lock: clean up after crashes, check the manifest, and return it (new if needed)."""
-    for entry in os.scandir(directory):
-        if _TMP_RE.match(entry.name):
-            _remove_quietly(Path(entry.path))  # half-written by a run that died
+    for name in directory.names():
+        if _TMP_RE.match(name):
+            directory.remove(name)  # half-written by a run that died
     manifest = None
     if resume:
         try:
@@ -917,11 +1130,11 @@ def _prepare(directory: Path, fingerprint: dict[str, Any], *, resume: bool, repa
         manifest = _check_parts(directory, manifest, repair=repair)
     listed = set() if manifest is None else {p["file"] for p in manifest["parts"]}
     highest = 0
-    for entry in os.scandir(directory):
-        match = _PART_RE.match(entry.name)
-        if match and entry.name not in listed:
+    for name in directory.names():
+        match = _PART_RE.match(name)
+        if match and name not in listed:
             # resume=False, or written by a run that died before listing it in the manifest.
-            _remove_quietly(Path(entry.path))
+            directory.remove(name)
         elif match:
             highest = max(highest, int(match.group(1)))
     if manifest is None:
@@ -944,9 +1157,9 @@ def _prepare(directory: Path, fingerprint: dict[str, Any], *, resume: bool, repa
     return manifest
 
 
-def _part_files(directory: Path) -> list[str]:
+def _part_files(directory: Storage) -> list[str]:
     """Names of the part files in ``directory``, oldest (lowest number) first."""
-    names = [e.name for e in os.scandir(directory) if _PART_RE.match(e.name)]
+    names = [name for name in directory.names() if _PART_RE.match(name)]
     return sorted(names, key=_part_number)
 
 
@@ -957,14 +1170,14 @@ def _part_number(name: str) -> int:
     return int(match.group(1))
 
 
-def _repair_advice(directory: Path) -> str:
+def _repair_advice(directory: Storage) -> str:
     return (
         f"run `gen-ai-frames repair {directory}` (or call "
         "gen_ai_frames.checkpoint.repair_checkpoint(path), or pass repair=True)"
     )
 
 
-def _no_manifest_message(directory: Path) -> str:
+def _no_manifest_message(directory: Storage) -> str:
     return (
         f"Checkpoint {directory} has part files but no readable manifest.json (it was deleted or "
         "damaged). Nothing was deleted. To keep the stored answers, "
@@ -973,9 +1186,10 @@ def _no_manifest_message(directory: Path) -> str:
     )
 
 
-def _part_fingerprint(file: Path) -> dict[str, Any] | None:
+def _part_fingerprint(directory: Storage, name: str) -> dict[str, Any] | None:
     """The fingerprint stamped in a part's metadata (None for parts of older versions)."""
-    metadata = pq.read_schema(file).metadata or {}
+    with directory.open_read(name) as f:
+        metadata = pq.read_schema(f).metadata or {}
     raw = metadata.get(_PART_FINGERPRINT)
     if raw is None:
         return None
@@ -983,7 +1197,7 @@ def _part_fingerprint(file: Path) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def _rebuild_manifest(directory: Path, fingerprint: dict[str, Any] | None) -> dict[str, Any]:
+def _rebuild_manifest(directory: Storage, fingerprint: dict[str, Any] | None) -> dict[str, Any]:
     """A manifest listing every readable part file in ``directory``, oldest first.
 
     Parts written with other settings than ``fingerprint`` (told by the fingerprint each part
@@ -992,8 +1206,8 @@ def _rebuild_manifest(directory: Path, fingerprint: dict[str, Any] | None) -> di
     parts, stamps, dropped = [], set(), []
     for name in _part_files(directory):
         try:
-            table = _read_part(directory / name)
-            stamp = _part_fingerprint(directory / name)
+            table = _read_part(directory, name)
+            stamp = _part_fingerprint(directory, name)
         except (CheckpointCorruptError, OSError, pa.ArrowException, ValueError):
             dropped.append(name)
             continue
@@ -1029,7 +1243,7 @@ def _rebuild_manifest(directory: Path, fingerprint: dict[str, Any] | None) -> di
         stacklevel=4,
     )
     for name in dropped:
-        _remove_quietly(directory / name)
+        directory.remove(name)
     highest = max((_part_number(p["file"]) for p in parts), default=0)
     return {
         "format": _FORMAT,
@@ -1041,22 +1255,22 @@ def _rebuild_manifest(directory: Path, fingerprint: dict[str, Any] | None) -> di
 
 
 def _write_manifest(
-    directory: Path, manifest: dict[str, Any], on_replaced: Callable[[], None] | None = None
+    directory: Storage, manifest: dict[str, Any], on_replaced: Callable[[], None] | None = None
 ) -> None:
     data = json.dumps(manifest, indent=1).encode("utf-8")
-    write_atomic(directory / _MANIFEST, lambda f: f.write(data), on_replaced=on_replaced)
+    directory.write(_MANIFEST, lambda f: f.write(data), on_replaced=on_replaced, exclusive=True)
 
 
-def _check_parts(directory: Path, manifest: dict[str, Any], *, repair: bool) -> dict[str, Any]:
+def _check_parts(directory: Storage, manifest: dict[str, Any], *, repair: bool) -> dict[str, Any]:
     if not repair:
         for part in manifest["parts"]:
-            _check_part(directory / part["file"], part["rows"])
+            _check_part(directory, part["file"], part["rows"])
         return manifest
     kept, dropped = [], []
     for part in manifest["parts"]:
         try:
             # Repair reads whole parts: a corrupt page in the middle passes the footer check.
-            table = _read_part(directory / part["file"])
+            table = _read_part(directory, part["file"])
             if table.num_rows != part["rows"]:
                 raise CheckpointCorruptError("row count differs from the manifest")
         except CheckpointCorruptError:
@@ -1093,11 +1307,10 @@ def run_fingerprint(client: Any, params: Any) -> dict[str, Any]:
     return {**client.fingerprint(), **params.fingerprint()}
 
 
-def _sharded(path: str | os.PathLike[str]) -> Any:
-    """The sharded-checkpoint module when ``path`` is a run of shards (CLI batches, Dask
+def _sharded(directory: Storage) -> Any:
+    """The sharded-checkpoint module when ``directory`` is a run of shards (CLI batches, Dask
     partitions), else None. Imported late: it is built on this module."""
-    directory = Path(os.fspath(path))
-    if (directory / _MANIFEST).exists() or any(directory.glob("part-*.parquet")):
+    if directory.has(_MANIFEST) or fnmatch.filter(directory.names(), "part-*.parquet"):
         return None
     from . import shards
 
@@ -1113,7 +1326,9 @@ def result_frame(table: pa.Table) -> pd.DataFrame:
     return result.astype({c: "Int64" for c in RESULT_COLUMNS if PANDAS_DTYPES[c] == "Int64"})
 
 
-def read_checkpoint(path: str | os.PathLike[str]) -> pd.DataFrame:
+def read_checkpoint(
+    path: str | os.PathLike[str] | Storage, *, storage_options: Mapping[str, Any] | None = None
+) -> pd.DataFrame:
     """The results stored in the checkpoint at ``path``, read without taking the lock.
 
     Every stored record, the latest per prompt key, sorted and indexed by ``position`` (the row's
@@ -1126,6 +1341,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> pd.DataFrame:
 
     A sharded checkpoint (``gen-ai-frames generate --checkpoint``, Dask's ``checkpoint=``) gives
     every shard's records, indexed by ``(batch, position)`` or ``(partition, position)``.
+    ``path`` may be ``s3://bucket/prefix``, with ``storage_options`` as for :meth:`Checkpoint.open`.
 
     >>> import tempfile, os
     >>> path = os.path.join(tempfile.mkdtemp(), "run.ckpt")
@@ -1135,15 +1351,20 @@ def read_checkpoint(path: str | os.PathLike[str]) -> pd.DataFrame:
     >>> frame.index.tolist(), frame["response"].tolist(), frame["error"].tolist()
     ([0, 1], ['A', <NA>], [<NA>, 'boom'])
     """
-    sharded = _sharded(path)
+    directory = storage_for(path, storage_options)
+    sharded = _sharded(directory)
     if sharded is not None:
-        return sharded.read_sharded(path)
-    _, table = _read_snapshot(path)
+        return sharded.read_sharded(directory)
+    _, table = _read_snapshot(directory)
     return result_frame(table)
 
 
-def checkpoint_status(path: str | os.PathLike[str]) -> dict[str, Any]:
+def checkpoint_status(
+    path: str | os.PathLike[str] | Storage, *, storage_options: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """Counts of the checkpoint at ``path`` (single or sharded), read without taking the lock.
+
+    ``path`` may be ``s3://bucket/prefix``, with ``storage_options`` as for :meth:`Checkpoint.open`.
 
     ``total`` records are stored; ``done`` of them hold an answer and ``failed`` an error. For a
     sharded checkpoint ``done``/``failed`` count the rows of the current input (see
@@ -1158,14 +1379,15 @@ def checkpoint_status(path: str | os.PathLike[str]) -> dict[str, Any]:
     >>> status["kind"], status["total"], status["done"], status["failed"], status["errors_by_type"]
     ('single', 2, 1, 1, {'APITimeoutError': 1})
     """
-    sharded = _sharded(path)
+    directory = storage_for(path, storage_options)
+    sharded = _sharded(directory)
     if sharded is not None:
-        return sharded.checkpoint_status_of(path)
-    manifest, table = _read_snapshot(path)
+        return sharded.checkpoint_status_of(directory)
+    manifest, table = _read_snapshot(directory)
     errors = table.filter(table.column("error").is_valid()).column("error_type").to_pylist()
     by_type = Counter("unknown" if t is None else t for t in errors)
     return {
-        "path": str(Path(os.fspath(path))),
+        "path": str(directory),
         "kind": "single",
         "total": table.num_rows,
         "done": table.num_rows - table.column("response").null_count,
@@ -1177,7 +1399,10 @@ def checkpoint_status(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def repair_checkpoint(
-    path: str | os.PathLike[str], fingerprint: Mapping[str, Any] | None = None
+    path: str | os.PathLike[str] | Storage,
+    fingerprint: Mapping[str, Any] | None = None,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Make the checkpoint at ``path`` readable again, keeping every answer that can be read.
 
@@ -1199,11 +1424,11 @@ def repair_checkpoint(
     >>> report["rebuilt"], report["records"], read_checkpoint(path)["response"].tolist()
     (True, 1, ['A'])
     """
-    directory = Path(os.fspath(path))
+    directory = storage_for(path, storage_options)
     sharded = _sharded(directory)
     if sharded is not None:
         return sharded.repair_sharded(directory)
-    if not directory.is_dir():
+    if not directory.exists() or directory.is_file():
         raise CheckpointError(f"No checkpoint at {directory}: the path does not exist.")
     try:
         manifest = _read_manifest(directory)
@@ -1238,12 +1463,12 @@ def repair_checkpoint(
     }
 
 
-def _stored_fingerprint(directory: Path) -> dict[str, Any]:
+def _stored_fingerprint(directory: Storage) -> dict[str, Any]:
     """The one fingerprint the part files record (raises when none or several)."""
     stamps = set()
     for name in _part_files(directory):
         try:
-            stamp = _part_fingerprint(directory / name)
+            stamp = _part_fingerprint(directory, name)
         except (OSError, pa.ArrowException, ValueError):
             continue  # unreadable: repair drops it
         if stamp is not None:

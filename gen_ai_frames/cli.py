@@ -49,7 +49,7 @@ import pyarrow as pa
 
 from . import __version__
 from ._sync import run_sync, sigterm_as_interrupt
-from .checkpoint import CheckpointError, checkpoint_status, repair_checkpoint, run_fingerprint
+from .checkpoint import CheckpointError, checkpoint_status, repair_checkpoint, run_fingerprint, storage_for
 from .client import Client
 from .errors import ConfigurationError, LocalModelError
 from .factory import create_client
@@ -243,8 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
         f"by '{PROG} generate --checkpoint', by df.genai.generate(checkpoint=...) or by a Dask "
         "run. Safe while a run is writing to it.",
     )
-    status.add_argument("checkpoint", metavar="CHECKPOINT", help="the checkpoint directory")
+    status.add_argument(
+        "checkpoint", metavar="CHECKPOINT", help="the checkpoint directory (or s3://bucket/prefix)"
+    )
     status.add_argument("--json", action="store_true", help="print the counts as one JSON object")
+    _add_storage_options(status)
     status.set_defaults(handler=_cmd_status)
 
     repair = commands.add_parser(
@@ -256,7 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
         "part files, keeping every answer that can be read. Works on every kind of checkpoint "
         f"('{PROG} generate --checkpoint', df.genai.generate, Dask). Not while a run uses it.",
     )
-    repair.add_argument("checkpoint", metavar="CHECKPOINT", help="the checkpoint directory")
+    repair.add_argument(
+        "checkpoint", metavar="CHECKPOINT", help="the checkpoint directory (or s3://bucket/prefix)"
+    )
+    _add_storage_options(repair)
     repair.set_defaults(handler=_cmd_repair)
 
     demo = commands.add_parser(
@@ -409,9 +415,22 @@ class Job:
     options: RunOptions = field(default_factory=RunOptions)
 
     @property
-    def checkpoint(self) -> Path | None:
-        """The run's checkpoint directory (each batch has its own under it)."""
-        return None if self.options.checkpoint is None else Path(self.options.checkpoint)
+    def checkpoint(self) -> Path | str | None:
+        """The run's checkpoint directory (each batch has its own under it); a URL on object storage."""
+        return None if self.options.checkpoint is None else _checkpoint_path(self.options.checkpoint)
+
+
+def _checkpoint_path(text: str | os.PathLike[str]) -> Path | str:
+    """A checkpoint argument: a directory Path, or an ``s3://`` URL kept as it is (Path would mangle it)."""
+    return text if isinstance(text, str) and "://" in text else Path(text)
+
+
+def _add_storage_options(parser: argparse.ArgumentParser) -> None:
+    """``--storage-options JSON`` for commands that read a checkpoint (generate has it from RunOptions)."""
+    spec = next(f for f in option_fields("run") if f.name == "storage_options")
+    parser.add_argument(
+        "--storage-options", type=spec.metadata["parse"], metavar="JSON", help=spec.metadata["help"]
+    )
 
 
 def _cmd_generate(args: argparse.Namespace, **changes: Any) -> int:
@@ -603,7 +622,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    info = status_of(Path(args.checkpoint))
+    info = status_of(_checkpoint_path(args.checkpoint), args.storage_options)
     if args.json:
         print(json.dumps(info, indent=1))
     else:
@@ -612,10 +631,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_repair(args: argparse.Namespace) -> int:
-    path = Path(args.checkpoint)
+    path = _checkpoint_path(args.checkpoint)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the report below says what was done, once
-        report = repair_checkpoint(path)
+        report = repair_checkpoint(path, storage_options=args.storage_options)
     rebuilt, dropped = report["rebuilt"], report["dropped"]
     if rebuilt:
         where = "" if rebuilt is True else " of " + ", ".join(rebuilt)
@@ -911,6 +930,7 @@ def _prepare_checkpoint(job: Job, client: Client, params: GenerationParams, rows
             shard_rows=job.batch_rows,
             input_rows=rows,
             source=str(job.input),
+            storage_options=job.options.storage_options,
         )
     except ShardSizeError as exc:
         raise UsageError(
@@ -923,7 +943,7 @@ def _prepare_checkpoint(job: Job, client: Client, params: GenerationParams, rows
 # status
 
 
-def status_of(path: Path) -> dict[str, Any]:
+def status_of(path: Path | str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Counts of a checkpoint of any kind: CLI batches, Dask partitions, or a single one.
 
     ``remaining`` is None when the input's size is unknown (a single or Dask checkpoint);
@@ -932,10 +952,11 @@ def status_of(path: Path) -> dict[str, Any]:
     >>> status_of(Path("run.ckpt"))["answered"]  # doctest: +SKIP
     150000
     """
-    if kind_of(path) is None:
-        what = "does not exist" if not path.exists() else "holds no checkpoint"
+    store = storage_for(path, storage_options)
+    if kind_of(store) is None:
+        what = "does not exist" if not store.exists() else "holds no checkpoint"
         raise UsageError(f"no checkpoint at {str(path)!r}: the path {what}")
-    status = checkpoint_status(path)
+    status = checkpoint_status(store)
     single = status["kind"] == "single"
     return {
         "path": str(path),

@@ -46,7 +46,7 @@ import dask.local
 import pandas as pd
 from dask.dataframe.extensions import register_dataframe_accessor
 
-from .checkpoint import run_fingerprint
+from .checkpoint import run_fingerprint, storage_for
 from .client import Client
 from .errors import ConfigurationError
 from .factory import create_client
@@ -176,7 +176,7 @@ class _PartitionJob:
     npartitions: int | None = None
 
 
-def partition_checkpoint(root: str | os.PathLike[str], number: int) -> Path:
+def partition_checkpoint(root: str | os.PathLike[str], number: int) -> Path | str:
     """The checkpoint directory of partition ``number`` of a run checkpointed under ``root``.
 
     Read one partition's answers with :func:`gen_ai_frames.checkpoint.read_checkpoint` on it, or
@@ -185,7 +185,7 @@ def partition_checkpoint(root: str | os.PathLike[str], number: int) -> Path:
     >>> partition_checkpoint("/data/run.ckpt", 7).as_posix()
     '/data/run.ckpt/partition-00007'
     """
-    return ShardedCheckpoint(Path(os.fspath(root)), "partitions", {}).shard_path(number)
+    return ShardedCheckpoint(root, "partitions", {}).shard_path(number)  # an s3:// root gives a URL
 
 
 def _partition_number(number: int) -> pd.DataFrame:
@@ -216,7 +216,7 @@ def _generate_partition(
 ) -> pd.DataFrame:
     """One task: the pandas accessor on one partition, with that partition's own checkpoint."""
     client = job.client.build()
-    checkpoint: Path | None = None
+    checkpoint: Path | str | None = None
     resume = job.resume
     if job.checkpoint is not None:
         if numbers is None or len(numbers) != 1:
@@ -226,7 +226,12 @@ def _generate_partition(
         # The fingerprint must be the one the runner stores, or its own (resume=True) open refuses it.
         fingerprint = run_fingerprint(client, job.options.params)
         run = ShardedCheckpoint.attach(
-            job.checkpoint, "partitions", fingerprint, run_id=job.run_id, shards=job.npartitions
+            job.checkpoint,
+            "partitions",
+            fingerprint,
+            run_id=job.run_id,
+            shards=job.npartitions,
+            storage_options=job.options.storage_options,
         )
         checkpoint = run.shard_path(number)
         if not resume:
@@ -324,7 +329,7 @@ class DaskGenAIAccessor:
             template=template,
             client=config,
             options=partition_options,
-            checkpoint=_checkpoint_root(run.checkpoint),
+            checkpoint=_checkpoint_root(run.checkpoint, run.storage_options),
             resume=run.resume,
             run_id=uuid.uuid4().hex,
             npartitions=ddf.npartitions,
@@ -365,24 +370,26 @@ def _check_picklable(config: _ClientConfig) -> None:
         ) from None
 
 
-def _checkpoint_root(checkpoint: str | os.PathLike[str] | None) -> str | None:
+def _checkpoint_root(
+    checkpoint: str | os.PathLike[str] | None, storage_options: Mapping[str, Any] | None = None
+) -> str | None:
     if checkpoint is None:
         return None
     path = os.fspath(checkpoint)
-    if not isinstance(path, str) or "://" in path:
+    if not isinstance(path, str):
         raise ConfigurationError(
             f"checkpoint must be a filesystem path that every worker sees (a local disk for a "
-            f"LocalCluster, a shared mount such as NFS for a cluster), got {checkpoint!r}; object "
-            "stores such as s3:// are not supported yet"
+            f"LocalCluster, a shared mount such as NFS for a cluster) or an s3:// URL, got {checkpoint!r}"
         )
     # Absolute on the caller's side: a worker's working directory may be anywhere.
-    root = os.path.abspath(path)
-    if os.path.exists(os.path.join(root, "manifest.json")):
+    root = path if "://" in path else os.path.abspath(path)
+    store = storage_for(root, storage_options)  # checks the URL and options before any task runs
+    if store.has("manifest.json"):
         raise ConfigurationError(
             f"{root} is a checkpoint of a pandas run; a Dask run keeps one checkpoint per partition "
             "under its directory: choose another path"
         )
-    if kind_of(root) == "batches":
+    if kind_of(store) == "batches":
         raise ConfigurationError(
             f"{root} is a checkpoint of the command line (one per batch of a file); a Dask run keeps "
             "one checkpoint per partition: choose another path"

@@ -141,6 +141,27 @@ def _parse_prices(text: str) -> dict[str, tuple[float, float]]:
     return {model: (float(p[0]), float(p[1])) for model, p in value.items()}
 
 
+def _check_storage_options(name: str, value: Any) -> None:
+    if value is not None and (not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value)):
+        raise ConfigurationError(
+            f"{name} must be a dict of s3fs options such as {{'endpoint_url': 'http://...'}} or None, "
+            f"got {type(value).__name__}"
+        )
+
+
+def _parse_storage_options(text: str) -> dict[str, Any]:
+    """The CLI's --storage-options: a JSON object (the value is never echoed: it may hold a secret)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise ConfigurationError(
+            '--storage-options must be a JSON object like \'{"endpoint_url": "http://127.0.0.1:9000"}\''
+        )
+    return value
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunOptions:
     """The validated options of one run. Build it with keywords; every value is checked at once.
@@ -284,6 +305,19 @@ class RunOptions:
     )
     progress: bool = field(
         default=True, metadata=_about("show a progress bar", group="run", check=_check_bool)
+    )
+    # --- s3ckpt options ---
+    storage_options: Mapping[str, Any] | None = field(
+        default=None,
+        repr=False,  # may hold credentials: never shown
+        metadata=_about(
+            "with an s3:// checkpoint: s3fs options such as endpoint_url, key, secret (None: the AWS_* "
+            "environment); never stored",
+            group="run",
+            check=_check_storage_options,
+            metavar="JSON",
+            parse=_parse_storage_options,
+        ),
     )
     # output
     details: bool = field(

@@ -178,6 +178,7 @@ async def run_rows(prompts: Prompts | Sequence[object], *, client: Client, optio
             run_fingerprint(client, options.params),
             resume=options.resume,
             repair=options.repair,
+            storage_options=options.storage_options,
         )
     run = _Run(prompts, columns, dict(zip(valid, keys)), store)
     try:

@@ -13,7 +13,11 @@ one checkpoint per shard under one directory, with one run record::
 Dask's shards are ``partition-00000/``, ``partition-00001/``, ... (numbered from 0, as Dask numbers
 partitions); the CLI's are ``batch-000001/``, ... (from 1, as the CLI prints them).
 
-Every record is written with :func:`gen_ai_frames.checkpoint.write_atomic`. ``shard.json`` is
+The root may be ``s3://bucket/prefix`` (``storage_options`` as for
+:meth:`~gen_ai_frames.checkpoint.Checkpoint.open`): every file goes through the root's
+:class:`~gen_ai_frames.checkpoint.Storage`.
+
+Every record is written atomically (:meth:`~gen_ai_frames.checkpoint.Storage.write`). ``shard.json`` is
 written only by the process running that shard, so Dask tasks never race on it; ``run.json`` by the
 CLI, or by the first Dask task that finds none.
 
@@ -35,6 +39,7 @@ which now belong to other shards, without counting them twice). ``total`` is wha
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import math
 import os
@@ -52,11 +57,12 @@ from .checkpoint import (
     CheckpointCorruptError,
     CheckpointError,
     CheckpointMismatchError,
+    Storage,
     checkpoint_status,
     read_checkpoint,
     repair_checkpoint,
     result_frame,
-    write_atomic,
+    storage_for,
 )
 from .results import RECORD_SCHEMA
 
@@ -85,6 +91,9 @@ KINDS: dict[str, tuple[str, int, int, str]] = {
 }
 _SHARD_DIR = re.compile(r"^(batch|partition)-(\d{5,})$")
 
+#: A run's root: a directory path, an ``s3://`` URL, or its Storage.
+Root = str | os.PathLike | Storage
+
 
 class ShardSizeError(CheckpointMismatchError):
     """A run is resumed with another shard size than it was written with (``stored``)."""
@@ -94,16 +103,16 @@ class ShardSizeError(CheckpointMismatchError):
         self.stored = stored
 
 
-def kind_of(root: str | os.PathLike[str]) -> str | None:
+def kind_of(root: Root, storage_options: Mapping[str, Any] | None = None) -> str | None:
     """``"single"``, ``"batches"``, ``"partitions"``, or None when ``root`` holds no checkpoint.
 
     >>> kind_of("/no/such/dir") is None
     True
     """
-    path = Path(os.fspath(root))
-    if (path / _MANIFEST).exists():
+    path = storage_for(root, storage_options)
+    if path.has(_MANIFEST):
         return "single"
-    record = _read_json(path / RUN_FILE, _RUN_FORMAT)
+    record = _read_json(path, RUN_FILE, _RUN_FORMAT)
     if record is not None and record.get("kind") in KINDS:
         return str(record["kind"])
     for kind in KINDS:
@@ -112,21 +121,21 @@ def kind_of(root: str | os.PathLike[str]) -> str | None:
     return None
 
 
-def _shard_dirs(root: Path, kind: str) -> list[tuple[int, Path]]:
+def _shard_dirs(root: Storage, kind: str) -> list[tuple[int, Storage]]:
     prefix = KINDS[kind][0]
     found = []
-    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-        for entry in os.scandir(root):
-            match = _SHARD_DIR.match(entry.name)
-            if match and entry.name.startswith(prefix) and entry.is_dir():
-                found.append((int(match.group(2)), Path(entry.path)))
-    return sorted(found)
+    for name in root.subdirs():
+        match = _SHARD_DIR.match(name)
+        if match and name.startswith(prefix):
+            found.append((int(match.group(2)), root.child(name)))
+    return sorted(found, key=lambda item: item[0])
 
 
-def _read_json(file: Path, format_: str) -> dict[str, Any] | None:
+def _read_json(directory: Storage, name: str, format_: str) -> dict[str, Any] | None:
     """A record written by this module, or None if missing; unreadable ones raise."""
+    file = directory.show(name)
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
+        data = json.loads(directory.read_bytes(name).decode("utf-8"))
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
@@ -138,23 +147,32 @@ def _read_json(file: Path, format_: str) -> dict[str, Any] | None:
     return data
 
 
-def _write_json(file: Path, data: Mapping[str, Any]) -> None:
-    write_atomic(file, json.dumps(dict(data), indent=1).encode("utf-8"))
+def _write_json(directory: Storage, name: str, data: Mapping[str, Any]) -> None:
+    directory.write(name, json.dumps(dict(data), indent=1).encode("utf-8"))
 
 
 class ShardedCheckpoint:
     """A run directory of shard checkpoints (see the module docstring). Create with :meth:`create`
     (the CLI, which owns the whole run) or :meth:`attach` (a Dask task, which owns one shard)."""
 
-    def __init__(self, root: Path, kind: str, record: dict[str, Any]) -> None:
-        self.root, self.kind, self.record = root, kind, record
+    def __init__(
+        self,
+        root: Root,
+        kind: str,
+        record: dict[str, Any],
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.store = storage_for(root, storage_options)
+        #: The run's directory: a Path, or the ``s3://`` URL of a run on object storage.
+        self.root = self.store.location
+        self.kind, self.record = kind, record
 
     # ---------------------------------------------------------------------------------- opening
 
     @classmethod
     def create(
         cls,
-        root: str | os.PathLike[str],
+        root: Root,
         kind: str,
         fingerprint: Mapping[str, Any],
         *,
@@ -162,14 +180,15 @@ class ShardedCheckpoint:
         shard_rows: int | None = None,
         input_rows: int | None = None,
         source: str | None = None,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> ShardedCheckpoint:
         """Start a run over ``root``: check it, empty every shard if not ``resume``, write run.json.
 
         Resuming with another ``shard_rows`` is refused: shards are matched by number.
         """
-        path = Path(os.fspath(root))
+        path = storage_for(root, storage_options)
         _check_root(path, kind)
-        previous = _read_json(path / RUN_FILE, _RUN_FORMAT)
+        previous = _read_json(path, RUN_FILE, _RUN_FORMAT)
         if previous is not None and previous.get("kind") != kind:
             raise CheckpointError(
                 f"{path} holds a run split in {previous.get('kind')}, not in {kind} (a checkpoint of "
@@ -183,17 +202,16 @@ class ShardedCheckpoint:
                 stored=previous.get("shard_rows"),
             )
         try:
-            path.mkdir(parents=True, exist_ok=True)
+            path.mkdir()
         except OSError as exc:
             raise CheckpointError(f"Cannot create checkpoint directory {path}: {exc}") from None
         run = cls(path, kind, {})
         if not resume:
             # Every shard now, not as the run reaches it: stale shards must not be restored later,
             # and a run still using this checkpoint is found (locked) before anything is deleted.
-            for _, shard in run.shards():
+            for _, shard in _shard_dirs(path, kind):
                 Checkpoint.open(shard, fingerprint, resume=False).close()
-                with contextlib.suppress(FileNotFoundError):
-                    (shard / SHARD_FILE).unlink()
+                shard.remove(SHARD_FILE)
         run.record = {
             "format": _RUN_FORMAT,
             "version": 1,
@@ -206,7 +224,7 @@ class ShardedCheckpoint:
             "complete": False,
         }
         try:
-            _write_json(path / RUN_FILE, run.record)
+            _write_json(path, RUN_FILE, run.record)
         except OSError as exc:
             raise CheckpointError(f"Cannot write in checkpoint directory {path}: {exc}") from None
         return run
@@ -214,16 +232,17 @@ class ShardedCheckpoint:
     @classmethod
     def attach(
         cls,
-        root: str | os.PathLike[str],
+        root: Root,
         kind: str,
         fingerprint: Mapping[str, Any],
         *,
         run_id: str,
         shards: int | None = None,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> ShardedCheckpoint:
         """Join a run from a worker: write run.json if no task has yet (best effort: it only
         serves ``status``), never empty anything."""
-        path = Path(os.fspath(root))
+        path = storage_for(root, storage_options)
         record = {
             "format": _RUN_FORMAT,
             "version": 1,
@@ -237,29 +256,38 @@ class ShardedCheckpoint:
             "complete": False,
         }
         try:
-            existing = _read_json(path / RUN_FILE, _RUN_FORMAT)
+            existing = _read_json(path, RUN_FILE, _RUN_FORMAT)
         except CheckpointCorruptError:
             existing = None
         if existing is None or existing.get("run_id") != run_id:
             with contextlib.suppress(OSError):
-                path.mkdir(parents=True, exist_ok=True)
-                _write_json(path / RUN_FILE, record)
+                path.mkdir()
+                _write_json(path, RUN_FILE, record)
         return cls(path, kind, record)
 
     # ---------------------------------------------------------------------------------- shards
 
-    def shard_path(self, number: int) -> Path:
-        """The checkpoint directory of shard ``number``.
+    def shard_path(self, number: int) -> Path | str:
+        """The checkpoint directory of shard ``number`` (a Path, or an ``s3://`` URL).
 
         >>> ShardedCheckpoint(Path("/r"), "partitions", {}).shard_path(7).as_posix()
         '/r/partition-00007'
         """
-        prefix, digits, _, _ = KINDS[self.kind]
-        return self.root / f"{prefix}{number:0{digits}d}"
+        return self.shard_storage(number).location
 
-    def shards(self) -> list[tuple[int, Path]]:
-        """``(number, directory)`` of every shard on disk, in order."""
-        return _shard_dirs(self.root, self.kind)
+    def shard_storage(self, number: int) -> Storage:
+        """The :class:`~gen_ai_frames.checkpoint.Storage` of shard ``number``: pass it (rather than
+        :meth:`shard_path`) to ``Checkpoint.open``, with the run's storage options in it."""
+        return self.store.child(self.shard_name(number))
+
+    def shard_name(self, number: int) -> str:
+        """The name of shard ``number``'s directory, e.g. ``partition-00007``."""
+        prefix, digits, _, _ = KINDS[self.kind]
+        return f"{prefix}{number:0{digits}d}"
+
+    def shards(self) -> list[tuple[int, Path | str]]:
+        """``(number, directory)`` of every shard stored, in order."""
+        return [(number, store.location) for number, store in _shard_dirs(self.store, self.kind)]
 
     def start_shard(self, number: int, rows: int) -> None:
         """Record that this run is answering shard ``number`` (of ``rows`` rows) now."""
@@ -273,7 +301,7 @@ class ShardedCheckpoint:
         empties the shard and *then* records the run's id in shard.json; an attempt that finds
         its run's id resumes. (A crash between the two steps just empties it again.)
         """
-        directory = self.shard_path(number)
+        directory = self.shard_storage(number)
         if self.shard_record(number).get("run_id") == self.record["run_id"]:
             return
         Checkpoint.open(directory, fingerprint, resume=False).close()
@@ -305,20 +333,21 @@ class ShardedCheckpoint:
         """Record that every shard of the run's input was answered."""
         self.record["complete"] = True
         with contextlib.suppress(OSError):
-            _write_json(self.root / RUN_FILE, self.record)
+            _write_json(self.store, RUN_FILE, self.record)
 
     def shard_record(self, number: int) -> dict[str, Any]:
         """shard.json of shard ``number`` ({} if none or unreadable: it only holds counts)."""
         try:
-            return _read_json(self.shard_path(number) / SHARD_FILE, _SHARD_FORMAT) or {}
+            return _read_json(self.shard_storage(number), SHARD_FILE, _SHARD_FORMAT) or {}
         except CheckpointCorruptError:
             return {}
 
     def _write_shard(self, number: int, data: dict[str, Any]) -> None:
-        directory = self.shard_path(number)
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = self.shard_storage(number)
+        directory.mkdir()
         _write_json(
-            directory / SHARD_FILE,
+            directory,
+            SHARD_FILE,
             {"format": _SHARD_FORMAT, "version": 1, "run_id": self.record.get("run_id"), **data},
         )
 
@@ -345,7 +374,7 @@ class ShardedCheckpoint:
         stored = done = failed = parts = 0
         errors: Counter[str] = Counter()
         fingerprint = self.record.get("fingerprint")
-        shards = self.shards()
+        shards = _shard_dirs(self.store, self.kind)
         last = self.total_shards()
         for number, directory in shards:
             record = self.shard_record(number)
@@ -374,7 +403,7 @@ class ShardedCheckpoint:
                 errors.update(_clip_errors(info["errors_by_type"], shard_failed))
         input_rows = self.record.get("input_rows")
         return {
-            "path": str(self.root),
+            "path": str(self.store),
             "kind": self.kind,
             "shards": len(shards),
             "total_shards": last,
@@ -392,7 +421,7 @@ class ShardedCheckpoint:
     def read(self) -> pd.DataFrame:
         """Every shard's stored results, indexed by (shard number, position in the shard)."""
         frames, keys = [], []
-        for number, directory in self.shards():
+        for number, directory in _shard_dirs(self.store, self.kind):
             if _has_checkpoint(directory):
                 frames.append(read_checkpoint(directory))
                 keys.append(number)
@@ -406,10 +435,10 @@ class ShardedCheckpoint:
         return pd.concat(frames, keys=keys, names=[name, "position"])
 
 
-def _has_checkpoint(directory: Path) -> bool:
+def _has_checkpoint(directory: Storage) -> bool:
     """Whether a shard directory holds results (a manifest, or parts whose manifest was lost: then
     reading it raises, with the advice to repair, rather than skipping it silently)."""
-    return (directory / _MANIFEST).exists() or any(directory.glob("part-*.parquet"))
+    return directory.has(_MANIFEST) or bool(fnmatch.filter(directory.names(), "part-*.parquet"))
 
 
 def _clip_errors(errors: Mapping[str, int], limit: int) -> dict[str, int]:
@@ -422,46 +451,46 @@ def _clip_errors(errors: Mapping[str, int], limit: int) -> dict[str, int]:
     return clipped
 
 
-def _check_root(path: Path, kind: str) -> None:
-    if path.exists() and not path.is_dir():
+def _check_root(path: Storage, kind: str) -> None:
+    if path.is_file():
         raise CheckpointError(f"Checkpoint path {path} is a file; give a directory (created if missing).")
-    if (path / _MANIFEST).exists():
+    if path.has(_MANIFEST):
         raise CheckpointError(
             f"{path} is a checkpoint written by df.genai.generate; a run split in {kind} keeps one "
             "checkpoint per shard under its own directory: choose another checkpoint path"
         )
 
 
-def _open(root: str | os.PathLike[str]) -> ShardedCheckpoint:
-    path = Path(os.fspath(root))
+def _open(root: Root, storage_options: Mapping[str, Any] | None = None) -> ShardedCheckpoint:
+    path = storage_for(root, storage_options)
     kind = kind_of(path)
     if kind is None or kind == "single":
         what = "does not exist" if not path.exists() else "holds no checkpoint"
         raise CheckpointError(f"No checkpoint at {path}: the path {what}.")
-    return ShardedCheckpoint(path, kind, _read_json(path / RUN_FILE, _RUN_FORMAT) or {})
+    return ShardedCheckpoint(path, kind, _read_json(path, RUN_FILE, _RUN_FORMAT) or {})
 
 
-def checkpoint_status_of(root: str | os.PathLike[str]) -> dict[str, Any]:
+def checkpoint_status_of(root: Root, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """:meth:`ShardedCheckpoint.status` of the run at ``root``."""
-    return _open(root).status()
+    return _open(root, storage_options).status()
 
 
-def read_sharded(root: str | os.PathLike[str]) -> pd.DataFrame:
+def read_sharded(root: Root, storage_options: Mapping[str, Any] | None = None) -> pd.DataFrame:
     """:meth:`ShardedCheckpoint.read` of the run at ``root``."""
-    return _open(root).read()
+    return _open(root, storage_options).read()
 
 
-def repair_sharded(root: str | os.PathLike[str]) -> dict[str, Any]:
+def repair_sharded(root: Root, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """:func:`~gen_ai_frames.checkpoint.repair_checkpoint` on every shard of the run at ``root``."""
-    run = _open(root)
+    run = _open(root, storage_options)
     reports = {}
-    for number, directory in run.shards():
+    for number, directory in _shard_dirs(run.store, run.kind):
         if _has_checkpoint(directory):
             reports[number] = repair_checkpoint(directory)
     return {
-        "path": str(run.root),
+        "path": str(run.store),
         "kind": run.kind,
         "shards": reports,
-        "dropped": [f"{run.shard_path(n).name}/{name}" for n, r in reports.items() for name in r["dropped"]],
-        "rebuilt": [run.shard_path(n).name for n, r in reports.items() if r["rebuilt"]],
+        "dropped": [f"{run.shard_name(n)}/{name}" for n, r in reports.items() for name in r["dropped"]],
+        "rebuilt": [run.shard_name(n) for n, r in reports.items() if r["rebuilt"]],
     }

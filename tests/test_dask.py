@@ -292,8 +292,8 @@ def test_bad_options_fail_when_called_not_on_workers(fake: FakeServer, tmp_path:
         ddf.genai.generate(column="text", **options(fake))
     with pytest.raises(ConfigurationError, match="column 'nope' not found"):
         ddf.genai.generate(template="Hi {nope}", **options(fake))
-    with pytest.raises(ConfigurationError, match="s3:// are not supported"):
-        ddf.genai.generate(column="prompt", checkpoint="s3://bucket/run", **options(fake))
+    with pytest.raises(ConfigurationError, match="only s3:// object storage"):
+        ddf.genai.generate(column="prompt", checkpoint="gs://bucket/run", **options(fake))
     with pytest.raises(ConfigurationError, match="already has column"):
         ddf.assign(response="x").genai.generate(column="prompt", **options(fake))
     with pytest.raises(ConfigurationError, match="max_concurrent"):
