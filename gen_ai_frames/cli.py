@@ -568,12 +568,12 @@ def plan_job(job: Job, *, sample: int = DEFAULT_SAMPLE, context_window: int | No
 
         return start
 
-    if root is not None and root.exists() and job.options.resume:
+    if root is not None and storage_for(root, job.options.storage_options).exists() and job.options.resume:
         shards.append(_prepare_checkpoint(job, client, job.options.params, total))  # checks --batch-rows
     segments = []
     for index, start in enumerate(range(0, len(frame), job.batch_rows), start=1):
         stop = min(start + job.batch_rows, len(frame))
-        shard = None if root is None else ShardedCheckpoint(root, "batches", {}).shard_path(index)
+        shard = None if root is None else ShardedCheckpoint(root, "batches", {}, job.options.storage_options).shard_path(index)
         segments.append(Segment(start, stop, shard, prepare(index, stop - start)))
     try:
         return run_sync(

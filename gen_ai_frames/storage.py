@@ -102,7 +102,7 @@ def _filesystem(options: dict[str, Any]) -> Any:
     reuse the old endpoint: we key our cache on both instead.
     """
     try:
-        import s3fs  # type: ignore[import-untyped]
+        import s3fs
     except ImportError:
         raise ConfigurationError("s3:// checkpoints need s3fs: pip install 'gen-ai-frames[s3]'") from None
     env = sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))
@@ -243,7 +243,7 @@ class S3Storage(Storage):
 
     def _get(self, name: str) -> tuple[bytes, str]:
         """The object's bytes and ETag, in one GET."""
-        from fsspec.asyn import sync  # type: ignore[import-untyped]
+        from fsspec.asyn import sync
 
         async def get() -> tuple[bytes, str]:
             response = await self.fs._call_s3("get_object", Bucket=self.bucket, Key=self._key(name))
