@@ -571,9 +571,10 @@ def plan_job(job: Job, *, sample: int = DEFAULT_SAMPLE, context_window: int | No
     if root is not None and storage_for(root, job.options.storage_options).exists() and job.options.resume:
         shards.append(_prepare_checkpoint(job, client, job.options.params, total))  # checks --batch-rows
     segments = []
+    run = None if root is None else ShardedCheckpoint(root, "batches", {}, job.options.storage_options)
     for index, start in enumerate(range(0, len(frame), job.batch_rows), start=1):
         stop = min(start + job.batch_rows, len(frame))
-        shard = None if root is None else ShardedCheckpoint(root, "batches", {}, job.options.storage_options).shard_path(index)
+        shard = None if run is None else run.shard_path(index)
         segments.append(Segment(start, stop, shard, prepare(index, stop - start)))
     try:
         return run_sync(
