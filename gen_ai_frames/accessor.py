@@ -24,6 +24,7 @@ from .factory import create_client
 from .options import GENERATION_OPTIONS, RunOptions, split_options, split_run_and_client, takes_options
 from .pricing import Estimate, estimate_tokens, price_for
 from .prompts import build_prompts
+from .batch import default_checkpoint
 from .runner import RowResults, output_names, run_rows
 from .schema import classify_instruction, extraction_schema, labels_schema
 
@@ -109,6 +110,8 @@ class GenAIAccessor:
         prompts = build_prompts(df, column, template)
         if client is None:
             client = create_client(**client_options)
+        if run.mode == "batch" and run.checkpoint is None:  # batches are recorded: see docs/batch.md
+            run = run.replace(checkpoint=default_checkpoint(client, run, prompts.texts))
         out = df.copy(deep=False)  # the caller's frame stays untouched
         results = await run_rows(prompts, client=client, options=run)
         if results.fatal is not None:
