@@ -18,19 +18,19 @@ from typing import Any
 import pandas as pd
 
 from ._sync import run_sync
+from .batch import default_checkpoint
 from .client import Client
 from .errors import ConfigurationError
 from .factory import create_client
 from .options import GENERATION_OPTIONS, RunOptions, split_options, split_run_and_client, takes_options
-from .pricing import Estimate, estimate_tokens, price_for
+from .pricing import Estimate, batch_price_for, estimate_tokens, price_for
 from .prompts import build_prompts
-from .batch import default_checkpoint
 from .runner import RowResults, output_names, run_rows
 from .schema import classify_instruction, extraction_schema, labels_schema
 
 __all__ = ["GenAIAccessor"]
 
-_ESTIMATE_OPTIONS = (*GENERATION_OPTIONS, "dedupe", "prices")
+_ESTIMATE_OPTIONS = (*GENERATION_OPTIONS, "dedupe", "prices", "mode")
 
 
 @pd.api.extensions.register_dataframe_accessor("genai")
@@ -251,7 +251,7 @@ class GenAIAccessor:
             requests=len(sent),
             prompt_tokens=sum(estimate_tokens(p) + system_tokens for p in sent),
             max_completion_tokens=len(sent) * run.max_tokens,
-            price=price_for(model_name, run.prices, provider),
+            price=(batch_price_for if run.mode == "batch" else price_for)(model_name, run.prices, provider),
             tokenizer="estimated at ~4 characters a token",
         )
 

@@ -104,7 +104,11 @@ def read_batch_records(directory: str | os.PathLike[str]) -> list[dict[str, Any]
             f"{path} is not valid JSON ({exc}): it records the batches submitted to the provider. "
             "Look their ids up in the provider's console before deleting it."
         ) from None
-    if not isinstance(data, dict) or data.get("format") != _FORMAT or not isinstance(data.get("batches"), list):
+    if (
+        not isinstance(data, dict)
+        or data.get("format") != _FORMAT
+        or not isinstance(data.get("batches"), list)
+    ):
         raise CheckpointCorruptError(f"{path} is not a gen-ai-frames batch record")
     return list(data["batches"])
 
@@ -178,7 +182,10 @@ class _Sender:
                 if attempt == CONTROL_ATTEMPTS - 1:
                     raise
             else:
-                if response.status not in (408, 429, 500, 502, 503, 504, 529) or attempt == CONTROL_ATTEMPTS - 1:
+                if (
+                    response.status not in (408, 429, 500, 502, 503, 504, 529)
+                    or attempt == CONTROL_ATTEMPTS - 1
+                ):
                     return response
             await sleep(delay)
             delay = min(delay * 2, 30.0)
@@ -212,7 +219,9 @@ async def run_batch(
     state = _BatchRun(run, by_id, dialect, sender, records, options, budget, bar, outcome, texts)
     try:
         await state.resolve_intents()
-        covered = {i for record in records.pending() for cid in record["custom_ids"] for i in state._rows_of(cid)}
+        covered = {
+            i for record in records.pending() for cid in record["custom_ids"] for i in state._rows_of(cid)
+        }
         await state.submit([cid for cid, rows in by_id.items() if not covered.intersection(rows)])
         await state.follow()
     finally:
@@ -234,7 +243,13 @@ class _BatchRun:
         texts: list[str | None],
     ) -> None:
         self.run, self.by_id, self.dialect, self.sender = run, by_id, dialect, sender
-        self.records, self.options, self.budget, self.bar, self.outcome = records, options, budget, bar, outcome
+        self.records, self.options, self.budget, self.bar, self.outcome = (
+            records,
+            options,
+            budget,
+            bar,
+            outcome,
+        )
         self.texts = texts
         self.resubmitted: set[str] = set()
         self.finished: set[str] = set()
@@ -297,7 +312,10 @@ class _BatchRun:
             if self.options.max_cost is not None and price is not None:
                 # max_cost applies to what is submitted: the prompt and all of max_tokens, at batch prices.
                 cost = (estimate_tokens(text) * price[0] + params.max_tokens * price[1]) / 1e6
-                if self.budget.spend.usd is not None and self.budget.spend.usd + cost_so_far + cost > self.options.max_cost:
+                if (
+                    self.budget.spend.usd is not None
+                    and self.budget.spend.usd + cost_so_far + cost > self.options.max_cost
+                ):
                     self._not_sent(ids[n:])
                     break
                 cost_so_far += cost
@@ -306,7 +324,9 @@ class _BatchRun:
         chunk: list[tuple[str, bytes]] = []
         size = 0
         for cid, line in lines:
-            if chunk and (len(chunk) >= self.dialect.max_requests or size + len(line) + 1 > self.dialect.max_bytes):
+            if chunk and (
+                len(chunk) >= self.dialect.max_requests or size + len(line) + 1 > self.dialect.max_bytes
+            ):
                 await self._submit_one(chunk)
                 chunk, size = [], 0
             chunk.append((cid, line))
@@ -318,7 +338,8 @@ class _BatchRun:
         error = NotSentError(
             f"not submitted: the batch would pass max_cost=${self.options.max_cost:g} (estimated at batch "
             f"prices with every answer using all of max_tokens={self.options.max_tokens})",
-            suggestion="Run again with a higher max_cost (or none): answered rows are kept, only these are submitted.",
+            suggestion="Run again with a higher max_cost (or none): answered rows are kept, only these "
+            "are submitted.",
             sent=False,
         )
         for cid in ids:
@@ -359,7 +380,9 @@ class _BatchRun:
                 return
             statuses = []
             for record in pending:
-                status = self.dialect.parse_status(await self.sender.send(self.dialect.retrieve_request(record["batch_id"])))
+                status = self.dialect.parse_status(
+                    await self.sender.send(self.dialect.retrieve_request(record["batch_id"]))
+                )
                 statuses.append(status)
                 if status.final:
                     await self._collect(record, status)
@@ -419,7 +442,8 @@ class _BatchRun:
         if late:
             reason = status.message or f"the batch {status.state}"
             error = BatchExpiredError(
-                f"no answer: the row's batch ended '{status.state}' before it ran, twice in this call ({reason})",
+                f"no answer: the row's batch ended '{status.state}' before it ran, twice in this call "
+                f"({reason})",
                 sent=False,
             )
             for cid in late:

@@ -146,12 +146,13 @@ class BatchDialect:
         """The decoded body of a control call, or the provider's typed error for an error status."""
         self.provider.raise_for_redirect(response)
         if response.status >= 400:
-            error = self.provider._error(response, self.provider.json_or_none(response))  # type: ignore[attr-defined]
-            raise error
+            data = self.provider.json_or_none(response)
+            raise self.provider._error(response, data)  # type: ignore[attr-defined]
         data = self.provider.parse_json(response)
         if not isinstance(data, dict):
             raise MalformedResponseError(
-                f"the batch API answered {type(data).__name__}, not a JSON object", status_code=response.status
+                f"the batch API answered {type(data).__name__}, not a JSON object",
+                status_code=response.status,
             )
         return data
 
@@ -183,8 +184,8 @@ def _multipart(lines: list[bytes], filename: str) -> tuple[bytes, str]:
     """A multipart/form-data body with ``purpose=batch`` and the JSONL file."""
     boundary = "gen-ai-frames-batch-boundary-7f3e9a"
     head = (
-        f"--{boundary}\r\ncontent-disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
-        f"--{boundary}\r\ncontent-disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n"
+        f'--{boundary}\r\ncontent-disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+        f'--{boundary}\r\ncontent-disposition: form-data; name="file"; filename="{filename}"\r\n'
         "content-type: application/jsonl\r\n\r\n"
     ).encode()
     tail = f"\r\n--{boundary}--\r\n".encode()
@@ -210,7 +211,9 @@ class OpenAIBatches(BatchDialect):
 
     @property
     def _request_path(self) -> str:
-        return "/v1/chat/completions" if getattr(self.provider, "api", "chat") == "chat" else "/v1/completions"
+        return (
+            "/v1/chat/completions" if getattr(self.provider, "api", "chat") == "chat" else "/v1/completions"
+        )
 
     def line(self, custom_id: str, messages: list[Message], params: GenerationParams) -> bytes:
         body = self._body(messages, params)
@@ -247,7 +250,9 @@ class OpenAIBatches(BatchDialect):
         )
 
     def retrieve_request(self, batch_id: str) -> HttpRequest:
-        return HttpRequest("GET", self._url(f"batches/{quote(batch_id, safe='')}"), self._control_headers(None))
+        return HttpRequest(
+            "GET", self._url(f"batches/{quote(batch_id, safe='')}"), self._control_headers(None)
+        )
 
     def cancel_request(self, batch_id: str) -> HttpRequest:
         url = self._url(f"batches/{quote(batch_id, safe='')}/cancel")
@@ -271,7 +276,9 @@ class OpenAIBatches(BatchDialect):
 
     def download_requests(self, status: BatchStatus) -> list[HttpRequest]:
         return [
-            HttpRequest("GET", self._url(f"files/{quote(file, safe='')}/content"), self._control_headers(None))
+            HttpRequest(
+                "GET", self._url(f"files/{quote(file, safe='')}/content"), self._control_headers(None)
+            )
             for file in (status.output, status.errors)
             if file
         ]
@@ -371,9 +378,7 @@ class AnthropicBatches(BatchDialect):
         failed = int(counts.get("errored") or 0)
         stopped = int(counts.get("canceled") or 0) + int(counts.get("expired") or 0)
         if processing == "ended":
-            state = "completed" if not stopped else (
-                "expired" if counts.get("expired") else "cancelled"
-            )
+            state = "completed" if not stopped else ("expired" if counts.get("expired") else "cancelled")
         else:
             state = {"in_progress": "in_progress", "canceling": "cancelling"}.get(processing, processing)
         return BatchStatus(
@@ -409,7 +414,9 @@ class AnthropicBatches(BatchDialect):
                     status_code = 500 if inner.get("type") in ("api_error", "overloaded_error") else 400
                     answers[custom_id] = self._row(status_code, {"type": "error", "error": inner})
                 elif kind in ("canceled", "expired"):
-                    answers[custom_id] = RowAnswer(unanswered="cancelled" if kind == "canceled" else "expired")
+                    answers[custom_id] = RowAnswer(
+                        unanswered="cancelled" if kind == "canceled" else "expired"
+                    )
         return answers
 
 
@@ -439,7 +446,9 @@ class GeminiBatches(BatchDialect):
 
     def create_request(self, file_id: str | None, lines: list[bytes], tag: str) -> HttpRequest:
         head = dumps({"display_name": tag})[:-1]  # '{"display_name":"..."' then the requests
-        body = b'{"batch":' + head + b',"input_config":{"requests":{"requests":[' + b",".join(lines) + b"]}}}}"
+        body = (
+            b'{"batch":' + head + b',"input_config":{"requests":{"requests":[' + b",".join(lines) + b"]}}}}"
+        )
         url = self.provider._url.replace(":generateContent", ":batchGenerateContent")  # type: ignore[attr-defined]
         return HttpRequest("POST", url, self._headers, body)
 
@@ -452,7 +461,9 @@ class GeminiBatches(BatchDialect):
 
     def parse_list(self, response: HttpResponse) -> tuple[list[dict[str, Any]], str | None]:
         data = self._json(response)
-        items = [item for item in data.get("operations") or data.get("batches") or [] if isinstance(item, dict)]
+        items = [
+            item for item in data.get("operations") or data.get("batches") or [] if isinstance(item, dict)
+        ]
         cursor = data.get("nextPageToken")
         return items, cursor if isinstance(cursor, str) and cursor else None
 

@@ -19,7 +19,7 @@ import asyncio
 import hmac
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import ClientSession, web
@@ -126,7 +126,9 @@ class FakeBatches:
             return None
         return _error_response(401)
 
-    def _new_batch(self, request: web.Request, dialect: str, lines: list[dict[str, Any]], model: str) -> _Batch:
+    def _new_batch(
+        self, request: web.Request, dialect: str, lines: list[dict[str, Any]], model: str
+    ) -> _Batch:
         self._next += 1
         self.created += 1
         prefix = {"anthropic": "msgbatch_", "gemini": "batches/"}.get(dialect, "batch_")
@@ -242,8 +244,14 @@ class FakeBatches:
         self._next += 1
         file_id = f"file-{self._next:06d}"
         self.files[file_id] = content
-        payload = {"id": file_id, "object": "file", "bytes": len(content), "purpose": "batch",
-                   "filename": upload.filename, "created_at": int(time.time())}
+        payload = {
+            "id": file_id,
+            "object": "file",
+            "bytes": len(content),
+            "purpose": "batch",
+            "filename": upload.filename,
+            "created_at": int(time.time()),
+        }
         return _json_response(payload)
 
     async def _openai_create(self, request: web.Request) -> web.Response:
@@ -286,12 +294,24 @@ class FakeBatches:
             cid = line.get("custom_id")
             if cid in batch.answers:
                 status, body = batch.answers[cid]
-                output.append({"id": f"req_{cid}", "custom_id": cid, "error": None,
-                               "response": {"status_code": status, "request_id": f"r_{cid}", "body": body}})
+                output.append(
+                    {
+                        "id": f"req_{cid}",
+                        "custom_id": cid,
+                        "error": None,
+                        "response": {"status_code": status, "request_id": f"r_{cid}", "body": body},
+                    }
+                )
             elif batch.state in ("expired", "cancelled"):
                 code = f"batch_{batch.state}"
-                errors.append({"id": f"req_{cid}", "custom_id": cid, "response": None,
-                               "error": {"code": code, "message": f"This request was not executed: {code}."}})
+                errors.append(
+                    {
+                        "id": f"req_{cid}",
+                        "custom_id": cid,
+                        "response": None,
+                        "error": {"code": code, "message": f"This request was not executed: {code}."},
+                    }
+                )
         for kind, lines in (("output", output), ("error", errors)):
             if lines:
                 self._next += 1
@@ -303,16 +323,26 @@ class FakeBatches:
         refused = self._refused(request)
         if refused is not None:
             return refused
-        items = [self._openai_object(b) for b in reversed(self.batches.values()) if b.dialect in ("openai", "azure")]
+        items = [
+            self._openai_object(b)
+            for b in reversed(self.batches.values())
+            if b.dialect in ("openai", "azure")
+        ]
         after = request.query.get("after")
         if after:
             ids = [item["id"] for item in items]
             items = items[ids.index(after) + 1 :] if after in ids else []
         limit = int(request.query.get("limit", "20"))
         page = items[:limit]
-        return _json_response({"object": "list", "data": page, "has_more": len(items) > limit,
-                               "first_id": page[0]["id"] if page else None,
-                               "last_id": page[-1]["id"] if page else None})
+        return _json_response(
+            {
+                "object": "list",
+                "data": page,
+                "has_more": len(items) > limit,
+                "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None,
+            }
+        )
 
     def _find(self, request: web.Request, name: str) -> _Batch | web.Response:
         refused = self._refused(request)
@@ -363,11 +393,15 @@ class FakeBatches:
         ok, errored, total = self._counts(batch)
         ended = batch.state in ("completed", "failed", "expired", "cancelled")
         rest = total - ok - errored
-        counts = {"processing": 0 if ended else rest, "succeeded": ok, "errored": errored,
-                  "canceled": rest if ended and batch.state == "cancelled" else 0,
-                  "expired": rest if ended and batch.state in ("expired", "failed") else 0}
+        counts = {
+            "processing": 0 if ended else rest,
+            "succeeded": ok,
+            "errored": errored,
+            "canceled": rest if ended and batch.state == "cancelled" else 0,
+            "expired": rest if ended and batch.state in ("expired", "failed") else 0,
+        }
         status = "ended" if ended else "canceling" if batch.state == "cancelling" else "in_progress"
-        created = datetime.fromtimestamp(batch.created, timezone.utc).isoformat().replace("+00:00", "Z")
+        created = datetime.fromtimestamp(batch.created, UTC).isoformat().replace("+00:00", "Z")
         return {
             "id": batch.id,
             "type": "message_batch",
@@ -381,7 +415,9 @@ class FakeBatches:
         refused = self._refused(request)
         if refused is not None:
             return refused
-        items = [self._anthropic_object(b) for b in reversed(self.batches.values()) if b.dialect == "anthropic"]
+        items = [
+            self._anthropic_object(b) for b in reversed(self.batches.values()) if b.dialect == "anthropic"
+        ]
         return _json_response({"data": items, "has_more": False, "first_id": None, "last_id": None})
 
     async def _anthropic_retrieve(self, request: web.Request) -> web.Response:
@@ -407,7 +443,11 @@ class FakeBatches:
             cid = line.get("custom_id")
             if cid in batch.answers:
                 status, body = batch.answers[cid]
-                result = {"type": "succeeded", "message": body} if status == 200 else {"type": "errored", "error": body}
+                result = (
+                    {"type": "succeeded", "message": body}
+                    if status == 200
+                    else {"type": "errored", "error": body}
+                )
             else:
                 result = {"type": "canceled" if batch.state == "cancelled" else "expired"}
             lines.append(_dumps({"custom_id": cid, "result": result}))
@@ -451,8 +491,12 @@ class FakeBatches:
             "model": batch.model,
             "displayName": batch.metadata.get("displayName"),
             "state": self._GEMINI_STATES[batch.state],
-            "batchStats": {"requestCount": str(total), "successfulRequestCount": str(ok),
-                           "failedRequestCount": str(errored), "pendingRequestCount": str(total - ok - errored)},
+            "batchStats": {
+                "requestCount": str(total),
+                "successfulRequestCount": str(ok),
+                "failedRequestCount": str(errored),
+                "pendingRequestCount": str(total - ok - errored),
+            },
         }
         item: dict[str, Any] = {"name": batch.id, "metadata": metadata, "done": done}
         if done:
@@ -461,10 +505,14 @@ class FakeBatches:
                 cid = line.get("custom_id")
                 if cid in batch.answers:
                     status, body = batch.answers[cid]
-                    entry = {"response": body} if status == 200 else {"error": (body or {}).get("error", body)}
+                    entry = (
+                        {"response": body} if status == 200 else {"error": (body or {}).get("error", body)}
+                    )
                     responses.append({**entry, "metadata": {"key": cid}})
-            item["response"] = {"@type": "type.googleapis.com/google.ai.generativelanguage.v1main."
-                                "GenerateContentBatchOutput", "inlinedResponses": {"inlinedResponses": responses}}
+            item["response"] = {
+                "@type": "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatchOutput",
+                "inlinedResponses": {"inlinedResponses": responses},
+            }
         return item
 
     async def _gemini_list(self, request: web.Request) -> web.Response:
