@@ -15,7 +15,7 @@ from typing import Any, Literal, overload
 
 from ._sync import run_sync
 from .engine import Engine, Result
-from .errors import ConfigurationError, FailedPromptsWarning, RequestError
+from .errors import ConfigurationError, FailedPromptsWarning, InvalidPromptError, NotSentError, RequestError
 from .options import ENGINE_OPTIONS, GENERATION_OPTIONS, RunOptions, split_options, takes_options
 from .params import Message, validate_positive_int
 from .prompts import Prompts, check_prompt, prompt_list
@@ -28,7 +28,7 @@ from .transport import Transport
 __all__ = ["Client"]
 
 #: Run options the batch calls take besides their positional parameters.
-BATCH_OPTIONS = (*GENERATION_OPTIONS, *ENGINE_OPTIONS, "mode", "wait", "poll_interval", "checkpoint")
+BATCH_OPTIONS = (*GENERATION_OPTIONS, *ENGINE_OPTIONS, "mode", "wait", "poll_interval")
 #: Keyword options of the one-prompt calls.
 SINGLE_OPTIONS = ("system_prompt", "max_retries")
 
@@ -235,7 +235,7 @@ class Client:
 
     async def _batch(self, prompts: Sequence[str], options: RunOptions) -> list[Result]:
         checked = Prompts.check(prompt_list(prompts))
-        if options.mode == "batch" or options.checkpoint is not None:
+        if options.mode == "batch":
             return await self._batch_rows(checked, options)
         results: list[Result | None] = [None] * len(checked)
         for i, problem in checked.failed.items():
@@ -248,13 +248,13 @@ class Client:
         return results  # type: ignore[return-value]
 
     async def _batch_rows(self, checked: Prompts, options: RunOptions) -> list[Result]:
-        """The rows' results through :func:`~gen_ai_frames.runner.run_rows` (batch mode, or a
-        checkpoint): with ``mode="batch"`` and no checkpoint, the default one of docs/batch.md."""
+        """The rows' results through the provider's Batch API (:func:`~gen_ai_frames.runner.run_rows`),
+        recorded in the default checkpoint of docs/batch.md: ``genai-batch-<hash>.ckpt`` in the
+        current directory, so the same call made again finds its batches."""
         from .batch import default_checkpoint
         from .runner import run_rows
 
-        if options.mode == "batch" and options.checkpoint is None:
-            options = options.replace(checkpoint=default_checkpoint(self, options, checked.texts))
+        options = options.replace(checkpoint=default_checkpoint(self, options, checked.texts))
         rows = await run_rows(checked, client=self, options=options.replace(progress=False))
         if rows.fatal is not None:
             raise rows.fatal
@@ -264,11 +264,13 @@ class Client:
             error = None
             attempts = columns["attempts"][i] or 0
             if columns["error"][i] is not None:
-                error = _error_class(columns["error_type"][i])(
+                kind = _error_class(columns["error_type"][i])
+                error = kind(
                     columns["error"][i],
                     suggestion=columns["error_suggestion"][i],
                     status_code=columns["status_code"][i],
                     attempts=attempts,
+                    sent=not issubclass(kind, (NotSentError, InvalidPromptError)),
                 )
             results.append(
                 Result(

@@ -229,15 +229,19 @@ def test_the_run_level_functions_need_a_checkpoint(server: FakeServer) -> None:
     assert server.stats()["requests"] == 0
 
 
-def test_the_client_batch_call_takes_mode_batch(server: FakeServer, tmp_path: Path) -> None:
+def test_the_client_batch_call_takes_mode_batch(server: FakeServer, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
     client = create_client(endpoint=server.url, model_name="gpt-4o-mini", api_key=FAKE_KEY)
     prompts = ["a", "b", "c [[status=400]]"]
-    responses, errors = client.generate_batch_response(
-        prompts, mode="batch", checkpoint=tmp_path / "c", return_error=True
-    )
+    responses, errors = client.generate_batch_response(prompts, mode="batch", return_error=True)
     assert responses == ["echo: a", "echo: b", None]
     assert errors[0] is None and errors[2]["type"] == "BadRequestError" and errors[2]["suggestion"]
-    assert server.stats()["batches"]["created"] == 1
+    assert len(list(tmp_path.glob("genai-batch-*.ckpt"))) == 1  # the documented default checkpoint
+    pending = client.generate_batch_response(["d"], mode="batch", wait=False, return_error=True)[1][0]
+    assert pending["type"] == "BatchPendingError" and pending["sent"] is False
+    assert client.generate_batch_response(["d"], mode="batch") == ["echo: d"]  # collected, not resubmitted
+    assert server.stats()["batches"]["created"] == 2
 
 
 def test_dedupe_sends_identical_prompts_once_and_answers_every_row(server: FakeServer, tmp_path: Path) -> None:
