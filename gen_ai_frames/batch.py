@@ -252,7 +252,7 @@ class _BatchRun:
         )
         self.texts = texts
         self.resubmitted: set[str] = set()
-        self.finished: set[str] = set()
+        self.finished: set[int] = set()
 
     def _rows_of(self, cid: str) -> list[int]:
         """This run's rows answered by ``cid`` (a recorded id without occurrence answers every

@@ -356,3 +356,29 @@ def test_the_progress_bar_shows_the_batch_states(server: FakeServer, tmp_path: P
     states = " ".join(s for s in shown if s)
     assert "validating" in states and "in_progress" in states and "finalizing" in states
     assert "/5" in states and shown[-1] is None
+
+
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+def test_a_batch_cancelled_at_the_provider_has_its_unanswered_rows_resubmitted(
+    server: FakeServer, tmp_path: Path, provider: str
+) -> None:
+    import httpx
+
+    from gen_ai_frames.providers.batches import batch_dialect
+
+    df, ckpt = _frame(40), tmp_path / "run.ckpt"
+    server.configure(batch_polls_per_state=2)
+    _generate(df, server, ckpt, provider, wait=False)
+    [record] = read_batch_records(ckpt)
+    client = create_client(provider=provider, model_name=PROVIDERS[provider], api_key=FAKE_KEY,
+                           endpoint=server.endpoint_for(provider))
+    cancel = batch_dialect(client.provider).cancel_request(record["batch_id"])  # e.g. from the console
+    assert httpx.request(cancel.method, cancel.url, headers=cancel.headers, content=cancel.body).status_code == 200
+
+    out = _generate(df, server, ckpt, provider)
+    assert out["response"].tolist() == _echo(df)
+    first, second = read_batch_records(ckpt)
+    assert first["outcome"] == "cancelled" and second["outcome"] == "completed"
+    answered_first = len(server.app.batch_api.batches[record["batch_id"]].answers)
+    assert second["requests"] == 40 - answered_first  # only the rows the cancelled batch left
+    assert sum(server.stats()["batches"]["submitted"].values()) == 40 + second["requests"]

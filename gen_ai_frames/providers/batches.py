@@ -170,6 +170,16 @@ class BatchDialect:
         return body
 
 
+def _object(data: Any, name: str) -> dict[str, Any]:
+    """``data[name]`` when it is a JSON object, else an empty one: odd answers must not crash a poll.
+
+    >>> _object({"counts": {"total": 3}}, "counts"), _object({"counts": 3}, "counts")
+    ({'total': 3}, {})
+    """
+    value = data.get(name) if isinstance(data, dict) else None
+    return value if isinstance(value, dict) else {}
+
+
 def _jsonl(body: bytes) -> list[dict[str, Any]]:
     lines = []
     for raw in body.splitlines():
@@ -243,7 +253,7 @@ class OpenAIBatches(BatchDialect):
         return items, cursor if isinstance(cursor, str) else None
 
     def matches(self, item: dict[str, Any], record: dict[str, Any]) -> bool:
-        metadata = item.get("metadata") if isinstance(item.get("metadata"), dict) else {}
+        metadata = _object(item, "metadata")
         return bool(
             (record.get("file_id") and item.get("input_file_id") == record["file_id"])
             or metadata.get("gen_ai_frames_tag") == record["tag"]
@@ -260,8 +270,8 @@ class OpenAIBatches(BatchDialect):
 
     def parse_status(self, response: HttpResponse) -> BatchStatus:
         data = self._json(response)
-        counts = data.get("request_counts") if isinstance(data.get("request_counts"), dict) else {}
-        errors = data.get("errors") if isinstance(data.get("errors"), dict) else {}
+        counts = _object(data, "request_counts")
+        errors = _object(data, "errors")
         messages = [e.get("message") for e in errors.get("data") or [] if isinstance(e, dict)]
         return BatchStatus(
             state=str(data.get("status")),
@@ -311,7 +321,6 @@ class AzureBatches(OpenAIBatches):
 
     def _url(self, path: str) -> str:
         version = quote(getattr(self.provider, "api_version", "2024-10-21"), safe="")
-        path, _, query = path.partition("?")
         return join_url(self.provider.endpoint, f"openai/{path}", f"api-version={version}")
 
     @property
@@ -356,7 +365,7 @@ class AnthropicBatches(BatchDialect):
         return items, cursor if isinstance(cursor, str) else None
 
     def matches(self, item: dict[str, Any], record: dict[str, Any]) -> bool:
-        counts = item.get("request_counts") if isinstance(item.get("request_counts"), dict) else {}
+        counts = _object(item, "request_counts")
         total = sum(int(v or 0) for v in counts.values())
         try:
             created = datetime.fromisoformat(str(item.get("created_at")).replace("Z", "+00:00")).timestamp()
@@ -373,7 +382,7 @@ class AnthropicBatches(BatchDialect):
 
     def parse_status(self, response: HttpResponse) -> BatchStatus:
         data = self._json(response)
-        counts = data.get("request_counts") if isinstance(data.get("request_counts"), dict) else {}
+        counts = _object(data, "request_counts")
         processing = str(data.get("processing_status"))
         failed = int(counts.get("errored") or 0)
         stopped = int(counts.get("canceled") or 0) + int(counts.get("expired") or 0)
@@ -409,8 +418,8 @@ class AnthropicBatches(BatchDialect):
                 if kind == "succeeded":
                     answers[custom_id] = self._row(200, result.get("message"))
                 elif kind == "errored":
-                    error = result.get("error") if isinstance(result.get("error"), dict) else {}
-                    inner = error.get("error") if isinstance(error.get("error"), dict) else error
+                    error = _object(result, "error")
+                    inner = _object(error, "error") or error
                     status_code = 500 if inner.get("type") in ("api_error", "overloaded_error") else 400
                     answers[custom_id] = self._row(status_code, {"type": "error", "error": inner})
                 elif kind in ("canceled", "expired"):
@@ -468,8 +477,8 @@ class GeminiBatches(BatchDialect):
         return items, cursor if isinstance(cursor, str) and cursor else None
 
     def matches(self, item: dict[str, Any], record: dict[str, Any]) -> bool:
-        metadata = item.get("metadata") if isinstance(item.get("metadata"), dict) else item
-        return metadata.get("displayName") == record["tag"]
+        metadata = _object(item, "metadata") or item
+        return bool(metadata.get("displayName") == record["tag"])
 
     def batch_id(self, item: dict[str, Any]) -> str:
         return str(item["name"])
@@ -482,8 +491,8 @@ class GeminiBatches(BatchDialect):
 
     def parse_status(self, response: HttpResponse) -> BatchStatus:
         data = self._json(response)
-        metadata = data.get("metadata") if isinstance(data.get("metadata"), dict) else {}
-        stats = metadata.get("batchStats") if isinstance(metadata.get("batchStats"), dict) else {}
+        metadata = _object(data, "metadata")
+        stats = _object(metadata, "batchStats")
         state = self._STATES.get(str(metadata.get("state")), str(metadata.get("state")).lower())
         return BatchStatus(
             state=state,

@@ -237,7 +237,7 @@ class FakeBatches:
             return refused
         form = await request.post()
         upload = form.get("file")
-        if form.get("purpose") != "batch" or upload is None or isinstance(upload, str):
+        if form.get("purpose") != "batch" or not isinstance(upload, web.FileField):
             return _error_response(400, "expected purpose=batch and a file")
         content = upload.file.read()
         self.uploads += 1
@@ -462,6 +462,8 @@ class FakeBatches:
             return refused
         data = _loads(await request.read())
         config = data.get("batch") if isinstance(data, dict) else None
+        if not isinstance(config, dict):
+            return _error_response(400, "batch is required")
         try:
             lines = config["input_config"]["requests"]["requests"]
         except (KeyError, TypeError):
