@@ -90,6 +90,10 @@ def _check_optional_positive(name: str, value: Any) -> None:
         check_number(name, value, "> 0 or None", lambda v: v > 0)
 
 
+def _check_poll_interval(name: str, value: Any) -> None:
+    check_number(name, value, "> 0 (seconds)", lambda v: v > 0)
+
+
 def _check_mode(name: str, value: Any) -> None:
     if value not in ("realtime", "batch"):
         raise ConfigurationError(f"{name} must be 'realtime' or 'batch', got {value!r}")
@@ -317,7 +321,7 @@ class RunOptions:
             "batch mode: the longest wait between two polls of a batch, in seconds (polls start at 1 s "
             "and back off)",
             group="run",
-            check=_check_optional_positive,
+            check=_check_poll_interval,
             metavar="S",
         ),
     )

@@ -382,3 +382,11 @@ def test_a_batch_cancelled_at_the_provider_has_its_unanswered_rows_resubmitted(
     answered_first = len(server.app.batch_api.batches[record["batch_id"]].answers)
     assert second["requests"] == 40 - answered_first  # only the rows the cancelled batch left
     assert sum(server.stats()["batches"]["submitted"].values()) == 40 + second["requests"]
+
+
+@pytest.mark.parametrize(("name", "value"), [("poll_interval", None), ("poll_interval", 0), ("wait", "no")])
+def test_batch_options_are_checked(name: str, value: Any) -> None:
+    from gen_ai_frames.options import RunOptions
+
+    with pytest.raises(ConfigurationError, match=name):
+        RunOptions(**{name: value})

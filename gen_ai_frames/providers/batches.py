@@ -14,13 +14,16 @@ The vendors' documentation used here:
 * Azure OpenAI global batch: https://learn.microsoft.com/azure/ai-services/openai/how-to/batch
   (the same API under ``{endpoint}/openai/files`` and ``{endpoint}/openai/batches`` with
   ``?api-version=``, 2024-10-21 or later; at most 100,000 requests and 200 MB per file; each
-  line's ``model`` is the global-batch deployment).
+  line's ``model`` is the global-batch deployment; Azure aims at 24 h but does not expire a late
+  batch, and a cancelled one returns the work already done).
 * Anthropic Message Batches: https://docs.anthropic.com/en/docs/build-with-claude/batch-processing
   (``POST /v1/messages/batches`` with the requests inline, at most 100,000 requests or 256 MB;
-  ``processing_status`` in_progress, canceling, ended; a ``results_url`` of JSONL lines whose
-  ``result.type`` is succeeded, errored, canceled or expired).
+  ``processing_status`` in_progress, canceling, ended; ``request_counts`` processing, succeeded,
+  errored, canceled, expired; a ``results_url`` of JSONL lines whose ``result.type`` is one of
+  the last four).
 * Gemini batch mode: https://ai.google.dev/gemini-api/docs/batch-mode
-  (``POST models/{model}:batchGenerateContent``; inline requests up to 20 MB in all; states
+  and https://ai.google.dev/api/batch-api (``POST models/{model}:batchGenerateContent`` with a
+  required ``displayName``; inline requests up to 20 MB in all, else a JSONL file; states
   BATCH_STATE_PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED, EXPIRED; inline answers in
   ``output.inlinedResponses``).
 """
