@@ -110,7 +110,7 @@ class GenAIAccessor:
         prompts = build_prompts(df, column, template)
         if client is None:
             client = create_client(**client_options)
-        if run.mode == "batch" and run.checkpoint is None:  # batches are recorded: see docs/batch.md
+        if run.mode == "batch" and run.checkpoint is None and prompts.sendable:  # see docs/batch.md
             run = run.replace(checkpoint=default_checkpoint(client, run, prompts.texts))
         out = df.copy(deep=False)  # the caller's frame stays untouched
         results = await run_rows(prompts, client=client, options=run)

@@ -207,6 +207,8 @@ async def run_batch(
     """Answer ``groups`` (rows sharing one request) through the provider's Batch API; see the module
     docs. ``run`` is the runner's ``_Run`` (its checkpoint is open and required)."""
     dialect = batch_dialect(client.provider)  # a provider without a batch API fails before sending
+    if not groups:  # every row restored or unsendable: nothing to submit, nothing to collect
+        return
     assert run.store is not None, "batch mode needs a checkpoint"
     records = _Records(run.store.path, fresh=not options.resume)
     dedupe = options.sends_duplicates_once

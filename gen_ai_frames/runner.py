@@ -159,7 +159,7 @@ async def run_rows(prompts: Prompts | Sequence[object], *, client: Client, optio
     if not isinstance(prompts, Prompts):
         prompts = Prompts.check(prompts)
     if options.mode == "batch":
-        _check_batch(client, options)
+        _check_batch(client, options, bool(prompts.sendable))
     price = (batch_price_for if options.mode == "batch" else price_for)(
         client.model_name, options.prices, client.provider.name
     )
@@ -214,13 +214,14 @@ async def run_rows(prompts: Prompts | Sequence[object], *, client: Client, optio
     return outcome
 
 
-def _check_batch(client: Client, options: RunOptions) -> None:
-    """Batch mode needs a provider with a batch API and a checkpoint: both checked before anything
-    is sent (the accessor and the client choose a default checkpoint, see docs/batch.md)."""
+def _check_batch(client: Client, options: RunOptions, sending: bool) -> None:
+    """Batch mode needs a provider with a batch API and, when there is anything to send, a
+    checkpoint: both checked before anything is sent (the accessor and the client choose a default
+    checkpoint, see docs/batch.md)."""
     from .providers.batches import batch_dialect
 
     batch_dialect(client.provider)
-    if options.checkpoint is None:
+    if options.checkpoint is None and sending:
         raise ConfigurationError(
             "mode='batch' needs a checkpoint: it records every batch submitted, so that no row is ever "
             "submitted twice; pass checkpoint='run.ckpt' (the same path collects the answers later)"

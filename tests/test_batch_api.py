@@ -217,6 +217,17 @@ def test_without_a_checkpoint_the_accessor_uses_the_documented_default(
     assert server.stats()["batches"]["created"] == 1
 
 
+def test_nothing_to_send_makes_no_default_checkpoint(server: FakeServer, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # Dask computes the output's columns on an empty frame: that must leave nothing behind.
+    monkeypatch.chdir(tmp_path)
+    out = _generate(_frame(0), server, None)
+    assert list(out.columns) == ["prompt", "n", "response", "error"] and len(out) == 0
+    out = _generate(pd.DataFrame({"prompt": [None, "  "]}), server, None)
+    assert out["error"].notna().all()
+    assert list(tmp_path.iterdir()) == [] and server.stats()["requests"] == 0
+
+
 def test_the_run_level_functions_need_a_checkpoint(server: FakeServer) -> None:
     import asyncio
 
