@@ -18,19 +18,20 @@ from typing import Any
 import pandas as pd
 
 from ._sync import run_sync
+from .batch import default_checkpoint
 from .client import Client
 from .errors import ConfigurationError
 from .factory import create_client
 from .options import GENERATION_OPTIONS, RunOptions, split_options, split_run_and_client, takes_options
 from .plan import DEFAULT_SAMPLE, Plan, empty_template_fields, make_plan
-from .pricing import Estimate, estimate_tokens, price_for
+from .pricing import Estimate, batch_price_for, estimate_tokens, price_for
 from .prompts import build_prompts
 from .runner import RowResults, output_names, run_rows
 from .schema import classify_instruction, extraction_schema, labels_schema
 
 __all__ = ["GenAIAccessor"]
 
-_ESTIMATE_OPTIONS = (*GENERATION_OPTIONS, "dedupe", "prices")
+_ESTIMATE_OPTIONS = (*GENERATION_OPTIONS, "dedupe", "prices", "mode")
 
 
 @pd.api.extensions.register_dataframe_accessor("genai")
@@ -110,6 +111,8 @@ class GenAIAccessor:
         prompts = build_prompts(df, column, template)
         if client is None:
             client = create_client(**client_options)
+        if run.mode == "batch" and run.checkpoint is None and prompts.sendable:  # see docs/batch.md
+            run = run.replace(checkpoint=default_checkpoint(client, run, prompts.texts))
         out = df.copy(deep=False)  # the caller's frame stays untouched
         results = await run_rows(prompts, client=client, options=run)
         if results.fatal is not None:
@@ -249,7 +252,7 @@ class GenAIAccessor:
             requests=len(sent),
             prompt_tokens=sum(estimate_tokens(p) + system_tokens for p in sent),
             max_completion_tokens=len(sent) * run.max_tokens,
-            price=price_for(model_name, run.prices, provider),
+            price=(batch_price_for if run.mode == "batch" else price_for)(model_name, run.prices, provider),
             tokenizer="estimated at ~4 characters a token",
         )
 

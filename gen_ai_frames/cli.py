@@ -324,6 +324,15 @@ def _file_command(
         command, ("generation", "limits", "budget", "run", "output", "structured"), exclude=exclude
     )
     groups["run"].add_argument(
+        "--batch",
+        dest="mode",
+        action="store_const",
+        const="batch",
+        default="realtime",
+        help="send through the provider's Batch API (about half the price, answers within 24 h); without "
+        "--checkpoint the batches are recorded in OUTPUT.ckpt next to the output (see docs/batch.md)",
+    )
+    groups["run"].add_argument(
         "--batch-rows",
         type=int,
         default=DEFAULT_BATCH_ROWS,
@@ -434,6 +443,9 @@ def _add_storage_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace, **changes: Any) -> int:
+    if getattr(args, "mode", "realtime") == "batch" and args.checkpoint is None:
+        # Batches must be recorded: in a checkpoint next to the output.
+        changes.setdefault("checkpoint", args.output + ".ckpt")
     job = Job(
         input=Path(args.input),
         output=Path(args.output),

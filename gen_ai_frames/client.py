@@ -15,7 +15,7 @@ from typing import Any, Literal, overload
 
 from ._sync import run_sync
 from .engine import Engine, Result
-from .errors import ConfigurationError, FailedPromptsWarning
+from .errors import ConfigurationError, FailedPromptsWarning, InvalidPromptError, NotSentError, RequestError
 from .options import ENGINE_OPTIONS, GENERATION_OPTIONS, RunOptions, split_options, takes_options
 from .params import Message, validate_positive_int
 from .prompts import Prompts, check_prompt, prompt_list
@@ -28,7 +28,7 @@ from .transport import Transport
 __all__ = ["Client"]
 
 #: Run options the batch calls take besides their positional parameters.
-BATCH_OPTIONS = (*GENERATION_OPTIONS, *ENGINE_OPTIONS)
+BATCH_OPTIONS = (*GENERATION_OPTIONS, *ENGINE_OPTIONS, "mode", "wait", "poll_interval")
 #: Keyword options of the one-prompt calls.
 SINGLE_OPTIONS = ("system_prompt", "max_retries")
 
@@ -235,6 +235,8 @@ class Client:
 
     async def _batch(self, prompts: Sequence[str], options: RunOptions) -> list[Result]:
         checked = Prompts.check(prompt_list(prompts))
+        if options.mode == "batch":
+            return await self._batch_rows(checked, options)
         results: list[Result | None] = [None] * len(checked)
         for i, problem in checked.failed.items():
             results[i] = Result(error=problem)
@@ -244,6 +246,43 @@ class Client:
                 async for i, result in engine.stream(to_send, options.params):  # type: ignore[arg-type]
                     results[i] = result
         return results  # type: ignore[return-value]
+
+    async def _batch_rows(self, checked: Prompts, options: RunOptions) -> list[Result]:
+        """The rows' results through the provider's Batch API (:func:`~gen_ai_frames.runner.run_rows`),
+        recorded in the default checkpoint of docs/batch.md: ``genai-batch-<hash>.ckpt`` in the
+        current directory, so the same call made again finds its batches."""
+        from .batch import default_checkpoint
+        from .runner import run_rows
+
+        options = options.replace(checkpoint=default_checkpoint(self, options, checked.texts))
+        rows = await run_rows(checked, client=self, options=options.replace(progress=False))
+        if rows.fatal is not None:
+            raise rows.fatal
+        columns = rows.columns
+        results = []
+        for i in range(len(checked)):
+            error = None
+            attempts = columns["attempts"][i] or 0
+            if columns["error"][i] is not None:
+                kind = _error_class(columns["error_type"][i])
+                error = kind(
+                    columns["error"][i],
+                    suggestion=columns["error_suggestion"][i],
+                    status_code=columns["status_code"][i],
+                    attempts=attempts,
+                    sent=not issubclass(kind, (NotSentError, InvalidPromptError)),
+                )
+            results.append(
+                Result(
+                    text=columns["response"][i],
+                    error=error,
+                    finish_reason=columns["finish_reason"][i],
+                    prompt_tokens=columns["prompt_tokens"][i],
+                    completion_tokens=columns["completion_tokens"][i],
+                    attempts=attempts,
+                )
+            )
+        return results
 
     # One prompt ------------------------------------------------------------------------------
 
@@ -332,6 +371,14 @@ class Client:
             raise result.error
         assert result.text is not None
         return result.text
+
+
+def _error_class(name: str | None) -> type[RequestError]:
+    """The error class named ``name`` (from gen_ai_frames.errors or the batch module), else RequestError."""
+    from . import batch, errors
+
+    found = getattr(errors, name or "", None) or getattr(batch, name or "", None)
+    return found if isinstance(found, type) and issubclass(found, RequestError) else RequestError
 
 
 def _check_messages(messages: object) -> None:

@@ -90,6 +90,15 @@ def _check_optional_positive(name: str, value: Any) -> None:
         check_number(name, value, "> 0 or None", lambda v: v > 0)
 
 
+def _check_poll_interval(name: str, value: Any) -> None:
+    check_number(name, value, "> 0 (seconds)", lambda v: v > 0)
+
+
+def _check_mode(name: str, value: Any) -> None:
+    if value not in ("realtime", "batch"):
+        raise ConfigurationError(f"{name} must be 'realtime' or 'batch', got {value!r}")
+
+
 def _check_column_name(name: str, value: Any) -> None:
     if not isinstance(value, str) or not value:
         raise ConfigurationError(f"{name} must be a non-empty string, got {value!r}")
@@ -317,6 +326,37 @@ class RunOptions:
             check=_check_storage_options,
             metavar="JSON",
             parse=_parse_storage_options,
+        ),
+    )
+    # --- batchapi options ---
+    mode: str = field(
+        default="realtime",
+        metadata=_about(
+            "'batch': send through the provider's Batch API (about half the price, answers within 24 h; "
+            "needs a checkpoint, see docs/batch.md); 'realtime': one request per prompt now",
+            group="run",
+            check=_check_mode,
+            metavar="MODE",
+            cli=False,
+        ),
+    )
+    wait: bool = field(
+        default=True,
+        metadata=_about(
+            "batch mode: wait for the batches to finish (False: submit and return; a later call with the "
+            "same checkpoint collects)",
+            group="run",
+            check=_check_bool,
+        ),
+    )
+    poll_interval: float = field(
+        default=60.0,
+        metadata=_about(
+            "batch mode: the longest wait between two polls of a batch, in seconds (polls start at 1 s "
+            "and back off)",
+            group="run",
+            check=_check_poll_interval,
+            metavar="S",
         ),
     )
     # output

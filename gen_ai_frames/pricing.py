@@ -14,7 +14,17 @@ from dataclasses import dataclass
 
 from .errors import ConfigurationError, NotSentError
 
-__all__ = ["DEFAULT_PRICES", "Budget", "Estimate", "Spend", "check_prices", "estimate_tokens", "price_for"]
+__all__ = [
+    "BATCH_PRICES",
+    "DEFAULT_PRICES",
+    "Budget",
+    "Estimate",
+    "Spend",
+    "batch_price_for",
+    "check_prices",
+    "estimate_tokens",
+    "price_for",
+]
 
 #: USD per million tokens (input, output), list prices as published by the vendors in 2025.
 DEFAULT_PRICES: dict[str, tuple[float, float]] = {
@@ -41,6 +51,40 @@ DEFAULT_PRICES: dict[str, tuple[float, float]] = {
     "mistral-large": (2.00, 6.00),
     "deepseek-chat": (0.27, 1.10),
 }
+
+#: The share of the realtime price that the vendors' Batch APIs charge: "50% cost discount"
+#: (OpenAI, https://platform.openai.com/docs/guides/batch; Azure global batch,
+#: https://learn.microsoft.com/azure/ai-services/openai/how-to/batch), "50% of standard API prices"
+#: (Anthropic, https://docs.anthropic.com/en/docs/build-with-claude/batch-processing#pricing),
+#: "50% of the standard cost" (Gemini, https://ai.google.dev/gemini-api/docs/batch-mode).
+BATCH_DISCOUNT = 0.5
+
+#: USD per million tokens (input, output) in batch mode, a column beside :data:`DEFAULT_PRICES`.
+BATCH_PRICES: dict[str, tuple[float, float]] = {
+    model: (price[0] * BATCH_DISCOUNT, price[1] * BATCH_DISCOUNT)
+    for model, price in DEFAULT_PRICES.items()
+    if not model.startswith(("mistral", "deepseek"))  # no batch API that gen-ai-frames supports
+}
+
+
+def batch_price_for(
+    model: str, prices: Mapping[str, tuple[float, float]] | None = None, provider: str | None = None
+) -> tuple[float, float] | None:
+    """The batch-mode price of ``model``: half the realtime one, whether from the built-in table or
+    from ``prices`` (which give realtime prices, as everywhere else).
+
+    >>> batch_price_for("gpt-4o-mini")
+    (0.075, 0.3)
+    >>> batch_price_for("my-model", {"my-model": (1.0, 2.0)})
+    (0.5, 1.0)
+    """
+    check_prices(prices)
+    if prices and any(model.startswith(name) for name in prices):  # the user's realtime price
+        price = price_for(model, prices, provider)
+        return None if price is None else (price[0] * BATCH_DISCOUNT, price[1] * BATCH_DISCOUNT)
+    matches = [name for name in BATCH_PRICES if model.startswith(name)]
+    return BATCH_PRICES[max(matches, key=len)] if matches else None
+
 
 #: Characters per token of English text for BPE tokenizers: the estimate used without a tokenizer.
 CHARS_PER_TOKEN = 4

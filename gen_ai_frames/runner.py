@@ -21,13 +21,14 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from .batch import run_batch
 from .checkpoint import Checkpoint, row_keys, run_fingerprint
 from .client import Client
 from .engine import Result
 from .errors import ConfigurationError, RequestError
 from .options import RunOptions
 from .params import Message
-from .pricing import Budget, Spend, estimate_tokens, price_for
+from .pricing import Budget, Spend, batch_price_for, estimate_tokens, price_for
 from .prompts import Prompts
 from .results import DETAIL_COLUMNS, RECORD_SCHEMA, RESULT_COLUMNS, pandas_array
 
@@ -157,11 +158,12 @@ async def run_rows(prompts: Prompts | Sequence[object], *, client: Client, optio
     """
     if not isinstance(prompts, Prompts):
         prompts = Prompts.check(prompts)
-    budget = Budget(
-        price_for(client.model_name, options.prices, client.provider.name),
-        options.max_cost,
-        client.model_name,
+    if options.mode == "batch":
+        _check_batch(client, options, bool(prompts.sendable))
+    price = (batch_price_for if options.mode == "batch" else price_for)(
+        client.model_name, options.prices, client.provider.name
     )
+    budget = Budget(price, options.max_cost, client.model_name)
     n = len(prompts)
     columns: dict[str, list[Any]] = {name: [None] * n for name in RESULT_COLUMNS}
     outcome = RowResults(columns)
@@ -201,13 +203,30 @@ async def run_rows(prompts: Prompts | Sequence[object], *, client: Client, optio
             errors=sum(1 for e in columns["error"] if e is not None),
         )
         try:
-            await _send_groups(run, groups, client, options, budget, bar, outcome)
+            if options.mode == "batch":
+                await run_batch(run, groups, client, options, budget, bar, outcome)
+            else:
+                await _send_groups(run, groups, client, options, budget, bar, outcome)
         finally:
             bar.close()
     finally:
         if store is not None:
             await asyncio.to_thread(store.close)
     return outcome
+
+
+def _check_batch(client: Client, options: RunOptions, sending: bool) -> None:
+    """Batch mode needs a provider with a batch API and, when there is anything to send, a
+    checkpoint: both checked before anything is sent (the accessor and the client choose a default
+    checkpoint, see docs/batch.md)."""
+    from .providers.batches import batch_dialect
+
+    batch_dialect(client.provider)
+    if options.checkpoint is None and sending:
+        raise ConfigurationError(
+            "mode='batch' needs a checkpoint: it records every batch submitted, so that no row is ever "
+            "submitted twice; pass checkpoint='run.ckpt' (the same path collects the answers later)"
+        )
 
 
 @dataclass

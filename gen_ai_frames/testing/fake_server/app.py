@@ -15,6 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .batches import FakeBatches
 from .chaos import (
     _chaos_fault,
     _chaos_outcome,
@@ -84,6 +85,7 @@ class FakeLLM:
         self._latency_rng = random.Random(0)
         self._auth_header: bytes | None = None
         self._key: bytes | None = None
+        self.batch_api = FakeBatches(self)
         self.configure(**settings)
         self.reset()
 
@@ -127,6 +129,7 @@ class FakeLLM:
         self._windows: list[tuple[float, float]] = []
         self._next_id = 0
         self._schema_asks: dict[str, int] = {}
+        self.batch_api.reset()
         self._fill_buckets()
 
     def _fill_buckets(self) -> None:
@@ -187,6 +190,7 @@ class FakeLLM:
             "retry_after_violation_details": [dict(d) for d in self.retry_after_violation_details],
             "retry_after_windows_opened": self.retry_after_windows_opened,
             "uptime": time.monotonic() - self.started,
+            "batches": self.batch_api.stats(),
         }
 
     def _record(self, prompt_key: str | None, outcome: str) -> None:
@@ -231,6 +235,7 @@ class FakeLLM:
         app.router.add_post(deployment + "/completions", self._handle_azure_completions)
         for version in ("/v1beta", "/v1"):
             app.router.add_post(version + "/models/{model_action}", self._handle_gemini)
+        self.batch_api.register(app)
         app.router.add_get("/stats", self._handle_stats)
         app.router.add_post("/reset", self._handle_reset)
         app.router.add_get("/config", self._handle_get_config)
@@ -297,6 +302,8 @@ class FakeLLM:
 
     async def _handle_gemini(self, request: web.Request) -> web.StreamResponse:
         model, _, method = request.match_info["model_action"].rpartition(":")
+        if method == "batchGenerateContent" and model:
+            return await self.batch_api.gemini_create(request, model)
         if method != "generateContent" or not model:
             # Only the non-streaming method is faked; anything else is an unknown route.
             return _GeminiDialect._error_response(

@@ -44,6 +44,11 @@ _DEFAULTS: dict[str, Any] = {
     # breaks the schema (the answer to a retry is always right).
     "schema_broken_rate": 0.0,
     "schema_violation_rate": 0.0,
+    # Batch APIs (batches.py): polls each state lasts, how the next batches end, and the share of
+    # rows an expired or cancelled batch answers first.
+    "batch_polls_per_state": 1,
+    "batch_outcomes": [],
+    "batch_fraction": 0.5,
 }
 _RATE_LIMIT_STYLES = ("headers", "retry_after")
 # Settings fixed once the socket is bound (constructor / command line only).
@@ -89,6 +94,19 @@ def _validate(settings: Mapping[str, Any]) -> dict[str, Any]:
             value = float(value)
             if not 0 <= value <= 1:
                 raise ValueError(f"{key} must be in [0, 1]")
+        elif key == "batch_polls_per_state":
+            value = int(value)
+            if value < 1:
+                raise ValueError("batch_polls_per_state must be >= 1")
+        elif key == "batch_outcomes":
+            value = [str(v) for v in value or []]
+            for outcome in value:
+                if outcome not in ("completed", "expired", "cancelled", "failed"):
+                    raise ValueError(f"unknown batch outcome {outcome!r}")
+        elif key == "batch_fraction":
+            value = float(value)
+            if not 0 <= value <= 1:
+                raise ValueError("batch_fraction must be in [0, 1]")
         elif key == "rate_limit_burst":
             value = float(value)
             if not value > 0 or math.isinf(value):
