@@ -33,11 +33,11 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .checkpoint import CheckpointCorruptError, write_atomic
+from .checkpoint import CheckpointCorruptError, Storage, storage_for
 from .engine import Result
 from .errors import NotSentError, RequestError
 from .params import Message
@@ -87,47 +87,50 @@ class BatchExpiredError(RequestError):
 # The records
 
 
-def read_batch_records(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The batches recorded in a checkpoint directory (empty when none).
+def read_batch_records(
+    directory: str | os.PathLike[str] | Storage, storage_options: Mapping[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """The batches recorded in a checkpoint directory (empty when none); ``s3://`` too.
 
     >>> import tempfile
     >>> read_batch_records(tempfile.mkdtemp())
     []
     """
-    path = Path(os.fspath(directory)) / BATCH_RECORDS
+    store = storage_for(directory, storage_options)
     try:
-        data = json.loads(path.read_bytes())
+        data = json.loads(store.read_bytes(BATCH_RECORDS))
     except FileNotFoundError:
         return []
     except ValueError as exc:
         raise CheckpointCorruptError(
-            f"{path} is not valid JSON ({exc}): it records the batches submitted to the provider. "
-            "Look their ids up in the provider's console before deleting it."
+            f"{store.show(BATCH_RECORDS)} is not valid JSON ({exc}): it records the batches submitted to "
+            "the provider. Look their ids up in the provider's console before deleting it."
         ) from None
     if (
         not isinstance(data, dict)
         or data.get("format") != _FORMAT
         or not isinstance(data.get("batches"), list)
     ):
-        raise CheckpointCorruptError(f"{path} is not a gen-ai-frames batch record")
+        raise CheckpointCorruptError(f"{store.show(BATCH_RECORDS)} is not a gen-ai-frames batch record")
     return list(data["batches"])
 
 
 class _Records:
     """``batches.json``: rewritten atomically on every change (fsynced before the next step)."""
 
-    def __init__(self, directory: Path, fresh: bool) -> None:
-        self.path = directory / BATCH_RECORDS
+    def __init__(self, store: Storage, fresh: bool) -> None:
+        # The checkpoint's own storage: a local directory, or object storage (one PUT is atomic).
+        self.store = store
         if fresh:
             self.batches: list[dict[str, Any]] = []
-            if self.path.exists():
+            if store.has(BATCH_RECORDS):
                 self.save()
         else:
-            self.batches = read_batch_records(directory)
+            self.batches = read_batch_records(store)
 
     def save(self) -> None:
         data = json.dumps({"format": _FORMAT, "version": 1, "batches": self.batches}, separators=(",", ":"))
-        write_atomic(self.path, data.encode())
+        self.store.write(BATCH_RECORDS, data.encode())
 
     def pending(self) -> list[dict[str, Any]]:
         return [b for b in self.batches if b["state"] in ("intent", "submitted")]
@@ -210,7 +213,7 @@ async def run_batch(
     if not groups:  # every row restored or unsendable: nothing to submit, nothing to collect
         return
     assert run.store is not None, "batch mode needs a checkpoint"
-    records = _Records(run.store.path, fresh=not options.resume)
+    records = _Records(run.store.storage, fresh=not options.resume)
     dedupe = options.sends_duplicates_once
     texts = run.prompts.texts
     by_id: dict[str, list[int]] = {}

@@ -889,6 +889,12 @@ class Checkpoint:
         return self._path
 
     @property
+    def storage(self) -> Storage:
+        """Where the checkpoint's files live; other records of the run (a batch run's
+        ``batches.json``) are written through it too."""
+        return self._store
+
+    @property
     def fingerprint(self) -> dict[str, Any]:
         """The run's settings stored in the manifest (a copy)."""
         return copy.deepcopy(self._fingerprint)

@@ -390,3 +390,34 @@ def test_a_dask_run_with_an_s3_checkpoint(
     assert frame.index.names == ["partition", "position"] and len(frame) == 24
     status = checkpoint_status(url, **s3)
     assert (status["kind"], status["shards"], status["done"]) == ("partitions", 4, 24)
+
+
+# ------------------------------------------------------------------------------------------ batch mode
+
+
+def test_a_batch_run_records_its_batches_in_an_s3_checkpoint(
+    bucket: str, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from gen_ai_frames import batch
+    from gen_ai_frames.batch import BATCH_RECORDS, read_batch_records
+
+    async def no_wait(seconds: float) -> None:
+        return None
+
+    monkeypatch.setattr(batch, "sleep", no_wait)
+    monkeypatch.chdir(tmp_path)  # nothing may land in a local directory named like the URL
+    url = f"s3://{bucket}/runs/batch.ckpt"
+    df = prompts(40)
+    with FakeServer(api_key="sk-batch") as server:
+        client = create_client(endpoint=server.url, model_name="m", api_key="sk-batch")
+        out = df.genai.generate(column="prompt", client=client, mode="batch", checkpoint=url, progress=False)
+        assert out["response"].tolist() == ["echo: " + p for p in df["prompt"]]
+        again = df.genai.generate(column="prompt", client=client, mode="batch", checkpoint=url, progress=False)
+        assert again["response"].tolist() == out["response"].tolist()
+        assert server.stats()["batches"]["created"] == 1  # the second call found the answers, sent nothing
+    [record] = read_batch_records(url)
+    assert record["state"] == "collected" and record["requests"] == 40
+    objects = stored_objects(bucket, s3_endpoint)
+    assert f"runs/batch.ckpt/{BATCH_RECORDS}" in objects
+    assert not any(b"sk-batch" in data for data in objects.values())
+    assert list(tmp_path.iterdir()) == []
