@@ -374,6 +374,12 @@ def _add_run_options(
                 int if kind.startswith("int") else float if kind.startswith("float") else str
             )
             shown = "" if default is None else " (default: %(default)s)"
+            if meta.get("const") is not None:  # the flag alone means const (--cache: the default place)
+                arguments.add_argument(
+                    flag, nargs="?", const=meta["const"], type=parse, default=default,
+                    metavar=meta["metavar"], help=meta["help"] + shown,
+                )
+                continue
             arguments.add_argument(
                 flag, type=parse, default=default, metavar=meta["metavar"], help=meta["help"] + shown
             )

@@ -14,13 +14,14 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from .cache import RunCache
 from .checkpoint import Checkpoint, row_keys, run_fingerprint
 from .client import Client
 from .engine import Result
@@ -69,11 +70,13 @@ def output_names(options: RunOptions) -> dict[str, str]:
 
 @dataclass
 class RowResults:
-    """One value per row for each of ``RESULT_COLUMNS``; ``sent`` counts requests made this run."""
+    """One value per row for each of ``RESULT_COLUMNS``; ``sent`` counts requests made this run,
+    ``cached`` the rows answered from the response cache."""
 
     columns: dict[str, list[Any]]
     restored: int = 0
     sent: int = 0
+    cached: int = 0
     fatal: RequestError | None = None
 
     def frame_columns(self, options: RunOptions) -> dict[str, pd.api.extensions.ExtensionArray]:
@@ -100,6 +103,7 @@ class _Progress:
     def __init__(self, total: int, enabled: bool, initial: int, errors: int, spend: Spend) -> None:
         self.errors = errors
         self.spend = spend
+        self.cached = 0
         self.status: str | None = None
         self.bar: Any = None
         if enabled:
@@ -125,6 +129,8 @@ class _Progress:
 
     def _postfix(self, refresh: bool) -> None:
         fields: dict[str, Any] = {"errors": self.errors, "tokens": _short(self.spend.tokens)}
+        if self.cached:
+            fields["cached"] = self.cached
         if self.spend.usd is not None:
             fields["spend"] = f"${self.spend.usd:.4f}"
         if self.status:
@@ -191,22 +197,59 @@ async def run_rows(prompts: Prompts | Sequence[object], *, client: Client, optio
         dedupe = options.sends_duplicates_once
         for i in todo:
             groups.setdefault(prompts.texts[i] if dedupe else i, []).append(i)
+        run.cache = await RunCache.for_run(client, options)
+        if run.cache is not None and groups:
+            outcome.cached = await _answer_from_cache(run, groups)
 
         bar = _Progress(
             n,
             options.progress and n > 0,
-            initial=n - len(todo),
+            initial=n - len(todo) + outcome.cached,
             spend=budget.spend,
             errors=sum(1 for e in columns["error"] if e is not None),
         )
+        bar.cached = outcome.cached
         try:
             await _send_groups(run, groups, client, options, budget, bar, outcome)
         finally:
             bar.close()
     finally:
-        if store is not None:
-            await asyncio.to_thread(store.close)
+        try:
+            if run.cache is not None:
+                await run.cache.close()
+        finally:
+            if store is not None:
+                await asyncio.to_thread(store.close)
     return outcome
+
+
+async def _answer_from_cache(run: _Run, groups: dict[Any, list[int]]) -> int:
+    """Answer the groups the cache holds (they leave ``groups``: not sent, not rate limited, not
+    charged) and note the cache key of the others, for storing their answers. Returns the rows
+    answered. The answered rows still go to the checkpoint, which records every row of a run."""
+    assert run.cache is not None
+    texts = run.prompts.texts
+    keys = {group: run.cache.keys.key(texts[rows[0]]) for group, rows in groups.items()}  # type: ignore[arg-type]
+    hits = await run.cache.lookup(list(dict.fromkeys(keys.values())))
+    answered: list[int] = []
+    for group, key in keys.items():
+        answer = hits.get(key)
+        if answer is None:
+            run.cache_keys[groups[group][0]] = key
+            continue
+        result = answer.result()
+        for i in groups.pop(group):
+            _store(run.columns, i, result)
+            run.columns["cached"][i] = True
+            answered.append(i)
+    if run.store is not None:
+        for start in range(0, len(answered), _CACHED_PART_ROWS):
+            await run.flush(answered[start : start + _CACHED_PART_ROWS])
+    return len(answered)
+
+
+# Rows answered from the cache go to the checkpoint in parts of at most this many rows.
+_CACHED_PART_ROWS = 50_000
 
 
 @dataclass
@@ -217,6 +260,9 @@ class _Run:
     columns: dict[str, list[Any]]
     position_key: dict[int, tuple[str, int]]
     store: Checkpoint | None
+    #: The response cache, and the cache key of each group still to send (by its first row).
+    cache: RunCache | None = None
+    cache_keys: dict[int, bytes] = field(default_factory=dict)
 
     async def flush(self, rows: list[int]) -> None:
         """Append ``rows``' results to the checkpoint."""
@@ -294,6 +340,8 @@ async def _send_groups(
                     engine.stop(stop)
             for i in rows:
                 _store(run.columns, i, result)
+            if error is None and rows[0] in run.cache_keys:
+                run.cache.put(run.cache_keys[rows[0]], result)  # type: ignore[union-attr]
             bar.advance(len(rows), error is not None)
             # Unsent rows, and rows that met an error of the run rather than of the row (a bad
             # key, a server that is down), stay out of the checkpoint: a resume sends them.
@@ -395,3 +443,4 @@ def _store(columns: dict[str, list[Any]], i: int, result: Result) -> None:
     columns["completion_tokens"][i] = result.completion_tokens
     columns["latency_s"][i] = result.latency_s
     columns["logprob"][i] = result.logprob
+    columns["cached"][i] = False
