@@ -337,8 +337,8 @@ class RunOptions:
     details: bool = field(
         default=False,
         metadata=_about(
-            "add error type, suggestion, status code, attempts, finish reason, token counts, latency and "
-            "logprob columns",
+            "add error type, suggestion, status code, attempts, finish reason, token counts, latency, "
+            "logprob and cached (answered from the response cache) columns",
             group="output",
             check=_check_bool,
         ),
