@@ -174,7 +174,8 @@ async def run_rows(prompts: Prompts | Sequence[object], *, client: Client, optio
     for i, problem in prompts.failed.items():  # rows that cannot be sent fail at once
         _store(columns, i, Result(error=problem))
     valid = prompts.sendable
-    keys = row_keys([prompts.texts[i] for i in valid])  # type: ignore[misc]  # sendable rows have text
+    # Row keys match rows to checkpoint records; without a checkpoint they are not needed.
+    keys = row_keys([prompts.texts[i] for i in valid]) if options.checkpoint is not None else []  # type: ignore[misc]
 
     store = None
     if options.checkpoint is not None:
@@ -229,18 +230,23 @@ async def _answer_from_cache(run: _Run, groups: dict[Any, list[int]]) -> int:
     answered. The answered rows still go to the checkpoint, which records every row of a run."""
     assert run.cache is not None
     texts = run.prompts.texts
-    keys = {group: run.cache.keys.key(texts[rows[0]]) for group, rows in groups.items()}  # type: ignore[arg-type]
+    keys = dict(zip(groups, run.cache.keys.keys(texts[rows[0]] for rows in groups.values())))  # type: ignore[misc]
     hits = await run.cache.lookup(list(dict.fromkeys(keys.values())))
+    columns = run.columns
+    # The other result columns of these rows are None already (no error, no status, no latency).
+    response, finish, tokens_in, tokens_out = (
+        columns[name] for name in ("response", "finish_reason", "prompt_tokens", "completion_tokens")
+    )
+    logprob, attempts, cached = columns["logprob"], columns["attempts"], columns["cached"]
     answered: list[int] = []
     for group, key in keys.items():
         answer = hits.get(key)
         if answer is None:
             run.cache_keys[groups[group][0]] = key
             continue
-        result = answer.result()
         for i in groups.pop(group):
-            _store(run.columns, i, result)
-            run.columns["cached"][i] = True
+            response[i], finish[i], tokens_in[i], tokens_out[i], logprob[i] = answer
+            attempts[i], cached[i] = 0, True
             answered.append(i)
     if run.store is not None:
         for start in range(0, len(answered), _CACHED_PART_ROWS):
