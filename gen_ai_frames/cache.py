@@ -528,6 +528,11 @@ class RunCache:
             max_age=options.cache_max_age,
         )
 
+    @property
+    def working(self) -> bool:
+        """False once the file failed (the run goes on without the cache)."""
+        return self._cache is not None
+
     async def lookup(self, keys: Sequence[bytes]) -> dict[bytes, CachedAnswer]:
         """The stored answers of ``keys``; their use is recorded at :meth:`close`."""
         if self._cache is None or not keys:

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -228,10 +228,9 @@ async def _answer_from_cache(run: _Run, groups: dict[Any, list[int]]) -> int:
     """Answer the groups the cache holds (they leave ``groups``: not sent, not rate limited, not
     charged) and note the cache key of the others, for storing their answers. Returns the rows
     answered. The answered rows still go to the checkpoint, which records every row of a run."""
-    assert run.cache is not None
+    cache = run.cache
+    assert cache is not None
     texts = run.prompts.texts
-    keys = dict(zip(groups, run.cache.keys.keys(texts[rows[0]] for rows in groups.values())))  # type: ignore[misc]
-    hits = await run.cache.lookup(list(dict.fromkeys(keys.values())))
     columns = run.columns
     # The other result columns of these rows are None already (no error, no status, no latency).
     response, finish, tokens_in, tokens_out = (
@@ -239,15 +238,19 @@ async def _answer_from_cache(run: _Run, groups: dict[Any, list[int]]) -> int:
     )
     logprob, attempts, cached = columns["logprob"], columns["attempts"], columns["cached"]
     answered: list[int] = []
-    for group, key in keys.items():
-        answer = hits.get(key)
-        if answer is None:
-            run.cache_keys[groups[group][0]] = key
-            continue
-        for i in groups.pop(group):
-            response[i], finish[i], tokens_in[i], tokens_out[i], logprob[i] = answer
-            attempts[i], cached[i] = 0, True
-            answered.append(i)
+    names = list(groups)
+    # In slices, so a million rows never hold a million keys at once.
+    for start in range(0, len(names), _LOOKUP_ROWS):
+        chunk = names[start : start + _LOOKUP_ROWS]
+        keys = cache.keys.keys(texts[groups[group][0]] for group in chunk)  # type: ignore[misc]
+        hits = await cache.lookup(list(dict.fromkeys(keys)))
+        for group, key in zip(chunk, keys) if hits else ():
+            answer = hits.get(key)
+            if answer is not None:
+                for i in groups.pop(group):
+                    response[i], finish[i], tokens_in[i], tokens_out[i], logprob[i] = answer
+                    attempts[i], cached[i] = 0, True
+                    answered.append(i)
     if run.store is not None:
         for start in range(0, len(answered), _CACHED_PART_ROWS):
             await run.flush(answered[start : start + _CACHED_PART_ROWS])
@@ -256,6 +259,8 @@ async def _answer_from_cache(run: _Run, groups: dict[Any, list[int]]) -> int:
 
 # Rows answered from the cache go to the checkpoint in parts of at most this many rows.
 _CACHED_PART_ROWS = 50_000
+# Groups looked up in the cache at a time.
+_LOOKUP_ROWS = 20_000
 
 
 @dataclass
@@ -266,9 +271,8 @@ class _Run:
     columns: dict[str, list[Any]]
     position_key: dict[int, tuple[str, int]]
     store: Checkpoint | None
-    #: The response cache, and the cache key of each group still to send (by its first row).
+    #: The response cache, which stores the answers received (None: no cache).
     cache: RunCache | None = None
-    cache_keys: dict[int, bytes] = field(default_factory=dict)
 
     async def flush(self, rows: list[int]) -> None:
         """Append ``rows``' results to the checkpoint."""
@@ -346,8 +350,8 @@ async def _send_groups(
                     engine.stop(stop)
             for i in rows:
                 _store(run.columns, i, result)
-            if error is None and rows[0] in run.cache_keys:
-                run.cache.put(run.cache_keys[rows[0]], result)  # type: ignore[union-attr]
+            if error is None and run.cache is not None and run.cache.working:
+                run.cache.put(run.cache.keys.key(texts[rows[0]]), result)  # type: ignore[arg-type]
             bar.advance(len(rows), error is not None)
             # Unsent rows, and rows that met an error of the run rather than of the row (a bad
             # key, a server that is down), stay out of the checkpoint: a resume sends them.

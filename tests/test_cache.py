@@ -544,3 +544,31 @@ def test_sqlite_is_in_wal_mode(tmp_path: Path) -> None:
         pass
     with sqlite3.connect(tmp_path / "c.sqlite3") as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_checkpoint_parts_written_before_the_cached_column_still_resume(fake: FakeServer, tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    ckpt = tmp_path / "old.ckpt"
+    generate(fake, ["a", "b", "c"], checkpoint=ckpt)
+    for part in ckpt.glob("part-*.parquet"):  # as earlier versions wrote them: no cached column
+        table = pq.read_table(part)
+        pq.write_table(table.drop_columns(["cached"]), part)
+    fake.reset()
+    out = generate(fake, ["a", "b", "c"], checkpoint=ckpt, details=True)
+    assert requests(fake) == 0
+    assert out["response"].tolist() == ["echo: a", "echo: b", "echo: c"] and out["cached"].isna().all()
+
+
+def test_cached_rows_cost_nothing(fake: FakeServer, tmp_path: Path) -> None:
+    db = str(tmp_path / "c.sqlite3")
+    prices = {"m": (1000.0, 1000.0)}  # $0.001 a token: one answer (3 tokens) spends the whole budget
+    hits = [f"hit {i}" for i in range(20)]
+    generate(fake, hits, cache=db)
+    fake.reset()
+    new = [f"new {i}" for i in range(10)]
+    out = generate(fake, [*hits, *new], cache=db, prices=prices, max_cost=0.001, max_concurrent=1, details=True)
+    # Twenty hits would be $0.06 if they were charged: the budget would be gone before any request.
+    assert out["cached"].tolist()[:20] == [True] * 20 and out["error"].iloc[:20].isna().all()
+    assert out["response"].iloc[20] == "echo: new 0"
+    assert out["error_type"].iloc[21:].eq("NotSentError").sum() >= 5 and requests(fake) < 10
