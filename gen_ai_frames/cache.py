@@ -292,9 +292,7 @@ class ResponseCache:
         self._clock = clock
         self._lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(
-            self.path, timeout=timeout, isolation_level=None, check_same_thread=False
-        )
+        self._db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=False)
         try:
             self._setup()
         except BaseException:
@@ -429,9 +427,7 @@ class ResponseCache:
                 "SELECT COUNT(*), MIN(created), MAX(created), MAX(used) FROM answers"
             ).fetchone()
             used = self._used_bytes()
-        on_disk = sum(
-            p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists()
-        )
+        on_disk = sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists())
         return {
             "path": str(self.path),
             "entries": count,

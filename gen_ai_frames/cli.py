@@ -417,8 +417,13 @@ def _add_run_options(
             shown = "" if default is None else " (default: %(default)s)"
             if meta.get("const") is not None:  # the flag alone means const (--cache: the default place)
                 arguments.add_argument(
-                    flag, nargs="?", const=meta["const"], type=parse, default=default,
-                    metavar=meta["metavar"], help=meta["help"] + shown,
+                    flag,
+                    nargs="?",
+                    const=meta["const"],
+                    type=parse,
+                    default=default,
+                    metavar=meta["metavar"],
+                    help=meta["help"] + shown,
                 )
                 continue
             arguments.add_argument(
@@ -559,8 +564,15 @@ def _cache_file(given: str | None) -> Path:
 def _cmd_cache_info(args: argparse.Namespace) -> int:
     path = _cache_file(args.cache)
     if not path.exists():
-        info: dict[str, Any] = {"path": str(path), "entries": 0, "size_bytes": 0, "used_bytes": 0,
-                                "oldest": None, "newest": None, "last_used": None}
+        info: dict[str, Any] = {
+            "path": str(path),
+            "entries": 0,
+            "size_bytes": 0,
+            "used_bytes": 0,
+            "oldest": None,
+            "newest": None,
+            "last_used": None,
+        }
     else:
         try:
             with ResponseCache(path, timeout=10) as cache:
