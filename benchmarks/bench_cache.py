@@ -93,18 +93,20 @@ def main(argv: list[str] | None = None) -> int:
             for run_no in range(1, args.repeat + 1):
                 db = tmp / f"round-{run_no}.sqlite3"
                 for variant in VARIANTS:
-                    cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", variant, "--url", server.url,
-                           "--n", str(args.n), "--max-concurrent", str(args.max_concurrent),
-                           "--cache-path", str(db)]
+                    cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", variant,
+                           "--url", server.url, "--n", str(args.n),
+                           "--max-concurrent", str(args.max_concurrent), "--cache-path", str(db)]
                     result = _common.run_measured_worker(server, cmd, timeout=args.timeout)
                     result.pop("stderr", None)
                     n = result["n"]
-                    result.update(run=run_no, rows_per_s=n / result["wall_s"], cpu_ms=result["cpu_s"] * 1000 / n,
-                                  check=f"{result['correct']}/{n}")
+                    result.update(run=run_no, rows_per_s=n / result["wall_s"],
+                                  cpu_ms=result["cpu_s"] * 1000 / n, check=f"{result['correct']}/{n}")
                     runs.append(result)
-                    print(f"  run {run_no} {variant:5s} {result['wall_s']:7.3f} s  {result['rows_per_s']:8.0f} rows/s  "
-                          f"{result['cpu_ms']:.3f} ms CPU/row  correct {result['check']}  cached {result['cached']}  "
-                          f"requests {result['server_requests']}  bg load {result['background_cores']:.2f} cores",
+                    print(f"  run {run_no} {variant:5s} {result['wall_s']:7.3f} s  "
+                          f"{result['rows_per_s']:8.0f} rows/s  {result['cpu_ms']:.3f} ms CPU/row  "
+                          f"correct {result['check']}  cached {result['cached']}  "
+                          f"requests {result['server_requests']}  "
+                          f"bg load {result['background_cores']:.2f} cores",
                           flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

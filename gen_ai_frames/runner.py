@@ -175,7 +175,11 @@ async def run_rows(prompts: Prompts | Sequence[object], *, client: Client, optio
         _store(columns, i, Result(error=problem))
     valid = prompts.sendable
     # Row keys match rows to checkpoint records; without a checkpoint they are not needed.
-    keys = row_keys([prompts.texts[i] for i in valid]) if options.checkpoint is not None else []  # type: ignore[misc]
+    keys = (
+        row_keys([prompts.texts[i] for i in valid])  # type: ignore[misc]  # sendable rows have text
+        if options.checkpoint is not None
+        else []
+    )
 
     store = None
     if options.checkpoint is not None:
@@ -198,8 +202,9 @@ async def run_rows(prompts: Prompts | Sequence[object], *, client: Client, optio
         dedupe = options.sends_duplicates_once
         for i in todo:
             groups.setdefault(prompts.texts[i] if dedupe else i, []).append(i)
-        run.cache = await RunCache.for_run(client, options)
-        if run.cache is not None and groups:
+        if groups:  # rows all restored from the checkpoint need no cache
+            run.cache = await RunCache.for_run(client, options)
+        if run.cache is not None:
             outcome.cached = await _answer_from_cache(run, groups)
 
         bar = _Progress(
@@ -225,9 +230,9 @@ async def run_rows(prompts: Prompts | Sequence[object], *, client: Client, optio
 
 
 async def _answer_from_cache(run: _Run, groups: dict[Any, list[int]]) -> int:
-    """Answer the groups the cache holds (they leave ``groups``: not sent, not rate limited, not
-    charged) and note the cache key of the others, for storing their answers. Returns the rows
-    answered. The answered rows still go to the checkpoint, which records every row of a run."""
+    """Answer the groups the cache holds: they leave ``groups``, so they are not sent, not rate
+    limited and not charged. Returns the rows answered. Those rows still go to the checkpoint,
+    which records every row of a run."""
     cache = run.cache
     assert cache is not None
     texts = run.prompts.texts

@@ -396,7 +396,9 @@ def test_a_directory_gets_the_file_inside(fake: FakeServer, tmp_path: Path) -> N
         ({"cache_max_age": -1}, "cache_max_age must be a number > 0"),
     ],
 )
-def test_bad_cache_options_fail_before_sending(fake: FakeServer, options: dict[str, Any], message: str) -> None:
+def test_bad_cache_options_fail_before_sending(
+    fake: FakeServer, options: dict[str, Any], message: str
+) -> None:
     with pytest.raises(ConfigurationError, match=message):
         generate(fake, ["a"], **options)
     assert requests(fake) == 0
@@ -511,7 +513,8 @@ def test_cli_generate_info_and_clear(fake: FakeServer, tmp_path: Path) -> None:
     assert info["oldest"] <= info["newest"]
     text = _cli("cache", "info", "--cache", str(db)).stdout
     assert "entries:    25" in text and "oldest:" in text
-    assert "deleted 0 cached answers" in _cli("cache", "clear", "--cache", str(db), "--older-than", "3600").stdout
+    cleared = _cli("cache", "clear", "--cache", str(db), "--older-than", "3600").stdout
+    assert "deleted 0 cached answers" in cleared
     assert "deleted 25 cached answers" in _cli("cache", "clear", "--cache", str(db)).stdout
     assert json.loads(_cli("cache", "info", "--cache", str(db), "--json").stdout)["entries"] == 0
     _cli(*args, "--cache", str(db))
@@ -546,7 +549,9 @@ def test_sqlite_is_in_wal_mode(tmp_path: Path) -> None:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-def test_checkpoint_parts_written_before_the_cached_column_still_resume(fake: FakeServer, tmp_path: Path) -> None:
+def test_checkpoint_parts_written_before_the_cached_column_still_resume(
+    fake: FakeServer, tmp_path: Path
+) -> None:
     import pyarrow.parquet as pq
 
     ckpt = tmp_path / "old.ckpt"
@@ -567,7 +572,9 @@ def test_cached_rows_cost_nothing(fake: FakeServer, tmp_path: Path) -> None:
     generate(fake, hits, cache=db)
     fake.reset()
     new = [f"new {i}" for i in range(10)]
-    out = generate(fake, [*hits, *new], cache=db, prices=prices, max_cost=0.001, max_concurrent=1, details=True)
+    out = generate(
+        fake, [*hits, *new], cache=db, prices=prices, max_cost=0.001, max_concurrent=1, details=True
+    )
     # Twenty hits would be $0.06 if they were charged: the budget would be gone before any request.
     assert out["cached"].tolist()[:20] == [True] * 20 and out["error"].iloc[:20].isna().all()
     assert out["response"].iloc[20] == "echo: new 0"
