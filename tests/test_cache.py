@@ -579,3 +579,37 @@ def test_cached_rows_cost_nothing(fake: FakeServer, tmp_path: Path) -> None:
     assert out["cached"].tolist()[:20] == [True] * 20 and out["error"].iloc[:20].isna().all()
     assert out["response"].iloc[20] == "echo: new 0"
     assert out["error_type"].iloc[21:].eq("NotSentError").sum() >= 5 and requests(fake) < 10
+
+
+def test_reads_and_writes_are_batched_and_off_the_event_loop(
+    fake: FakeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    calls: list[tuple[str, bool, int]] = []
+    lookup, put_many = ResponseCache.lookup, ResponseCache.put_many
+
+    def on_loop() -> bool:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        return True
+
+    def spy_lookup(self: ResponseCache, keys: Any) -> Any:
+        calls.append(("lookup", on_loop(), len(keys)))
+        return lookup(self, keys)
+
+    def spy_put_many(self: ResponseCache, answers: Any, used: Any = ()) -> None:
+        answers = list(answers)
+        calls.append(("put", on_loop(), len(answers)))
+        put_many(self, answers, used)
+
+    monkeypatch.setattr(ResponseCache, "lookup", spy_lookup)
+    monkeypatch.setattr(ResponseCache, "put_many", spy_put_many)
+    generate(fake, [f"p{i}" for i in range(5000)], cache=str(tmp_path / "c.sqlite3"), max_concurrent=64)
+    assert requests(fake) == 5000
+    assert calls and not any(loop for _, loop, _ in calls)  # in worker threads, never on the event loop
+    assert [(kind, rows) for kind, _, rows in calls if kind == "lookup"] == [("lookup", 5000)]
+    puts = [rows for kind, _, rows in calls if kind == "put"]
+    assert sum(puts) == 5000 and len(puts) <= 4  # batches of up to 2,000, not one per row
