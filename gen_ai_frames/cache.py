@@ -78,7 +78,7 @@ _FALSE = {"", "0", "false", "no", "off"}
 # Keys per SELECT: under SQLite's bound-parameter limit (999 in old builds).
 _LOOKUP_CHUNK = 990
 # Answers per write transaction, and the longest a finished answer waits for its write.
-_WRITE_BATCH = 2000
+_WRITE_BATCH = 5000
 _WRITE_INTERVAL_S = 5.0
 # Eviction frees down to this share of the cap, so a full cache does not evict on every write.
 _EVICT_TO = 0.9
@@ -116,10 +116,13 @@ class CachedAnswer(NamedTuple):
 
     @classmethod
     def of(cls, result: Result) -> CachedAnswer:
-        assert result.text is not None and result.error is None
-        return cls(
-            result.text, result.finish_reason, result.prompt_tokens, result.completion_tokens, result.logprob
-        )
+        """The answer of a successful ``result``."""
+        return cls._make(_answer_fields(result))
+
+
+def _answer_fields(result: Result) -> tuple[Any, ...]:
+    """What is stored of a successful result, as a plain tuple (cheap: one per answer received)."""
+    return (result.text, result.finish_reason, result.prompt_tokens, result.completion_tokens, result.logprob)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -360,13 +363,14 @@ class ResponseCache:
 
     # ----------------------------------------------------------------------------------- writing
 
-    def put_many(self, answers: Iterable[tuple[bytes, CachedAnswer]], used: Iterable[bytes] = ()) -> None:
+    def put_many(
+        self, answers: Iterable[tuple[bytes, CachedAnswer | tuple[Any, ...]]], used: Iterable[bytes] = ()
+    ) -> None:
         """Store ``answers`` and mark ``used`` keys as just used, in one transaction; then evict
         if the file is over ``max_size``."""
         now = self._clock()
         rows = sorted(  # in b-tree order: fewer pages touched per transaction
-            (_row_id(key), key, *answer, len(answer.text) + _ROW_OVERHEAD, now, now)
-            for key, answer in answers
+            (_row_id(key), key, *answer, len(answer[0]) + _ROW_OVERHEAD, now, now) for key, answer in answers
         )
         touched = sorted((now, _row_id(key)) for key in used)
         if not rows and not touched:
@@ -487,7 +491,7 @@ class RunCache:
         self._cache = cache
         self.keys = keys
         self.path = path
-        self._pending: list[tuple[bytes, CachedAnswer]] = []
+        self._pending: list[tuple[bytes, tuple[Any, ...]]] = []
         self._used: list[bytes] = []
         self._writing: asyncio.Future[None] | None = None
         self._last_write = time.monotonic()
@@ -545,7 +549,7 @@ class RunCache:
         """Queue a successful answer for the next batched write."""
         if self._cache is None:
             return
-        self._pending.append((key, CachedAnswer.of(result)))
+        self._pending.append((key, _answer_fields(result)))
         if self._writing is None and (
             len(self._pending) >= _WRITE_BATCH or time.monotonic() - self._last_write >= _WRITE_INTERVAL_S
         ):

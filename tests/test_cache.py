@@ -612,4 +612,4 @@ def test_reads_and_writes_are_batched_and_off_the_event_loop(
     assert calls and not any(loop for _, loop, _ in calls)  # in worker threads, never on the event loop
     assert [(kind, rows) for kind, _, rows in calls if kind == "lookup"] == [("lookup", 5000)]
     puts = [rows for kind, _, rows in calls if kind == "put"]
-    assert sum(puts) == 5000 and len(puts) <= 4  # batches of up to 2,000, not one per row
+    assert sum(puts) == 5000 and len(puts) <= 4  # batches of up to 5,000, not one per row
