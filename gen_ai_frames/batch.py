@@ -470,6 +470,9 @@ class _BatchRun:
             if prompt_tokens is None:
                 prompt_tokens = estimate_tokens(self.texts[rows[0]] or "")
             self.budget.charge(prompt_tokens, result.completion_tokens or 0)
+            cache = self.run.cache
+            if cache is not None and cache.working:  # a batch answer is as good as a realtime one
+                cache.put(cache.keys.key(self.texts[rows[0]] or ""), result)
         for i in rows:
             _store(self.run.columns, i, result)
             self.finished.add(i)

@@ -31,11 +31,13 @@ gen-ai-frames 0.1.0
 from __future__ import annotations
 
 import argparse
+import datetime
 import difflib
 import importlib.resources
 import json
 import math
 import os
+import sqlite3
 import sys
 import warnings
 from collections import Counter
@@ -49,6 +51,14 @@ import pyarrow as pa
 
 from . import __version__
 from ._sync import run_sync, sigterm_as_interrupt
+from .cache import (
+    CACHE_ENV,
+    ResponseCache,
+    cache_path,
+    default_cache_path,
+    parse_cache_flag,
+    remove_cache_file,
+)
 from .checkpoint import CheckpointError, checkpoint_status, repair_checkpoint, run_fingerprint, storage_for
 from .client import Client
 from .errors import ConfigurationError, LocalModelError
@@ -287,7 +297,38 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(demo, ("generation", "limits"), defaults={"max_tokens": 24})
     demo.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     demo.set_defaults(handler=_cmd_demo)
+    _add_cache_command(commands)
     return parser
+
+
+def _add_cache_command(commands: Any) -> None:
+    """``cache info`` and ``cache clear``: the response cache shared across runs."""
+    cache = commands.add_parser(
+        "cache",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="show or clear the response cache",
+        description="The response cache keeps answers across runs (--cache on generate, cache=True in "
+        f"Python, or {CACHE_ENV}=1). 'info' shows where it is and what it holds; 'clear' deletes "
+        "answers. Safe while runs use it.",
+    )
+    actions = cache.add_subparsers(dest="cache_action", metavar="ACTION", required=True, parser_class=_Parser)
+    where = (
+        "the cache file or directory (default: $GEN_AI_FRAMES_CACHE if it is a path, else "
+        "the user's cache directory)"
+    )
+    info = actions.add_parser("info", help="location, entries, size, oldest and newest answer")
+    info.add_argument("--cache", metavar="PATH", help=where)
+    info.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    info.set_defaults(handler=_cmd_cache_info)
+    clear = actions.add_parser("clear", help="delete cached answers (all, or the old ones)")
+    clear.add_argument("--cache", metavar="PATH", help=where)
+    clear.add_argument(
+        "--older-than",
+        type=float,
+        metavar="SECONDS",
+        help="delete only answers stored more than SECONDS ago (e.g. 604800 for a week)",
+    )
+    clear.set_defaults(handler=_cmd_cache_clear)
 
 
 def _file_command(
@@ -393,6 +434,17 @@ def _add_run_options(
                 int if kind.startswith("int") else float if kind.startswith("float") else str
             )
             shown = "" if default is None else " (default: %(default)s)"
+            if meta.get("const") is not None:  # the flag alone means const (--cache: the default place)
+                arguments.add_argument(
+                    flag,
+                    nargs="?",
+                    const=meta["const"],
+                    type=parse,
+                    default=default,
+                    metavar=meta["metavar"],
+                    help=meta["help"] + shown,
+                )
+                continue
             arguments.add_argument(
                 flag, type=parse, default=default, metavar=meta["metavar"], help=meta["help"] + shown
             )
@@ -664,6 +716,88 @@ def _cmd_repair(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cache_file(given: str | None) -> Path:
+    """The cache file ``cache info/clear`` work on: --cache, else the one runs use by default."""
+    if given is not None:
+        path = cache_path(given)
+        assert path is not None  # a non-empty path is never "off"
+        return path
+    value = os.environ.get(CACHE_ENV, "").strip()
+    if value and parse_cache_flag(value) not in (True, False):
+        return cache_path(value) or default_cache_path()
+    return default_cache_path()
+
+
+def _cmd_cache_info(args: argparse.Namespace) -> int:
+    path = _cache_file(args.cache)
+    if not path.exists():
+        info: dict[str, Any] = {
+            "path": str(path),
+            "entries": 0,
+            "size_bytes": 0,
+            "used_bytes": 0,
+            "oldest": None,
+            "newest": None,
+            "last_used": None,
+        }
+    else:
+        try:
+            with ResponseCache(path, timeout=10) as cache:
+                info = cache.info()
+        except sqlite3.Error as exc:
+            raise UsageError(
+                f"the cache file {str(path)!r} cannot be read ({exc}); '{PROG} cache clear"
+                f"{'' if args.cache is None else ' --cache ' + args.cache}' deletes it"
+            ) from None
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return EXIT_OK
+    print(f"cache:      {info['path']}" + ("" if path.exists() else " (does not exist yet)"))
+    print(f"entries:    {info['entries']:,}")
+    print(f"size:       {_bytes(info['size_bytes'])} on disk, {_bytes(info['used_bytes'])} in use")
+    for name in ("oldest", "newest", "last_used"):
+        if info[name] is not None:
+            when = datetime.datetime.fromtimestamp(info[name], tz=datetime.UTC)
+            print(f"{name.replace('_', ' ') + ':':<12}{when.isoformat(timespec='seconds')}")
+    return EXIT_OK
+
+
+def _cmd_cache_clear(args: argparse.Namespace) -> int:
+    path = _cache_file(args.cache)
+    if args.older_than is not None and not args.older_than >= 0:
+        raise UsageError(f"--older-than must be a number of seconds >= 0, got {args.older_than}")
+    if not path.exists():
+        print(f"{PROG}: no cache at {path}: nothing to clear")
+        return EXIT_OK
+    try:
+        with ResponseCache(path, timeout=10) as cache:
+            deleted = cache.clear(args.older_than)
+    except sqlite3.DatabaseError as exc:
+        if args.older_than is not None:
+            raise UsageError(
+                f"the cache file {str(path)!r} cannot be read ({exc}); run '{PROG} cache clear' without "
+                "--older-than to delete it"
+            ) from None
+        remove_cache_file(path)
+        print(f"{PROG}: deleted the damaged cache file {path} ({exc})")
+        return EXIT_OK
+    age = "" if args.older_than is None else f" stored more than {args.older_than:g} s ago"
+    print(f"{PROG}: deleted {deleted:,} cached answers{age} from {path}")
+    return EXIT_OK
+
+
+def _bytes(count: int) -> str:
+    """1536 -> '1.5 KiB'.
+
+    >>> _bytes(1536), _bytes(10)
+    ('1.5 KiB', '10 B')
+    """
+    for limit, unit in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
+        if count >= limit:
+            return f"{count / limit:.1f} {unit}"
+    return f"{count} B"
+
+
 def _shorten(value: object, width: int) -> str:
     """One line of at most ``width`` characters.
 
@@ -689,6 +823,7 @@ class _Tally:
     rows: int = 0
     restored: int = 0
     sent: int = 0
+    cached: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     first_error: tuple[int, str, str, str] | None = None  # (row, type, message, suggestion)
 
@@ -697,6 +832,7 @@ class _Tally:
         self.rows += len(columns["error"])
         self.restored += results.restored
         self.sent += results.sent
+        self.cached += results.cached
         for i, message in enumerate(columns["error"]):
             if message is None:
                 continue
@@ -891,6 +1027,8 @@ def _print_summary(job: Job, tally: _Tally, err: TextIO) -> None:
     )
     if job.checkpoint is not None:
         line += f" ({tally.restored:,} from the checkpoint, {tally.sent:,} requests sent)"
+    if tally.cached:
+        line += f"; {tally.cached:,} rows from the response cache"
     print(line, file=err)
     if tally.failed:
         _print_errors(tally, err)

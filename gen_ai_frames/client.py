@@ -16,7 +16,14 @@ from typing import Any, Literal, overload
 from ._sync import run_sync
 from .engine import Engine, Result
 from .errors import ConfigurationError, FailedPromptsWarning, InvalidPromptError, NotSentError, RequestError
-from .options import ENGINE_OPTIONS, GENERATION_OPTIONS, RunOptions, split_options, takes_options
+from .options import (
+    CACHE_OPTIONS,
+    ENGINE_OPTIONS,
+    GENERATION_OPTIONS,
+    RunOptions,
+    split_options,
+    takes_options,
+)
 from .params import Message, validate_positive_int
 from .prompts import Prompts, check_prompt, prompt_list
 from .providers.base import Provider, redact_url
@@ -28,7 +35,7 @@ from .transport import Transport
 __all__ = ["Client"]
 
 #: Run options the batch calls take besides their positional parameters.
-BATCH_OPTIONS = (*GENERATION_OPTIONS, *ENGINE_OPTIONS, "mode", "wait", "poll_interval")
+BATCH_OPTIONS = (*GENERATION_OPTIONS, *ENGINE_OPTIONS, *CACHE_OPTIONS, "mode", "wait", "poll_interval")
 #: Keyword options of the one-prompt calls.
 SINGLE_OPTIONS = ("system_prompt", "max_retries")
 
@@ -240,11 +247,28 @@ class Client:
         results: list[Result | None] = [None] * len(checked)
         for i, problem in checked.failed.items():
             results[i] = Result(error=problem)
-        to_send = [(i, [{"role": "user", "content": checked.texts[i]}]) for i in checked.sendable]
-        if to_send:
-            async with self.engine(**options.engine_limits) as engine:
-                async for i, result in engine.stream(to_send, options.params):  # type: ignore[arg-type]
-                    results[i] = result
+        from .cache import RunCache
+
+        cache = await RunCache.for_run(self, options)
+        try:
+            sendable, keys = checked.sendable, {}
+            if cache is not None:  # answered before, in any run: not sent again
+                keys = {i: cache.keys.key(checked.texts[i]) for i in sendable}  # type: ignore[arg-type]
+                hits = await cache.lookup(list(dict.fromkeys(keys.values())))
+                for i in sendable:
+                    if keys[i] in hits:
+                        results[i] = hits[keys[i]].result()
+                sendable = [i for i in sendable if results[i] is None]
+            to_send = [(i, [{"role": "user", "content": checked.texts[i]}]) for i in sendable]
+            if to_send:
+                async with self.engine(**options.engine_limits) as engine:
+                    async for i, result in engine.stream(to_send, options.params):  # type: ignore[arg-type]
+                        results[i] = result
+                        if cache is not None and result.error is None:
+                            cache.put(keys[i], result)
+        finally:
+            if cache is not None:
+                await cache.close()
         return results  # type: ignore[return-value]
 
     async def _batch_rows(self, checked: Prompts, options: RunOptions) -> list[Result]:

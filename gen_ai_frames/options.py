@@ -47,7 +47,7 @@ GROUPS = {
     "generation": "what to ask the model for",
     "limits": "concurrency, retries and rate limits",
     "budget": "cost control",
-    "run": "checkpoint, dedupe and progress",
+    "run": "checkpoint, cache, dedupe and progress",
     "output": "result columns",
     "structured": "typed columns from a schema",
 }
@@ -107,6 +107,20 @@ def _check_column_name(name: str, value: Any) -> None:
 def _check_path(name: str, value: Any) -> None:
     if value is not None and not isinstance(value, (str, os.PathLike)):
         raise ConfigurationError(f"{name} must be a directory path or None, got {type(value).__name__}")
+
+
+def _check_cache(name: str, value: Any) -> None:
+    if value is None or isinstance(value, bool) or isinstance(value, os.PathLike):
+        return
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigurationError(f"{name} must be True, False, None or a file path, got {value!r}")
+
+
+def _parse_cache(text: str) -> bool | str:
+    """The CLI's --cache: on/off words, else a path (see gen_ai_frames.cache.parse_cache_flag)."""
+    from .cache import parse_cache_flag
+
+    return parse_cache_flag(text)
 
 
 def _check_prices(name: str, value: Any) -> None:
@@ -356,6 +370,39 @@ class RunOptions:
             "and back off)",
             group="run",
             check=_check_poll_interval,
+        ),
+    )
+    # --- cache options ---
+    cache: bool | str | os.PathLike[str] | None = field(
+        default=None,
+        metadata={
+            **_about(
+                "keep answers across runs in a response cache and never pay twice: True (or CLI --cache) for "
+                "the user's cache directory, or a file path; None: on when GEN_AI_FRAMES_CACHE is 1 or a "
+                "path, at temperature 0 only",
+                group="run",
+                check=_check_cache,
+                metavar="PATH",
+                parse=_parse_cache,
+            ),
+            "const": True,  # CLI: --cache alone means the default location
+        },
+    )
+    cache_max_size: int = field(
+        default=1 << 30,
+        metadata=_about(
+            "with a cache: its size cap in bytes; the least recently used answers go first",
+            group="run",
+            check=_check_positive_int,
+            metavar="BYTES",
+        ),
+    )
+    cache_max_age: float | None = field(
+        default=None,
+        metadata=_about(
+            "with a cache: answers stored longer ago than this many seconds are sent again (None: no limit)",
+            group="run",
+            check=_check_optional_positive,
             metavar="S",
         ),
     )
@@ -363,8 +410,8 @@ class RunOptions:
     details: bool = field(
         default=False,
         metadata=_about(
-            "add error type, suggestion, status code, attempts, finish reason, token counts, latency and "
-            "logprob columns",
+            "add error type, suggestion, status code, attempts, finish reason, token counts, latency, "
+            "logprob and cached (answered from the response cache) columns",
             group="output",
             check=_check_bool,
         ),
@@ -489,6 +536,8 @@ GENERATION_OPTIONS = (
     "schema",
     "schema_retries",
 )
+#: Options of the response cache (gen_ai_frames.cache), which the client's batch calls take too.
+CACHE_OPTIONS = ("cache", "cache_max_size", "cache_max_age")
 
 
 def option_fields(group: str | None = None) -> list[Any]:

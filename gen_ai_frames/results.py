@@ -68,11 +68,13 @@ COLUMNS: tuple[ResultColumn, ...] = (
     ResultColumn("latency_s", pa.float64(), "Float64", pa.float64()),
     # Sum of the answer's token log-probabilities, where asked for and offered (classify's confidence).
     ResultColumn("logprob", pa.float64(), "Float64", pa.float64()),
+    # True where the answer came from the response cache (gen_ai_frames.cache) instead of a request.
+    ResultColumn("cached", pa.bool_(), "boolean", pa.bool_()),
 )
 
 #: Result columns added after the checkpoint format's first version: parts written before them
 #: read as null there.
-ADDED_COLUMNS = frozenset({"logprob"})
+ADDED_COLUMNS = frozenset({"logprob", "cached"})
 
 #: Names of the result columns, after ``prompt``.
 RESULT_COLUMNS: list[str] = [c.name for c in COLUMNS]

@@ -22,6 +22,7 @@ import pandas as pd
 import pyarrow as pa
 
 from .batch import run_batch
+from .cache import RunCache
 from .checkpoint import Checkpoint, row_keys, run_fingerprint
 from .client import Client
 from .engine import Result
@@ -70,11 +71,13 @@ def output_names(options: RunOptions) -> dict[str, str]:
 
 @dataclass
 class RowResults:
-    """One value per row for each of ``RESULT_COLUMNS``; ``sent`` counts requests made this run."""
+    """One value per row for each of ``RESULT_COLUMNS``; ``sent`` counts requests made this run,
+    ``cached`` the rows answered from the response cache."""
 
     columns: dict[str, list[Any]]
     restored: int = 0
     sent: int = 0
+    cached: int = 0
     fatal: RequestError | None = None
 
     def frame_columns(self, options: RunOptions) -> dict[str, pd.api.extensions.ExtensionArray]:
@@ -101,6 +104,7 @@ class _Progress:
     def __init__(self, total: int, enabled: bool, initial: int, errors: int, spend: Spend) -> None:
         self.errors = errors
         self.spend = spend
+        self.cached = 0
         self.status: str | None = None
         self.bar: Any = None
         if enabled:
@@ -126,6 +130,8 @@ class _Progress:
 
     def _postfix(self, refresh: bool) -> None:
         fields: dict[str, Any] = {"errors": self.errors, "tokens": _short(self.spend.tokens)}
+        if self.cached:
+            fields["cached"] = self.cached
         if self.spend.usd is not None:
             fields["spend"] = f"${self.spend.usd:.4f}"
         if self.status:
@@ -170,7 +176,12 @@ async def run_rows(prompts: Prompts | Sequence[object], *, client: Client, optio
     for i, problem in prompts.failed.items():  # rows that cannot be sent fail at once
         _store(columns, i, Result(error=problem))
     valid = prompts.sendable
-    keys = row_keys([prompts.texts[i] for i in valid])  # type: ignore[misc]  # sendable rows have text
+    # Row keys match rows to checkpoint records; without a checkpoint they are not needed.
+    keys = (
+        row_keys([prompts.texts[i] for i in valid])  # type: ignore[misc]  # sendable rows have text
+        if options.checkpoint is not None
+        else []
+    )
 
     store = None
     if options.checkpoint is not None:
@@ -194,14 +205,19 @@ async def run_rows(prompts: Prompts | Sequence[object], *, client: Client, optio
         dedupe = options.sends_duplicates_once
         for i in todo:
             groups.setdefault(prompts.texts[i] if dedupe else i, []).append(i)
+        if groups:  # rows all restored from the checkpoint need no cache
+            run.cache = await RunCache.for_run(client, options)
+        if run.cache is not None:
+            outcome.cached = await _answer_from_cache(run, groups)
 
         bar = _Progress(
             n,
             options.progress and n > 0,
-            initial=n - len(todo),
+            initial=n - len(todo) + outcome.cached,
             spend=budget.spend,
             errors=sum(1 for e in columns["error"] if e is not None),
         )
+        bar.cached = outcome.cached
         try:
             if options.mode == "batch":
                 await run_batch(run, groups, client, options, budget, bar, outcome)
@@ -210,8 +226,12 @@ async def run_rows(prompts: Prompts | Sequence[object], *, client: Client, optio
         finally:
             bar.close()
     finally:
-        if store is not None:
-            await asyncio.to_thread(store.close)
+        try:
+            if run.cache is not None:
+                await run.cache.close()
+        finally:
+            if store is not None:
+                await asyncio.to_thread(store.close)
     return outcome
 
 
@@ -229,6 +249,45 @@ def _check_batch(client: Client, options: RunOptions, sending: bool) -> None:
         )
 
 
+async def _answer_from_cache(run: _Run, groups: dict[Any, list[int]]) -> int:
+    """Answer the groups the cache holds: they leave ``groups``, so they are not sent, not rate
+    limited and not charged. Returns the rows answered. Those rows still go to the checkpoint,
+    which records every row of a run."""
+    cache = run.cache
+    assert cache is not None
+    texts = run.prompts.texts
+    columns = run.columns
+    # The other result columns of these rows are None already (no error, no status, no latency).
+    response, finish, tokens_in, tokens_out = (
+        columns[name] for name in ("response", "finish_reason", "prompt_tokens", "completion_tokens")
+    )
+    logprob, attempts, cached = columns["logprob"], columns["attempts"], columns["cached"]
+    answered: list[int] = []
+    names = list(groups)
+    # In slices, so a million rows never hold a million keys at once.
+    for start in range(0, len(names), _LOOKUP_ROWS):
+        chunk = names[start : start + _LOOKUP_ROWS]
+        keys = cache.keys.keys(texts[groups[group][0]] for group in chunk)  # type: ignore[misc]
+        hits = await cache.lookup(list(dict.fromkeys(keys)))
+        for group, key in zip(chunk, keys) if hits else ():
+            answer = hits.get(key)
+            if answer is not None:
+                for i in groups.pop(group):
+                    response[i], finish[i], tokens_in[i], tokens_out[i], logprob[i] = answer
+                    attempts[i], cached[i] = 0, True
+                    answered.append(i)
+    if run.store is not None:
+        for start in range(0, len(answered), _CACHED_PART_ROWS):
+            await run.flush(answered[start : start + _CACHED_PART_ROWS])
+    return len(answered)
+
+
+# Rows answered from the cache go to the checkpoint in parts of at most this many rows.
+_CACHED_PART_ROWS = 50_000
+# Groups looked up in the cache at a time.
+_LOOKUP_ROWS = 20_000
+
+
 @dataclass
 class _Run:
     """What one run's rows share while they are sent: their prompts, result columns and checkpoint."""
@@ -237,6 +296,8 @@ class _Run:
     columns: dict[str, list[Any]]
     position_key: dict[int, tuple[str, int]]
     store: Checkpoint | None
+    #: The response cache, which stores the answers received (None: no cache).
+    cache: RunCache | None = None
 
     async def flush(self, rows: list[int]) -> None:
         """Append ``rows``' results to the checkpoint."""
@@ -314,6 +375,8 @@ async def _send_groups(
                     engine.stop(stop)
             for i in rows:
                 _store(run.columns, i, result)
+            if error is None and run.cache is not None and run.cache.working:
+                run.cache.put(run.cache.keys.key(texts[rows[0]]), result)  # type: ignore[arg-type]
             bar.advance(len(rows), error is not None)
             # Unsent rows, and rows that met an error of the run rather than of the row (a bad
             # key, a server that is down), stay out of the checkpoint: a resume sends them.
@@ -415,3 +478,4 @@ def _store(columns: dict[str, list[Any]], i: int, result: Result) -> None:
     columns["completion_tokens"][i] = result.completion_tokens
     columns["latency_s"][i] = result.latency_s
     columns["logprob"][i] = result.logprob
+    columns["cached"][i] = False
