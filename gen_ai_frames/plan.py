@@ -109,13 +109,21 @@ def batch_price_for(client: Client, options: RunOptions) -> tuple[float, float] 
     return None
 
 
-def cached_prompts(texts: Sequence[str], client: Client, options: RunOptions) -> set[str]:
-    """The prompts among ``texts`` whose answers the response cache already holds.
+async def cached_prompts(texts: Sequence[str], client: Client, options: RunOptions) -> set[str]:
+    """The prompts among ``texts`` whose answers the run's response cache already holds (none
+    without a cache): a plan counts their rows as cache hits and never samples them."""
+    from .cache import RunCache
 
-    The hook of the response cache: a plan counts rows with these prompts as cache hits and never
-    samples them. Empty until the cache exists.
-    """
-    return set()
+    cache = await RunCache.for_run(client, options)
+    if cache is None:
+        return set()
+    try:
+        distinct = list(dict.fromkeys(texts))
+        keys = cache.keys.keys(distinct)
+        hits = await cache.lookup(list(dict.fromkeys(keys)))
+        return {text for text, key in zip(distinct, keys) if key in hits}
+    finally:
+        await cache.close()
 
 
 def empty_template_fields(df: pd.DataFrame, template: str | None) -> dict[str, int]:
@@ -427,7 +435,7 @@ async def make_plan(
         keys = row_keys([texts[i] for i in valid])  # type: ignore[misc]  # sendable rows have text
         todo = [i for i, key in zip(valid, keys) if key not in answered]
         checkpoint_hits += len(valid) - len(todo)
-        cached = cached_prompts([texts[i] for i in todo], client, options)  # type: ignore[misc]
+        cached = await cached_prompts([texts[i] for i in todo], client, options)  # type: ignore[misc]
         if cached:
             cache_hits += sum(1 for i in todo if texts[i] in cached)
             todo = [i for i in todo if texts[i] not in cached]
@@ -565,8 +573,11 @@ async def _send_sample(
     """Send the sample's requests through the runner, the first alone: a bad key or model stops
     the plan after one request. Returns the prompt tokens each answer reported, by row (None when
     some answer reported none)."""
-    # The response cache (when it exists) keeps the sample's answers too: set keep when it is on.
-    keep = options.checkpoint is not None and options.resume
+    # The checkpoint, and the response cache when the run uses one, keep the sample's answers.
+    from .cache import cache_path
+
+    uses_cache = cache_path(options.cache, temperature=options.temperature) is not None
+    keep = (options.checkpoint is not None and options.resume) or uses_cache
     plan.sample_kept = keep
     engines: list[Any] = []
     watched = _watching(client, engines)

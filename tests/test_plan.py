@@ -314,3 +314,26 @@ def test_a_column_generate_would_refuse(fake_server: Any, client: Any) -> None:
     df = frame(2).assign(response="old")
     assert warned(df.genai.plan(column="q", client=client, sample=0), "already has column(s) ['response']")
     assert not warned(df.genai.plan(column="q", client=client, sample=0, overwrite=True), "already has")
+
+
+# ------------------------------------------------------------------------------------ the cache
+
+
+def test_cache_hits_are_counted_and_the_samples_answers_are_kept_in_the_cache(
+    client: Any, fake_server: Any, tmp_path: Path
+) -> None:
+    cache = tmp_path / "answers.sqlite"
+    frame(10).genai.generate(column="q", client=client, cache=cache, progress=False)
+    assert sent(fake_server) == 10
+    df = frame(16)  # the first 10 were answered by the run above
+
+    plan = df.genai.plan(column="q", client=client, cache=cache, sample=0)
+    assert sent(fake_server) == 10  # counting hits sends nothing
+    assert plan.cache_hits == 10 and plan.remaining_requests == 6
+
+    plan = df.genai.plan(column="q", client=client, cache=cache, sample=2)
+    assert sent(fake_server) == 12 and plan.sample_kept  # no checkpoint: the cache keeps the sample
+    assert plan.remaining_requests == 4
+    out = df.genai.generate(column="q", client=client, cache=cache, progress=False)
+    assert sent(fake_server) == 16  # only the 4 rows neither the first run nor the sample answered
+    assert out["response"].tolist() == ["echo: " + q for q in df["q"]]
