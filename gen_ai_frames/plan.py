@@ -30,9 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import pricing
 from .checkpoint import Checkpoint, row_keys, run_fingerprint
 from .client import Client
-from .errors import InvalidPromptError
+from .errors import ConfigurationError, InvalidPromptError
 from .options import RunOptions
 from .params import validate_positive_int
 from .pricing import Budget, estimate_tokens, price_for
@@ -101,12 +102,15 @@ def context_window_for(model: str) -> int | None:
 
 
 def batch_price_for(client: Client, options: RunOptions) -> tuple[float, float] | None:
-    """The ``(input, output)`` USD per million tokens of the provider's batch mode, or None.
+    """The ``(input, output)`` USD per million tokens of the provider's batch mode, or None when
+    the provider has no batch API or the model no price."""
+    from .providers.batches import batch_dialect
 
-    The slot for the batch price column of :mod:`gen_ai_frames.pricing`: None until that column
-    exists, and the plan then says that no batch price is known.
-    """
-    return None
+    try:
+        batch_dialect(client.provider)
+    except ConfigurationError:
+        return None
+    return pricing.batch_price_for(client.model_name, options.prices, client.provider.name)
 
 
 async def cached_prompts(texts: Sequence[str], client: Client, options: RunOptions) -> set[str]:

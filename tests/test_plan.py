@@ -178,6 +178,14 @@ def test_the_sample_measures_tokens_latency_and_cost(fake_server: Any, client: A
     assert plan.remaining_requests == 10
     assert plan.cost_usd == pytest.approx(10 * (4 + 5))
     assert plan.sample_cost_usd == pytest.approx(3 * (4 + 5))
+    # OpenAI has a Batch API at half the price
+    assert plan.batch_cost_usd == pytest.approx(10 * (4 + 5) / 2) and "batch: $45" in str(plan)
+
+
+def test_no_batch_price_for_a_provider_without_a_batch_api(fake_server: Any) -> None:
+    client = create_client(provider="vllm", endpoint=fake_server.url, model_name="m", retry=FAST_RETRY)
+    plan = frame(4).genai.plan(column="q", client=client, sample=1, prices=DOLLAR_A_TOKEN)
+    assert plan.cost_usd is not None
     assert plan.batch_cost_usd is None and "no batch price" in str(plan)
 
 
