@@ -162,7 +162,15 @@ def _fail(err: BaseException) -> int:
 
 
 class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line under the program's name, not usage + exit."""
+    """An ArgumentParser whose errors are one line under the program's name, not usage + exit.
+
+    Abbreviated flags are refused: ``--max-token 5`` must not silently mean ``--max-tokens``, and a
+    new flag must never change what an abbreviation in someone's script means.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         command = self.prog.removeprefix(PROG).strip()

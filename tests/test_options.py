@@ -142,6 +142,16 @@ def test_cli_misspelt_flag_suggests_the_closest(capsys: pytest.CaptureFixture[st
     assert "unrecognized arguments: --max-tokns 5; did you mean --max-tokens?" in err
 
 
+@pytest.mark.parametrize("command", ["generate", "plan"])
+def test_cli_abbreviated_flag_is_refused_not_guessed(capsys: pytest.CaptureFixture[str], command: str) -> None:
+    # argparse would take --max-token as --max-tokens: a typo must never silently set an option
+    argv = [command, "in.csv", "--column", "p", "--max-token", "5"]
+    code = main(argv[:2] + ["-o", "o.parquet"] + argv[2:] if command == "generate" else argv)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "unrecognized arguments: --max-token 5; did you mean --max-tokens?" in err
+
+
 def test_dataframes_doc_holds_the_generated_options_table() -> None:
     text = (DOCS / "dataframes.md").read_text()
     found = re.search(r"<!-- options-table:[^\n]*-->\n(.*?)\n<!-- end options-table -->", text, re.S)
