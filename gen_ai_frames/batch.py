@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from .checkpoint import CheckpointCorruptError, Storage, storage_for
 from .engine import Result
-from .errors import NotSentError, RequestError
+from .errors import BatchExpiredError, BatchPendingError, NotSentError
 from .params import Message
 from .pricing import estimate_tokens
 from .providers.batches import BatchDialect, BatchStatus, RowAnswer, batch_dialect
@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from .options import RunOptions
     from .pricing import Budget
 
-__all__ = ["BATCH_RECORDS", "BatchExpiredError", "BatchPendingError", "read_batch_records", "run_batch"]
+__all__ = ["BATCH_RECORDS", "read_batch_records", "run_batch"]
 
 #: The file in the checkpoint directory that records every batch submitted.
 BATCH_RECORDS = "batches.json"
@@ -64,23 +64,6 @@ clock: Callable[[], float] = time.monotonic
 FIRST_POLL_S = 1.0
 #: Attempts of one control call (upload, create, poll, download) that meets a passing failure.
 CONTROL_ATTEMPTS = 5
-
-
-class BatchPendingError(NotSentError):
-    """The row is in a submitted batch that has not finished yet (``wait=False``)."""
-
-    default_suggestion = (
-        "Call again with the same checkpoint to collect the answers (or wait for them): the batch is "
-        "never submitted twice."
-    )
-
-
-class BatchExpiredError(RequestError):
-    """The row's batch expired, was cancelled or failed before the row ran, and so did its resubmission."""
-
-    default_suggestion = (
-        "Call again with the same checkpoint: only the rows without an answer are submitted again."
-    )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -398,10 +398,10 @@ class Client:
 
 
 def _error_class(name: str | None) -> type[RequestError]:
-    """The error class named ``name`` (from gen_ai_frames.errors or the batch module), else RequestError."""
-    from . import batch, errors
+    """The error class named ``name`` (from gen_ai_frames.errors), else RequestError."""
+    from . import errors
 
-    found = getattr(errors, name or "", None) or getattr(batch, name or "", None)
+    found = getattr(errors, name or "", None)
     return found if isinstance(found, type) and issubclass(found, RequestError) else RequestError
 
 

@@ -47,6 +47,8 @@ __all__ = [
     "APITimeoutError",
     "AuthenticationError",
     "BadRequestError",
+    "BatchExpiredError",
+    "BatchPendingError",
     "ConfigurationError",
     "ConflictError",
     "ContentFilterError",
@@ -185,6 +187,23 @@ class InvalidPromptError(RequestError):
 
 class NotSentError(RequestError):
     default_suggestion = "Fix the cause named in the message, then run again: finished rows are kept."
+
+
+class BatchPendingError(NotSentError):
+    """The row is in a submitted batch that has not finished yet (``wait=False``)."""
+
+    default_suggestion = (
+        "Call again with the same checkpoint to collect the answers (or wait for them): the batch is "
+        "never submitted twice."
+    )
+
+
+class BatchExpiredError(RequestError):
+    """The row's batch expired, was cancelled or failed before the row ran, and so did its resubmission."""
+
+    default_suggestion = (
+        "Call again with the same checkpoint: only the rows without an answer are submitted again."
+    )
 
 
 class APIConnectionError(RequestError):
