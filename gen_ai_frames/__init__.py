@@ -40,6 +40,71 @@ from .retry import RetryPolicy
 
 __version__ = "0.1.0"
 
+
+def _register_polars() -> None:
+    """Register ``df.genai`` / ``lf.genai`` / ``pl.col(...).genai`` for polars, at no cost without it.
+
+    If polars is already imported, register now. If it is installed but not imported, register when
+    it is: a pandas user who happens to have polars installed does not pay for importing it (~0.3 s).
+    """
+    import importlib.util
+    import sys
+
+    if "polars" in sys.modules:
+        from . import polars  # noqa: F401  (registers the namespaces)
+        return
+    try:
+        installed = importlib.util.find_spec("polars") is not None
+    except (ImportError, ValueError):
+        installed = False
+    if installed:
+        sys.meta_path.insert(0, _PolarsHook())
+
+
+class _PolarsHook:
+    """A meta path finder that, once ``polars`` is imported, imports ``gen_ai_frames.polars``."""
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> object:
+        import importlib.util
+        import sys
+
+        if name != "polars":
+            return None
+        sys.meta_path.remove(self)  # once; and find the real spec without finding ourselves
+        spec = importlib.util.find_spec("polars")
+        loader = getattr(spec, "loader", None)
+        if spec is None or loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        exec_module = loader.exec_module
+
+        def exec_then_register(module: object) -> None:
+            exec_module(module)
+            try:
+                import importlib
+
+                importlib.import_module(f"{__name__}.polars")
+            except ImportError:  # a polars too old or broken: pandas users must not notice
+                pass
+
+        spec.loader = _Loader(loader, exec_then_register)
+        return spec
+
+
+class _Loader:
+    """``loader`` with its ``exec_module`` replaced."""
+
+    def __init__(self, loader: object, exec_module: object) -> None:
+        self._loader, self.exec_module = loader, exec_module
+
+    def create_module(self, spec: object) -> object:
+        return self._loader.create_module(spec)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._loader, name)
+
+
+_register_polars()
+
 __all__ = [
     "APIConnectionError",
     "APIStatusError",

@@ -303,7 +303,8 @@ class Schema:
     def arrow_columns_from_answers(self, answers: Sequence[str | None]) -> dict[str, Any]:
         """One Arrow array per field, of :meth:`arrow_types`, from raw answers (None: a failed row).
 
-        >>> columns = Schema.parse("n int, mood a|b").arrow_columns_from_answers(['{"n": 3, "mood": "b"}', None])
+        >>> schema = Schema.parse("n int, mood a|b")
+        >>> columns = schema.arrow_columns_from_answers(['{"n": 3, "mood": "b"}', None])
         >>> columns["n"].to_pylist(), columns["mood"].type
         ([3, None], DictionaryType(dictionary<values=string, indices=int32, ordered=0>))
         """
