@@ -50,7 +50,7 @@ def _register_polars() -> None:
     import importlib.util
     import sys
 
-    if "polars" in sys.modules:
+    if sys.modules.get("polars") is not None:
         from . import polars  # noqa: F401  (registers the namespaces)
         return
     try:
