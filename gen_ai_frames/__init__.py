@@ -6,6 +6,14 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import sys
+import types
+from collections.abc import Sequence
+
 from . import accessor as _accessor  # noqa: F401  (importing registers df.genai)
 from .client import Client
 from .errors import (
@@ -47,9 +55,6 @@ def _register_polars() -> None:
     If polars is already imported, register now. If it is installed but not imported, register when
     it is: a pandas user who happens to have polars installed does not pay for importing it (~0.3 s).
     """
-    import importlib.util
-    import sys
-
     if sys.modules.get("polars") is not None:
         from . import polars  # noqa: F401  (registers the namespaces)
         return
@@ -61,45 +66,39 @@ def _register_polars() -> None:
         sys.meta_path.insert(0, _PolarsHook())
 
 
-class _PolarsHook:
+class _PolarsHook(importlib.abc.MetaPathFinder):
     """A meta path finder that, once ``polars`` is imported, imports ``gen_ai_frames.polars``."""
 
-    def find_spec(self, name: str, path: object = None, target: object = None) -> object:
-        import importlib.util
-        import sys
-
-        if name != "polars":
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: types.ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname != "polars":
             return None
         sys.meta_path.remove(self)  # once; and find the real spec without finding ourselves
         spec = importlib.util.find_spec("polars")
-        loader = getattr(spec, "loader", None)
-        if spec is None or loader is None or not hasattr(loader, "exec_module"):
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
-        exec_module = loader.exec_module
-
-        def exec_then_register(module: object) -> None:
-            exec_module(module)
-            try:
-                import importlib
-
-                importlib.import_module(f"{__name__}.polars")
-            except ImportError:  # a polars too old or broken: pandas users must not notice
-                pass
-
-        spec.loader = _Loader(loader, exec_then_register)
+        spec.loader = _RegisteringLoader(spec.loader)
         return spec
 
 
-class _Loader:
-    """``loader`` with its ``exec_module`` replaced."""
+class _RegisteringLoader(importlib.abc.Loader):
+    """polars' own loader, then the registration of the namespaces."""
 
-    def __init__(self, loader: object, exec_module: object) -> None:
-        self._loader, self.exec_module = loader, exec_module
+    def __init__(self, loader: importlib.abc.Loader) -> None:
+        self._loader = loader
 
-    def create_module(self, spec: object) -> object:
-        return self._loader.create_module(spec)  # type: ignore[attr-defined]
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
+        return self._loader.create_module(spec)
 
-    def __getattr__(self, name: str) -> object:
+    def exec_module(self, module: types.ModuleType) -> None:
+        self._loader.exec_module(module)
+        try:
+            importlib.import_module(f"{__name__}.polars")
+        except ImportError:  # a polars too old or broken: pandas users must not notice
+            pass
+
+    def __getattr__(self, name: str) -> object:  # get_resource_reader, is_package, ...
         return getattr(self._loader, name)
 
 

@@ -298,7 +298,9 @@ def generate(template: str, *, client: Client | None = None, **options: Any) -> 
     >>> from gen_ai_frames.polars import generate
     >>> df.with_columns(generate("Is {city} in {country}?", client=client).struct.unnest())  # doctest: +SKIP
     """
-    return pl.struct(template_fields(template)).genai.generate(template=template, client=client, **options)
+    expr: Any = pl.struct(template_fields(template))  # mypy does not see registered namespaces
+    result: pl.Expr = expr.genai.generate(template=template, client=client, **options)
+    return result
 
 
 # ------------------------------------------------------------------------------------------ LazyFrame
@@ -393,7 +395,7 @@ class PolarsLazyGenAI:
         if state is not None:
             state.complete()
         # Parquet keeps enums as dictionaries: give them back their pl.Enum type.
-        return pl.scan_parquet(output).cast({names[n]: dtypes[n] for n in names})  # type: ignore[dict-item]
+        return pl.scan_parquet(output).cast({names[n]: dtypes[n] for n in names})
 
 
 def _exact_batches(lf: pl.LazyFrame, rows: int) -> Iterator[pl.DataFrame]:

@@ -155,7 +155,7 @@ def build_prompts_from_columns(
         raise ConfigurationError(
             "pass exactly one of column= (a column of prompts) or template= (e.g. 'Summarize: {text}')"
         )
-    fields = template_fields(template) if template is not None else [column]
+    fields: list[Any] = template_fields(template) if template is not None else [column]
     for name in fields:
         if name not in names:
             raise ConfigurationError(
