@@ -275,3 +275,18 @@ def test_the_key_never_appears_in_a_polars_error(fake_server: Any) -> None:
     with pytest.raises(AuthenticationError) as caught:
         pl.DataFrame({"q": ["a"]}).with_columns(pl.col("q").genai.generate(client=bad, progress=False))
     assert "SECRET" not in str(caught.value)
+
+
+# ------------------------------------------------------------------------------------------ docs
+
+
+def test_the_examples_of_docs_polars_run(client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import re
+
+    page = Path(__file__).resolve().parent.parent / "docs" / "polars.md"
+    blocks = re.findall(r"<!-- example: polars -->\n```python\n(.*?)```", page.read_text(), flags=re.DOTALL)
+    assert len(blocks) == 5
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, Any] = {"client": client}
+    for block in blocks:
+        exec(compile(block, str(page), "exec"), namespace)
