@@ -406,7 +406,7 @@ def _exact_batches(lf: pl.LazyFrame, rows: int) -> Iterator[pl.DataFrame]:
     """
     pending: list[pl.DataFrame] = []
     held = 0
-    for chunk in lf.collect_batches(chunk_size=rows, maintain_order=True):
+    for chunk in _chunks(lf, rows):
         pending.append(chunk)
         held += chunk.height
         while held >= rows:
@@ -416,6 +416,21 @@ def _exact_batches(lf: pl.LazyFrame, rows: int) -> Iterator[pl.DataFrame]:
             pending, held = ([rest] if rest.height else []), rest.height
     if held:
         yield pl.concat(pending).rechunk() if len(pending) > 1 else pending[0]
+
+
+def _chunks(lf: pl.LazyFrame, rows: int) -> Iterator[pl.DataFrame]:
+    """The lazy frame streamed in chunks: ``collect_batches`` where polars has it, else slices
+    (each slice a query of its own: a Parquet scan reads only the row groups it needs)."""
+    if hasattr(lf, "collect_batches"):
+        yield from lf.collect_batches(chunk_size=rows, maintain_order=True)
+        return
+    offset = 0
+    while True:  # pragma: no cover - older polars only
+        chunk = lf.slice(offset, rows).collect()
+        if chunk.height == 0:
+            return
+        yield chunk
+        offset += chunk.height
 
 
 def _empty(schema: pl.Schema, names: Mapping[str, str], dtypes: Mapping[str, Any]) -> pl.DataFrame:

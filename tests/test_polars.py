@@ -219,6 +219,11 @@ def test_lazy_scan_of_a_parquet_file_in_batches(client: Any, fake_server: Any, t
     fake_server.reset()
     in_memory = lf.genai.generate("prompt", client=client, batch_rows=batch, checkpoint=ckpt, progress=False)
     assert fake_server.stats()["requests"] == 0 and in_memory.collect().equals(out)
+    from gen_ai_frames.checkpoint import CheckpointMismatchError
+
+    with pytest.raises(CheckpointMismatchError, match="resume=False"):  # batches are matched by number
+        lf.genai.generate("prompt", client=client, batch_rows=batch + 1, checkpoint=ckpt, progress=False)
+    assert fake_server.stats()["requests"] == 0
 
 
 def test_lazy_output_keeps_typed_columns_and_checks_before_sending(client: Any, fake_server: Any,
