@@ -95,8 +95,13 @@ class _RegisteringLoader(importlib.abc.Loader):
         self._loader.exec_module(module)
         try:
             importlib.import_module(f"{__name__}.polars")
-        except ImportError:  # a polars too old or broken: pandas users must not notice
-            pass
+        except Exception as err:  # a polars too old: importing polars must still work
+            import warnings
+
+            warnings.warn(
+                f"gen_ai_frames cannot serve this polars ({err}); pip install -U 'gen-ai-frames[polars]'",
+                stacklevel=2,
+            )
 
     def __getattr__(self, name: str) -> object:  # get_resource_reader, is_package, ...
         return getattr(self._loader, name)
