@@ -89,6 +89,17 @@ def test_extract_fields_are_typed(client: Any) -> None:
     assert out.schema["who"] == pl.String and out.schema["year"] == pl.Int64 and out["error"][0] is None
 
 
+def test_values_that_are_not_text_fail_only_their_rows(client: Any, fake_server: Any) -> None:
+    out = pl.DataFrame({"prompt": [7, None, 9]}).genai.generate("prompt", client=client, progress=False)
+    assert out["response"].to_list() == [None] * 3
+    assert out["error"].to_list() == ["the prompt is int 7, not text", "the prompt is missing (None or NaN)",
+                                      "the prompt is int 9, not text"]
+    texts = pl.DataFrame({"prompt": ["fine", "  ", None]}).genai.generate("prompt", client=client, progress=False)
+    assert texts["error"].to_list() == [None, "the prompt is empty or only whitespace",
+                                         "the prompt is missing (None or NaN)"]
+    assert fake_server.stats()["requests"] == 1
+
+
 def test_estimate_is_the_same_as_pandas() -> None:
     data = {"q": ["What is 2 + 2?", "Name a colour.", "What is 2 + 2?", None]}
     options = {"model_name": "gpt-4o-mini", "max_tokens": 10, "system_prompt": "Be brief."}
