@@ -57,6 +57,7 @@ def _register_polars() -> None:
     """
     if sys.modules.get("polars") is not None:
         from . import polars  # noqa: F401  (registers the namespaces)
+
         return
     try:
         installed = importlib.util.find_spec("polars") is not None

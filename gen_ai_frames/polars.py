@@ -56,6 +56,7 @@ DEFAULT_BATCH_ROWS = 50_000
 
 def frame_prompts(df: pl.DataFrame, column: str | None, template: str | None) -> Prompts:
     """The prompts of ``df``'s rows: a column's values, or a template filled from each row."""
+
     def values(name: str) -> list[Any]:
         return df.get_column(name).to_list()
 
@@ -119,7 +120,11 @@ class PolarsGenAI:
 
     @takes_options()
     def generate(
-        self, column: str | None = None, *, template: str | None = None, client: Client | None = None,
+        self,
+        column: str | None = None,
+        *,
+        template: str | None = None,
+        client: Client | None = None,
         **options: Any,
     ) -> pl.DataFrame:
         """A new frame with a ``response`` and an ``error`` column; see pandas' ``df.genai.generate``.
@@ -131,7 +136,11 @@ class PolarsGenAI:
 
     @takes_options()
     async def agenerate(
-        self, column: str | None = None, *, template: str | None = None, client: Client | None = None,
+        self,
+        column: str | None = None,
+        *,
+        template: str | None = None,
+        client: Client | None = None,
         **options: Any,
     ) -> pl.DataFrame:
         """Async twin of :meth:`generate`."""
@@ -263,7 +272,11 @@ class PolarsExprGenAI:
 
     @takes_options(exclude=("schema",))
     def extract(
-        self, *, fields: Mapping[str, Any], template: str | None = None, client: Client | None = None,
+        self,
+        *,
+        fields: Mapping[str, Any],
+        template: str | None = None,
+        client: Client | None = None,
         **options: Any,
     ) -> pl.Expr:
         """:meth:`PolarsGenAI.extract` as an expression (a struct of the typed fields)."""
@@ -357,7 +370,10 @@ class PolarsLazyGenAI:
         state = None
         if run.checkpoint is not None:
             state = ShardedCheckpoint.create(
-                run.checkpoint, "batches", run_fingerprint(client, run.params), resume=run.resume,
+                run.checkpoint,
+                "batches",
+                run_fingerprint(client, run.params),
+                resume=run.resume,
                 shard_rows=batch_rows,
             )
         kept: list[pl.DataFrame] = []
