@@ -18,20 +18,25 @@ from typing import Any
 import pandas as pd
 
 from ._sync import run_sync
-from .batch import default_checkpoint
 from .client import Client
-from .errors import ConfigurationError
 from .factory import create_client
-from .options import GENERATION_OPTIONS, RunOptions, split_options, split_run_and_client, takes_options
+from .frames import (
+    ESTIMATE_OPTIONS,
+    check_clash,
+    classify_options,
+    estimate_prompts,
+    extract_options,
+    run_prompts,
+)
+from .options import RunOptions, split_run_and_client, takes_options
 from .plan import DEFAULT_SAMPLE, Plan, empty_template_fields, make_plan
-from .pricing import Estimate, batch_price_for, estimate_tokens, price_for
+from .pricing import Estimate
 from .prompts import build_prompts
-from .runner import RowResults, output_names, run_rows
-from .schema import classify_instruction, extraction_schema, labels_schema
+from .runner import RowResults, output_names
 
 __all__ = ["GenAIAccessor"]
 
-_ESTIMATE_OPTIONS = (*GENERATION_OPTIONS, "dedupe", "prices", "mode")
+_ESTIMATE_OPTIONS = ESTIMATE_OPTIONS
 
 
 @pd.api.extensions.register_dataframe_accessor("genai")
@@ -100,23 +105,10 @@ class GenAIAccessor:
     ) -> tuple[pd.DataFrame, RowResults]:
         """The frame with the run's columns added, and the run's results."""
         df = self._df
-        new_columns = output_names(run)
-        clash = [name for name in new_columns.values() if name in df.columns]
-        if clash and not run.overwrite:
-            raise ConfigurationError(
-                f"the frame already has column(s) {clash}: pass overwrite=True to replace them, "
-                "or choose other names with response_column= / error_column="
-                + (" / prefix=" if run.schema else "")
-            )
+        new_columns = check_clash(df.columns, run)
         prompts = build_prompts(df, column, template)
-        if client is None:
-            client = create_client(**client_options)
-        if run.mode == "batch" and run.checkpoint is None and prompts.sendable:  # see docs/batch.md
-            run = run.replace(checkpoint=default_checkpoint(client, run, prompts.texts))
         out = df.copy(deep=False)  # the caller's frame stays untouched
-        results = await run_rows(prompts, client=client, options=run)
-        if results.fatal is not None:
-            raise results.fatal
+        results = await run_prompts(prompts, client, run, client_options)
         for name, values in results.frame_columns(run).items():
             _set_column(out, new_columns[name], values)
         return out, results
@@ -164,15 +156,7 @@ class GenAIAccessor:
         **options: Any,
     ) -> pd.DataFrame:
         """Async twin of :meth:`classify`."""
-        if "schema" in options:
-            raise ConfigurationError(
-                "classify builds its schema from labels=; use generate(schema=...) for others"
-            )
-        schema = labels_schema(labels, multi_label)
-        options.setdefault("system_prompt", classify_instruction(labels, multi_label))
-        run, client_options = split_run_and_client(
-            {**options, "schema": schema, "logprobs": True}, client, where="df.genai.classify"
-        )
+        run, client_options = classify_options(options, labels, multi_label, client, "df.genai.classify")
         out, _ = await self._run(column, template, client, run, client_options)
         return out
 
@@ -195,17 +179,7 @@ class GenAIAccessor:
         >>> out = df.genai.extract("bio", fields={"company": "the company named", "year": int},
         ...                        client=client)  # doctest: +SKIP
         """
-        if "schema" in options:
-            raise ConfigurationError(
-                "extract builds its schema from fields=; use generate(schema=...) for others"
-            )
-        options.setdefault(
-            "system_prompt",
-            "Extract the requested fields from the user's text. Use null for a field the text does not give.",
-        )
-        return self.generate(
-            column, template=template, client=client, schema=extraction_schema(fields), **options
-        )
+        return self.generate(column, template=template, client=client, **extract_options(options, fields))
 
     @takes_options(_ESTIMATE_OPTIONS, client_options=False)
     def estimate(
@@ -232,28 +206,13 @@ class GenAIAccessor:
         >>> estimate.requests, estimate.prompt_tokens, estimate.max_completion_tokens
         (2, 8, 20)
         """
-        run, _ = split_options(
+        return estimate_prompts(
+            build_prompts(self._df, column, template),
             options,
             where="df.genai.estimate",
-            accepted=_ESTIMATE_OPTIONS,
-            also=("column", "template", "client", "model_name", "provider"),
-        )
-        if client is not None:
-            model_name, provider = client.model_name, client.provider.name
-        if model_name is None:
-            raise ConfigurationError("estimate needs model_name= (or client=) to look up its price")
-        prompts = [text for text in build_prompts(self._df, column, template).texts if text is not None]
-        sent = list(dict.fromkeys(prompts)) if run.sends_duplicates_once else prompts
-        system_tokens = estimate_tokens(run.system_prompt) if run.system_prompt else 0
-        if run.schema is not None:  # the schema travels with every request (a format, a tool, ...)
-            system_tokens += estimate_tokens(run.schema.canonical())
-        return Estimate(
-            rows=len(self._df),
-            requests=len(sent),
-            prompt_tokens=sum(estimate_tokens(p) + system_tokens for p in sent),
-            max_completion_tokens=len(sent) * run.max_tokens,
-            price=(batch_price_for if run.mode == "batch" else price_for)(model_name, run.prices, provider),
-            tokenizer="estimated at ~4 characters a token",
+            client=client,
+            model_name=model_name,
+            provider=provider,
         )
 
     @takes_options()

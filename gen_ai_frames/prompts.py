@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import string
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +23,14 @@ from .errors import ConfigurationError, InvalidPromptError
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["Prompts", "build_prompts", "check_prompt", "prompt_list", "template_fields"]
+__all__ = [
+    "Prompts",
+    "build_prompts",
+    "build_prompts_from_columns",
+    "check_prompt",
+    "prompt_list",
+    "template_fields",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,13 +128,57 @@ def _fill_template(df: pd.DataFrame, template: str) -> Prompts:
             "df.columns], or build the prompt column yourself and pass column=('level0', 'level1')"
         )
     _check_columns(df, names)
+
+    def missing(v: object) -> bool:
+        return v is None or (pd.api.types.is_scalar(v) and bool(pd.isna(v)))
+
+    return _fill_rows(template, names, df[names].itertuples(index=False, name=None), missing)
+
+
+def build_prompts_from_columns(
+    names: Sequence[str],
+    values: Callable[[str], Sequence[object]],
+    column: str | None,
+    template: str | None,
+) -> Prompts:
+    """:func:`build_prompts` for a frame that is not pandas: ``names`` are its columns and
+    ``values(name)`` a column's Python values (``pl.Series.to_list``, ``pa.Array.to_pylist``).
+
+    Missing values (None, NaN) and templates behave exactly as with pandas.
+
+    >>> data = {"city": ["Paris", None], "n": [1, float("nan")]}
+    >>> prompts = build_prompts_from_columns(list(data), data.__getitem__, None, "{city} {n}")
+    >>> prompts.texts, prompts.failed[1].message
+    (['Paris 1', None], "template field(s) ['city', 'n'] are missing in this row")
+    """
+    if (column is None) == (template is None):
+        raise ConfigurationError(
+            "pass exactly one of column= (a column of prompts) or template= (e.g. 'Summarize: {text}')"
+        )
+    fields: list[Any] = template_fields(template) if template is not None else [column]
+    for name in fields:
+        if name not in names:
+            raise ConfigurationError(
+                f"column {name!r} not found; the frame has columns {list(map(str, names))[:20]}"
+            )
+    if template is None:
+        return Prompts.check(values(column))  # type: ignore[arg-type]  # checked above: a column name
+    return _fill_rows(
+        template, fields, zip(*(values(n) for n in fields)), lambda v: v is None or _is_missing(v)
+    )
+
+
+def _fill_rows(
+    template: str, names: list[str], rows: Iterable[tuple[Any, ...]], missing: Callable[[object], bool]
+) -> Prompts:
+    """Fill ``template`` from each row (the values of ``names``); a row with a missing value fails."""
     texts: list[str | None] = []
     failed: dict[int, InvalidPromptError] = {}
-    for i, row in enumerate(df[names].itertuples(index=False, name=None)):
-        missing = [n for n, v in zip(names, row) if v is None or (pd.api.types.is_scalar(v) and pd.isna(v))]
-        if missing:
+    for i, row in enumerate(rows):
+        gaps = [n for n, v in zip(names, row) if missing(v)]
+        if gaps:
             failed[i] = InvalidPromptError(
-                f"template field(s) {missing} are missing in this row",
+                f"template field(s) {gaps} are missing in this row",
                 sent=False,
                 suggestion="Fill or drop the rows with missing values first.",
             )

@@ -31,7 +31,7 @@ from .options import RunOptions
 from .params import Message
 from .pricing import Budget, Spend, batch_price_for, estimate_tokens, price_for
 from .prompts import Prompts
-from .results import DETAIL_COLUMNS, RECORD_SCHEMA, RESULT_COLUMNS, pandas_array
+from .results import DETAIL_COLUMNS, RECORD_SCHEMA, RESULT_COLUMNS, arrow_array, pandas_array
 
 __all__ = ["DETAIL_COLUMNS", "RowResults", "output_names", "run_rows"]
 
@@ -88,6 +88,22 @@ class RowResults:
             columns.update(options.schema.columns_from_answers(self.columns["response"]))
         if options.logprobs:
             columns["confidence"] = self.confidence()
+        return columns
+
+    def arrow_columns(self, options: RunOptions) -> dict[str, pa.Array]:
+        """Every output column of the run as an Arrow array, keyed like :func:`output_names`:
+        the result columns in their output types, a schema's fields typed as
+        :meth:`~gen_ai_frames.schema.Schema.arrow_types` says (enums as dictionaries), ``confidence``
+        as float64. No pandas on the way: the polars front end builds its columns from these.
+        """
+        names = RESULT_COLUMNS if options.details else ["response", "error"]
+        columns = {name: arrow_array(name, self.columns[name]) for name in names}
+        if options.schema is not None:
+            columns.update(options.schema.arrow_columns_from_answers(self.columns["response"]))
+        if options.logprobs:
+            import pyarrow.compute as pc
+
+            columns["confidence"] = pc.exp(arrow_array("logprob", self.columns["logprob"]))
         return columns
 
     def confidence(self) -> pd.api.extensions.ExtensionArray:

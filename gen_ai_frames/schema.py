@@ -300,6 +300,35 @@ class Schema:
                 types[name] = _arrow_type(prop)
         return types
 
+    def arrow_columns_from_answers(self, answers: Sequence[str | None]) -> dict[str, Any]:
+        """One Arrow array per field, of :meth:`arrow_types`, from raw answers (None: a failed row).
+
+        >>> schema = Schema.parse("n int, mood a|b")
+        >>> columns = schema.arrow_columns_from_answers(['{"n": 3, "mood": "b"}', None])
+        >>> columns["n"].to_pylist(), columns["mood"].type
+        ([3, None], DictionaryType(dictionary<values=string, indices=int32, ordered=0>))
+        """
+        import pyarrow as pa
+
+        values = [None if text is None else _loads(text) for text in answers]
+        out = {}
+        for name, kind in self.arrow_types().items():
+            cells = [None if v is None else v.get(name) for v in values]
+            try:
+                out[name] = pa.array(cells, type=kind)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
+                out[name] = pa.array(_coerced(cells, kind), type=kind)
+        return out
+
+    def polars_dtypes(self) -> dict[str, Any]:
+        """The polars dtype of each field's column: ``pl.Enum`` with exactly the enum's values
+        (inside lists and structs too), Int64, Float64, Boolean, String, List and Struct.
+
+        >>> Schema.parse("n int, mood a|b, tags list[x|y]").polars_dtypes()["tags"]
+        List(Enum(categories=['x', 'y']))
+        """
+        return {name: _polars_dtype(prop) for name, prop in self.json_schema["properties"].items()}
+
     def columns(self, values: Sequence[dict[str, Any] | None]) -> dict[str, pd.api.extensions.ExtensionArray]:
         """One typed column per field from parsed answers (None, or a missing field, gives NA)."""
         import pandas as pd
@@ -366,6 +395,35 @@ def _arrow_type(prop: Mapping[str, Any]) -> Any:
         return pa.struct([pa.field(k, _arrow_type(v)) for k, v in prop["properties"].items()])
     scalars = {"integer": pa.int64(), "number": pa.float64(), "boolean": pa.bool_()}
     return scalars.get(kind, pa.string()) if isinstance(kind, str) else pa.string()
+
+
+def _coerced(cells: list[Any], kind: Any) -> list[Any]:
+    """Cells Arrow refused as they are: whole floats for an integer column (JSON's 3.0 is an
+    integer to JSON Schema), and values of an untyped field (anyOf ...) as JSON text."""
+    import pyarrow as pa
+
+    if pa.types.is_integer(kind):
+        return [int(v) if isinstance(v, float) and v.is_integer() else v for v in cells]
+    if pa.types.is_string(kind):
+        return [v if v is None or isinstance(v, str) else json.dumps(v) for v in cells]
+    return cells
+
+
+def _polars_dtype(prop: Mapping[str, Any]) -> Any:
+    import polars as pl
+
+    if "enum" in prop:
+        return pl.Enum([str(v) for v in prop["enum"]])
+    kind = prop.get("type")
+    if isinstance(kind, list):
+        kinds = [k for k in kind if k != "null"]
+        kind = kinds[0] if len(kinds) == 1 else None
+    if kind == "array":
+        return pl.List(_polars_dtype(prop.get("items", {})))
+    if kind == "object" and isinstance(prop.get("properties"), dict):
+        return pl.Struct({k: _polars_dtype(v) for k, v in prop["properties"].items()})
+    scalars = {"integer": pl.Int64, "number": pl.Float64, "boolean": pl.Boolean}
+    return scalars.get(kind, pl.String) if isinstance(kind, str) else pl.String
 
 
 def _check_labels(labels: object) -> list[str]:

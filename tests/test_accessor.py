@@ -1,8 +1,14 @@
-"""df.genai.generate against the fake server on a real loopback socket."""
+"""df.genai.generate against the fake server on a real loopback socket.
+
+The behaviour tests run for every frame library (the ``lib`` fixture): pandas' ``df.genai`` and
+polars' (``gen_ai_frames.polars``), which must behave alike. pandas-only behaviour (indexes,
+MultiIndex columns, mixed-type columns) is tested on pandas alone.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,20 +29,77 @@ from gen_ai_frames.runner import DETAIL_COLUMNS
 from .conftest import FAST_RETRY
 
 
+class Frames:
+    """One frame library, seen the same way by the tests: build a frame, run, read a column."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.pl: Any = None
+        if name == "polars":
+            self.pl = pytest.importorskip("polars")
+            import gen_ai_frames.polars  # noqa: F401  (registers df.genai for polars)
+
+    def __repr__(self) -> str:
+        return self.name
+
+    def frame(self, data: dict[str, Sequence[Any]]) -> Any:
+        if self.pl is not None:
+            return self.pl.DataFrame(data, strict=False)
+        return pd.DataFrame(data)
+
+    def values(self, out: Any, name: str) -> list[Any]:
+        """A column's values, None where missing."""
+        if self.pl is not None:
+            return out.get_column(name).to_list()
+        return [None if v is None or (pd.api.types.is_scalar(v) and pd.isna(v)) else v for v in out[name].tolist()]
+
+    def columns(self, out: Any) -> list[str]:
+        return list(out.columns)
+
+    def height(self, out: Any) -> int:
+        return len(out)
+
+    def assert_equal(self, left: Any, right: Any) -> None:
+        if self.pl is not None:
+            from polars.testing import assert_frame_equal
+
+            assert_frame_equal(left, right)
+        else:
+            pd.testing.assert_frame_equal(left, right)
+
+    def with_column(self, df: Any, name: str, values: Any) -> Any:
+        if self.pl is not None:
+            column = self.pl.Series(name, values) if isinstance(values, list) else self.pl.lit(values)
+            return df.with_columns(column.alias(name))
+        return df.assign(**{name: values})
+
+    def dtype(self, out: Any, name: str) -> str:
+        """The column's type in the library's own words, for the checks below."""
+        return str(out.schema[name] if self.pl is not None else out[name].dtype)
+
+
+@pytest.fixture(params=["pandas", "polars"])
+def lib(request: pytest.FixtureRequest) -> Frames:
+    return Frames(request.param)
+
+
 @pytest.fixture
 def client(fake_server: Any) -> Any:
     return create_client(endpoint=fake_server.url, model_name="m", retry=FAST_RETRY)
 
 
-def generate(df: pd.DataFrame, client: Any, **options: Any) -> pd.DataFrame:
+def generate(df: Any, client: Any, **options: Any) -> Any:
     options.setdefault("progress", False)
     if "template" not in options:
         options.setdefault("column", "prompt")
     return df.genai.generate(client=client, **options)
 
 
-def prompts_frame(n: int, **index: Any) -> pd.DataFrame:
-    return pd.DataFrame({"prompt": [f"question {i}" for i in range(n)], "n": range(n)}, **index)
+def prompts_frame(n: int, lib: Frames | None = None, **index: Any) -> Any:
+    data = {"prompt": [f"question {i}" for i in range(n)], "n": list(range(n))}
+    if lib is not None:
+        return lib.frame(data)
+    return pd.DataFrame(data, **index)
 
 
 @pytest.mark.parametrize(
@@ -62,41 +125,81 @@ def test_answers_land_on_their_rows_for_every_index_kind(client: Any, index: Any
     assert "response" not in df.columns
 
 
-def test_template_fills_prompts_from_columns(client: Any) -> None:
-    df = pd.DataFrame({"city": ["Paris", "Rome", None], "country": ["France", "Italy", "Spain"]})
+def test_answers_land_on_their_rows_in_order(lib: Frames, client: Any, fake_server: Any) -> None:
+    fake_server.configure(latency=0.01)
+    df = lib.frame({"prompt": [f"question {i}" for i in range(40)], "n": list(range(40))})
+    out = generate(df, client, max_concurrent=7)
+    assert lib.values(out, "response") == [f"echo: question {i}" for i in range(40)]
+    assert lib.values(out, "n") == list(range(40)) and lib.values(out, "error") == [None] * 40
+    assert lib.columns(out) == ["prompt", "n", "response", "error"]
+    assert lib.columns(df) == ["prompt", "n"]  # the caller's frame is untouched
+    if lib.pl is not None:
+        assert out.schema["response"] == lib.pl.String and out.schema["error"] == lib.pl.String
+
+
+def test_template_fills_prompts_from_columns(lib: Frames, client: Any) -> None:
+    df = lib.frame({"city": ["Paris", "Rome", None], "country": ["France", "Italy", "Spain"]})
     out = generate(df, client, template="Is {city} in {country}?")
-    assert out["response"].tolist()[:2] == ["echo: Is Paris in France?", "echo: Is Rome in Italy?"]
-    assert pd.isna(out["response"].iloc[2])
-    assert "city" in out["error"].iloc[2] and "missing" in out["error"].iloc[2]
+    assert lib.values(out, "response")[:2] == ["echo: Is Paris in France?", "echo: Is Rome in Italy?"]
+    assert lib.values(out, "response")[2] is None
+    error = lib.values(out, "error")[2]
+    assert "city" in error and "missing" in error
+    assert error == "template field(s) ['city'] are missing in this row"
 
 
-def test_existing_columns_are_not_overwritten_without_consent(client: Any) -> None:
-    df = prompts_frame(2).assign(response="old")
+def test_template_treats_nan_as_missing(lib: Frames, client: Any) -> None:
+    df = lib.frame({"city": ["Paris", "Rome"], "score": [1.5, float("nan")]})
+    out = generate(df, client, template="{city} scores {score}")
+    assert lib.values(out, "response") == ["echo: Paris scores 1.5", None]
+    assert lib.values(out, "error")[1] == "template field(s) ['score'] are missing in this row"
+
+
+def test_existing_columns_are_not_overwritten_without_consent(lib: Frames, client: Any) -> None:
+    df = lib.with_column(prompts_frame(2, lib), "response", "old")
     with pytest.raises(ConfigurationError, match="overwrite=True"):
         generate(df, client)
     out = generate(df, client, overwrite=True)
-    assert out["response"].tolist() == ["echo: question 0", "echo: question 1"]
-    assert df["response"].tolist() == ["old", "old"]
+    assert lib.values(out, "response") == ["echo: question 0", "echo: question 1"]
+    assert lib.columns(out) == ["prompt", "n", "response", "error"]  # replaced where it was
+    assert lib.values(df, "response") == ["old", "old"]
     renamed = generate(df, client, response_column="answer", error_column="problem")
-    assert renamed["answer"].tolist() == ["echo: question 0", "echo: question 1"] and "problem" in renamed
+    assert lib.values(renamed, "answer") == ["echo: question 0", "echo: question 1"]
+    assert "problem" in lib.columns(renamed)
 
 
-def test_empty_frame_returns_at_once(client: Any, fake_server: Any) -> None:
-    out = generate(prompts_frame(0), client, details=True)
-    assert out.empty and {"response", "error", *DETAIL_COLUMNS} <= set(out.columns)
+def test_unknown_column_and_bad_options_fail_before_sending(lib: Frames, client: Any,
+                                                            fake_server: Any) -> None:
+    df = prompts_frame(2, lib)
+    with pytest.raises(ConfigurationError, match="column 'missing' not found"):
+        generate(df, client, column="missing")
+    with pytest.raises(ConfigurationError, match="exactly one of column= .* or template="):
+        generate(df, client, column="prompt", template="{prompt}")
+    with pytest.raises(ConfigurationError, match="did you mean 'max_tokens'"):
+        generate(df, client, max_token=5)
+    with pytest.raises(ConfigurationError, match="template field"):
+        generate(df, client, column=None, template="{}")
     assert fake_server.stats()["requests"] == 0
 
 
-def test_details_columns(client: Any) -> None:
-    df = pd.DataFrame({"prompt": ["fine", "[[status=400]] broken", ""]})
+def test_empty_frame_returns_at_once(lib: Frames, client: Any, fake_server: Any) -> None:
+    out = generate(prompts_frame(0, lib), client, details=True)
+    assert lib.height(out) == 0 and {"response", "error", *DETAIL_COLUMNS} <= set(lib.columns(out))
+    assert fake_server.stats()["requests"] == 0
+
+
+def test_details_columns(lib: Frames, client: Any) -> None:
+    df = lib.frame({"prompt": ["fine", "[[status=400]] broken", ""]})
     out = generate(df, client, details=True)
-    assert list(out.columns) == ["prompt", "response", "error", *DETAIL_COLUMNS]
-    ok, bad, empty = out.iloc[0], out.iloc[1], out.iloc[2]
+    assert lib.columns(out) == ["prompt", "response", "error", *DETAIL_COLUMNS]
+    ok, bad, empty = ({name: lib.values(out, name)[i] for name in lib.columns(out)} for i in range(3))
     assert ok["finish_reason"] == "stop" and ok["attempts"] == 1 and ok["completion_tokens"] > 0
-    assert ok["prompt_tokens"] > 0 and ok["latency_s"] > 0 and pd.isna(ok["error_type"])
+    assert ok["prompt_tokens"] > 0 and ok["latency_s"] > 0 and ok["error_type"] is None
     assert bad["error_type"] == "BadRequestError" and bad["status_code"] == 400 and bad["error_suggestion"]
     assert empty["error_type"] == "InvalidPromptError" and empty["attempts"] == 0
-    assert out["status_code"].dtype == "Int64" and out["latency_s"].dtype == "Float64"
+    if lib.pl is None:
+        assert out["status_code"].dtype == "Int64" and out["latency_s"].dtype == "Float64"
+    else:
+        assert out.schema["status_code"] == lib.pl.Int64 and out.schema["latency_s"] == lib.pl.Float64
 
 
 def test_bad_values_in_the_prompt_column_fail_only_their_rows(client: Any) -> None:
@@ -106,10 +209,11 @@ def test_bad_values_in_the_prompt_column_fail_only_their_rows(client: Any) -> No
     assert out["error"].iloc[3] == "the prompt is int 7, not text"
 
 
-def test_dedupe_sends_identical_prompts_once_at_temperature_zero(client: Any, fake_server: Any) -> None:
-    df = pd.DataFrame({"prompt": ["same", "other", "same", "same"]})
+def test_dedupe_sends_identical_prompts_once_at_temperature_zero(lib: Frames, client: Any,
+                                                                 fake_server: Any) -> None:
+    df = lib.frame({"prompt": ["same", "other", "same", "same"]})
     out = generate(df, client)
-    assert out["response"].tolist() == ["echo: same", "echo: other", "echo: same", "echo: same"]
+    assert lib.values(out, "response") == ["echo: same", "echo: other", "echo: same", "echo: same"]
     assert fake_server.stats()["requests"] == 2
     fake_server.reset()
     generate(df, client, temperature=0.7)  # sampling: each row deserves its own draw
@@ -119,52 +223,53 @@ def test_dedupe_sends_identical_prompts_once_at_temperature_zero(client: Any, fa
     assert fake_server.stats()["requests"] == 4
 
 
-def test_concurrency_does_not_drain_at_chunk_boundaries(client: Any, fake_server: Any) -> None:
+def test_concurrency_does_not_drain_at_chunk_boundaries(lib: Frames, client: Any, fake_server: Any) -> None:
     fake_server.configure(latency=0.05)
-    generate(prompts_frame(64), client, chunk_size=4, max_concurrent=8)
+    generate(prompts_frame(64, lib), client, chunk_size=4, max_concurrent=8)
     # Draining at each chunk would cap requests in flight at the chunk size.
     assert fake_server.stats()["max_in_flight"] == 8
 
 
-def test_progress_bar_on_and_off(client: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    generate(prompts_frame(5), client, progress=False)
+def test_progress_bar_on_and_off(lib: Frames, client: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    generate(prompts_frame(5, lib), client, progress=False)
     assert capsys.readouterr().err == ""
-    generate(prompts_frame(5).assign(prompt=["[[status=400]] x", "a", "b", "c", "d"]), client, progress=True)
+    generate(lib.frame({"prompt": ["[[status=400]] x", "a", "b", "c", "d"]}), client, progress=True)
     err = capsys.readouterr().err
     assert "5/5" in err and "errors=1" in err
 
 
-def test_checkpoint_resume_sends_only_missing_rows(client: Any, fake_server: Any, tmp_path: Path) -> None:
+def test_checkpoint_resume_sends_only_missing_rows(lib: Frames, client: Any, fake_server: Any,
+                                                   tmp_path: Path) -> None:
     ckpt = tmp_path / "run.ckpt"
-    df = prompts_frame(20)
+    df = prompts_frame(20, lib)
     first = generate(df, client, checkpoint=ckpt, chunk_size=6)
     assert fake_server.stats()["requests"] == 20
     fake_server.reset()
     again = generate(df, client, checkpoint=ckpt)
     assert fake_server.stats()["requests"] == 0
-    pd.testing.assert_frame_equal(first, again)
+    lib.assert_equal(first, again)
     # Append two rows, edit one and insert one at the top: only those four are sent.
-    edited = pd.concat([pd.DataFrame({"prompt": ["brand new"], "n": [-1]}), df, prompts_frame(22).tail(2)],
-                       ignore_index=True)
-    edited.loc[5, "prompt"] = "edited prompt"
+    prompts = ["brand new", *lib.values(df, "prompt"), "question 20", "question 21"]
+    prompts[5] = "edited prompt"
+    edited = lib.frame({"prompt": prompts, "n": [-1, *range(22)]})
     out = generate(edited, client, checkpoint=ckpt)
     assert sorted(fake_server.stats()["per_prompt"]) == ["brand new", "edited prompt", "question 20", "question 21"]
-    assert out["response"].tolist() == ["echo: " + p for p in edited["prompt"]]
+    assert lib.values(out, "response") == ["echo: " + p for p in prompts]
 
 
-def test_read_checkpoint_gives_back_the_results(client: Any, tmp_path: Path) -> None:
+def test_read_checkpoint_gives_back_the_results(lib: Frames, client: Any, tmp_path: Path) -> None:
     ckpt = tmp_path / "run.ckpt"
-    df = pd.DataFrame({"prompt": ["a", "[[status=400]] b", "c"]})
+    df = lib.frame({"prompt": ["a", "[[status=400]] b", "c"]})
     out = generate(df, client, checkpoint=ckpt)
     stored = read_checkpoint(ckpt)
-    assert stored["prompt"].tolist() == df["prompt"].tolist()
-    assert stored["response"].tolist()[::2] == out["response"].tolist()[::2]
-    assert stored["error"].iloc[1] == out["error"].iloc[1]
+    assert stored["prompt"].tolist() == lib.values(df, "prompt")
+    assert stored["response"].tolist()[::2] == lib.values(out, "response")[::2]
+    assert stored["error"].iloc[1] == lib.values(out, "error")[1]
 
 
-def test_changed_settings_refuse_to_resume(client: Any, fake_server: Any, tmp_path: Path) -> None:
+def test_changed_settings_refuse_to_resume(lib: Frames, client: Any, fake_server: Any, tmp_path: Path) -> None:
     ckpt = tmp_path / "run.ckpt"
-    df = prompts_frame(3)
+    df = prompts_frame(3, lib)
     generate(df, client, checkpoint=ckpt)
     other_model = create_client(endpoint=fake_server.url, model_name="other")
     with pytest.raises(CheckpointMismatchError, match="resume=False") as caught:
@@ -177,22 +282,24 @@ def test_changed_settings_refuse_to_resume(client: Any, fake_server: Any, tmp_pa
     assert fake_server.stats()["requests"] == 3
 
 
-def test_second_run_on_a_locked_checkpoint_is_refused(client: Any, fake_server: Any, tmp_path: Path) -> None:
+def test_second_run_on_a_locked_checkpoint_is_refused(lib: Frames, client: Any, fake_server: Any,
+                                                       tmp_path: Path) -> None:
     ckpt = tmp_path / "run.ckpt"
     holder = Checkpoint.open(ckpt, {"someone": "else"})
     try:
         with pytest.raises(CheckpointLockedError):
-            generate(prompts_frame(3), client, checkpoint=ckpt)
+            generate(prompts_frame(3, lib), client, checkpoint=ckpt)
     finally:
         holder.close()
     assert fake_server.stats()["requests"] == 0
 
 
-def test_retry_errors_resends_only_failed_rows(client: Any, fake_server: Any, tmp_path: Path) -> None:
+def test_retry_errors_resends_only_failed_rows(lib: Frames, client: Any, fake_server: Any,
+                                              tmp_path: Path) -> None:
     ckpt = tmp_path / "run.ckpt"
-    df = pd.DataFrame({"prompt": ["a", "b [[status=400]]", "c", "d [[status=400]]"]})
+    df = lib.frame({"prompt": ["a", "b [[status=400]]", "c", "d [[status=400]]"]})
     first = generate(df, client, checkpoint=ckpt)
-    assert first["error"].notna().tolist() == [False, True, False, True]
+    assert [e is not None for e in lib.values(first, "error")] == [False, True, False, True]
     fake_server.reset()
     generate(df, client, checkpoint=ckpt)  # plain resume keeps the failures
     assert fake_server.stats()["requests"] == 0
@@ -200,42 +307,50 @@ def test_retry_errors_resends_only_failed_rows(client: Any, fake_server: Any, tm
     assert sorted(fake_server.stats()["per_prompt"]) == ["b [[status=400]]", "d [[status=400]]"]
 
 
-def test_works_inside_a_running_loop_and_async(client: Any) -> None:
-    df = prompts_frame(4)
+def test_works_inside_a_running_loop_and_async(lib: Frames, client: Any) -> None:
+    df = prompts_frame(4, lib)
 
-    async def notebook_cell() -> tuple[pd.DataFrame, pd.DataFrame]:
+    async def notebook_cell() -> tuple[Any, Any]:
         return generate(df, client), await df.genai.agenerate(column="prompt", client=client, progress=False)
 
     sync_out, async_out = asyncio.run(notebook_cell())
-    pd.testing.assert_frame_equal(sync_out, async_out)
+    lib.assert_equal(sync_out, async_out)
 
 
-def test_client_options_build_a_client(fake_server: Any) -> None:
-    out = prompts_frame(2).genai.generate(column="prompt", provider="openai", endpoint=fake_server.url,
-                                          model_name="m", progress=False)
-    assert out["response"].tolist() == ["echo: question 0", "echo: question 1"]
+def test_client_options_build_a_client(lib: Frames, fake_server: Any) -> None:
+    out = prompts_frame(2, lib).genai.generate(column="prompt", provider="openai", endpoint=fake_server.url,
+                                               model_name="m", progress=False)
+    assert lib.values(out, "response") == ["echo: question 0", "echo: question 1"]
     with pytest.raises(ConfigurationError, match="not both"):
-        prompts_frame(2).genai.generate(column="prompt", client=create_client(endpoint=fake_server.url,
-                                        model_name="m"), model_name="x")
+        prompts_frame(2, lib).genai.generate(column="prompt", client=create_client(endpoint=fake_server.url,
+                                             model_name="m"), model_name="x")
 
 
-def test_fatal_error_raises_after_saving_progress(fake_server: Any, tmp_path: Path) -> None:
+def test_fatal_error_raises_after_saving_progress(lib: Frames, fake_server: Any, tmp_path: Path) -> None:
     fake_server.configure(api_key="right-key")
     bad = create_client(endpoint=fake_server.url, model_name="m", api_key="wrong-key")
     from gen_ai_frames import AuthenticationError
 
-    with pytest.raises(AuthenticationError):
-        generate(prompts_frame(50), bad, checkpoint=tmp_path / "c", max_concurrent=2)
+    with pytest.raises(AuthenticationError) as caught:
+        generate(prompts_frame(50, lib), bad, checkpoint=tmp_path / "c", max_concurrent=2)
     assert fake_server.stats()["requests"] <= 2
+    assert "wrong-key" not in str(caught.value)
 
 
-def test_read_checkpoint_follows_rows_inserted_above(client: Any, tmp_path: Path) -> None:
+def test_read_checkpoint_follows_rows_inserted_above(lib: Frames, client: Any, tmp_path: Path) -> None:
     ckpt = tmp_path / "run.ckpt"
-    generate(pd.DataFrame({"prompt": ["a", "b"]}), client, checkpoint=ckpt)
-    generate(pd.DataFrame({"prompt": ["new", "a", "b"]}), client, checkpoint=ckpt)
+    generate(lib.frame({"prompt": ["a", "b"]}), client, checkpoint=ckpt)
+    generate(lib.frame({"prompt": ["new", "a", "b"]}), client, checkpoint=ckpt)
     stored = read_checkpoint(ckpt)
     assert stored["prompt"].tolist() == ["new", "a", "b"]
     assert stored["response"].tolist() == ["echo: new", "echo: a", "echo: b"]
+
+
+def test_template_over_list_columns(lib: Frames, client: Any) -> None:
+    df = lib.frame({"tags": [["a", "b"], ["c"], None]})
+    out = generate(df, client, template="Tags: {tags}")
+    assert lib.values(out, "response")[:2] == ["echo: Tags: ['a', 'b']", "echo: Tags: ['c']"]
+    assert "missing" in lib.values(out, "error")[2]
 
 
 def test_template_over_list_and_array_columns(client: Any) -> None:
@@ -305,11 +420,12 @@ def test_multiindex_sub_column_named_by_tuple_is_used(client: Any) -> None:
     assert out["response"].tolist() == ["echo: first y", "echo: second y"]
 
 
-def test_repair_true_on_the_accessor_resends_only_the_rows_of_a_damaged_part(client: Any, fake_server: Any,
+def test_repair_true_on_the_accessor_resends_only_the_rows_of_a_damaged_part(lib: Frames, client: Any,
+                                                                             fake_server: Any,
                                                                              tmp_path: Path) -> None:
     from gen_ai_frames.checkpoint import CheckpointCorruptError
 
-    df, ckpt = prompts_frame(6), tmp_path / "run.ckpt"
+    df, ckpt = prompts_frame(6, lib), tmp_path / "run.ckpt"
     generate(df, client, checkpoint=ckpt, chunk_size=2, max_concurrent=1)
     damaged = sorted(ckpt.glob("part-*.parquet"))[0]
     damaged.write_bytes(b"PAR1 damaged")
@@ -318,5 +434,5 @@ def test_repair_true_on_the_accessor_resends_only_the_rows_of_a_damaged_part(cli
         generate(df, client, checkpoint=ckpt)
     with pytest.warns(UserWarning, match=damaged.name):
         out = generate(df, client, checkpoint=ckpt, repair=True)
-    assert out["response"].tolist() == [f"echo: question {i}" for i in range(6)]
+    assert lib.values(out, "response") == [f"echo: question {i}" for i in range(6)]
     assert 0 < fake_server.stats()["requests"] < 6
