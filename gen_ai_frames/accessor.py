@@ -19,20 +19,20 @@ import pandas as pd
 
 from ._sync import run_sync
 from .client import Client
-from .factory import create_client
 from .frames import (
     ESTIMATE_OPTIONS,
     check_clash,
     classify_options,
     estimate_prompts,
     extract_options,
+    plan_prompts,
     run_prompts,
 )
 from .options import RunOptions, split_run_and_client, takes_options
-from .plan import DEFAULT_SAMPLE, Plan, empty_template_fields, make_plan
+from .plan import DEFAULT_SAMPLE, Plan, empty_template_fields
 from .pricing import Estimate
 from .prompts import build_prompts
-from .runner import RowResults, output_names
+from .runner import RowResults
 
 __all__ = ["GenAIAccessor"]
 
@@ -269,23 +269,15 @@ class GenAIAccessor:
         run, client_options = split_run_and_client(
             options, client, where="df.genai.plan", also=("sample", "context_window")
         )
-        prompts = build_prompts(self._df, column, template)
-        notes = []
-        clash = [name for name in output_names(run).values() if name in self._df.columns]
-        if clash and not run.overwrite:
-            notes.append(
-                f"the frame already has column(s) {clash}: generate refuses them without overwrite=True"
-            )
-        if client is None:
-            client = create_client(**client_options)
-        return await make_plan(
-            prompts,
-            client=client,
-            options=run,
+        return await plan_prompts(
+            build_prompts(self._df, column, template),
+            client,
+            run,
+            client_options,
+            columns=self._df.columns,
+            empty_fields=empty_template_fields(self._df, template),
             sample=sample,
             context_window=context_window,
-            empty_fields=empty_template_fields(self._df, template),
-            notes=notes,
         )
 
 

@@ -13,7 +13,7 @@ gen_ai_frames.errors.ConfigurationError: the frame already has column(s) ['respo
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .batch import default_checkpoint
 from .client import Client
@@ -24,6 +24,9 @@ from .pricing import Estimate, batch_price_for, estimate_tokens, price_for
 from .prompts import Prompts
 from .runner import RowResults, output_names, run_rows
 from .schema import classify_instruction, extraction_schema, labels_schema
+
+if TYPE_CHECKING:
+    from .plan import Plan
 
 __all__ = [
     "ESTIMATE_OPTIONS",
@@ -125,4 +128,36 @@ def estimate_prompts(
         max_completion_tokens=len(sent) * run.max_tokens,
         price=(batch_price_for if run.mode == "batch" else price_for)(model_name, run.prices, provider),
         tokenizer="estimated at ~4 characters a token",
+    )
+
+
+async def plan_prompts(
+    prompts: Prompts,
+    client: Client | None,
+    run: RunOptions,
+    client_options: dict[str, Any],
+    *,
+    columns: Collection[Any],
+    empty_fields: Mapping[str, int],
+    sample: int,
+    context_window: int | None,
+) -> Plan:
+    """The plan of answering ``prompts`` (see ``df.genai.plan``); ``columns`` are the frame's, to
+    warn about result columns ``generate`` would refuse to replace."""
+    from .plan import make_plan
+
+    notes = []
+    clash = [name for name in output_names(run).values() if name in columns]
+    if clash and not run.overwrite:
+        notes.append(f"the frame already has column(s) {clash}: generate refuses them without overwrite=True")
+    if client is None:
+        client = create_client(**client_options)
+    return await make_plan(
+        prompts,
+        client=client,
+        options=run,
+        sample=sample,
+        context_window=context_window,
+        empty_fields=dict(empty_fields),
+        notes=notes,
     )

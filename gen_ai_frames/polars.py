@@ -36,10 +36,12 @@ from .frames import (
     classify_options,
     estimate_prompts,
     extract_options,
+    plan_prompts,
     run_prompts,
 )
 from .options import RunOptions, split_run_and_client, takes_options
 from .params import validate_positive_int
+from .plan import DEFAULT_SAMPLE, Plan
 from .pricing import Estimate
 from .prompts import Prompts, build_prompts_from_columns, template_fields
 from .results import RESULT_TYPES
@@ -226,6 +228,72 @@ class PolarsGenAI:
             model_name=model_name,
             provider=provider,
         )
+
+    @takes_options()
+    def plan(
+        self,
+        column: str | None = None,
+        *,
+        template: str | None = None,
+        client: Client | None = None,
+        sample: int = DEFAULT_SAMPLE,
+        context_window: int | None = None,
+        **options: Any,
+    ) -> Plan:
+        """What :meth:`generate` with the same arguments would send, cost and take, measured on
+        ``sample`` real requests; see pandas' ``df.genai.plan``.
+
+        >>> print(df.genai.plan("prompt", client=client, checkpoint="run.ckpt"))  # doctest: +SKIP
+        """
+        return run_sync(
+            self.aplan(
+                column,
+                template=template,
+                client=client,
+                sample=sample,
+                context_window=context_window,
+                **options,
+            )
+        )
+
+    @takes_options()
+    async def aplan(
+        self,
+        column: str | None = None,
+        *,
+        template: str | None = None,
+        client: Client | None = None,
+        sample: int = DEFAULT_SAMPLE,
+        context_window: int | None = None,
+        **options: Any,
+    ) -> Plan:
+        """Async twin of :meth:`plan`."""
+        run, client_options = split_run_and_client(
+            options, client, where="df.genai.plan", also=("sample", "context_window")
+        )
+        return await plan_prompts(
+            frame_prompts(self._df, column, template),
+            client,
+            run,
+            client_options,
+            columns=self._df.columns,
+            empty_fields=_empty_fields(self._df, template),
+            sample=sample,
+            context_window=context_window,
+        )
+
+
+def _empty_fields(df: pl.DataFrame, template: str | None) -> dict[str, int]:
+    """For each field of ``template``, the rows where its column is null or blank text."""
+    counts = {}
+    for name in template_fields(template) if template is not None else []:
+        if name in df.columns:
+            column = df.get_column(name)
+            blank = 0
+            if column.dtype == pl.String:
+                blank = int(column.str.strip_chars().eq("").sum())
+            counts[name] = column.null_count() + blank
+    return counts
 
 
 # ------------------------------------------------------------------------------------------ expressions

@@ -306,3 +306,23 @@ def test_the_examples_of_docs_polars_run(client: Any, tmp_path: Path, monkeypatc
     namespace: dict[str, Any] = {"client": client}
     for block in blocks:
         exec(compile(block, str(page), "exec"), namespace)
+
+
+def test_plan_on_a_polars_frame_matches_pandas_and_keeps_its_sample(fake_server: Any, tmp_path: Path) -> None:
+    client = create_client(endpoint=fake_server.url, model_name="m", retry=FAST_RETRY)
+    rows = {"topic": ["cats", "dogs", "", None, "cats", "owls"]}
+    template = "Tell me about {topic}"
+    plans = {}
+    for name, df in {"pandas": pd.DataFrame(rows), "polars": pl.DataFrame(rows)}.items():
+        plans[name] = df.genai.plan(template=template, client=client, sample=0)
+    assert fake_server.stats()["requests"] == 0
+    keys = ("rows", "invalid_rows", "duplicate_rows", "requests", "examples", "warnings")
+    assert {k: getattr(plans["polars"], k) for k in keys} == {k: getattr(plans["pandas"], k) for k in keys}
+    assert any("topic" in warning for warning in plans["polars"].warnings)  # empty in 2 of 6 rows
+
+    df = pl.DataFrame(rows)
+    plan = df.genai.plan(template=template, client=client, sample=2, checkpoint=tmp_path / "c")
+    assert fake_server.stats()["requests"] == 2 and plan.sample_kept
+    df.genai.generate(template=template, client=client, checkpoint=tmp_path / "c", progress=False)
+    # the sample's 2 answers were kept: the run sent only the rest of the plan's requests
+    assert fake_server.stats()["requests"] == plans["polars"].requests
