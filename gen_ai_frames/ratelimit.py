@@ -8,14 +8,30 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import contextvars
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
+from typing import TYPE_CHECKING, Protocol
 
 from .errors import ConfigurationError
 
-__all__ = ["Pace", "RateLimiter", "parse_duration", "ratelimit_wait", "stated_limits", "validate_limits"]
+if TYPE_CHECKING:
+    from .errors import NotSentError
+
+__all__ = [
+    "Pace",
+    "RateLimiter",
+    "SharedLimits",
+    "current_shared_limits",
+    "parse_duration",
+    "ratelimit_wait",
+    "sharing_limits",
+    "stated_limits",
+    "validate_limits",
+]
 
 Clock = Callable[[], float]
 
@@ -302,6 +318,31 @@ class Pace:
                     wait = (reset, header)
         return wait
 
+    def limit_concurrency(self, maximum: int) -> None:
+        """Change the most requests in flight (a share of a run spread over processes): a window
+        that was fully open follows it, one still opening is capped by it."""
+        maximum = max(1, maximum)
+        fully_open = self.window >= self.maximum
+        self.maximum = maximum
+        if fully_open or self.window > maximum:
+            self.window = maximum
+        self._changed.set()
+
+    @property
+    def request_rate(self) -> float | None:
+        """Requests per second the pace allows now; None when nothing learned paces requests.
+
+        >>> pace = Pace(8, clock=lambda: 0.0)
+        >>> pace.request_rate, pace.learn({"x-ratelimit-limit-requests": "600"}), pace.request_rate
+        (None, None, 10.0)
+        """
+        requests = self.budgets.get("requests")
+        if requests is not None:
+            return requests.rate * self.scale
+        if self._adaptive is not None:
+            return self._adaptive.rate
+        return None
+
     @property
     def status(self) -> str | None:
         """What the progress bar shows, e.g. ``"rate limited: 8.3 req/s"``; None when not paced."""
@@ -316,6 +357,83 @@ class Pace:
             if budget is not None:
                 parts.append(f"{budget.rate * self.scale:,.0f} {kind}/s")
         return "rate limited: " + ", ".join(parts) if parts else None
+
+
+class SharedLimits(Protocol):
+    """Limits an engine shares with the engines of other processes of the same run (a Dask run):
+    one pace, one pause, one budget. The engine consults it instead of its own pace and limiter
+    when one is given (``Engine(shared=...)``, or :func:`sharing_limits` around the run);
+    :class:`gen_ai_frames.coordinator.SharedRun` is the implementation.
+
+    Times are this process's ``time.monotonic``.
+    """
+
+    #: Changes when the shared pace does: a request booked under an older one books again.
+    generation: int
+    #: Until when the whole run is paused (a 429 with Retry-After anywhere in the run).
+    paused_until: float
+    #: Set once the run's budget is spent: the error for the rows not sent.
+    stopped: NotSentError | None
+
+    def attach(self, pace: Pace) -> None:
+        """The engine's own pace, whose concurrency the shared limits may set."""
+
+    async def reserve(self, costs: Mapping[str, float]) -> float:
+        """Book one request; seconds to wait before sending it."""
+        ...
+
+    def settle(
+        self,
+        outcome: str,
+        *,
+        sent_at: float | None = None,
+        key: object = None,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        estimated: int = 0,
+    ) -> None:
+        """A booked request ended: ``"answered"``, ``"served"`` (an error the server answered),
+        ``"rate_limited"`` (a 429) or ``"failed"`` (no response: not sent, timed out, refused)."""
+
+    def learn(self, headers: Mapping[str, str]) -> None:
+        """An answer's headers (its stated rate limits apply to the whole run)."""
+
+    def pause(self, seconds: float, reason: str) -> None:
+        """Pause the whole run."""
+
+    async def close(self) -> None:
+        """The engine's run is over."""
+
+    def start(self, total: int, done: int, errors: int) -> None:
+        """The runner's rows: ``done`` of ``total`` answered before (resumed), ``errors`` of them failed."""
+
+    def advance(self, rows: int, failed: bool) -> None:
+        """The runner stored ``rows`` more results (the run's one progress bar counts them)."""
+
+
+_shared: contextvars.ContextVar[SharedLimits | None] = contextvars.ContextVar(
+    "gen_ai_frames_shared_limits", default=None
+)
+
+
+def current_shared_limits() -> SharedLimits | None:
+    """The shared limits set by :func:`sharing_limits` around this code, if any.
+
+    >>> current_shared_limits() is None
+    True
+    """
+    return _shared.get()
+
+
+@contextlib.contextmanager
+def sharing_limits(limits: SharedLimits | None) -> Iterator[None]:
+    """Runs started inside (their engines and progress) use ``limits``: how a Dask partition task
+    hands the run's shared limits to the pandas accessor it calls, without a new option."""
+    token = _shared.set(limits)
+    try:
+        yield
+    finally:
+        _shared.reset(token)
 
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")

@@ -29,6 +29,7 @@ from .options import RunOptions
 from .params import Message
 from .pricing import Budget, Spend, estimate_tokens, price_for
 from .prompts import Prompts
+from .ratelimit import SharedLimits, current_shared_limits
 from .results import DETAIL_COLUMNS, RECORD_SCHEMA, RESULT_COLUMNS, pandas_array
 
 __all__ = ["DETAIL_COLUMNS", "RowResults", "output_names", "run_rows"]
@@ -94,10 +95,22 @@ class RowResults:
 class _Progress:
     """A tqdm.auto bar: rows done of total, rate, errors, tokens and spend so far, and pauses.
 
-    A no-op when disabled.
+    A no-op when disabled. ``feed`` (a Dask partition's shared run) hears the same counts, for the
+    run's one bar on the caller's side.
     """
 
-    def __init__(self, total: int, enabled: bool, initial: int, errors: int, spend: Spend) -> None:
+    def __init__(
+        self,
+        total: int,
+        enabled: bool,
+        initial: int,
+        errors: int,
+        spend: Spend,
+        feed: SharedLimits | None = None,
+    ) -> None:
+        self.feed = feed
+        if feed is not None:
+            feed.start(total, initial, errors)
         self.errors = errors
         self.spend = spend
         self.status: str | None = None
@@ -111,6 +124,8 @@ class _Progress:
             self._postfix(refresh=False)
 
     def advance(self, rows: int, failed: bool) -> None:
+        if self.feed is not None:
+            self.feed.advance(rows, failed)
         if self.bar is None:
             return
         self.errors += rows if failed else 0
@@ -198,6 +213,7 @@ async def run_rows(prompts: Prompts | Sequence[object], *, client: Client, optio
             initial=n - len(todo),
             spend=budget.spend,
             errors=sum(1 for e in columns["error"] if e is not None),
+            feed=current_shared_limits(),
         )
         try:
             await _send_groups(run, groups, client, options, budget, bar, outcome)
