@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -243,9 +244,9 @@ class RunCoordinator:
 
     def _affordable(self, m: _Member, count: int, costs: Mapping[str, float]) -> int:
         """How many of ``count`` slots the budget can still pay for: requests in flight are counted
-        at the mean cost of an answer so far (a worst case before the first answer). A partition
-        with none in flight may always send one while money is left, so the run spends at most the
-        budget plus one request per partition."""
+        at the mean cost of an answer so far (a worst case before the first answer). While less
+        than a request's worth is left, a partition with none in flight may send one more, so the
+        run spends at most the budget plus one request per partition."""
         if self.max_cost is None or self.price is None:
             return count
         spent = self.spend.usd or 0.0
@@ -259,10 +260,12 @@ class RunCoordinator:
         if cost <= 0:
             return count
         in_flight = sum(member.outstanding for member in self.members.values())
-        room = math.floor((self.max_cost - spent - in_flight * cost) / cost)
-        if room <= 0 and m.outstanding == 0:
-            return 1
-        return max(0, min(count, room))
+        money = self.max_cost - spent - in_flight * cost
+        room = math.floor(money / cost)
+        if room <= 0:
+            # Less than one request's worth left: one more, from a partition with none in flight.
+            return 1 if money > 0 and m.outstanding == 0 else 0
+        return min(count, room)
 
     def _share(self) -> int:
         """This partition's share of ``max_concurrent``: the total over the partitions running
@@ -347,6 +350,7 @@ class SharedRun:
         self._granted: asyncio.Event | None = None
         self._exchanged_at = float("-inf")
         self._starved = False
+        self._closing = False
         self.exchanges = 0
 
     # SharedLimits ----------------------------------------------------------------------------
@@ -354,8 +358,8 @@ class SharedRun:
     def attach(self, pace: Pace) -> None:
         """The engine's pace: its concurrency follows this partition's share of the run's."""
         self._pace = pace
-        if self.concurrency is not None:
-            pace.limit_concurrency(self.concurrency)
+        # One request until the first lease tells this partition its share of the run's total.
+        pace.limit_concurrency(self.concurrency or 1)
 
     async def reserve(self, costs: Mapping[str, float]) -> float:
         """Take one request slot (leasing more when none is left); return how long to wait."""
@@ -421,12 +425,17 @@ class SharedRun:
     async def close(self) -> None:
         """The engine's run is over: stop leasing, give unused slots back, report what is left."""
         task, self._task = self._task, None
+        self._closing = True
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         self._slots_back()
         if self._has_news():
-            await asyncio.to_thread(self._exchange, 0)
+            report, self._report = self._report, _empty_report()
+            try:
+                await asyncio.to_thread(self._call_coordinator, 0, report)
+            except Exception:  # the run's answers matter more: finish() tries again
+                self._merge_back(report)
 
     # The runner's progress feed ---------------------------------------------------------------
 
@@ -448,6 +457,7 @@ class SharedRun:
 
     def _start(self) -> None:
         if self._task is None or self._task.done():
+            self._closing = False
             self._wake, self._granted = asyncio.Event(), asyncio.Event()
             self._task = asyncio.ensure_future(self._pump())
 
@@ -459,26 +469,41 @@ class SharedRun:
         """Leases (and reports) in the background: when slots run low, when news is urgent, and at
         least every :data:`LEASE_S` seconds while the run goes on."""
         assert self._wake is not None and self._granted is not None
-        while True:
+        while not self._closing:
             if not self._starved:
-                try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=LEASE_S)
-                except TimeoutError:
-                    pass
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that comes
+                # as the event is set, and close() would wait for this loop forever.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(LEASE_S):
+                        await self._wake.wait()
             else:  # the last lease gave nothing (the budget): ask again later, not in a loop
                 await self._sleep(LEASE_S)
             self._wake.clear()
             want = max(0, self.want - len(self._slots))
-            await asyncio.to_thread(self._exchange, want)
+            report, self._report = self._report, _empty_report()
+            try:
+                grant = await asyncio.to_thread(self._call_coordinator, want, report)
+            except BaseException:
+                self._merge_back(report)
+                raise
+            self._take(want, grant)  # here, in the loop: it wakes the engine's waiting requests
             self._granted.set()
 
     def _exchange(self, want: int) -> None:
+        """One lease, blocking (where no loop runs)."""
         report, self._report = self._report, _empty_report()
         try:
-            grant = self._call(self.member, want, self._costs, report)
+            grant = self._call_coordinator(want, report)
         except BaseException:
             self._merge_back(report)
             raise
+        self._take(want, grant)
+
+    def _call_coordinator(self, want: int, report: dict[str, Any]) -> dict[str, Any]:
+        return self._call(self.member, want, self._costs, report)
+
+    def _take(self, want: int, grant: Mapping[str, Any]) -> None:
+        """Apply a grant: new slots, the run's pause, its budget stop, this partition's share."""
         self.exchanges += 1
         now = self._clock()
         self._exchanged_at = now

@@ -173,6 +173,8 @@ class Pace:
         self._slow_start = True  # one more slot per answer; after a cut, one per window of answers
         self._grown = 0
         self.in_flight = 0
+        #: A cap on the window set from outside (a Dask partition's share of its run's total).
+        self.cap = maximum
         self._clock = clock
         self._changed = asyncio.Event()
         self.started = clock()
@@ -195,7 +197,7 @@ class Pace:
     # Concurrency -------------------------------------------------------------------------------
 
     async def acquire(self) -> None:
-        while self.in_flight >= self.window:
+        while self.in_flight >= min(self.window, self.cap):
             self._changed.clear()
             await self._changed.wait()
         self.in_flight += 1
@@ -318,14 +320,10 @@ class Pace:
                     wait = (reset, header)
         return wait
 
-    def limit_concurrency(self, maximum: int) -> None:
-        """Change the most requests in flight (a share of a run spread over processes): a window
-        that was fully open follows it, one still opening is capped by it."""
-        maximum = max(1, maximum)
-        fully_open = self.window >= self.maximum
-        self.maximum = maximum
-        if fully_open or self.window > maximum:
-            self.window = maximum
+    def limit_concurrency(self, cap: int) -> None:
+        """Cap the requests in flight (a partition's share of a run spread over processes), below
+        the window slow start opens."""
+        self.cap = max(1, cap)
         self._changed.set()
 
     @property

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from .prompts import Prompts
 from .ratelimit import SharedLimits, current_shared_limits
 from .results import DETAIL_COLUMNS, RECORD_SCHEMA, RESULT_COLUMNS, pandas_array
 
-__all__ = ["DETAIL_COLUMNS", "RowResults", "output_names", "run_rows"]
+__all__ = ["DETAIL_COLUMNS", "RowResults", "one_progress_bar", "output_names", "run_rows"]
 
 logger = logging.getLogger("gen_ai_frames")
 
@@ -111,6 +112,7 @@ class _Progress:
         self.feed = feed
         if feed is not None:
             feed.start(total, initial, errors)
+        self._earlier = (0, 0.0)  # tokens and dollars of the earlier runs on this bar
         self.errors = errors
         self.spend = spend
         self.status: str | None = None
@@ -121,6 +123,16 @@ class _Progress:
             self.bar = tqdm(
                 total=total, initial=initial, unit="row", desc="gen-ai-frames", dynamic_ncols=True
             )
+            self._postfix(refresh=False)
+
+    def adopt(self, done: int, errors: int, spend: Spend) -> None:
+        """A further run on this bar (:func:`one_progress_bar`): its restored rows count as done,
+        its spend adds to the earlier runs'."""
+        self._earlier = (self._earlier[0] + self.spend.tokens, self._earlier[1] + (self.spend.usd or 0.0))
+        self.spend = spend
+        if self.bar is not None:
+            self.errors += errors
+            self.bar.update(done)
             self._postfix(refresh=False)
 
     def advance(self, rows: int, failed: bool) -> None:
@@ -139,9 +151,10 @@ class _Progress:
             self._postfix(refresh=True)
 
     def _postfix(self, refresh: bool) -> None:
-        fields: dict[str, Any] = {"errors": self.errors, "tokens": _short(self.spend.tokens)}
+        tokens = self._earlier[0] + self.spend.tokens
+        fields: dict[str, Any] = {"errors": self.errors, "tokens": _short(tokens)}
         if self.spend.usd is not None:
-            fields["spend"] = f"${self.spend.usd:.4f}"
+            fields["spend"] = f"${self._earlier[1] + self.spend.usd:.4f}"
         if self.status:
             fields["status"] = self.status
         self.bar.set_postfix(fields, refresh=refresh)
@@ -149,6 +162,26 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+_one_bar: contextvars.ContextVar[_Progress | None] = contextvars.ContextVar("gen_ai_frames_bar", default=None)
+
+
+@contextlib.contextmanager
+def one_progress_bar(total: int, enabled: bool) -> Iterator[None]:
+    """Every :func:`run_rows` inside shows its rows on one bar of ``total`` rows instead of its own
+    (the command line: one bar per file, not one per batch). Runs with ``progress=False`` stay off it.
+
+    >>> with one_progress_bar(0, enabled=False):
+    ...     pass
+    """
+    bar = _Progress(total, enabled and total > 0, initial=0, errors=0, spend=Spend(None))
+    token = _one_bar.set(bar)
+    try:
+        yield
+    finally:
+        _one_bar.reset(token)
+        bar.close()
 
 
 def _short(count: int) -> str:
@@ -207,18 +240,25 @@ async def run_rows(prompts: Prompts | Sequence[object], *, client: Client, optio
         for i in todo:
             groups.setdefault(prompts.texts[i] if dedupe else i, []).append(i)
 
-        bar = _Progress(
-            n,
-            options.progress and n > 0,
-            initial=n - len(todo),
-            spend=budget.spend,
-            errors=sum(1 for e in columns["error"] if e is not None),
-            feed=current_shared_limits(),
-        )
+        errors = sum(1 for e in columns["error"] if e is not None)
+        outer = _one_bar.get() if options.progress else None
+        if outer is not None:  # one bar for several runs (the batches of a file)
+            bar = outer
+            bar.adopt(n - len(todo), errors, budget.spend)
+        else:
+            bar = _Progress(
+                n,
+                options.progress and n > 0,
+                initial=n - len(todo),
+                spend=budget.spend,
+                errors=errors,
+                feed=current_shared_limits(),
+            )
         try:
             await _send_groups(run, groups, client, options, budget, bar, outcome)
         finally:
-            bar.close()
+            if bar is not outer:
+                bar.close()
     finally:
         if store is not None:
             await asyncio.to_thread(store.close)
