@@ -275,6 +275,17 @@ class RunCoordinator:
         divisor = max(1, active, min(self.in_flight, active + waiting))
         return max(1, self.max_concurrent // divisor)
 
+    def settings(self) -> dict[str, Any]:
+        """The run's totals as given (an Actor shows methods, not attributes)."""
+        return {
+            "max_concurrent": self.max_concurrent,
+            "requests_per_minute": self.requests_per_minute,
+            "tokens_per_minute": self.tokens_per_minute,
+            "max_cost": self.max_cost,
+            "npartitions": self.npartitions,
+            "in_flight": self.in_flight,
+        }
+
     # Progress ---------------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
@@ -427,7 +438,10 @@ class SharedRun:
         task, self._task = self._task, None
         self._closing = True
         if task is not None:
-            task.cancel()
+            # Let the pump end by itself: cancelled in the middle of a lease, it could not tell
+            # whether its report arrived (and sending it again would count its rows twice).
+            assert self._wake is not None
+            self._wake.set()
             await asyncio.gather(task, return_exceptions=True)
         self._slots_back()
         if self._has_news():
@@ -476,6 +490,8 @@ class SharedRun:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(LEASE_S):
                         await self._wake.wait()
+                if self._closing:
+                    return  # close() reports what is left
             else:  # the last lease gave nothing (the budget): ask again later, not in a loop
                 await self._sleep(LEASE_S)
             self._wake.clear()
@@ -483,7 +499,7 @@ class SharedRun:
             report, self._report = self._report, _empty_report()
             try:
                 grant = await asyncio.to_thread(self._call_coordinator, want, report)
-            except BaseException:
+            except Exception:  # not when cancelled: the call goes on in its thread and may land
                 self._merge_back(report)
                 raise
             self._take(want, grant)  # here, in the loop: it wakes the engine's waiting requests
