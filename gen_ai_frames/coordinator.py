@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -38,10 +39,14 @@ from .ratelimit import Pace, RateLimiter
 
 __all__ = ["LEASE_S", "RunCoordinator", "SharedRun"]
 
+logger = logging.getLogger("gen_ai_frames")
+
 #: Seconds of the run's pace one lease covers; also how often a partition reports (at most).
 LEASE_S = 0.2
 #: Seconds between two progress events of the coordinator (and one when the run ends).
 PUBLISH_S = 0.5
+#: Seconds a lease may take before the coordinator counts as lost (its worker died).
+LOST_AFTER_S = 15.0
 
 Clock = Callable[[], float]
 
@@ -331,6 +336,11 @@ class SharedRun:
 
     ``call(member, want, costs, report)`` is the coordinator's :meth:`RunCoordinator.lease`
     (a Dask Actor method in a worker); it blocks, so it runs in a thread, one at a time.
+
+    If the coordinator is lost (a lease fails: its worker died), the partition carries on alone,
+    with a warning: paced by what its own engine learned and by ``fallback`` (its static share of
+    the run's rate limits), or, when the run has a budget (``budgeted``), it stops sending, as the
+    budget can no longer be kept.
     """
 
     def __init__(
@@ -341,8 +351,14 @@ class SharedRun:
         want: int = 64,
         clock: Clock = time.monotonic,
         sleep: Callable[[float], Any] = asyncio.sleep,
+        fallback: RateLimiter | None = None,
+        budgeted: bool = False,
     ) -> None:
         self._call = call
+        self._fallback = fallback
+        self._budgeted = budgeted
+        #: Set when the coordinator could not be reached: this partition paces itself from then.
+        self.lost: BaseException | None = None
         self.member = member
         self.want = want
         self._clock = clock
@@ -380,6 +396,8 @@ class SharedRun:
         while True:
             if self.stopped is not None:
                 return 0.0
+            if self.lost is not None:
+                return self._alone(costs)
             now = self._clock()
             self._drop_stale(now)
             if self._slots:
@@ -444,7 +462,7 @@ class SharedRun:
             self._wake.set()
             await asyncio.gather(task, return_exceptions=True)
         self._slots_back()
-        if self._has_news():
+        if self._has_news() and self.lost is None:
             report, self._report = self._report, _empty_report()
             try:
                 await asyncio.to_thread(self._call_coordinator, 0, report)
@@ -463,6 +481,8 @@ class SharedRun:
 
     def finish(self) -> None:
         """The partition task ended (sync: its event loop is gone)."""
+        if self.lost is not None:
+            return
         self._slots_back()
         self._report["finished"] = True
         self._exchange(0)
@@ -470,6 +490,8 @@ class SharedRun:
     # Leasing ---------------------------------------------------------------------------------
 
     def _start(self) -> None:
+        if self.lost is not None:
+            return
         if self._task is None or self._task.done():
             self._closing = False
             self._wake, self._granted = asyncio.Event(), asyncio.Event()
@@ -499,9 +521,11 @@ class SharedRun:
             report, self._report = self._report, _empty_report()
             try:
                 grant = await asyncio.to_thread(self._call_coordinator, want, report)
-            except Exception:  # not when cancelled: the call goes on in its thread and may land
+            except Exception as exc:  # not when cancelled: the call goes on in its thread and may land
                 self._merge_back(report)
-                raise
+                self._lose(exc)
+                self._granted.set()
+                return
             self._take(want, grant)  # here, in the loop: it wakes the engine's waiting requests
             self._granted.set()
 
@@ -553,6 +577,35 @@ class SharedRun:
         for name in ("headers", "pause", "total", "done", "failed_before"):
             if current.get(name) is None and report.get(name) is not None:
                 current[name] = report[name]
+
+    def _lose(self, exc: BaseException) -> None:
+        if self.lost is not None:
+            return
+        self.lost = exc
+        self._slots.clear()
+        logger.warning(
+            "gen_ai_frames.dask: the run's coordinator cannot be reached (%s: %s); this partition "
+            "goes on alone, with its share of the run's limits%s",
+            type(exc).__name__,
+            exc,
+            " and stops sending, as max_cost can no longer be kept" if self._budgeted else "",
+        )
+        if self._budgeted and self.stopped is None:
+            self.stopped = NotSentError(
+                "not sent: the run's coordinator was lost (its Dask worker died), so the run's max_cost "
+                "could no longer be kept",
+                suggestion="Compute again: with a checkpoint, answered rows are kept and only these "
+                "are sent.",
+                retryable=False,
+                sent=False,
+            )
+
+    def _alone(self, costs: Mapping[str, float]) -> float:
+        """A slot without the coordinator: the engine's own pace, and the static share of the limits."""
+        wait = 0.0 if self._pace is None else self._pace.reserve(costs)
+        if self._fallback is not None:
+            wait = max(wait, self._fallback.reserve(int(costs.get("tokens", 0))))
+        return wait
 
     def _drop_stale(self, now: float) -> None:
         """A paced slot left unused for a lease period is given back: used late, it would burst."""

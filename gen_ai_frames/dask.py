@@ -56,7 +56,7 @@ from dask.dataframe.extensions import register_dataframe_accessor
 
 from .checkpoint import run_fingerprint
 from .client import Client
-from .coordinator import RunCoordinator, SharedRun
+from .coordinator import LOST_AFTER_S, RunCoordinator, SharedRun
 from .errors import ConfigurationError
 from .factory import create_client
 from .options import RunOptions, split_run_and_client, takes_options
@@ -64,7 +64,7 @@ from .params import validate_positive_int
 from .pricing import price_for
 from .providers import get_provider
 from .providers.base import redact_url
-from .ratelimit import sharing_limits
+from .ratelimit import RateLimiter, sharing_limits
 from .shards import ShardedCheckpoint, kind_of
 
 __all__ = ["DaskGenAIAccessor", "partition_checkpoint", "plan_concurrency"]
@@ -191,6 +191,9 @@ class _PartitionJob:
     coordinator: Any = None
     #: Request slots a partition leases at a time when nothing paces the run.
     lease: int = 64
+    #: The static split of the run's rate limits: a partition's pace if the coordinator is lost.
+    fallback_rates: tuple[float | None, float | None] = (None, None)
+    budgeted: bool = False
 
 
 def partition_checkpoint(root: str | os.PathLike[str], number: int) -> Path:
@@ -254,8 +257,13 @@ def _generate_partition(
     if job.coordinator is None:
         return part.genai.generate(job.column, client=client, template=job.template, **options.as_kwargs())
     coordinator = job.coordinator
+    rates = job.fallback_rates
     shared = SharedRun(
-        lambda *args: coordinator.lease(*args).result(), uuid.uuid4().hex, want=job.lease
+        lambda *args: coordinator.lease(*args).result(timeout=LOST_AFTER_S),
+        uuid.uuid4().hex,
+        want=job.lease,
+        fallback=RateLimiter(*rates) if any(rates) else None,
+        budgeted=job.budgeted,
     )
     try:
         with sharing_limits(shared):
@@ -351,22 +359,23 @@ class DaskGenAIAccessor:
 
         Options are those of the pandas accessor, with these differences:
 
-        * ``max_concurrent`` (and ``requests_per_minute``/``tokens_per_minute``) is the total for
-          the run, split over the partitions that run at once (:func:`plan_concurrency`);
-          ``partitions_in_flight=`` overrides how many that is.
+        * ``max_concurrent``, ``requests_per_minute``, ``tokens_per_minute`` and ``max_cost`` are
+          run totals. On a distributed cluster one coordinator (a Dask Actor) holds them for the
+          whole run: one pace (learned from any partition's headers and 429s), one pause, one
+          budget spent first come, and the concurrency shared out among the partitions running
+          now (see docs/distributed.md). Without one they are split over the partitions that run
+          at once (:func:`plan_concurrency`); ``partitions_in_flight=`` overrides how many that is.
         * ``checkpoint`` is a directory holding one checkpoint per partition
           (``partition-00007/``). Resuming needs the same partitioning (same ``npartitions`` and
           rows per partition); rows that moved to another partition are sent again.
           ``resume=False`` discards what was stored before this call; recomputing the returned
           frame, or a task Dask runs again after a worker died, resumes.
-        * ``progress`` is ignored: bars are always off inside workers (watch the Dask dashboard,
-          or ``distributed.progress(out.persist())``).
-        * ``requests_per_minute`` / ``tokens_per_minute`` (or, when not given, those of ``client``)
-          are run totals too, divided exactly by the partitions in flight. A 429 pauses only the
-          partition that received it (each task paces itself; partitions do not coordinate).
-        * ``max_cost`` is the run's budget, divided equally over all partitions (they cannot share
-          a running total), so the run never spends more than ``max_cost`` plus what was in flight;
-          a partition that reaches its share leaves its remaining rows unsent (``NotSentError``).
+        * ``progress``: on a distributed cluster, one bar for the run on the caller's side, fed by
+          every partition; bars are always off inside workers.
+        * Without a distributed cluster: the rate limits (or, when not given, those of ``client``)
+          are divided exactly by the partitions in flight and a 429 pauses only the partition that
+          received it; ``max_cost`` is divided equally over all partitions, and a partition that
+          reaches its share leaves its remaining rows unsent (``NotSentError``).
 
         Settings are checked now, on the caller's side (an unknown option, column or provider fails
         here, not on a worker); nothing is sent before ``compute()``.
@@ -449,6 +458,8 @@ class DaskGenAIAccessor:
             npartitions=ddf.npartitions,
             coordinator=coordinator,
             lease=min(256, max(16, run.max_concurrent)),
+            fallback_rates=(limits.get("requests_per_minute"), limits.get("tokens_per_minute")),
+            budgeted=run.max_cost is not None,
         )
         if job.checkpoint is None:
             return ddf.map_partitions(_generate_partition, job, meta=meta)

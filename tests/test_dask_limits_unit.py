@@ -272,3 +272,29 @@ def test_cli_shows_one_bar_per_file_not_per_batch(tmp_path: Any, monkeypatch: py
     (bar,) = RecordingBar.made
     assert (bar.total, bar.n, bar.closed) == (50, 50, True)
     assert bar.postfix["errors"] == 2
+
+
+def test_a_lost_coordinator_leaves_each_partition_on_its_own(caplog: pytest.LogCaptureFixture) -> None:
+    from gen_ai_frames.ratelimit import RateLimiter
+
+    clock = Clock()
+
+    def gone(*args: Any) -> dict:
+        raise OSError("Timed out trying to connect to tcp://127.0.0.1:9")
+
+    alone = SharedRun(gone, "a", clock=clock, fallback=RateLimiter(600, clock=clock))
+    budgeted = SharedRun(gone, "b", clock=clock, budgeted=True)
+
+    async def go() -> tuple[list[float], float]:
+        waits = [await alone.reserve(REQUEST) for _ in range(3)]
+        await budgeted.reserve(REQUEST)
+        await alone.close()
+        await budgeted.close()
+        return waits, 0.0
+
+    waits, _ = asyncio.run(go())
+    assert waits == pytest.approx([0.0, 0.1, 0.2])  # its static share of the limit paces it
+    assert alone.lost is not None and alone.stopped is None
+    assert isinstance(budgeted.stopped, NotSentError) and "coordinator was lost" in budgeted.stopped.message
+    assert "cannot be reached" in caplog.text
+    budgeted.finish()  # nothing to report to: no error
