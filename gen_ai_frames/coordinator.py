@@ -69,7 +69,8 @@ def _empty_report() -> dict[str, Any]:
         "headers": None,  # the rate-limit headers of the latest answer
         "pause": None,  # (seconds, reason): a pause the server asked for
         "settled": 0,  # slots used (request sent, or given up)
-        "returned": 0,  # slots not used (stale, booked under an old pace, the partition ended)
+        "returned": 0,  # slots not used, still ahead (the partition ended): their time is free again
+        "expired": 0,  # slots not used in time, or booked under an old pace: their time is gone
         "prompt_tokens": 0,
         "completion_tokens": 0,
         "paid": 0,  # answers among them that were paid for
@@ -197,14 +198,22 @@ class RunCoordinator:
         headers = report.get("headers")
         if headers:
             wait = self.pace.learn(headers, now)
+            # No burst ahead of the pace: a lease already books up to LEASE_S ahead, and partitions
+            # hear of a pause a lease later; a burst on top would empty the provider's bucket.
+            for budget in self.pace.budgets.values():
+                budget.tolerance = 0.0
             if wait is not None and wait[0] > 0:
                 self._pause(now, wait[0], "rate limit budget used up")
         if report.get("pause"):
             seconds, reason = report["pause"]
             self._pause(now, seconds, reason)
-        settled = report.get("settled", 0)
+        settled, returned = report.get("settled", 0), report.get("returned", 0)
         self.requests += settled
-        m.outstanding = max(0, m.outstanding - settled - report.get("returned", 0))
+        m.outstanding = max(0, m.outstanding - settled - returned - report.get("expired", 0))
+        if returned:
+            self.pace.unbook(returned, now)
+            if self.limiter is not None:
+                self.limiter.unbook(returned, now)
         prompt, completion = report.get("prompt_tokens", 0), report.get("completion_tokens", 0)
         if prompt or completion:
             self.spend.add(prompt, completion)
@@ -402,7 +411,7 @@ class SharedRun:
             self._drop_stale(now)
             if self._slots:
                 at = self._slots.popleft()
-                if len(self._slots) < max(1, self.want // 4) or now - self._exchanged_at > LEASE_S:
+                if self._runs_low(now) or now - self._exchanged_at > LEASE_S:
                     self._wake.set()  # lease more before running out: requests need not wait for it
                 return 0.0 if at is None else max(0.0, at - now)
             self._granted.clear()
@@ -517,7 +526,9 @@ class SharedRun:
             else:  # the last lease gave nothing (the budget): ask again later, not in a loop
                 await self._sleep(LEASE_S)
             self._wake.clear()
-            want = max(0, self.want - len(self._slots))
+            # Paced, only what keeps a lease period ahead: booking further would hold the run's
+            # time for this partition alone.
+            want = max(0, self.want - len(self._slots)) if self._runs_low(self._clock()) else 0
             report, self._report = self._report, _empty_report()
             try:
                 grant = await asyncio.to_thread(self._call_coordinator, want, report)
@@ -549,7 +560,7 @@ class SharedRun:
         self._exchanged_at = now
         if grant["generation"] != self.generation:
             self.generation = grant["generation"]
-            self._slots_back()  # booked at the old pace: void
+            self._slots_back(free=False)  # booked at the old pace: void
         if grant["pause"] > 0 and now + grant["pause"] > self.paused_until:
             self.paused_until = now + grant["pause"]
             self.pause_reason = grant.get("pause_reason")
@@ -570,8 +581,8 @@ class SharedRun:
     def _merge_back(self, report: dict[str, Any]) -> None:
         """A failed exchange: keep its news for the next one."""
         current = self._report
-        for name in ("answers", "settled", "returned", "prompt_tokens", "completion_tokens", "estimated",
-                     "rows", "errors", "paid"):
+        for name in ("answers", "settled", "returned", "expired", "prompt_tokens", "completion_tokens",
+                     "estimated", "rows", "errors", "paid"):
             current[name] = current.get(name, 0) + report.get(name, 0)
         current["rate_limited"] = report["rate_limited"] + current["rate_limited"]
         for name in ("headers", "pause", "total", "done", "failed_before"):
@@ -607,14 +618,31 @@ class SharedRun:
             wait = max(wait, self._fallback.reserve(int(costs.get("tokens", 0))))
         return wait
 
+    def _runs_low(self, now: float) -> bool:
+        """Time to lease more: unpaced, half the batch is used; paced, less than a lease period of
+        slots is left."""
+        if not self._slots:
+            return True
+        last = self._slots[-1]
+        if last is None:
+            return len(self._slots) < max(1, self.want // 2)
+        return last - now < LEASE_S
+
     def _drop_stale(self, now: float) -> None:
-        """A paced slot left unused for a lease period is given back: used late, it would burst."""
+        """A paced slot left unused for a lease period is dropped: used late, it would burst."""
         while self._slots and self._slots[0] is not None and self._slots[0] < now - LEASE_S:
             self._slots.popleft()
-            self._report["returned"] += 1
+            self._report["expired"] += 1
 
-    def _slots_back(self) -> None:
-        self._report["returned"] += len(self._slots)
+    def _slots_back(self, free: bool = True) -> None:
+        """Give every slot back: with ``free``, those booked ahead free their time for the other
+        partitions (not when a new pace voided them: the cut already moved the schedule)."""
+        now = self._clock()
+        for at in self._slots:
+            if free and at is not None and at > now:
+                self._report["returned"] += 1
+            else:
+                self._report["expired"] += 1
         self._slots.clear()
 
     def _has_news(self) -> bool:

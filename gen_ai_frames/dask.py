@@ -38,7 +38,6 @@ over the partitions that run at once (see :func:`plan_concurrency`), and ``max_c
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os

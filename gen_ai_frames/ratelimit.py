@@ -106,6 +106,12 @@ class RateLimiter:
                 wait = max(wait, -self._tokens / rate)
         return wait
 
+    def unbook(self, requests: int, now: float | None = None) -> None:
+        """Give back ``requests`` request slots booked ahead and never used; never earlier than now."""
+        if self.requests_per_minute:
+            now = self._clock() if now is None else now
+            self._next_request = max(now, self._next_request - requests * 60.0 / self.requests_per_minute)
+
     def correct(self, estimated: int, actual: int) -> None:
         """Give back (or take) the difference between a request's estimated and reported tokens."""
         if self.tokens_per_minute:
@@ -232,6 +238,16 @@ class Pace:
             rate = budget.rate * (self.scale if budget is not self._adaptive else 1.0)
             budget.tat = max(budget.tat, start) + units / rate
         return wait
+
+    def unbook(self, requests: int, now: float | None = None) -> None:
+        """Give back ``requests`` slots booked ahead and never used (a Dask partition that ended
+        with slots leased): the next bookings may take their time. Never earlier than ``now``."""
+        now = self._clock() if now is None else now
+        stated = self.budgets.get("requests")
+        for budget, rate in ((stated, None), (self._adaptive, None)):
+            if budget is not None:
+                rate = budget.rate * (self.scale if budget is stated else 1.0)
+                budget.tat = max(now, budget.tat - requests / rate)
 
     def on_answer(self, now: float | None = None) -> None:
         """A response other than a 429 came back (an answer, or an error the server served): slow
