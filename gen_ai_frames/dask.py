@@ -416,6 +416,7 @@ class DaskGenAIAccessor:
         meta = ddf._meta.genai.generate(
             column, client=built, template=template, **partition_options.as_kwargs()
         )
+        checkpoint_root = _checkpoint_root(run.checkpoint)  # checked before the coordinator starts
         cluster = _distributed_client(scheduler)
         coordinator = None
         if cluster is not None:
@@ -451,12 +452,13 @@ class DaskGenAIAccessor:
             template=template,
             client=config,
             options=partition_options,
-            checkpoint=_checkpoint_root(run.checkpoint),
+            checkpoint=checkpoint_root,
             resume=run.resume,
             run_id=uuid.uuid4().hex,
             npartitions=ddf.npartitions,
             coordinator=coordinator,
-            lease=min(256, max(16, run.max_concurrent)),
+            # Unpaced slots cost nothing to hold: big leases make the coordinator's round trips rare.
+            lease=min(1024, max(64, 4 * run.max_concurrent)),
             fallback_rates=(limits.get("requests_per_minute"), limits.get("tokens_per_minute")),
             budgeted=run.max_cost is not None,
         )

@@ -50,6 +50,19 @@ def test_one_rate_limit_for_every_partition() -> None:
     assert a == pytest.approx([0.0, 0.1]) and b == pytest.approx([0.2, 0.3])
 
 
+def test_slots_given_back_free_their_time_and_expired_ones_do_not() -> None:
+    clock = Clock()
+    run = coordinator(clock, requests_per_minute=600)
+    assert run.lease("a", 8, REQUEST, {})["waits"] == pytest.approx([0.0, 0.1])
+    # a ended before using them: the next partition may take their time at once.
+    assert run.lease("b", 8, REQUEST, report(returned=0))["waits"] == pytest.approx([0.2, 0.3])
+    run.lease("a", 0, REQUEST, report(returned=2, finished=True))  # a's slots: b's come sooner
+    assert run.lease("b", 8, REQUEST, {})["waits"] == pytest.approx([0.2, 0.3])
+    run.lease("b", 0, REQUEST, report(expired=2))  # slots let pass: their time is gone
+    assert run.lease("b", 8, REQUEST, {})["waits"] == pytest.approx([0.4, 0.5])
+    assert run.members["a"].outstanding == 0
+
+
 def test_limits_learned_by_one_partition_pace_the_others() -> None:
     clock = Clock()
     run = coordinator(clock)
