@@ -78,7 +78,7 @@ from .params import GenerationParams, validate_positive_int
 from .plan import DEFAULT_SAMPLE, Plan, Segment, check_plan_arguments, empty_template_fields, make_plan
 from .prompts import build_prompts, template_fields
 from .results import RESULT_TYPES, arrow_array
-from .runner import RowResults, output_names, run_rows
+from .runner import RowResults, one_progress_bar, output_names, run_rows
 from .schema import classify_instruction, labels_schema
 from .shards import ShardedCheckpoint, ShardSizeError, kind_of
 
@@ -897,7 +897,11 @@ def _run(job: Job, err: TextIO) -> tuple[int, bool]:
         out_schema = pa.schema([*source.schema, *(pa.field(names[n], types[n]) for n in names)])
         tally = _Tally()
         batches = math.ceil(source.rows / job.batch_rows)
-        with Output(job.output, out_format, out_schema) as output:
+        # One progress bar for the file, whatever its number of batches.
+        with (
+            one_progress_bar(source.rows, job.options.progress),
+            Output(job.output, out_format, out_schema) as output,
+        ):
             for index, table in enumerate(source.batches(), start=1):
                 offset = (index - 1) * job.batch_rows
                 if job.options.progress and batches > 1:

@@ -27,12 +27,19 @@ that fails or whose worker dies resumes where it stopped when Dask runs it again
 ``compute()`` of the same run resumes the whole run.
 The directory must be a filesystem path every worker sees at the same place (see docs/distributed.md).
 
-Concurrency is per run: ``max_concurrent`` is the total for the whole run, split over the
-partitions that run at the same time (see :func:`plan_concurrency`).
+Limits are per run. On a distributed cluster (a ``distributed.Client`` is the scheduler when
+``generate()`` is called) the run has one coordinator (a Dask Actor holding a
+:class:`~gen_ai_frames.coordinator.RunCoordinator`) that every partition leases request slots
+from: one rate limit, one pause after a 429, one budget, one concurrency total shared out among
+the partitions running now, and one progress bar on the caller's side. Without a distributed
+cluster (the threaded or synchronous scheduler) ``max_concurrent`` and the rate limits are split
+over the partitions that run at once (see :func:`plan_concurrency`), and ``max_cost`` over all.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import uuid
 from collections.abc import Hashable, Mapping
@@ -48,15 +55,20 @@ from dask.dataframe.extensions import register_dataframe_accessor
 
 from .checkpoint import run_fingerprint, storage_for
 from .client import Client
+from .coordinator import LOST_AFTER_S, RunCoordinator, SharedRun
 from .errors import ConfigurationError
 from .factory import create_client
 from .options import RunOptions, split_run_and_client, takes_options
 from .params import validate_positive_int
+from .pricing import price_for
 from .providers import get_provider
 from .providers.base import redact_url
+from .ratelimit import RateLimiter, sharing_limits
 from .shards import ShardedCheckpoint, kind_of
 
 __all__ = ["DaskGenAIAccessor", "partition_checkpoint", "plan_concurrency"]
+
+logger = logging.getLogger("gen_ai_frames")
 
 # --------------------------------------------------------------------------------------------------
 # Concurrency planning
@@ -174,6 +186,13 @@ class _PartitionJob:
     resume: bool
     run_id: str
     npartitions: int | None = None
+    #: The run's coordinator (a distributed Actor), None when the limits were split statically.
+    coordinator: Any = None
+    #: Request slots a partition leases at a time when nothing paces the run.
+    lease: int = 64
+    #: The static split of the run's rate limits: a partition's pace if the coordinator is lost.
+    fallback_rates: tuple[float | None, float | None] = (None, None)
+    budgeted: bool = False
 
 
 def partition_checkpoint(root: str | os.PathLike[str], number: int) -> Path | str:
@@ -239,7 +258,84 @@ def _generate_partition(
             resume = True
         run.start_shard(number, len(part))
     options = job.options.replace(checkpoint=checkpoint, resume=resume)
-    return part.genai.generate(job.column, client=client, template=job.template, **options.as_kwargs())
+    if job.coordinator is None:
+        return part.genai.generate(job.column, client=client, template=job.template, **options.as_kwargs())
+    coordinator = job.coordinator
+    rates = job.fallback_rates
+    shared = SharedRun(
+        lambda *args: coordinator.lease(*args).result(timeout=LOST_AFTER_S),
+        uuid.uuid4().hex,
+        want=job.lease,
+        fallback=RateLimiter(*rates) if any(rates) else None,
+        budgeted=job.budgeted,
+    )
+    try:
+        with sharing_limits(shared):
+            return part.genai.generate(
+                job.column, client=client, template=job.template, **options.as_kwargs()
+            )
+    finally:
+        try:
+            shared.finish()  # its rows count as done, its concurrency goes to the others
+        except Exception as exc:  # the coordinator is gone (its worker died): the rows are answered
+            logger.warning("gen_ai_frames.dask: could not report a finished partition: %s", exc)
+
+
+def _log_event(topic: str, snapshot: dict[str, Any]) -> None:
+    """Publish a run's progress (from the coordinator's worker) to the caller's bar."""
+    import distributed
+
+    distributed.get_worker().log_event(topic, snapshot)
+
+
+class _RunBar:
+    """The run's one progress bar, on the caller's side, fed by the coordinator's events: rows
+    done of total (estimated until every partition started), errors, tokens, spend and the
+    rate-limit state. A new bar for each compute of the frame."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+        self.round = 0
+        self.bars = 0
+
+    def __call__(self, event: tuple[float, dict[str, Any]]) -> None:
+        snapshot = event[1]
+        if self.bar is not None and snapshot["round"] != self.round:
+            self.bar.close()
+            self.bar = None
+        if self.bar is None:
+            if snapshot["round"] == self.round:
+                return  # a late event of a round already shown whole
+            from tqdm.auto import tqdm
+
+            self.round = snapshot["round"]
+            self.bars += 1
+            self.bar = tqdm(total=snapshot["total"], unit="row", desc="gen-ai-frames", dynamic_ncols=True)
+        bar = self.bar
+        bar.total = snapshot["total"]
+        bar.n = snapshot["done"]
+        fields: dict[str, Any] = {"errors": snapshot["errors"], "tokens": snapshot["tokens"]}
+        if snapshot["spend"] is not None:
+            fields["spend"] = f"${snapshot['spend']:.4f}"
+        if snapshot["status"]:
+            fields["status"] = snapshot["status"]
+        bar.set_postfix(fields, refresh=False)
+        bar.refresh()
+        if snapshot["finished"]:
+            bar.close()
+            self.bar = None
+
+
+def _distributed_client(scheduler: Any) -> Any:
+    """The distributed Client whose ``get`` is ``scheduler``, or None (a local scheduler)."""
+    owner = getattr(scheduler, "__self__", None)
+    if owner is None:
+        return None
+    try:
+        import distributed
+    except ImportError:  # pragma: no cover - a bound get is only a distributed Client's
+        return None
+    return owner if isinstance(owner, distributed.Client) else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,22 +363,23 @@ class DaskGenAIAccessor:
 
         Options are those of the pandas accessor, with these differences:
 
-        * ``max_concurrent`` (and ``requests_per_minute``/``tokens_per_minute``) is the total for
-          the run, split over the partitions that run at once (:func:`plan_concurrency`);
-          ``partitions_in_flight=`` overrides how many that is.
+        * ``max_concurrent``, ``requests_per_minute``, ``tokens_per_minute`` and ``max_cost`` are
+          run totals. On a distributed cluster one coordinator (a Dask Actor) holds them for the
+          whole run: one pace (learned from any partition's headers and 429s), one pause, one
+          budget spent first come, and the concurrency shared out among the partitions running
+          now (see docs/distributed.md). Without one they are split over the partitions that run
+          at once (:func:`plan_concurrency`); ``partitions_in_flight=`` overrides how many that is.
         * ``checkpoint`` is a directory holding one checkpoint per partition
           (``partition-00007/``). Resuming needs the same partitioning (same ``npartitions`` and
           rows per partition); rows that moved to another partition are sent again.
           ``resume=False`` discards what was stored before this call; recomputing the returned
           frame, or a task Dask runs again after a worker died, resumes.
-        * ``progress`` is ignored: bars are always off inside workers (watch the Dask dashboard,
-          or ``distributed.progress(out.persist())``).
-        * ``requests_per_minute`` / ``tokens_per_minute`` (or, when not given, those of ``client``)
-          are run totals too, divided exactly by the partitions in flight. A 429 pauses only the
-          partition that received it (each task paces itself; partitions do not coordinate).
-        * ``max_cost`` is the run's budget, divided equally over all partitions (they cannot share
-          a running total), so the run never spends more than ``max_cost`` plus what was in flight;
-          a partition that reaches its share leaves its remaining rows unsent (``NotSentError``).
+        * ``progress``: on a distributed cluster, one bar for the run on the caller's side, fed by
+          every partition; bars are always off inside workers.
+        * Without a distributed cluster: the rate limits (or, when not given, those of ``client``)
+          are divided exactly by the partitions in flight and a 429 pauses only the partition that
+          received it; ``max_cost`` is divided equally over all partitions, and a partition that
+          reaches its share leaves its remaining rows unsent (``NotSentError``).
 
         Settings are checked now, on the caller's side (an unknown option, column or provider fails
         here, not on a worker); nothing is sent before ``compute()``.
@@ -295,19 +392,18 @@ class DaskGenAIAccessor:
         run, client_options = split_run_and_client(
             options, client, where="ddf.genai.generate", also=("partitions_in_flight",)
         )
+        scheduler = dask.base.get_scheduler(collections=[ddf])
         in_flight, per_partition = plan_concurrency(
-            run.max_concurrent,
-            ddf.npartitions,
-            partitions_in_flight,
-            scheduler=dask.base.get_scheduler(collections=[ddf]),
+            run.max_concurrent, ddf.npartitions, partitions_in_flight, scheduler=scheduler
         )
         # Rate limits given for the call, else the client's own defaults: both are run totals here.
-        limits = {}
+        totals, limits = {}, {}
         for name in ("requests_per_minute", "tokens_per_minute"):
             value = getattr(run, name)
             if value is None and client is not None:
                 value = getattr(client, name, None)
             if value is not None:
+                totals[name] = value
                 limits[name] = _split_rate(value, in_flight)
         # progress: a bar per worker task would only fill the worker logs.
         partition_options = run.replace(
@@ -321,18 +417,57 @@ class DaskGenAIAccessor:
         config = _client_config(client, client_options)
         # The pandas accessor on the empty meta frame checks the columns, template fields and names
         # and gives the exact output columns and dtypes, sending nothing.
+        built = config.build()
         meta = ddf._meta.genai.generate(
-            column, client=config.build(), template=template, **partition_options.as_kwargs()
+            column, client=built, template=template, **partition_options.as_kwargs()
         )
+        checkpoint_root = _checkpoint_root(
+            run.checkpoint, run.storage_options
+        )  # checked before the coordinator starts
+        cluster = _distributed_client(scheduler)
+        coordinator = None
+        if cluster is not None:
+            # One coordinator for the run: the limits, the budget and the progress are its, whole.
+            run_id = uuid.uuid4().hex
+            topic = f"gen-ai-frames-{run_id}"
+            if run.progress:
+                cluster.subscribe_topic(topic, _RunBar())
+            coordinator = cluster.submit(
+                RunCoordinator,
+                max_concurrent=run.max_concurrent,
+                requests_per_minute=totals.get("requests_per_minute"),
+                tokens_per_minute=totals.get("tokens_per_minute"),
+                max_cost=run.max_cost,
+                price=None
+                if run.max_cost is None
+                else price_for(built.model_name, run.prices, built.provider.name),
+                npartitions=ddf.npartitions,
+                in_flight=in_flight,
+                publish=functools.partial(_log_event, topic),
+                actor=True,
+                key=f"genai-coordinator-{run_id}",
+            ).result()
+            # Each partition may use the whole total: the coordinator paces and shares it out.
+            partition_options = partition_options.replace(
+                max_concurrent=run.max_concurrent,
+                requests_per_minute=None,
+                tokens_per_minute=None,
+                max_cost=None,
+            )
         job = _PartitionJob(
             column=column,
             template=template,
             client=config,
             options=partition_options,
-            checkpoint=_checkpoint_root(run.checkpoint, run.storage_options),
+            checkpoint=checkpoint_root,
             resume=run.resume,
             run_id=uuid.uuid4().hex,
             npartitions=ddf.npartitions,
+            coordinator=coordinator,
+            # Unpaced slots cost nothing to hold: big leases make the coordinator's round trips rare.
+            lease=min(1024, max(64, 4 * run.max_concurrent)),
+            fallback_rates=(limits.get("requests_per_minute"), limits.get("tokens_per_minute")),
+            budgeted=run.max_cost is not None,
         )
         if job.checkpoint is None:
             return ddf.map_partitions(_generate_partition, job, meta=meta)

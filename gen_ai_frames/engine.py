@@ -27,7 +27,7 @@ from .errors import (
 from .params import GenerationParams, Message
 from .pricing import estimate_tokens
 from .providers.base import Provider, redact_url
-from .ratelimit import Pace, RateLimiter, validate_limits
+from .ratelimit import Pace, RateLimiter, SharedLimits, current_shared_limits, validate_limits
 from .retry import RetryPolicy, parse_retry_after
 from .schema import SchemaMismatch
 from .transport import HttpResponse, Transport, TransportError
@@ -78,6 +78,7 @@ class _RunState:
         "answers",
         "limited_since",
         "_status_at",
+        "shared",
     )
 
     def __init__(
@@ -86,8 +87,11 @@ class _RunState:
         limiter: RateLimiter | None,
         clock: Callable[[], float],
         on_status: Callable[[str | None], None] | None,
+        shared: SharedLimits | None = None,
     ) -> None:
         self.fatal: RequestError | None = None
+        #: Limits shared with other processes of the run (Dask): they pace, pause and stop it.
+        self.shared = shared
         self.paused_until = 0.0
         self.limiter = limiter
         # A user who states the limit needs no slow start: the limiter spaces requests from the first.
@@ -101,6 +105,8 @@ class _RunState:
         self._status_at = float("-inf")
 
     def pause(self, seconds: float, reason: str) -> None:
+        if self.shared is not None:
+            self.shared.pause(seconds, reason)  # every process of the run waits, not just this one
         until = self.clock() + seconds
         if until > self.paused_until:
             self.paused_until = until
@@ -158,8 +164,12 @@ class Engine:
         on_status: Callable[[str | None], None] | None = None,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
+        shared: SharedLimits | None = None,
     ) -> None:
         validate_limits(rate_limit_timeout=rate_limit_timeout)
+        #: Limits shared with other processes (see :class:`~gen_ai_frames.ratelimit.SharedLimits`);
+        #: None: those set by ``sharing_limits`` around the run, if any.
+        self.shared = shared
         self.provider = provider
         self.rate_limit_timeout = rate_limit_timeout
         self.transport = transport
@@ -204,7 +214,12 @@ class Engine:
             self._limiter = RateLimiter(
                 self._limiter.requests_per_minute, self._limiter.tokens_per_minute, clock=self._clock
             )
-        state = self._state = _RunState(self.max_concurrent, self._limiter, self._clock, self.on_status)
+        shared = self.shared if self.shared is not None else current_shared_limits()
+        state = self._state = _RunState(
+            self.max_concurrent, self._limiter, self._clock, self.on_status, shared
+        )
+        if shared is not None:
+            shared.attach(state.pace)
         self.fatal = None
         queue: asyncio.Queue[Any] = asyncio.Queue()
         done_marker = object()
@@ -238,6 +253,8 @@ class Engine:
             for task in workers:
                 task.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
+            if shared is not None:
+                await shared.close()
             state.set_status(None)  # the run is over: nothing left to show
             # Answers that arrived but were not consumed (the caller stopped early, e.g. Ctrl-C):
             # kept, so the caller can still save what was paid for.
@@ -250,6 +267,8 @@ class Engine:
             self._state.fatal = reason
 
     async def _wait_while_paused(self, state: _RunState) -> None:
+        if state.shared is not None and state.shared.paused_until > state.paused_until:
+            state.paused_until = state.shared.paused_until  # a pause another process was asked for
         # A loop, not one sleep: another 429 may extend the pause while this worker waits.
         if state.paused_until <= self._clock():
             return
@@ -327,21 +346,33 @@ class Engine:
             "output-tokens": float(params.max_tokens),
         }
         pace = state.pace
+        shared = state.shared
         started = self._clock()
         attempts = failures = rate_limited = refused_while_others_pass = 0
         answers_at_first_429: int | None = None
         while True:
             await self._wait_while_paused(state)
             await pace.acquire()
+            outcome = "failed"  # what the shared limits hear of this slot: no response, so far
+            paid = (0, 0)
             try:
-                generation = pace.generation
-                wait = pace.reserve(costs)
-                if state.limiter is not None:
-                    wait = max(wait, state.limiter.reserve(estimated))
+                if shared is None:
+                    generation = pace.generation
+                    wait = pace.reserve(costs)
+                    if state.limiter is not None:
+                        wait = max(wait, state.limiter.reserve(estimated))
+                else:  # the run's one pace, in another process: booked in batches
+                    wait = await shared.reserve(costs)
+                    generation = shared.generation
                 if wait > 0:
                     await self._sleep(wait)
-                    if state.paused_until > self._clock() or pace.generation != generation:
+                    paused_until, booked = state.paused_until, pace.generation
+                    if shared is not None:
+                        paused_until, booked = max(paused_until, shared.paused_until), shared.generation
+                    if paused_until > self._clock() or booked != generation:
                         continue  # a 429 or new limits arrived while this request waited: book again
+                if shared is not None and shared.stopped is not None and state.fatal is None:
+                    state.fatal = shared.stopped  # the run's budget is spent
                 if state.fatal is not None:
                     return Result(error=_not_sent(state.fatal), attempts=attempts)
                 attempts += 1
@@ -362,7 +393,14 @@ class Engine:
                     error = err
                     if response is not None and error.retry_after is None:
                         error.retry_after = parse_retry_after(response.headers)
+                    if response is not None:
+                        outcome = "rate_limited" if error.status_code == 429 else "served"
                 else:
+                    outcome = "answered"
+                    paid = (
+                        completion.prompt_tokens if completion.prompt_tokens is not None else prompt_tokens,
+                        completion.completion_tokens or 0,
+                    )
                     state.answered()
                     if state.limiter is not None and completion.prompt_tokens is not None:
                         state.limiter.correct(
@@ -381,6 +419,15 @@ class Engine:
                     )
             finally:
                 pace.release()
+                if shared is not None:
+                    shared.settle(
+                        outcome,
+                        sent_at=sent_at if outcome == "rate_limited" else None,
+                        key=id(messages),
+                        prompt_tokens=paid[0],
+                        completion_tokens=paid[1],
+                        estimated=estimated,
+                    )
             error.attempts = attempts
             if response is not None:
                 if error.status_code != 429:
@@ -452,6 +499,8 @@ class Engine:
         """Take the limits an answer states; wait for a used-up budget's reset, or stop the run
         when that reset is further away than ``max_retry_after``."""
         learned = state.pace.learn(response.headers)
+        if state.shared is not None:
+            state.shared.learn(response.headers)  # what one process learns paces the whole run
         state.show_pace()
         if learned is None:
             return

@@ -21,6 +21,7 @@ __all__ = [
     "Estimate",
     "Spend",
     "batch_price_for",
+    "budget_spent",
     "check_prices",
     "estimate_tokens",
     "price_for",
@@ -206,13 +207,24 @@ class Budget:
         ):
             return None
         self.exhausted = True
-        return NotSentError(
-            f"not sent: the run reached max_cost=${self.max_cost:g} (${self.spend.usd:.4f} spent on "
-            f"{self.spend.tokens:,} tokens)",
-            suggestion="Run again with a higher max_cost (or none) to continue: with a checkpoint, "
-            "answered rows are kept and only these rows are sent.",
-            sent=False,
-        )
+        return budget_spent(self.max_cost, self.spend)
+
+
+def budget_spent(max_cost: float, spend: Spend) -> NotSentError:
+    """The error of the rows not sent once ``spend`` reached ``max_cost``: one message whether one
+    process keeps the budget (:class:`Budget`) or a whole Dask run shares it
+    (:class:`gen_ai_frames.coordinator.RunCoordinator`).
+
+    >>> budget_spent(0.5, Spend((1.0, 1.0), 400_000, 100_000)).message
+    'not sent: the run reached max_cost=$0.5 ($0.5000 spent on 500,000 tokens)'
+    """
+    return NotSentError(
+        f"not sent: the run reached max_cost=${max_cost:g} (${spend.usd or 0.0:.4f} spent on "
+        f"{spend.tokens:,} tokens)",
+        suggestion="Run again with a higher max_cost (or none) to continue: with a checkpoint, "
+        "answered rows are kept and only these rows are sent.",
+        sent=False,
+    )
 
 
 @dataclass(frozen=True)

@@ -8,14 +8,30 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import contextvars
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
+from typing import TYPE_CHECKING, Protocol
 
 from .errors import ConfigurationError
 
-__all__ = ["Pace", "RateLimiter", "parse_duration", "ratelimit_wait", "stated_limits", "validate_limits"]
+if TYPE_CHECKING:
+    from .errors import NotSentError
+
+__all__ = [
+    "Pace",
+    "RateLimiter",
+    "SharedLimits",
+    "current_shared_limits",
+    "parse_duration",
+    "ratelimit_wait",
+    "sharing_limits",
+    "stated_limits",
+    "validate_limits",
+]
 
 Clock = Callable[[], float]
 
@@ -90,6 +106,12 @@ class RateLimiter:
                 wait = max(wait, -self._tokens / rate)
         return wait
 
+    def unbook(self, requests: int, now: float | None = None) -> None:
+        """Give back ``requests`` request slots booked ahead and never used; never earlier than now."""
+        if self.requests_per_minute:
+            now = self._clock() if now is None else now
+            self._next_request = max(now, self._next_request - requests * 60.0 / self.requests_per_minute)
+
     def correct(self, estimated: int, actual: int) -> None:
         """Give back (or take) the difference between a request's estimated and reported tokens."""
         if self.tokens_per_minute:
@@ -157,6 +179,8 @@ class Pace:
         self._slow_start = True  # one more slot per answer; after a cut, one per window of answers
         self._grown = 0
         self.in_flight = 0
+        #: A cap on the window set from outside (a Dask partition's share of its run's total).
+        self.cap = maximum
         self._clock = clock
         self._changed = asyncio.Event()
         self.started = clock()
@@ -179,7 +203,7 @@ class Pace:
     # Concurrency -------------------------------------------------------------------------------
 
     async def acquire(self) -> None:
-        while self.in_flight >= self.window:
+        while self.in_flight >= min(self.window, self.cap):
             self._changed.clear()
             await self._changed.wait()
         self.in_flight += 1
@@ -214,6 +238,16 @@ class Pace:
             rate = budget.rate * (self.scale if budget is not self._adaptive else 1.0)
             budget.tat = max(budget.tat, start) + units / rate
         return wait
+
+    def unbook(self, requests: int, now: float | None = None) -> None:
+        """Give back ``requests`` slots booked ahead and never used (a Dask partition that ended
+        with slots leased): the next bookings may take their time. Never earlier than ``now``."""
+        now = self._clock() if now is None else now
+        stated = self.budgets.get("requests")
+        for budget, rate in ((stated, None), (self._adaptive, None)):
+            if budget is not None:
+                rate = budget.rate * (self.scale if budget is stated else 1.0)
+                budget.tat = max(now, budget.tat - requests / rate)
 
     def on_answer(self, now: float | None = None) -> None:
         """A response other than a 429 came back (an answer, or an error the server served): slow
@@ -302,6 +336,27 @@ class Pace:
                     wait = (reset, header)
         return wait
 
+    def limit_concurrency(self, cap: int) -> None:
+        """Cap the requests in flight (a partition's share of a run spread over processes), below
+        the window slow start opens."""
+        self.cap = max(1, cap)
+        self._changed.set()
+
+    @property
+    def request_rate(self) -> float | None:
+        """Requests per second the pace allows now; None when nothing learned paces requests.
+
+        >>> pace = Pace(8, clock=lambda: 0.0)
+        >>> pace.request_rate, pace.learn({"x-ratelimit-limit-requests": "600"}), pace.request_rate
+        (None, None, 10.0)
+        """
+        requests = self.budgets.get("requests")
+        if requests is not None:
+            return requests.rate * self.scale
+        if self._adaptive is not None:
+            return self._adaptive.rate
+        return None
+
     @property
     def status(self) -> str | None:
         """What the progress bar shows, e.g. ``"rate limited: 8.3 req/s"``; None when not paced."""
@@ -316,6 +371,83 @@ class Pace:
             if budget is not None:
                 parts.append(f"{budget.rate * self.scale:,.0f} {kind}/s")
         return "rate limited: " + ", ".join(parts) if parts else None
+
+
+class SharedLimits(Protocol):
+    """Limits an engine shares with the engines of other processes of the same run (a Dask run):
+    one pace, one pause, one budget. The engine consults it instead of its own pace and limiter
+    when one is given (``Engine(shared=...)``, or :func:`sharing_limits` around the run);
+    :class:`gen_ai_frames.coordinator.SharedRun` is the implementation.
+
+    Times are this process's ``time.monotonic``.
+    """
+
+    #: Changes when the shared pace does: a request booked under an older one books again.
+    generation: int
+    #: Until when the whole run is paused (a 429 with Retry-After anywhere in the run).
+    paused_until: float
+    #: Set once the run's budget is spent: the error for the rows not sent.
+    stopped: NotSentError | None
+
+    def attach(self, pace: Pace) -> None:
+        """The engine's own pace, whose concurrency the shared limits may set."""
+
+    async def reserve(self, costs: Mapping[str, float]) -> float:
+        """Book one request; seconds to wait before sending it."""
+        ...
+
+    def settle(
+        self,
+        outcome: str,
+        *,
+        sent_at: float | None = None,
+        key: object = None,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        estimated: int = 0,
+    ) -> None:
+        """A booked request ended: ``"answered"``, ``"served"`` (an error the server answered),
+        ``"rate_limited"`` (a 429) or ``"failed"`` (no response: not sent, timed out, refused)."""
+
+    def learn(self, headers: Mapping[str, str]) -> None:
+        """An answer's headers (its stated rate limits apply to the whole run)."""
+
+    def pause(self, seconds: float, reason: str) -> None:
+        """Pause the whole run."""
+
+    async def close(self) -> None:
+        """The engine's run is over."""
+
+    def start(self, total: int, done: int, errors: int) -> None:
+        """The runner's rows: ``done`` of ``total`` answered before (resumed), ``errors`` of them failed."""
+
+    def advance(self, rows: int, failed: bool) -> None:
+        """The runner stored ``rows`` more results (the run's one progress bar counts them)."""
+
+
+_shared: contextvars.ContextVar[SharedLimits | None] = contextvars.ContextVar(
+    "gen_ai_frames_shared_limits", default=None
+)
+
+
+def current_shared_limits() -> SharedLimits | None:
+    """The shared limits set by :func:`sharing_limits` around this code, if any.
+
+    >>> current_shared_limits() is None
+    True
+    """
+    return _shared.get()
+
+
+@contextlib.contextmanager
+def sharing_limits(limits: SharedLimits | None) -> Iterator[None]:
+    """Runs started inside (their engines and progress) use ``limits``: how a Dask partition task
+    hands the run's shared limits to the pandas accessor it calls, without a new option."""
+    token = _shared.set(limits)
+    try:
+        yield
+    finally:
+        _shared.reset(token)
 
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -31,9 +32,10 @@ from .options import RunOptions
 from .params import Message
 from .pricing import Budget, Spend, batch_price_for, estimate_tokens, price_for
 from .prompts import Prompts
+from .ratelimit import SharedLimits, current_shared_limits
 from .results import DETAIL_COLUMNS, RECORD_SCHEMA, RESULT_COLUMNS, arrow_array, pandas_array
 
-__all__ = ["DETAIL_COLUMNS", "RowResults", "output_names", "run_rows"]
+__all__ = ["DETAIL_COLUMNS", "RowResults", "one_progress_bar", "output_names", "run_rows"]
 
 logger = logging.getLogger("gen_ai_frames")
 
@@ -114,10 +116,23 @@ class RowResults:
 class _Progress:
     """A tqdm.auto bar: rows done of total, rate, errors, tokens and spend so far, and pauses.
 
-    A no-op when disabled.
+    A no-op when disabled. ``feed`` (a Dask partition's shared run) hears the same counts, for the
+    run's one bar on the caller's side.
     """
 
-    def __init__(self, total: int, enabled: bool, initial: int, errors: int, spend: Spend) -> None:
+    def __init__(
+        self,
+        total: int,
+        enabled: bool,
+        initial: int,
+        errors: int,
+        spend: Spend,
+        feed: SharedLimits | None = None,
+    ) -> None:
+        self.feed = feed
+        if feed is not None:
+            feed.start(total, initial, errors)
+        self._earlier = (0, 0.0)  # tokens and dollars of the earlier runs on this bar
         self.errors = errors
         self.spend = spend
         self.cached = 0
@@ -131,7 +146,19 @@ class _Progress:
             )
             self._postfix(refresh=False)
 
+    def adopt(self, done: int, errors: int, spend: Spend) -> None:
+        """A further run on this bar (:func:`one_progress_bar`): its restored rows count as done,
+        its spend adds to the earlier runs'."""
+        self._earlier = (self._earlier[0] + self.spend.tokens, self._earlier[1] + (self.spend.usd or 0.0))
+        self.spend = spend
+        if self.bar is not None:
+            self.errors += errors
+            self.bar.update(done)
+            self._postfix(refresh=False)
+
     def advance(self, rows: int, failed: bool) -> None:
+        if self.feed is not None:
+            self.feed.advance(rows, failed)
         if self.bar is None:
             return
         self.errors += rows if failed else 0
@@ -145,11 +172,12 @@ class _Progress:
             self._postfix(refresh=True)
 
     def _postfix(self, refresh: bool) -> None:
-        fields: dict[str, Any] = {"errors": self.errors, "tokens": _short(self.spend.tokens)}
+        tokens = self._earlier[0] + self.spend.tokens
+        fields: dict[str, Any] = {"errors": self.errors, "tokens": _short(tokens)}
         if self.cached:
             fields["cached"] = self.cached
         if self.spend.usd is not None:
-            fields["spend"] = f"${self.spend.usd:.4f}"
+            fields["spend"] = f"${self._earlier[1] + self.spend.usd:.4f}"
         if self.status:
             fields["status"] = self.status
         self.bar.set_postfix(fields, refresh=refresh)
@@ -157,6 +185,26 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+_one_bar: contextvars.ContextVar[_Progress | None] = contextvars.ContextVar("gen_ai_frames_bar", default=None)
+
+
+@contextlib.contextmanager
+def one_progress_bar(total: int, enabled: bool) -> Iterator[None]:
+    """Every :func:`run_rows` inside shows its rows on one bar of ``total`` rows instead of its own
+    (the command line: one bar per file, not one per batch). Runs with ``progress=False`` stay off it.
+
+    >>> with one_progress_bar(0, enabled=False):
+    ...     pass
+    """
+    bar = _Progress(total, enabled and total > 0, initial=0, errors=0, spend=Spend(None))
+    token = _one_bar.set(bar)
+    try:
+        yield
+    finally:
+        _one_bar.reset(token)
+        bar.close()
 
 
 def _short(count: int) -> str:
@@ -226,21 +274,30 @@ async def run_rows(prompts: Prompts | Sequence[object], *, client: Client, optio
         if run.cache is not None:
             outcome.cached = await _answer_from_cache(run, groups)
 
-        bar = _Progress(
-            n,
-            options.progress and n > 0,
-            initial=n - len(todo) + outcome.cached,
-            spend=budget.spend,
-            errors=sum(1 for e in columns["error"] if e is not None),
-        )
-        bar.cached = outcome.cached
+        errors = sum(1 for e in columns["error"] if e is not None)
+        outer = _one_bar.get() if options.progress else None
+        if outer is not None:  # one bar for several runs (the batches of a file)
+            bar = outer
+            bar.cached += outcome.cached
+            bar.adopt(n - len(todo) + outcome.cached, errors, budget.spend)
+        else:
+            bar = _Progress(
+                n,
+                options.progress and n > 0,
+                initial=n - len(todo) + outcome.cached,
+                spend=budget.spend,
+                errors=errors,
+                feed=current_shared_limits(),
+            )
+            bar.cached = outcome.cached
         try:
             if options.mode == "batch":
                 await run_batch(run, groups, client, options, budget, bar, outcome)
             else:
                 await _send_groups(run, groups, client, options, budget, bar, outcome)
         finally:
-            bar.close()
+            if bar is not outer:
+                bar.close()
     finally:
         try:
             if run.cache is not None:

@@ -174,7 +174,7 @@ def test_total_max_concurrent_is_split(cluster: distributed.Client, fake: FakeSe
 
 
 @pytest.mark.parametrize("where", ["call", "client"])
-def test_rate_limit_is_split(cluster: distributed.Client, fake: FakeServer, where: str) -> None:
+def test_rate_limit_is_a_run_total(cluster: distributed.Client, fake: FakeServer, where: str) -> None:
     df = frame(100)
     ddf = dd.from_pandas(df, npartitions=2, sort=False)
     if where == "call":
@@ -182,9 +182,13 @@ def test_rate_limit_is_split(cluster: distributed.Client, fake: FakeServer, wher
     else:  # the client's default limit is a run total too
         client = create_client(requests_per_minute=6000, **options(fake))
         out = ddf.genai.generate(column="prompt", client=client, max_concurrent=16)
-    assert job_of(out).options.requests_per_minute == 3000
-    # 6000/min for the run = 50 requests/s for each of the 2 partitions running at once: 50 rows
-    # take >= 0.98 s (a limiter is never early). Unsplit, 100/s each, they would take ~0.5 s.
+    # On a cluster the run's one coordinator holds the limit (tests/test_dask_limits.py); the
+    # partitions pace nothing on their own.
+    job = job_of(out)
+    assert job.options.requests_per_minute is None
+    assert job.coordinator.settings().result()["requests_per_minute"] == 6000
+    # 6000/min for the run = 100 requests/s for both partitions together: 100 rows take >= 0.98 s
+    # (a limiter is never early). Each partition at the full rate would take ~0.5 s.
     started = time.monotonic()
     result = out.compute()
     assert time.monotonic() - started >= 0.95
@@ -205,10 +209,15 @@ def test_plan_follows_the_cluster(cluster: distributed.Client, fake: FakeServer)
     assert plan_concurrency(64, 1) == (1, 64)
     assert plan_concurrency(64, 10, partitions_in_flight=8) == (8, 8)
     ddf = dd.from_pandas(frame(20), npartitions=10, sort=False)
-    assert job_of(ddf.genai.generate(column="prompt", max_concurrent=64, **options(fake))
-                  ).options.max_concurrent == 32
-    assert job_of(ddf.genai.generate(column="prompt", max_concurrent=64, partitions_in_flight=8, **options(fake))
-                  ).options.max_concurrent == 8
+    # On a cluster each partition may use the total: the run's coordinator shares it out among the
+    # partitions running, starting from the plan (64 over 2 threads: 32 each).
+    job = job_of(ddf.genai.generate(column="prompt", max_concurrent=64, **options(fake)))
+    assert job.options.max_concurrent == 64 and job.coordinator.settings().result()["in_flight"] == 2
+    job = job_of(ddf.genai.generate(column="prompt", max_concurrent=64, partitions_in_flight=8, **options(fake)))
+    assert job.coordinator.settings().result()["in_flight"] == 8
+    with dask.config.set(scheduler="threads"):  # no cluster: the static split of before
+        assert job_of(ddf.genai.generate(column="prompt", max_concurrent=64, partitions_in_flight=8,
+                                         **options(fake))).options.max_concurrent == 8
 
 
 def test_killed_worker_loses_no_finished_rows(cluster: distributed.Client, fake: FakeServer,
