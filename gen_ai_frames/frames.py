@@ -45,17 +45,21 @@ _EXTRACT_INSTRUCTION = (
 )
 
 
+def clashing_columns(existing: Collection[Any], run: RunOptions) -> list[str]:
+    """The run's output columns the frame already has, unless ``overwrite`` lets the run replace them."""
+    return [] if run.overwrite else [name for name in output_names(run).values() if name in existing]
+
+
 def check_clash(existing: Collection[Any], run: RunOptions) -> dict[str, str]:
     """The run's output column names; a ConfigurationError if the frame has one and not ``overwrite``."""
-    new_columns = output_names(run)
-    clash = [name for name in new_columns.values() if name in existing]
-    if clash and not run.overwrite:
+    clash = clashing_columns(existing, run)
+    if clash:
         raise ConfigurationError(
             f"the frame already has column(s) {clash}: pass overwrite=True to replace them, "
             "or choose other names with response_column= / error_column="
             + (" / prefix=" if run.schema else "")
         )
-    return new_columns
+    return output_names(run)
 
 
 async def run_prompts(
@@ -147,8 +151,8 @@ async def plan_prompts(
     from .plan import make_plan
 
     notes = []
-    clash = [name for name in output_names(run).values() if name in columns]
-    if clash and not run.overwrite:
+    clash = clashing_columns(columns, run)
+    if clash:
         notes.append(f"the frame already has column(s) {clash}: generate refuses them without overwrite=True")
     if client is None:
         client = create_client(**client_options)
