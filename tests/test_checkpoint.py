@@ -39,6 +39,7 @@ from gen_ai_frames.checkpoint import (
     row_keys,
 )
 from gen_ai_frames.errors import GenAIError
+from gen_ai_frames.keys import keys_for
 from gen_ai_frames.options import RunOptions
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +99,8 @@ def test_round_trip_keeps_values_nulls_and_types(tmp_path: Path) -> None:
     pd.testing.assert_frame_equal(stored, records)
     # Parquet text is UTF-8: a lone surrogate is stored as U+FFFD, but the key is the original's.
     assert stored["prompt"][2] == "\ufffd lone"
-    assert stored["prompt_hash"][2] == prompt_hash("\ud800 lone")
+    # (New checkpoints key with keys_for in KEY_SCHEME; this asserted prompt_hash, the legacy scheme.)
+    assert stored["prompt_hash"][2] == keys_for(["\ud800 lone"]).hex(0) != keys_for(["\ufffd lone"]).hex(0)
     assert stored["status_code"].dtype == "Int32"
     assert stored["prompt"].dtype == pd.StringDtype()
     assert len(parts_of(path)) == 1
