@@ -1071,10 +1071,12 @@ class Checkpoint:
         with self._mutex:
             self._check_open()
             foreign = sorted(set(stored.files) - self._pinned)
+        if len(stored) and int(stored.part.max()) >= len(stored.files):
+            foreign.append("parts it does not name")
         if foreign:
             raise ValueError(
-                f"load_results() needs keys from this open Checkpoint's stored_keys(); {foreign[:3]} "
-                "were not read by it (call stored_keys() again)"
+                "load_results() needs keys from this open Checkpoint's stored_keys() (these point into "
+                f"{foreign[:3]}, which it did not read); call stored_keys() again"
             )
         wanted = np.flatnonzero(index >= 0)
         part = stored.part[index[wanted]]
