@@ -70,7 +70,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import ConfigurationError, GenAIError
-from .keys import KEY_SCHEME, KEY_SCHEMES, LEGACY_KEY_SCHEME, StoredKeys, _combined, hashes_from_hex, keys_for
+from .keys import (
+    KEY_SCHEME,
+    KEY_SCHEMES,
+    LEGACY_KEY_SCHEME,
+    StoredKeys,
+    _combined,
+    _repeated,
+    hashes_from_hex,
+    keys_for,
+)
 from .results import ADDED_COLUMNS, PANDAS_DTYPES, RECORD_SCHEMA, RESULT_COLUMNS
 
 __all__ = [
@@ -774,11 +783,9 @@ def _latest(hashes: np.ndarray, occurrence: np.ndarray) -> np.ndarray | None:
     """
     if len(occurrence) == 0:
         return None
-    combined = pd.Index(_combined(hashes, occurrence))
-    maybe = combined.duplicated(keep=False)
-    if not maybe.any():
+    rows = _repeated(_combined(hashes, occurrence))
+    if len(rows) == 0:
         return None
-    rows = np.flatnonzero(maybe)
     frame = pd.DataFrame({"a": hashes[rows, 0], "b": hashes[rows, 1], "o": occurrence[rows]})
     drop = rows[frame.duplicated(keep="last").to_numpy()]
     if len(drop) == 0:

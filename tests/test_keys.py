@@ -129,7 +129,9 @@ def test_hashes_from_hex_takes_any_arrow_layout_and_upper_case() -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", [["abc"], ["0" * 31 + "g"], ["0" * 33], ["0" * 32, None]], ids=["short", "not-hex", "long", "null"]
+    "bad",
+    [["abc"], ["0" * 31 + "g"], ["0" * 33], ["0" * 32, None], ["0" * 32, "0" * 30 + "  "]],
+    ids=["short", "not-hex", "long", "null", "spaces"],
 )
 def test_hashes_from_hex_refuses_what_is_not_a_hash(bad: list[str | None]) -> None:
     with pytest.raises(ValueError, match="32 hex digits|missing"):
