@@ -279,6 +279,35 @@ class StoredKeys:
         )
 
 
+def _at_stored_positions(rows: PromptKeys, stored: StoredKeys, positions: np.ndarray | None) -> np.ndarray:
+    """For each row, the stored record (of unique keys) stored at the row's position with the row's
+    key, else -1: linear, and on an unchanged frame it finds every row."""
+    n = len(rows)
+    found = np.full(n, -1, dtype=np.int64)
+    if positions is None:
+        row_at = None
+    else:
+        positions = np.asarray(positions, dtype=np.int64)
+        if positions.shape != (n,):
+            raise ValueError(f"match_keys(): positions has {positions.shape} entries, rows {n}")
+        if n == 0 or positions.min() < 0:
+            raise ValueError("match_keys(): positions must be the rows' positions in the frame (>= 0)")
+        row_at = np.full(int(positions.max()) + 1, -1, dtype=np.int64)
+        row_at[positions] = np.arange(n)
+    limit = n if row_at is None else len(row_at)
+    record = np.flatnonzero((stored.position >= 0) & (stored.position < limit))
+    row = stored.position[record] if row_at is None else row_at[stored.position[record]]
+    if row_at is not None:
+        record, row = record[row >= 0], row[row >= 0]
+    same = (
+        (rows.hashes[row, 0] == stored.hashes[record, 0])
+        & (rows.hashes[row, 1] == stored.hashes[record, 1])
+        & (rows.occurrence[row] == stored.occurrence[record])
+    )
+    found[row[same]] = record[same]
+    return found
+
+
 # Occurrences fold into lane A through an odd multiplier: a bijection of 64 bits, so two records of
 # one prompt (same lane A, different occurrences) never share the combination.
 _OCCURRENCE_MIX = _U64(0x9FB21C651E98DF25)
@@ -289,12 +318,17 @@ def _combined(hashes: np.ndarray, occurrence: np.ndarray) -> np.ndarray:
     return hashes[:, 0] ^ (occurrence.astype(np.uint64) * _OCCURRENCE_MIX)
 
 
-def match_keys(rows: PromptKeys, stored: StoredKeys) -> np.ndarray:
+def match_keys(rows: PromptKeys, stored: StoredKeys, positions: np.ndarray | None = None) -> np.ndarray:
     """For each of the caller's ``rows``, the index into ``stored`` of the record with the same
-    ``(hash, occurrence)``, or -1 where there is none (int64). Vectorised: a pandas hash index on a
-    64-bit combination of lane A and the occurrence, the hits then checked on the full key; when the
-    combination is not unique among ``stored`` (two keys collide in 64 bits), those keys are matched
-    on all 128 bits and the occurrence instead. Should ``stored`` hold one key twice, the later wins.
+    ``(hash, occurrence)``, or -1 where there is none (int64).
+
+    Vectorised. First each record is checked against the row now at the position it was stored at
+    (``positions``: each row's position in the caller's frame, default ``0..n-1``), which finds every
+    row of an unchanged frame with a few linear passes; the rows left go through a pandas hash index
+    on a 64-bit combination of lane A and the occurrence, whose hits are then checked on the full
+    key. Where that combination is not unique among ``stored`` (two keys colliding in 64 bits), the
+    keys are matched on all 128 bits and the occurrence instead. Should ``stored`` hold one key twice,
+    the later wins.
 
     >>> stored = StoredKeys.of(prompt_keys(["x", "y", "x"]))
     >>> match_keys(prompt_keys(["y", "x", "x", "x", "z"]), stored).tolist()
@@ -306,10 +340,21 @@ def match_keys(rows: PromptKeys, stored: StoredKeys) -> np.ndarray:
         return found
     stored_combined = _combined(stored.hashes, stored.occurrence)
     row_combined = _combined(rows.hashes, rows.occurrence)
-    index = pd.Index(stored_combined)
-    if index.is_unique:
-        found = index.get_indexer(row_combined).astype(np.int64, copy=False)
+    if len(_repeated(stored_combined)) == 0:  # then the stored keys are unique too
+        found = _at_stored_positions(rows, stored, positions)
+        left = np.flatnonzero(found < 0)
+        if len(left):
+            # A record found at its position is no other row's, unless the rows repeat a key (hand-
+            # made keys: keys_for never does), so the index needs only the records not found yet.
+            free = np.ones(len(stored), dtype=bool)
+            if len(left) < n and len(_repeated(row_combined)) == 0:
+                free[found[found >= 0]] = False
+            candidates = np.flatnonzero(free)
+            if len(candidates):
+                hits = pd.Index(stored_combined[candidates]).get_indexer(row_combined[left])
+                found[left] = np.where(hits >= 0, candidates[np.maximum(hits, 0)], -1)
     else:
+        index = pd.Index(stored_combined)
         # Rare: combinations shared by several stored keys go through a full-key index.
         shared = index.duplicated(keep=False)
         alone = np.flatnonzero(~shared)

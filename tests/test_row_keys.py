@@ -148,6 +148,47 @@ def test_match_keys_agrees_with_a_dictionary_on_random_keys() -> None:
     assert match_keys(rows, stored).tolist() == expected
 
 
+def reference_match(rows: PromptKeys, stored: StoredKeys) -> list[int]:
+    latest: dict[tuple[int, int, int], int] = {}
+    for i, ((a, b), o) in enumerate(zip(stored.hashes.tolist(), stored.occurrence.tolist())):
+        latest[(a, b, o)] = i  # the later wins
+    return [latest.get((a, b, o), -1) for (a, b), o in zip(rows.hashes.tolist(), rows.occurrence.tolist())]
+
+
+@pytest.mark.parametrize("case", ["same", "inserted", "edited", "shuffled", "repeated-rows", "gaps"])
+def test_match_keys_at_stored_positions_and_elsewhere(case: str) -> None:
+    rng = np.random.default_rng(11)
+    prompts = [f"p{i % 700}" for i in range(1000)]  # duplicates: occurrences 0 and 1
+    stored = StoredKeys.of(keys_for(prompts))
+    caller, positions = list(prompts), None
+    if case == "inserted":
+        caller = caller[:300] + ["new", "p5"] + caller[300:]  # shifts everything after row 300
+    elif case == "edited":
+        for i in rng.choice(1000, 50, replace=False):
+            caller[i] = f"edited {i}"
+    elif case == "shuffled":
+        caller = [caller[i] for i in rng.permutation(1000)]
+    elif case == "gaps":  # rows without a prompt are not keyed: the others keep their positions
+        positions = np.flatnonzero(rng.random(1000) < 0.8)
+        caller = [prompts[i] for i in positions]
+    rows = keys_for(caller)
+    if case == "repeated-rows":  # hand-made keys repeating one key: both rows find its record
+        rows = PromptKeys(np.concatenate([rows.hashes, rows.hashes[:3]]), np.concatenate([rows.occurrence] * 2)[:1003])
+    found = match_keys(rows, stored, positions)
+    assert found.tolist() == reference_match(rows, stored)
+    if case in ("same", "gaps"):
+        assert (found >= 0).all()
+
+
+def test_match_keys_checks_positions() -> None:
+    stored = StoredKeys.of(keys_for(["a", "b"]))
+    with pytest.raises(ValueError, match="positions has"):
+        match_keys(keys_for(["a", "b"]), stored, np.array([0]))
+    with pytest.raises(ValueError, match=">= 0"):
+        match_keys(keys_for(["a", "b"]), stored, np.array([-1, 0]))
+    assert match_keys(keys_for(["b", "a"]), stored, np.array([5, 9])).tolist() == [1, 0]
+
+
 def test_stored_keys_checks_its_arrays() -> None:
     with pytest.raises(ValueError, match="position has 1 rows, occurrence has 2"):
         StoredKeys(np.zeros((2, 2)), np.zeros(2), np.zeros(1), np.zeros(2), np.zeros(2), np.zeros(2))
