@@ -9,7 +9,10 @@ times what a resume does before its first request:
               string array (a pandas ``str`` column's storage), and again from a Python list
 * ``open``    ``Checkpoint.open`` (the manifest, the footer of every part)
 * ``stored``  ``ckpt.stored_keys()``: only the key columns of every part
-* ``match``   ``match_keys(keys, stored)``
+* ``match``   ``match_keys(keys, stored)``: the frame is unchanged, so each row is found where it
+              was stored (a linear check)
+* ``match_shuffled``  the same rows in a random order: every row goes through the hash index
+              (reported apart: a frame reordered since the run is the worst case)
 
 and checks that every row was found at its own record. The target is hash (Arrow input) + open +
 stored + match <= 30 s. ``--legacy-sample`` rows are also keyed the old way (``row_keys``, a Python
@@ -90,6 +93,13 @@ def measure(path: Path, rows: int, legacy_sample: int) -> dict[str, float | int 
     t4 = time.perf_counter()
     assert (found == np.arange(rows)).all(), "a row was not matched to its own record"
     ckpt.close()
+    order = np.random.default_rng(0).permutation(rows)
+    shuffled = type(keys)(keys.hashes[order], keys.occurrence[order])
+    t_shuffle = time.perf_counter()
+    found = match_keys(shuffled, stored)
+    match_shuffled = time.perf_counter() - t_shuffle
+    assert (found == order).all(), "a shuffled row was not matched to its own record"
+    del shuffled, found
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     as_list = prompts.to_pylist()
     t5 = time.perf_counter()
@@ -104,6 +114,7 @@ def measure(path: Path, rows: int, legacy_sample: int) -> dict[str, float | int 
         "hash_arrow_s": t2 - t1,
         "stored_keys_s": t3 - t2,
         "match_s": t4 - t3,
+        "match_shuffled_s": match_shuffled,
         "total_s": t4 - t0,
         "hash_list_s": t6 - t5,
         "peak_rss_over_prompts_mb": (rss_after - rss_before) / 1024,

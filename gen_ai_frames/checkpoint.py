@@ -21,10 +21,11 @@ lists parts that are complete on disk. A crash between the two renames leaves a 
 not list: it is ignored, and deleted on the next :meth:`Checkpoint.open`. Part files with no manifest at
 all are never deleted on resume: opening refuses, and :func:`repair_checkpoint` rebuilds the manifest.
 
-Records are matched to input rows by ``(prompt_hash, occurrence)`` (see :func:`row_keys`) rather than
-by row position, so inserting, appending or editing rows of the input frame only invalidates those
-rows. When a key is stored more than once, the record written last wins. The manifest lists parts from
-oldest to newest, and that order (not the part number) decides which record is the latest.
+Records are matched to input rows by ``(prompt_hash, occurrence)`` (hashed in the checkpoint's
+:attr:`Checkpoint.key_scheme`, see :func:`gen_ai_frames.keys.keys_for`) rather than by row position,
+so inserting, appending or editing rows of the input frame only invalidates those rows. When a key is
+stored more than once, the record written last wins. The manifest lists parts from oldest to newest,
+and that order (not the part number) decides which record is the latest.
 
 Appending 500 rows at a time would leave thousands of small files, so parts are compacted like an LSM
 tree: each part has a level; when ``compact_every`` adjacent parts share a level they are merged into one
