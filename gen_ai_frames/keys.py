@@ -100,8 +100,11 @@ class PromptKeys:
         >>> keys.hex_array(np.array([1])).to_pylist() == [keys.hex(1)]
         True
         """
-        hashes = self.hashes if rows is None else self.hashes[np.asarray(rows, dtype=np.int64)]
-        return _hex_array(hashes)
+        if rows is None:
+            return _hex_array(self.hashes)
+        rows = np.asarray(rows)
+        # A mask picks its True rows (as an int64 array it would pick rows 0 and 1).
+        return _hex_array(self.hashes[np.flatnonzero(rows) if rows.dtype == bool else rows.astype(np.int64)])
 
     def binary(self) -> pa.FixedSizeBinaryArray:
         """The hashes as an Arrow ``binary(16)`` array (big-endian, like :meth:`hex`), without a copy

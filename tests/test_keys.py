@@ -111,6 +111,9 @@ def test_hex_array_equals_hex_of_each_row_and_parses_back() -> None:
     rows = np.array([5, 0, 5, len(keys) - 1])
     assert keys.hex_array(rows).to_pylist() == [keys.hex(int(i)) for i in rows]
     assert keys.hex_array(np.array([], dtype=np.int64)).to_pylist() == []
+    mask = np.zeros(len(keys), dtype=bool)
+    mask[[3, 7]] = True
+    assert keys.hex_array(mask).to_pylist() == [keys.hex(3), keys.hex(7)]
     assert hashes_from_hex(pa.array([], pa.string())).shape == (0, 2)
 
 
