@@ -1033,16 +1033,25 @@ class Checkpoint:
             self._check_open()
             files = tuple(p["file"] for p in self._manifest["parts"])
             self._pinned.update(files)  # before reading: a compaction from another thread keeps them
-        pieces = [_read_part_keys(self._store, name) for name in files]
-        if not pieces:
-            empty = np.zeros(0, dtype=np.int64)
-            return StoredKeys(np.zeros((0, 2), np.uint64), empty, empty, empty, empty, empty, files)
-        hashes = np.concatenate([piece[0] for piece in pieces])
-        occurrence = np.concatenate([piece[1] for piece in pieces])
-        position = np.concatenate([piece[2] for piece in pieces])
-        failed = np.concatenate([piece[3] for piece in pieces])
-        part = np.repeat(np.arange(len(pieces), dtype=np.int32), [len(piece[1]) for piece in pieces])
-        row = np.concatenate([np.arange(len(piece[1]), dtype=np.int32) for piece in pieces])
+            sizes = [int(p["rows"]) for p in self._manifest["parts"]]
+        # Filled part by part: the peak is the keys plus one part's, not twice the keys.
+        total = sum(sizes)
+        hashes = np.empty((total, 2), dtype=np.uint64)
+        occurrence = np.empty(total, dtype=np.int32)
+        position = np.empty(total, dtype=np.int64)
+        failed = np.empty(total, dtype=bool)
+        part = np.repeat(np.arange(len(files), dtype=np.int32), sizes)
+        row = np.empty(total, dtype=np.int32)
+        start = 0
+        for name, size in zip(files, sizes):
+            keys = _read_part_keys(self._store, name)
+            if len(keys[1]) != size:
+                problem = f"inconsistent (manifest says {size} rows, file has {len(keys[1])})"
+                raise CheckpointCorruptError(_corrupt_part_message(self._store, name, problem))
+            stop = start + size
+            hashes[start:stop], occurrence[start:stop], position[start:stop], failed[start:stop] = keys
+            row[start:stop] = np.arange(size, dtype=np.int32)
+            start = stop
         keep = _latest(hashes, occurrence)
         if keep is not None:
             hashes, occurrence, position = hashes[keep], occurrence[keep], position[keep]
