@@ -29,8 +29,11 @@ and that order (not the part number) decides which record is the latest.
 
 Appending 500 rows at a time would leave thousands of small files, so parts are compacted like an LSM
 tree: each part has a level; when ``compact_every`` adjacent parts share a level they are merged into one
-part of the next level. Files stay at most ``(compact_every - 1) * levels`` with
-``levels ~ log(appends, compact_every)``: a million rows written 500 at a time leave under 50 parts.
+part of the next level, as long as the merged part stays within :data:`COMPACT_MAX_ROWS` rows: a
+merge reads its parts whole, so bigger ones would make a long run's memory jump (a merge of sixteen
+32,000-row parts holds half a million rows at once). Files stay at most about
+``(compact_every - 1) * levels + rows / COMPACT_MAX_ROWS``: a million rows written 2,000 at a time
+leave about 45 parts, each read only as far as its key columns on resume.
 
 >>> import tempfile, os
 >>> path = os.path.join(tempfile.mkdtemp(), "run.ckpt")
@@ -104,6 +107,8 @@ _KEY_COLUMNS = ["prompt_hash", "occurrence"]
 _REQUIRED_COLUMNS = ("position", "prompt_hash", "occurrence")
 
 _FORMAT = "gen_ai_frames.checkpoint"
+#: Compaction never writes a part of more rows than this (see the module docstring).
+COMPACT_MAX_ROWS = 131_072
 # Version 2 manifests record their key scheme ("keys"); version 1 ones are keyed with
 # LEGACY_KEY_SCHEME. New checkpoints are version 2, so a release that predates key schemes refuses
 # them (it would match nothing and pay for every row again) instead of resuming them wrongly.
@@ -1225,7 +1230,8 @@ class Checkpoint:
             if i == len(parts) or parts[i]["level"] != parts[start]["level"]:
                 if i - start >= self._compact_every:
                     chosen = parts[start : start + self._compact_every]
-                    return parts[start]["level"], [p["file"] for p in chosen]
+                    if sum(p["rows"] for p in chosen) <= COMPACT_MAX_ROWS:
+                        return parts[start]["level"], [p["file"] for p in chosen]
                 start = i
         return None
 
@@ -1490,9 +1496,11 @@ def _rebuild_manifest(directory: Storage, fingerprint: dict[str, Any] | None) ->
         directory.remove(name)
     highest = max((_part_number(p["file"]) for p in parts), default=0)
     # The parts' own scheme: a legacy checkpoint stays a version-1 one, so it resumes as before.
-    keyed = {"version": _FORMAT_VERSION, "keys": scheme} if scheme != LEGACY_KEY_SCHEME else {
-        "version": _LEGACY_FORMAT_VERSION
-    }
+    keyed = (
+        {"version": _FORMAT_VERSION, "keys": scheme}
+        if scheme != LEGACY_KEY_SCHEME
+        else {"version": _LEGACY_FORMAT_VERSION}
+    )
     return {
         "format": _FORMAT,
         **keyed,

@@ -251,7 +251,7 @@ class StoredKeys:
 
     def __post_init__(self) -> None:
         m = len(self.occurrence)
-        fixed = {
+        fixed: dict[str, np.ndarray] = {
             "hashes": np.asarray(self.hashes, dtype=np.uint64).reshape(-1, 2),
             "occurrence": np.asarray(self.occurrence, dtype=np.int32),
             "position": np.asarray(self.position, dtype=np.int64),

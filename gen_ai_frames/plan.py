@@ -439,7 +439,11 @@ async def make_plan(
     for number, segment in enumerate(segments):
         valid = [i for i in range(segment.start, segment.stop) if texts[i] is not None]
         answered = await asyncio.to_thread(
-            _answered_rows, client, options, segment.checkpoint, [texts[i] for i in valid]
+            _answered_rows,
+            client,
+            options,
+            segment.checkpoint,
+            [texts[i] for i in valid],  # type: ignore[misc]
         )
         todo = [i for i, done in zip(valid, answered.tolist()) if not done]
         checkpoint_hits += len(valid) - len(todo)

@@ -38,6 +38,7 @@ from gen_ai_frames.checkpoint import (
     repair_checkpoint,
     row_keys,
 )
+import gen_ai_frames.checkpoint as checkpoint_module
 from gen_ai_frames.errors import GenAIError
 from gen_ai_frames.keys import keys_for
 from gen_ai_frames.options import RunOptions
@@ -479,6 +480,24 @@ def test_many_small_appends_leave_few_files(tmp_path: Path, monkeypatch: pytest.
     assert read_checkpoint(path).index.tolist() == list(range(appends * rows))
 
 
+def test_compaction_never_writes_a_part_bigger_than_the_cap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A merge reads its parts whole: capping the merged part's rows caps a long run's memory.
+    monkeypatch.setattr(os, "fsync", lambda fd: None)
+    monkeypatch.setattr(checkpoint_module, "COMPACT_MAX_ROWS", 12)
+    path = tmp_path / "c"
+    with Checkpoint.open(path, FP, compact_every=2) as ckpt:
+        for i in range(40):
+            ckpt.append(make_records([f"p{i}-{j}" for j in range(3)], positions=range(i * 3, i * 3 + 3)))
+        ckpt.append(make_records(["p0-0"], positions=[0], responses=["again"]))
+        stored = ckpt.records()
+    rows = [pq.read_metadata(path / part).num_rows for part in parts_of(path)]
+    assert max(rows) <= 12 and max(rows) > 3  # compacted, up to the cap and no further
+    assert len(stored) == 120
+    assert stored.set_index("prompt")["response"]["p0-0"] == "again"
+
+
 def test_failed_compaction_warns_and_keeps_the_append(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -673,8 +692,12 @@ def test_read_after_a_filtered_resume_hides_no_stored_answer(fake_server: Any, t
 
     path = tmp_path / "c"
     df = pd.DataFrame({"prompt": [f"q{i}" for i in range(6)]})
-    options: dict[str, Any] = {"endpoint": fake_server.url, "model_name": "m", "checkpoint": path,
-                               "progress": False}
+    options: dict[str, Any] = {
+        "endpoint": fake_server.url,
+        "model_name": "m",
+        "checkpoint": path,
+        "progress": False,
+    }
     df.genai.generate(column="prompt", **options)
     # Resume with the last three rows only: they now sit at positions 0-2, where q0-q2 were.
     out = df.iloc[3:].reset_index(drop=True).genai.generate(column="prompt", **options)
@@ -716,7 +739,9 @@ def test_run_rows_with_repair_true_resends_only_the_lost_rows(fake_server: Any, 
     assert fake_server.stats()["requests"] == results.sent == lost
 
 
-def test_parts_written_before_the_logprob_column_existed_still_resume(fake_server: Any, tmp_path: Path) -> None:
+def test_parts_written_before_the_logprob_column_existed_still_resume(
+    fake_server: Any, tmp_path: Path
+) -> None:
     import gen_ai_frames  # noqa: F401  (registers df.genai)
     from gen_ai_frames import create_client
 

@@ -502,7 +502,6 @@ def test_plan_counts_the_hits_of_a_legacy_checkpoint(fake_server: Any, client: A
     assert retry.checkpoint_hits == 3
 
 
-@pytest.mark.xfail(reason="runner not wired yet", strict=False)
 def test_generate_resumes_a_legacy_checkpoint_without_sending(
     fake_server: Any, client: Any, tmp_path: Path
 ) -> None:
@@ -517,7 +516,6 @@ def test_generate_resumes_a_legacy_checkpoint_without_sending(
     assert manifest_of(checkpoint)["version"] == 1 and "keys" not in manifest_of(checkpoint)
 
 
-@pytest.mark.xfail(reason="runner not wired yet", strict=False)
 def test_generate_stores_keys_in_the_checkpoints_scheme(fake_server: Any, client: Any, tmp_path: Path) -> None:
     checkpoint = tmp_path / "run.ckpt"
     prompts = ["a", "b", "a"]
