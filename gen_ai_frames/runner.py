@@ -371,27 +371,12 @@ def result_values(result: Result) -> RowValues:
     """A result's value of each of ``RESULT_COLUMNS``, in their order."""
     error = result.error
     if error is None:
-        return (
-            result.text,
-            None,
-            None,
-            None,
-            None,
-            result.attempts,
-            result.finish_reason,
-            result.prompt_tokens,
-            result.completion_tokens,
-            result.latency_s,
-            result.logprob,
-            False,
-        )
+        failure: tuple[Any, ...] = (None, None, None, None, result.attempts)
+    else:
+        failure = (error.message, error.type, error.suggestion, error.status_code, error.attempts)
     return (
         result.text,
-        error.message,
-        error.type,
-        error.suggestion,
-        error.status_code,
-        error.attempts,
+        *failure,
         result.finish_reason,
         result.prompt_tokens,
         result.completion_tokens,
