@@ -134,9 +134,11 @@ class ResultBuffer:
     A run answers rows out of order. :meth:`add` keeps each row's values (one tuple, shared by
     rows that share a request) until :data:`SEAL_ROWS` are pending, then :meth:`seal` turns them
     into Arrow arrays in the order they came: the checkpoint's next part (:meth:`unwritten`) and
-    the run's output. The output keeps only the ``keep`` columns; :meth:`columns` puts them in row
-    order at the end, a window of rows at a time, letting go of each batch once its rows are
-    placed. So a run holds about one Arrow copy of its output, not a Python object per value.
+    the run's output. The output keeps only the ``keep`` columns. As soon as every row of a window
+    of rows has arrived, the window is put in row order (one Arrow take) and each batch is let go
+    of once all its rows are placed: rows arrive nearly in order, so only the last few batches
+    wait. So a run holds about one Arrow copy of its output, not a Python object per value, and
+    :meth:`columns` at the end has little left to do.
 
     >>> buffer = ResultBuffer(3, keep=["response", "error"])
     >>> buffer.add([2], ("c",) + (None,) * 11)
@@ -154,6 +156,10 @@ class ResultBuffer:
         self._values: list[RowValues] = []
         self._stored: list[bool] = []
         self._batches: list[dict[str, pa.Array]] = []  # kept columns, in arrival order
+        self._left: list[int] = []  # rows of each batch not placed in the output yet
+        self._chunks: dict[str, list[pa.Array]] = {name: [] for name in self.keep}  # in row order
+        self._placed = 0  # rows before this are in _chunks
+        self._frontier = 0  # every row before this has arrived
         #: Rows sealed for the checkpoint and not handed over yet.
         self.unwritten_rows = 0
         self._unwritten: list[tuple[np.ndarray, pa.Table]] = []
@@ -220,31 +226,51 @@ class ResultBuffer:
     def _place(self, positions: np.ndarray, arrays: dict[str, pa.Array]) -> None:
         number = len(self._batches)
         self._batches.append(arrays)
+        self._left.append(len(positions))
         self._batch_of[positions] = number
         self._row_in[positions] = np.arange(len(positions), dtype=np.int32)
+        self._advance(final=False)
+
+    def _advance(self, final: bool) -> None:
+        """Move the frontier over the rows that have arrived, then put every window below it in
+        row order (every window, ``final``ly: rows that never got a result are null)."""
+        batch_of, n = self._batch_of, self.n
+        while self._frontier < n:
+            step = batch_of[self._frontier : self._frontier + _WINDOW_ROWS]
+            missing = np.flatnonzero(step < 0)
+            if len(missing):
+                self._frontier += int(missing[0])
+                break
+            self._frontier += len(step)
+        while self._placed < n:
+            stop = min(self._placed + _WINDOW_ROWS, n)
+            if stop > self._frontier and not final:
+                return
+            self._place_window(self._placed, stop)
+            self._placed = stop
+
+    def _place_window(self, start: int, stop: int) -> None:
+        batches, chunks = self._batches, self._chunks
+        which = self._batch_of[start:stop]
+        where = self._row_in[start:stop]
+        used, counts = np.unique(which[which >= 0], return_counts=True)
+        if len(used) == 1 and counts[0] == len(which) and _is_run(where):
+            source = batches[int(used[0])]  # one batch, in order: a slice, no copy
+            for name in self.keep:
+                chunks[name].append(source[name].slice(int(where[0]), len(where)))
+        else:  # rows from several batches, or out of order: gather them
+            self._gather(batches, used.tolist(), which, where, chunks)
+        for b, count in zip(used.tolist(), counts.tolist()):
+            self._left[b] -= count
+            if self._left[b] == 0:
+                batches[b] = {}  # every row of this batch is placed: let it go
 
     def columns(self) -> dict[str, pa.ChunkedArray]:
-        """The ``keep`` columns in row order (null for rows that got no result). Ends the buffer:
-        its batches are let go of as their rows are placed."""
+        """The ``keep`` columns in row order (null for rows that got no result). Ends the buffer."""
         self.seal()
-        batches, self._batches = self._batches, []
-        batch_of, row_in = self._batch_of, self._row_in
-        left = np.bincount(batch_of[batch_of >= 0], minlength=len(batches))
-        chunks: dict[str, list[pa.Array]] = {name: [] for name in self.keep}
-        for start in range(0, self.n, _WINDOW_ROWS):
-            which = batch_of[start : start + _WINDOW_ROWS]
-            where = row_in[start : start + _WINDOW_ROWS]
-            used = np.unique(which[which >= 0])
-            if len(used) == 1 and (which == used[0]).all() and _is_run(where):
-                source = batches[int(used[0])]  # one batch, in order: a slice, no copy
-                for name in self.keep:
-                    chunks[name].append(source[name].slice(int(where[0]), len(where)))
-            else:  # rows from several batches, or out of order: gather them
-                self._gather(batches, used.tolist(), which, where, chunks)
-            if len(used):
-                left[used] -= np.bincount(which[which >= 0], minlength=len(batches))[used]
-                for b in used[left[used] == 0].tolist():
-                    batches[b] = {}  # every row of this batch is placed: free it
+        self._advance(final=True)
+        chunks, self._chunks = self._chunks, {name: [] for name in self.keep}
+        self._batches, self._left = [], []
         self._batch_of = self._row_in = np.zeros(0, dtype=np.int32)
         return {name: pa.chunked_array(chunks[name], type=_BUFFER_TYPES[name]) for name in self.keep}
 
