@@ -8,9 +8,16 @@ every partition talks to it through a :class:`SharedRun`, which the engine consu
 :class:`~gen_ai_frames.ratelimit.SharedLimits` seam.
 
 Round trips are what a shared limiter costs, so a partition never asks per request: it *leases*
-request slots in batches (as many as the pace allows in :data:`LEASE_S` seconds, or a whole batch
-when nothing paces the run) and sends what it learned (answers, 429s, headers, spend, rows done)
-with its next lease. Urgent news (a 429, a pause) triggers a lease at once.
+request slots in batches (as many as the pace allows in :data:`LEASE_S` seconds) and sends what it
+learned (answers, 429s, headers, spend, rows done) with its next lease. Urgent news (a 429, a pause)
+triggers a lease at once. When nothing paces the run (no limit given or learned, no budget), a
+grant is *unbounded*: the partition sends without slots until a later exchange (at least every
+:data:`LEASE_S`) tells it otherwise.
+
+Until the run hears its first response, only :data:`PROBES` request goes out run-wide (for at most
+:data:`PROBE_MAX_S`): the provider's headers on that answer state the limit, which every partition
+then paces to from a full bucket, where a burst of every partition's slow start at a limit not
+known yet would mostly come back as 429s.
 
 Nothing here imports Dask: the coordinator is a plain object, so it is tested without a cluster.
 
@@ -19,6 +26,9 @@ Nothing here imports Dask: the coordinator is a plain object, so it is tested wi
 >>> grant = coordinator.lease("p0", 4, {"requests": 1.0}, {})
 >>> [round(w, 2) for w in grant["waits"]], grant["concurrency"]
 ([0.0, 0.1], 4)
+>>> told_nothing = RunCoordinator(max_concurrent=8, npartitions=2, clock=lambda: 100.0)
+>>> [len(told_nothing.lease(p, 4, {"requests": 1.0}, {})["waits"]) for p in ("p0", "p1")]
+[1, 0]
 """
 
 from __future__ import annotations
@@ -37,7 +47,7 @@ from .errors import NotSentError
 from .pricing import Spend, budget_spent
 from .ratelimit import Pace, RateLimiter
 
-__all__ = ["LEASE_S", "RunCoordinator", "SharedRun"]
+__all__ = ["LEASE_S", "PROBES", "PROBE_MAX_S", "RunCoordinator", "SharedRun"]
 
 logger = logging.getLogger("gen_ai_frames")
 
@@ -47,6 +57,13 @@ LEASE_S = 0.2
 PUBLISH_S = 0.5
 #: Seconds a lease may take before the coordinator counts as lost (its worker died).
 LOST_AFTER_S = 15.0
+#: Requests in flight run-wide before the run's first response, when nothing paces it yet.
+PROBES = 1
+#: Seconds the probe may take before the run goes on without it (a server that never answers
+#: must not hold the run to one request at a time).
+PROBE_MAX_S = 5.0
+#: Seconds between two leases of a partition waiting for the probe's answer.
+PROBE_POLL_S = 0.05
 
 Clock = Callable[[], float]
 
@@ -69,6 +86,7 @@ def _empty_report() -> dict[str, Any]:
         "headers": None,  # the rate-limit headers of the latest answer
         "pause": None,  # (seconds, reason): a pause the server asked for
         "settled": 0,  # slots used (request sent, or given up)
+        "free": 0,  # requests sent without a slot (an unbounded grant), ended
         "returned": 0,  # slots not used, still ahead (the partition ended): their time is free again
         "expired": 0,  # slots not used in time, or booked under an old pace: their time is gone
         "prompt_tokens": 0,
@@ -139,6 +157,9 @@ class RunCoordinator:
         self.requests = 0
         self.rate_limited = 0
         self._published_at = float("-inf")
+        #: The run heard from the provider (a response, a 429, a pause, a request ended): probing ends.
+        self.heard = False
+        self._probe_since: float | None = None
 
     # The one call partitions make ------------------------------------------------------------
 
@@ -146,10 +167,11 @@ class RunCoordinator:
         """Take ``member``'s ``report`` and lease it up to ``want`` request slots costing ``costs``.
 
         The grant: ``waits`` (seconds from now at which each slot may be used), ``paced`` (False:
-        the slots are not tied to a time), ``generation`` (changes when the pace does: slots of an
-        older one are void), ``pause`` (seconds the run stays paused), ``stop`` (the budget is
-        spent: ``(message, suggestion)``), ``concurrency`` (this partition's share of
-        ``max_concurrent``).
+        the slots are not tied to a time), ``unbounded`` (nothing paces the run: send without
+        slots until told otherwise), ``probe`` (the run waits for its first response: news is
+        urgent), ``generation`` (changes when the pace does: slots of an older one are void),
+        ``pause`` (seconds the run stays paused), ``stop`` (the budget is spent:
+        ``(message, suggestion)``), ``concurrency`` (this partition's share of ``max_concurrent``).
         """
         now = self._clock()
         m = self.members.get(member)
@@ -160,8 +182,16 @@ class RunCoordinator:
         self._apply(m, member, report, now)
         waits: list[float] = []
         paced = self._request_rate() is not None
-        if self.stop is None and not m.finished and want > 0:
+        probe = self._probing(now)
+        # Nothing to book or count: the partition sends freely, its reports still flow.
+        unbounded = not paced and not probe and self.stop is None and not self._budgeted()
+        if self.stop is None and not m.finished and want > 0 and not unbounded:
             count = self._affordable(m, self._lease_size(want), costs)
+            if probe:
+                if self._probe_since is None:
+                    self._probe_since = now
+                in_flight = sum(member.outstanding for member in self.members.values())
+                count = min(count, max(0, PROBES - in_flight))
             start = max(now, self.paused_until)
             tokens = int(costs.get("tokens", 0))
             for _ in range(count):
@@ -174,6 +204,8 @@ class RunCoordinator:
         return {
             "waits": waits,
             "paced": paced,
+            "unbounded": unbounded,
+            "probe": probe,
             "generation": self.pace.generation,
             "pause": max(0.0, self.paused_until - now),
             "pause_reason": self.pause_reason,
@@ -184,6 +216,10 @@ class RunCoordinator:
     def _apply(self, m: _Member, member: str, report: Mapping[str, Any], now: float) -> None:
         if not report:
             return
+        if not self.heard and any(
+            report.get(name) for name in ("answers", "rate_limited", "headers", "pause", "settled", "free")
+        ):
+            self.heard = True  # even a request that failed: the probe must not hold the run longer
         if report.get("total") is not None:
             m.total = report["total"]
             m.done = report.get("done", 0)
@@ -208,7 +244,7 @@ class RunCoordinator:
             seconds, reason = report["pause"]
             self._pause(now, seconds, reason)
         settled, returned = report.get("settled", 0), report.get("returned", 0)
-        self.requests += settled
+        self.requests += settled + report.get("free", 0)
         m.outstanding = max(0, m.outstanding - settled - returned - report.get("expired", 0))
         if returned:
             self.pace.unbook(returned, now)
@@ -250,6 +286,15 @@ class RunCoordinator:
             rates.append(self.limiter.tokens_per_minute / 60.0)  # at least one token a request
         return min(rates) if rates else None
 
+    def _probing(self, now: float) -> bool:
+        """Before the run's first response, when nothing paces it: one request for the run."""
+        if self.heard or self._request_rate() is not None:
+            return False
+        return self._probe_since is None or now - self._probe_since < PROBE_MAX_S
+
+    def _budgeted(self) -> bool:
+        return self.max_cost is not None and self.price is not None
+
     def _lease_size(self, want: int) -> int:
         rate = self._request_rate()
         if rate is None:
@@ -261,8 +306,9 @@ class RunCoordinator:
         at the mean cost of an answer so far (a worst case before the first answer). While less
         than a request's worth is left, a partition with none in flight may send one more, so the
         run spends at most the budget plus one request per partition."""
-        if self.max_cost is None or self.price is None:
+        if not self._budgeted():
             return count
+        assert self.price is not None and self.max_cost is not None
         spent = self.spend.usd or 0.0
         if spent >= self.max_cost:
             return 0
@@ -359,7 +405,6 @@ class SharedRun:
         *,
         want: int = 64,
         clock: Clock = time.monotonic,
-        sleep: Callable[[float], Any] = asyncio.sleep,
         fallback: RateLimiter | None = None,
         budgeted: bool = False,
     ) -> None:
@@ -371,7 +416,6 @@ class SharedRun:
         self.member = member
         self.want = want
         self._clock = clock
-        self._sleep = sleep
         self._slots: collections.deque[float | None] = collections.deque()
         self._report = _empty_report()
         self.generation = 0
@@ -388,6 +432,12 @@ class SharedRun:
         self._starved = False
         self._closing = False
         self.exchanges = 0
+        #: The last grant was unbounded: requests go without slots until an exchange says otherwise.
+        self.unbounded = False
+        #: The run waits for its first response (the coordinator's probe): news is urgent.
+        self.probing = False
+        self._free = 0  # requests sent without a slot and not yet ended
+        self._heard_limits = False
 
     # SharedLimits ----------------------------------------------------------------------------
 
@@ -407,6 +457,9 @@ class SharedRun:
                 return 0.0
             if self.lost is not None:
                 return self._alone(costs)
+            if self.unbounded and not self._slots:
+                self._free += 1
+                return 0.0
             now = self._clock()
             self._drop_stale(now)
             if self._slots:
@@ -415,7 +468,8 @@ class SharedRun:
                     self._wake.set()  # lease more before running out: requests need not wait for it
                 return 0.0 if at is None else max(0.0, at - now)
             self._granted.clear()
-            self._wake.set()
+            if not self._starved:
+                self._wake.set()
             await self._granted.wait()
 
     def settle(
@@ -431,7 +485,13 @@ class SharedRun:
         """A slot was used: ``outcome`` is ``"answered"``, ``"served"`` (an error the server
         answered), ``"rate_limited"`` (a 429) or ``"failed"`` (no response, or never sent)."""
         report = self._report
-        report["settled"] += 1
+        if self._free:
+            self._free -= 1
+            report["free"] += 1
+        else:
+            report["settled"] += 1
+        if self.probing:
+            self._urgent()  # the run waits for this: the first response's news
         if outcome in ("answered", "served"):
             report["answers"] += 1
         if outcome == "answered" and (prompt_tokens or completion_tokens):
@@ -449,12 +509,16 @@ class SharedRun:
         stated = {k.lower(): v for k, v in headers.items() if "ratelimit" in k.lower()}
         if stated:
             self._report["headers"] = stated
+            if self.unbounded and not self._heard_limits:
+                self._heard_limits = True
+                self._urgent()  # the first limit an unbounded partition hears of: pace to it now
 
     def pause(self, seconds: float, reason: str) -> None:
         """The server asked this partition to wait: the whole run waits."""
         until = self._clock() + seconds
         if until > self.paused_until:
             self.paused_until, self.pause_reason = until, reason
+            self._void_before(until)
         current = self._report["pause"]
         if current is None or seconds > current[0]:
             self._report["pause"] = (seconds, reason)
@@ -515,20 +579,20 @@ class SharedRun:
         least every :data:`LEASE_S` seconds while the run goes on."""
         assert self._wake is not None and self._granted is not None
         while not self._closing:
-            if not self._starved:
-                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that comes
-                # as the event is set, and close() would wait for this loop forever.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(LEASE_S):
-                        await self._wake.wait()
-                if self._closing:
-                    return  # close() reports what is left
-            else:  # the last lease gave nothing (the budget): ask again later, not in a loop
-                await self._sleep(LEASE_S)
+            # Starved (the last lease gave nothing: the budget, the probe in flight), the requests
+            # waiting for slots do not wake the pump: it asks again later or on urgent news.
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that comes
+            # as the event is set, and close() would wait for this loop forever.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(PROBE_POLL_S if self._starved and self.probing else LEASE_S):
+                    await self._wake.wait()
+            if self._closing:
+                return  # close() reports what is left
             self._wake.clear()
             # Paced, only what keeps a lease period ahead: booking further would hold the run's
-            # time for this partition alone.
-            want = max(0, self.want - len(self._slots)) if self._runs_low(self._clock()) else 0
+            # time for this partition alone. Unbounded, ask anyway: the answer may be slots.
+            runs_low = self.unbounded or self._runs_low(self._clock())
+            want = max(0, self.want - len(self._slots)) if runs_low else 0
             report, self._report = self._report, _empty_report()
             try:
                 grant = await asyncio.to_thread(self._call_coordinator, want, report)
@@ -564,11 +628,14 @@ class SharedRun:
         if grant["pause"] > 0 and now + grant["pause"] > self.paused_until:
             self.paused_until = now + grant["pause"]
             self.pause_reason = grant.get("pause_reason")
+            self._void_before(self.paused_until)
+        self.unbounded = bool(grant.get("unbounded"))
+        self.probing = bool(grant.get("probe"))
         if grant["stop"] is not None and self.stopped is None:
             message, suggestion = grant["stop"]
             self.stopped = NotSentError(message, suggestion=suggestion, retryable=False, sent=False)
         waits = grant["waits"]
-        self._starved = want > 0 and not waits and not self._slots
+        self._starved = want > 0 and not waits and not self._slots and not self.unbounded
         if grant["paced"]:
             self._slots.extend(now + wait for wait in waits)
         else:
@@ -584,6 +651,7 @@ class SharedRun:
         for name in (
             "answers",
             "settled",
+            "free",
             "returned",
             "expired",
             "prompt_tokens",
@@ -637,6 +705,13 @@ class SharedRun:
         if last is None:
             return len(self._slots) < max(1, self.want // 2)
         return last - now < LEASE_S
+
+    def _void_before(self, until: float) -> None:
+        """A pause until ``until``: paced slots before its end are void (their time is gone), so
+        the partitions resume at the pace booked after it, not all at once."""
+        kept = collections.deque(at for at in self._slots if at is None or at >= until)
+        self._report["expired"] += len(self._slots) - len(kept)
+        self._slots = kept
 
     def _drop_stale(self, now: float) -> None:
         """A paced slot left unused for a lease period is dropped: used late, it would burst."""
