@@ -141,10 +141,12 @@ def run(client: Any, server: Any, name: str, rows: int, *, static: bool = False,
     finally:
         gdask._distributed_client = real
     topics = set(client.get_events()) if timeline else set()
+    cpu = _cpu(client, server)
     started = time.monotonic()
     wall = time.time()
     result = out.compute()
     elapsed = time.monotonic() - started
+    cpu = {name: used - cpu[name] for name, used in _cpu(client, server).items()}
     stats = server.stats()
     answered = int(result["response"].notna().sum())
     tokens = result["prompt_tokens"].fillna(0).sum() + result["completion_tokens"].fillna(0).sum()
@@ -159,6 +161,10 @@ def run(client: Any, server: Any, name: str, rows: int, *, static: bool = False,
         "elapsed_s": elapsed,
         "rows_per_s": answered / elapsed,
         "tokens": int(tokens),
+        # CPU seconds per 1,000 rows: less sensitive to other processes' load than rows/s.
+        "workers_cpu_ms_per_row": cpu["workers"] / rows * 1e3,
+        "scheduler_cpu_ms_per_row": cpu["scheduler"] / rows * 1e3,
+        "server_cpu_ms_per_row": cpu["server"] / rows * 1e3,
     }
     row["429_share"] = row["429s"] / rows
     if server_rpm:
@@ -166,7 +172,26 @@ def run(client: Any, server: Any, name: str, rows: int, *, static: bool = False,
     print("  " + json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
     if timeline and not static:
         row["timeline"] = _timeline(client, topics, wall)
+        if row["timeline"]:
+            row["exchanges"] = row["timeline"][-1]["exchanges"]
+            print(f"    {row['exchanges']} exchanges with the coordinator", flush=True)
     return row
+
+
+def _process_cpu() -> float:
+    import psutil
+
+    times = psutil.Process().cpu_times()
+    return times.user + times.system
+
+
+def _cpu(client: Any, server: Any) -> dict[str, float]:
+    """CPU seconds used so far by the worker processes, the scheduler and the fake server."""
+    return {
+        "workers": sum(client.run(_process_cpu).values()),
+        "scheduler": client.run_on_scheduler(_process_cpu),
+        "server": server.cpu_seconds(),
+    }
 
 
 def _timeline(client: Any, before: set[str], wall: float) -> list[dict[str, Any]]:
@@ -180,7 +205,8 @@ def _timeline(client: Any, before: set[str], wall: float) -> list[dict[str, Any]
     rows, requests, limited = [], 0, 0
     for at, msg in events:
         rows.append({"t": round(at - wall, 2), "requests": msg["requests"] - requests,
-                     "429s": msg["rate_limited"] - limited, "status": msg["status"]})
+                     "429s": msg["rate_limited"] - limited, "status": msg["status"],
+                     "exchanges": msg.get("exchanges")})
         requests, limited = msg["requests"], msg["rate_limited"]
     for entry in rows:
         if entry["429s"]:
@@ -247,7 +273,7 @@ def scenarios(client: Any, server: Any, args: argparse.Namespace, only: set[str]
         for name, static in (("overhead-static", True), ("overhead-shared", False),
                              ("overhead-static", True), ("overhead-shared", False)):
             runs.append(run(client, server, name, args.fast_rows, static=static, server_rpm=None,
-                            max_concurrent=64))
+                            max_concurrent=64, timeline=args.timeline))
 
 
 def summary(runs: list[dict[str, Any]]) -> None:
@@ -267,6 +293,16 @@ def summary(runs: list[dict[str, Any]]) -> None:
             static = r
         elif r["scenario"] == "overhead-shared" and static is not None:
             ratios.append(r["rows_per_s"] / static["rows_per_s"])
+    cpu = []
+    static = None
+    for r in runs:
+        if r["scenario"] == "overhead-static":
+            static = r
+        elif r["scenario"] == "overhead-shared" and static is not None:
+            cpu.append(r["workers_cpu_ms_per_row"] / static["workers_cpu_ms_per_row"])
+    if cpu:
+        print(f"overhead: workers' CPU per row, shared / static {', '.join(f'{x:.2f}' for x in cpu)} "
+              f"(median {_common.median(cpu):.2f})", flush=True)
     if ratios:
         print(f"overhead: shared / static {', '.join(f'{x:.2f}' for x in ratios)} "
               f"(median {_common.median(ratios):.2f}, min {min(ratios):.2f})", flush=True)

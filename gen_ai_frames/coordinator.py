@@ -11,8 +11,10 @@ Round trips are what a shared limiter costs, so a partition never asks per reque
 request slots in batches (as many as the pace allows in :data:`LEASE_S` seconds) and sends what it
 learned (answers, 429s, headers, spend, rows done) with its next lease. Urgent news (a 429, a pause)
 triggers a lease at once. When nothing paces the run (no limit given or learned, no budget), a
-grant is *unbounded*: the partition sends without slots until a later exchange (at least every
-:data:`LEASE_S`) tells it otherwise.
+grant is *unbounded*: the partition sends without slots until a later exchange tells it otherwise.
+Its exchanges are then only reports (every :data:`UNBOUNDED_REPORT_S` when the run's news is pushed
+to it, see :meth:`RunCoordinator.wait_news`, else every :data:`LEASE_S`): a round trip to a Dask
+Actor costs milliseconds of CPU, which a run as fast as the machine goes would pay in throughput.
 
 Until the run hears its first response, only :data:`PROBES` request goes out run-wide (for at most
 :data:`PROBE_MAX_S`): the provider's headers on that answer state the limit, which every partition
@@ -64,6 +66,10 @@ PROBES = 1
 PROBE_MAX_S = 5.0
 #: Seconds between two leases of a partition waiting for the probe's answer.
 PROBE_POLL_S = 0.05
+#: Seconds between two reports of an unbounded partition told of the run's news as it happens.
+UNBOUNDED_REPORT_S = 1.0
+#: Seconds a news watch waits on the coordinator's side before it answers anyway.
+NEWS_WAIT_S = 10.0
 
 Clock = Callable[[], float]
 
@@ -134,6 +140,9 @@ class RunCoordinator:
         self._publish = publish
         self._clock = clock
         self.rounds = 0
+        #: Changes when what partitions are granted does (a pause, a pace, a stop): see wait_news.
+        self.news = 0
+        self._watchers: list[Callable[[int], None]] = []
         self._start_round()
 
     def _start_round(self) -> None:
@@ -156,6 +165,7 @@ class RunCoordinator:
         self.finished = 0
         self.requests = 0
         self.rate_limited = 0
+        self.exchanges = 0  # leases and reports heard: what the shared limits cost in round trips
         self._published_at = float("-inf")
         #: The run heard from the provider (a response, a 429, a pause, a request ended): probing ends.
         self.heard = False
@@ -179,7 +189,11 @@ class RunCoordinator:
             if self.finished and self.finished >= self.npartitions:
                 self._start_round()  # every partition ended: this is a new compute of the run
             m = self.members[member] = _Member()
+        self.exchanges += 1
+        before = self._grant_state()
         self._apply(m, member, report, now)
+        if self._grant_state() != before:
+            self._tell_news()
         waits: list[float] = []
         paced = self._request_rate() is not None
         probe = self._probing(now)
@@ -206,6 +220,7 @@ class RunCoordinator:
             "paced": paced,
             "unbounded": unbounded,
             "probe": probe,
+            "news": self.news,
             "generation": self.pace.generation,
             "pause": max(0.0, self.paused_until - now),
             "pause_reason": self.pause_reason,
@@ -268,6 +283,43 @@ class RunCoordinator:
             m.finished = True
             self.finished += 1
             self._maybe_publish(now, force=True)
+
+    def _grant_state(self) -> tuple[Any, ...]:
+        """What unbounded partitions must hear of at once when it changes."""
+        return (self.paused_until, self.stop is None, self.pace.generation, self._request_rate() is None)
+
+    def _tell_news(self) -> None:
+        self.news += 1
+        watchers, self._watchers = self._watchers, []
+        for notify in watchers:
+            notify(self.news)
+
+    def watch(self, version: int, notify: Callable[[int], None]) -> None:
+        """Call ``notify(news)`` once the run's news differs from ``version`` (at once if it does)."""
+        if version != self.news:
+            notify(self.news)
+        else:
+            self._watchers.append(notify)
+
+    async def wait_news(self, version: int, timeout: float = NEWS_WAIT_S) -> int:
+        """The run's news once it differs from ``version``, or after ``timeout`` seconds: a partition
+        waits on this (a long poll) instead of asking every lease period. Run it in the loop (the
+        thread) that runs :meth:`lease`."""
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        def notify(news: int) -> None:
+            if not future.done():
+                future.set_result(news)
+
+        self.watch(version, notify)
+        try:
+            async with asyncio.timeout(timeout):
+                return await future
+        except TimeoutError:
+            return self.news
+        finally:
+            if notify in self._watchers:
+                self._watchers.remove(notify)
 
     def _pause(self, now: float, seconds: float, reason: str) -> None:
         if now + seconds > self.paused_until:
@@ -373,6 +425,7 @@ class RunCoordinator:
             "status": status,
             "requests": self.requests,
             "rate_limited": self.rate_limited,
+            "exchanges": self.exchanges,
             "partitions": self.finished,
             "npartitions": self.npartitions,
             "finished": self.finished >= self.npartitions,
@@ -392,6 +445,11 @@ class SharedRun:
     ``call(member, want, costs, report)`` is the coordinator's :meth:`RunCoordinator.lease`
     (a Dask Actor method in a worker); it blocks, so it runs in a thread, one at a time.
 
+    ``watch(news, notify)``, if given, arranges for ``notify(news)`` to be called (from any thread)
+    once the run's news differs from ``news`` (:meth:`RunCoordinator.watch`, or a long poll of
+    :meth:`RunCoordinator.wait_news` in Dask): an unbounded partition then reports only every
+    :data:`UNBOUNDED_REPORT_S`, and hears of a pause, a pace or a stop as soon as it happens.
+
     If the coordinator is lost (a lease fails: its worker died), the partition carries on alone,
     with a warning: paced by what its own engine learned and by ``fallback`` (its static share of
     the run's rate limits), or, when the run has a budget (``budgeted``), it stops sending, as the
@@ -407,8 +465,13 @@ class SharedRun:
         clock: Clock = time.monotonic,
         fallback: RateLimiter | None = None,
         budgeted: bool = False,
+        watch: Callable[[int, Callable[[int], None]], None] | None = None,
     ) -> None:
         self._call = call
+        self._watch = watch
+        self._watching = False  # a watch is armed: its notify has not come yet
+        self.news = 0  # the run's news as of the last grant
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._fallback = fallback
         self._budgeted = budgeted
         #: Set when the coordinator could not be reached: this partition paces itself from then.
@@ -567,6 +630,7 @@ class SharedRun:
             return
         if self._task is None or self._task.done():
             self._closing = False
+            self._loop = asyncio.get_running_loop()
             self._wake, self._granted = asyncio.Event(), asyncio.Event()
             self._task = asyncio.ensure_future(self._pump())
 
@@ -583,8 +647,14 @@ class SharedRun:
             # waiting for slots do not wake the pump: it asks again later or on urgent news.
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that comes
             # as the event is set, and close() would wait for this loop forever.
+            if self._starved and self.probing:
+                period = PROBE_POLL_S
+            elif self.unbounded and self._watching:
+                period = UNBOUNDED_REPORT_S  # only reports: the news comes when it happens
+            else:
+                period = LEASE_S
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(PROBE_POLL_S if self._starved and self.probing else LEASE_S):
+                async with asyncio.timeout(period):
                     await self._wake.wait()
             if self._closing:
                 return  # close() reports what is left
@@ -631,6 +701,8 @@ class SharedRun:
             self._void_before(self.paused_until)
         self.unbounded = bool(grant.get("unbounded"))
         self.probing = bool(grant.get("probe"))
+        self.news = grant.get("news", 0)
+        self._arm_watch()
         if grant["stop"] is not None and self.stopped is None:
             message, suggestion = grant["stop"]
             self.stopped = NotSentError(message, suggestion=suggestion, retryable=False, sent=False)
@@ -644,6 +716,31 @@ class SharedRun:
             self.concurrency = grant["concurrency"]
             if self._pace is not None:
                 self._pace.limit_concurrency(self.concurrency)
+
+    def _notify(self, news: int) -> None:
+        """The run's news changed (or the watch timed out); called from any thread."""
+        loop = self._loop
+        if loop is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the partition's loop is closed: nobody to tell
+            loop.call_soon_threadsafe(self._heard, news)
+
+    def _heard(self, news: int) -> None:
+        self._watching = False
+        if news != self.news:
+            self._urgent()  # an exchange brings the pause, the pace or the stop
+        else:
+            self._arm_watch()  # nothing new (the watch timed out): watch again
+
+    def _arm_watch(self) -> None:
+        """Unbounded, watch the run's news (once at a time) rather than ask every lease period."""
+        if not self.unbounded or self._watch is None or self._watching or self._closing or self.lost:
+            return
+        self._watching = True
+        try:
+            self._watch(self.news, self._notify)
+        except Exception:  # the lease path notices a lost coordinator: poll every LEASE_S meanwhile
+            self._watching = False
 
     def _merge_back(self, report: dict[str, Any]) -> None:
         """A failed exchange: keep its news for the next one."""
