@@ -284,7 +284,8 @@ def summary(runs: list[dict[str, Any]]) -> None:
         shares = [r["429_share"] for r in learned]
         use = [r["utilisation"] for r in learned]
         print(f"learned: 429 share {', '.join(f'{s:.1%}' for s in shares)} "
-              f"(median {_common.median(shares):.1%}, max {max(shares):.1%}); utilisation median {_common.median(use):.3f}, min {min(use):.3f}; "
+              f"(median {_common.median(shares):.1%}, max {max(shares):.1%}); "
+              f"utilisation median {_common.median(use):.3f}, min {min(use):.3f}; "
               f"failed {sum(r['failed'] for r in learned)}", flush=True)
     ratios = []
     static = None

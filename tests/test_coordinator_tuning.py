@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import gen_ai_frames.coordinator as coordination
-from gen_ai_frames.coordinator import LEASE_S, PROBE_MAX_S, RunCoordinator, SharedRun
+from gen_ai_frames.coordinator import LEASE_S, PROBE_MAX_S, SharedRun
 
 from .test_dask_limits_unit import REQUEST, Clock, coordinator, report
 
