@@ -438,6 +438,11 @@ class RunCoordinator:
         self._publish(self.snapshot())
 
 
+def _stated(headers: Mapping[str, str]) -> dict[str, str]:
+    """The rate-limit headers of an answer, by lower-case name."""
+    return {k.lower(): v for k, v in headers.items() if "ratelimit" in k.lower()}
+
+
 class SharedRun:
     """A partition's side of the run's :class:`RunCoordinator`: the engine's
     :class:`~gen_ai_frames.ratelimit.SharedLimits` and the runner's progress feed.
@@ -500,6 +505,7 @@ class SharedRun:
         #: The run waits for its first response (the coordinator's probe): news is urgent.
         self.probing = False
         self._free = 0  # requests sent without a slot and not yet ended
+        self._headers: Mapping[str, str] | None = None  # the latest answer's, not yet reported
         self._heard_limits = False
 
     # SharedLimits ----------------------------------------------------------------------------
@@ -568,13 +574,12 @@ class SharedRun:
             self._urgent()
 
     def learn(self, headers: Mapping[str, str]) -> None:
-        """An answer's headers: the rate-limit ones go to the coordinator with the next lease."""
-        stated = {k.lower(): v for k, v in headers.items() if "ratelimit" in k.lower()}
-        if stated:
-            self._report["headers"] = stated
-            if self.unbounded and not self._heard_limits:
-                self._heard_limits = True
-                self._urgent()  # the first limit an unbounded partition hears of: pace to it now
+        """An answer's headers: the rate-limit ones go to the coordinator with the next lease.
+        Only the latest answer's count, so they are picked out once per lease, not per answer."""
+        self._headers = headers
+        if self.unbounded and not self._heard_limits and _stated(headers):
+            self._heard_limits = True
+            self._urgent()  # the first limit an unbounded partition hears of: pace to it now
 
     def pause(self, seconds: float, reason: str) -> None:
         """The server asked this partition to wait: the whole run waits."""
@@ -599,7 +604,7 @@ class SharedRun:
             await asyncio.gather(task, return_exceptions=True)
         self._slots_back()
         if self._has_news() and self.lost is None:
-            report, self._report = self._report, _empty_report()
+            report = self._take_report()
             try:
                 await asyncio.to_thread(self._call_coordinator, 0, report)
             except Exception:  # the run's answers matter more: finish() tries again
@@ -663,7 +668,7 @@ class SharedRun:
             # time for this partition alone. Unbounded, ask anyway: the answer may be slots.
             runs_low = self.unbounded or self._runs_low(self._clock())
             want = max(0, self.want - len(self._slots)) if runs_low else 0
-            report, self._report = self._report, _empty_report()
+            report = self._take_report()
             try:
                 grant = await asyncio.to_thread(self._call_coordinator, want, report)
             except Exception as exc:  # not when cancelled: the call goes on in its thread and may land
@@ -676,7 +681,7 @@ class SharedRun:
 
     def _exchange(self, want: int) -> None:
         """One lease, blocking (where no loop runs)."""
-        report, self._report = self._report, _empty_report()
+        report = self._take_report()
         try:
             grant = self._call_coordinator(want, report)
         except BaseException:
@@ -716,6 +721,16 @@ class SharedRun:
             self.concurrency = grant["concurrency"]
             if self._pace is not None:
                 self._pace.limit_concurrency(self.concurrency)
+
+    def _take_report(self) -> dict[str, Any]:
+        """The news since the last exchange, for the next one (a fresh report starts)."""
+        report, self._report = self._report, _empty_report()
+        headers, self._headers = self._headers, None
+        if headers is not None:
+            stated = _stated(headers)
+            if stated:
+                report["headers"] = stated
+        return report
 
     def _notify(self, news: int) -> None:
         """The run's news changed (or the watch timed out); called from any thread."""
