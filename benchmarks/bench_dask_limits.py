@@ -24,6 +24,7 @@ tasks and the tail of the run (the last partitions alone) count against it.
     python benchmarks/bench_dask_limits.py                     # all, about 5 minutes
     python benchmarks/bench_dask_limits.py --only primitives,overhead
     python benchmarks/bench_dask_limits.py --rows 700 --json /tmp/limits.json
+    python benchmarks/bench_dask_limits.py --only learned,overhead --repeat 3 --timeline
 """
 
 from __future__ import annotations
