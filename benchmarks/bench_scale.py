@@ -13,7 +13,12 @@ is measured. Each variant runs in its own fresh subprocess:
                 that call is the time to the first (and only) request
 
 Memory: ``peak RSS over the frame`` is the process's peak RSS (``ru_maxrss``) minus its RSS once the
-input frame is built; ``returned`` is the deep memory size of the columns the call added.
+input frame is built; ``returned`` is the deep memory size of the columns the call added, and
+``peak / returned`` their ratio (issue 19's target: <= 2 at 1,000,000 rows).
+
+``s to first send``: seconds from the call to the moment the runner starts sending (for a resume,
+once the rows are matched against the checkpoint; the stored answers are read after that). Only
+code with the runner's ``_send_groups`` step reports it.
 
     python benchmarks/bench_scale.py                          # 1,000,000 rows, all variants
     python benchmarks/bench_scale.py --rows 200000 --variants plain,ckpt,resume
@@ -74,6 +79,25 @@ def write_synthetic(path: str, rows: int, url: str) -> float:
     return time.perf_counter() - started
 
 
+def _time_first_send() -> list[float]:
+    """Note when the run starts sending (the first request of a resume): the runner's send step
+    is wrapped; the list gets that moment. Code without that step (another version) notes nothing."""
+    import gen_ai_frames.runner as runner
+
+    moments: list[float] = []
+    send = getattr(runner, "_send_groups", None)
+    if send is None:
+        return moments
+
+    async def timed(*args: Any, **kwargs: Any) -> Any:
+        if not moments:
+            moments.append(time.perf_counter())
+        return await send(*args, **kwargs)
+
+    runner._send_groups = timed
+    return moments
+
+
 def worker(args: argparse.Namespace) -> None:
     import aiohttp  # noqa: F401  (imported lazily by the transport: keep it out of the timing)
     import pandas as pd
@@ -95,8 +119,10 @@ def worker(args: argparse.Namespace) -> None:
     del prompts
     gc.collect()
     client = gen_ai_frames.create_client(provider="openai", endpoint=args.url, model_name="m")
+    first_send = _time_first_send()
     base_rss = rss_bytes()
     checkpoint = None if variant == "plain" else args.checkpoint
+    started = time.perf_counter()
     with _common.measure() as m:
         out = df.genai.generate(column="prompt", client=client, chunk_size=args.chunk_size,
                                 checkpoint=checkpoint, max_concurrent=args.max_concurrent, progress=False)
@@ -108,6 +134,7 @@ def worker(args: argparse.Namespace) -> None:
         "variant": variant, "n": len(df), **m.as_dict(), "correct": correct,
         "peak_over_frame_mb": (peak - base_rss) / 1e6,
         "returned_mb": added.memory_usage(deep=True, index=False).sum() / 1e6,
+        "to_first_send_s": (first_send[0] - started) if first_send else None,
         **extra,
     })
 
@@ -156,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                 result = _common.run_measured_worker(server, cmd, timeout=args.timeout)
                 result.pop("stderr", None)
                 n = result["n"]
+                result.update(over_returned=result["peak_over_frame_mb"] / result["returned_mb"])
                 result.update(rows_per_s=n / result["wall_s"], cpu_us=result["cpu_s"] * 1e6 / n,
                               bytes_per_row=result["peak_over_frame_mb"] * 1e6 / n, check=f"{result['correct']}/{n}")
                 runs.append(result)
@@ -167,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     columns = [("variant", "variant", ""), ("n", "rows", "d"), ("wall_s", "wall s", ".2f"),
                ("rows_per_s", "rows/s", ".0f"), ("cpu_us", "client CPU us/row", ".1f"),
                ("peak_over_frame_mb", "peak RSS over frame MB", ".0f"), ("bytes_per_row", "bytes/row", ".0f"),
-               ("returned_mb", "returned columns MB", ".0f"), ("server_requests", "requests", "d"),
+               ("returned_mb", "returned columns MB", ".0f"), ("over_returned", "peak / returned", ".2f"),
+               ("to_first_send_s", "s to first send", ".2f"), ("server_requests", "requests", "d"),
                ("background_cores", "bg load (cores)", ".2f"), ("check", "correct", "")]
     print()
     print(_common.format_table(runs, columns))

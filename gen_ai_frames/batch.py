@@ -202,7 +202,7 @@ async def run_batch(
     by_id: dict[str, list[int]] = {}
     for rows in groups.values():
         for i in rows:
-            by_id.setdefault(custom_id(run.position_key[i], dedupe), []).append(i)
+            by_id.setdefault(custom_id(run.key_of(i), dedupe), []).append(i)
     sender = _Sender(client, dialect)
     state = _BatchRun(run, by_id, dialect, sender, records, options, budget, bar, outcome, texts)
     try:
@@ -421,7 +421,7 @@ class _BatchRun:
                 continue
             stored.extend(self._finish(cid, _result(answer, self.options), store=True))
         if stored:
-            await self.run.flush(stored)  # the answers first: a crash now downloads them again
+            await self.run.flush()  # the answers first: a crash now downloads them again
         again = [cid for cid in unanswered if cid not in self.resubmitted and self._rows_of(cid)]
         late = [cid for cid in unanswered if cid in self.resubmitted]
         record["state"] = "collected"
@@ -445,7 +445,7 @@ class _BatchRun:
         rows = [i for i in self._rows_of(cid) if i not in self.finished]
         if not rows:
             return []
-        from .runner import _store
+        from .runner import result_values
 
         error = result.error
         if error is None:
@@ -456,9 +456,8 @@ class _BatchRun:
             cache = self.run.cache
             if cache is not None and cache.working:  # a batch answer is as good as a realtime one
                 cache.put(cache.keys.key(self.texts[rows[0]] or ""), result)
-        for i in rows:
-            _store(self.run.columns, i, result)
-            self.finished.add(i)
+        self.run.buffer.add(rows, result_values(result), store=store)
+        self.finished.update(rows)
         self.bar.advance(len(rows), error is not None)
         return rows if store else []
 

@@ -21,15 +21,19 @@ lists parts that are complete on disk. A crash between the two renames leaves a 
 not list: it is ignored, and deleted on the next :meth:`Checkpoint.open`. Part files with no manifest at
 all are never deleted on resume: opening refuses, and :func:`repair_checkpoint` rebuilds the manifest.
 
-Records are matched to input rows by ``(prompt_hash, occurrence)`` (see :func:`row_keys`) rather than
-by row position, so inserting, appending or editing rows of the input frame only invalidates those
-rows. When a key is stored more than once, the record written last wins. The manifest lists parts from
-oldest to newest, and that order (not the part number) decides which record is the latest.
+Records are matched to input rows by ``(prompt_hash, occurrence)`` (hashed in the checkpoint's
+:attr:`Checkpoint.key_scheme`, see :func:`gen_ai_frames.keys.keys_for`) rather than by row position,
+so inserting, appending or editing rows of the input frame only invalidates those rows. When a key is
+stored more than once, the record written last wins. The manifest lists parts from oldest to newest,
+and that order (not the part number) decides which record is the latest.
 
 Appending 500 rows at a time would leave thousands of small files, so parts are compacted like an LSM
 tree: each part has a level; when ``compact_every`` adjacent parts share a level they are merged into one
-part of the next level. Files stay at most ``(compact_every - 1) * levels`` with
-``levels ~ log(appends, compact_every)``: a million rows written 500 at a time leave under 50 parts.
+part of the next level, as long as the merged part stays within :data:`COMPACT_MAX_ROWS` rows: a
+merge reads its parts whole, so bigger ones would make a long run's memory jump (a merge of sixteen
+32,000-row parts holds half a million rows at once). Files stay at most about
+``(compact_every - 1) * levels + rows / COMPACT_MAX_ROWS``: a million rows written 2,000 at a time
+leave about 45 parts, each read only as far as its key columns on resume.
 
 >>> import tempfile, os
 >>> path = os.path.join(tempfile.mkdtemp(), "run.ckpt")
@@ -70,6 +74,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import ConfigurationError, GenAIError
+from .keys import (
+    KEY_SCHEME,
+    KEY_SCHEMES,
+    LEGACY_KEY_SCHEME,
+    StoredKeys,
+    _combined,
+    _repeated,
+    hashes_from_hex,
+    keys_for,
+)
 from .results import ADDED_COLUMNS, PANDAS_DTYPES, RECORD_SCHEMA, RESULT_COLUMNS
 
 __all__ = [
@@ -93,7 +107,13 @@ _KEY_COLUMNS = ["prompt_hash", "occurrence"]
 _REQUIRED_COLUMNS = ("position", "prompt_hash", "occurrence")
 
 _FORMAT = "gen_ai_frames.checkpoint"
-_FORMAT_VERSION = 1
+#: Compaction never writes a part of more rows than this (see the module docstring).
+COMPACT_MAX_ROWS = 131_072
+# Version 2 manifests record their key scheme ("keys"); version 1 ones are keyed with
+# LEGACY_KEY_SCHEME. New checkpoints are version 2, so a release that predates key schemes refuses
+# them (it would match nothing and pay for every row again) instead of resuming them wrongly.
+_FORMAT_VERSION = 2
+_LEGACY_FORMAT_VERSION = 1
 _MANIFEST = "manifest.json"
 _LOCK = ".lock"
 _PART_RE = re.compile(r"^part-(\d+)\.parquet$")
@@ -101,6 +121,10 @@ _PART_RE = re.compile(r"^part-(\d+)\.parquet$")
 _TMP_RE = re.compile(r"^(part-\d+\.parquet|manifest\.json)\.tmp$")
 
 _PART_FINGERPRINT = b"gen_ai_frames.fingerprint"
+# The key scheme of the part's prompt_hash column (absent in parts of older versions: legacy).
+_PART_KEYS = b"gen_ai_frames.keys"
+# What Checkpoint.stored_keys() reads of each part.
+_STORED_KEY_COLUMNS = ["prompt_hash", "occurrence", "position", "error"]
 
 _START_FRESH = (
     "To start fresh, pass resume=False (this deletes the results stored there), "
@@ -129,7 +153,9 @@ class CheckpointCorruptError(CheckpointError):
 
 
 def prompt_hash(prompt: str) -> str:
-    """Stable hex digest (blake2b, 16 bytes) of the UTF-8 prompt.
+    """Stable hex digest (blake2b, 16 bytes) of the UTF-8 prompt: the legacy key scheme
+    (:data:`~gen_ai_frames.keys.LEGACY_KEY_SCHEME`) of checkpoints written before key schemes. New
+    checkpoints key with :func:`gen_ai_frames.keys.keys_for`; this stays for the old ones.
 
     ``surrogatepass`` lets lone surrogates (which pandas happily stores) hash instead of raising.
 
@@ -145,6 +171,9 @@ def prompt_hash(prompt: str) -> str:
 
 def row_keys(prompts: Sequence[str]) -> list[tuple[str, int]]:
     """``(prompt_hash, occurrence)`` per row; ``occurrence`` counts earlier rows with the same prompt.
+
+    Legacy: keys in :data:`~gen_ai_frames.keys.LEGACY_KEY_SCHEME`, one Python object per row. Use
+    :func:`gen_ai_frames.keys.keys_for` with the checkpoint's :attr:`Checkpoint.key_scheme` instead.
 
     Matching rows by key instead of position means inserting, appending or editing rows only
     invalidates those rows; duplicates are told apart by their rank among identical prompts.
@@ -166,9 +195,11 @@ def make_records(
     *,
     positions: Sequence[int] | None = None,
     responses: Sequence[str | None] | None = None,
+    scheme: str = KEY_SCHEME,
     **columns: Sequence[Any],
 ) -> pd.DataFrame:
-    """A records frame for :meth:`Checkpoint.append`, keyed like :func:`row_keys`.
+    """A records frame for :meth:`Checkpoint.append`, keyed in key scheme ``scheme`` (that of new
+    checkpoints by default; pass the checkpoint's :attr:`Checkpoint.key_scheme` for an old one).
 
     ``positions`` defaults to ``0..n-1``; other keyword arguments fill result columns by name.
     Occurrences are counted within ``prompts`` only, so pass the whole input's keys yourself when
@@ -179,12 +210,12 @@ def make_records(
     0         0           0        x
     1         1           1     <NA>
     """
-    keys = row_keys(prompts)
+    keys = keys_for(list(prompts), scheme)
     n = len(keys)
     data: dict[str, Any] = {
         "position": list(range(n)) if positions is None else list(positions),
-        "prompt_hash": [h for h, _ in keys],
-        "occurrence": [o for _, o in keys],
+        "prompt_hash": keys.hex_array().to_pylist(),
+        "occurrence": keys.occurrence.tolist(),
         "prompt": list(prompts),
     }
     if responses is not None:
@@ -712,6 +743,64 @@ def _check_part(store: Storage, name: str, rows: int) -> None:
         )
 
 
+def _read_part_keys(store: Storage, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(hashes, occurrence, position, failed)`` of a part's rows, reading only those columns."""
+    try:
+        with store.open_read(name) as f:
+            table = pq.read_table(f, columns=_STORED_KEY_COLUMNS)
+        return (
+            hashes_from_hex(table.column("prompt_hash")),
+            table.column("occurrence").to_numpy().astype(np.int32, copy=False),
+            table.column("position").to_numpy().astype(np.int64, copy=False),
+            table.column("error").is_valid().to_numpy(zero_copy_only=False),
+        )
+    except FileNotFoundError as exc:
+        raise CheckpointCorruptError(_corrupt_part_message(store, name, "missing")) from exc
+    except (OSError, pa.ArrowException, KeyError, ValueError, TypeError) as exc:
+        raise CheckpointCorruptError(_corrupt_part_message(store, name, f"unreadable ({exc})")) from exc
+
+
+def _read_part_columns(store: Storage, name: str, schema: pa.Schema) -> pa.Table:
+    """Only the columns of ``schema`` of a part, with their stored types (columns added to the
+    format after the part was written are null)."""
+    try:
+        with store.open_read(name) as f:
+            parquet = pq.ParquetFile(f)
+            present = [n for n in schema.names if n in parquet.schema_arrow.names]
+            table = parquet.read(columns=present)
+        arrays = [
+            table.column(field.name).cast(field.type)
+            if field.name in present
+            else pa.nulls(table.num_rows, field.type)
+            for field in schema
+        ]
+        return pa.Table.from_arrays(arrays, schema=schema)
+    except FileNotFoundError as exc:
+        raise CheckpointCorruptError(_corrupt_part_message(store, name, "missing")) from exc
+    except (OSError, pa.ArrowException, KeyError, ValueError) as exc:
+        raise CheckpointCorruptError(_corrupt_part_message(store, name, f"unreadable ({exc})")) from exc
+
+
+def _latest(hashes: np.ndarray, occurrence: np.ndarray) -> np.ndarray | None:
+    """Indices of the last row of each key (in order), or None when no key repeats.
+
+    Vectorised in two steps: a pandas hash of one 64-bit combination of each key finds the rows
+    that may repeat (usually none); only those are compared on the whole key.
+    """
+    if len(occurrence) == 0:
+        return None
+    rows = _repeated(_combined(hashes, occurrence))
+    if len(rows) == 0:
+        return None
+    frame = pd.DataFrame({"a": hashes[rows, 0], "b": hashes[rows, 1], "o": occurrence[rows]})
+    drop = rows[frame.duplicated(keep="last").to_numpy()]
+    if len(drop) == 0:
+        return None
+    keep = np.ones(len(occurrence), dtype=bool)
+    keep[drop] = False
+    return np.flatnonzero(keep)
+
+
 class _NewerFormatError(CheckpointCorruptError):
     """A manifest of another format version: not damage, so repair must not rewrite it."""
 
@@ -741,10 +830,16 @@ def _read_manifest(directory: Storage) -> dict[str, Any] | None:
         raise damaged(f"Checkpoint manifest {file} is not valid JSON ({exc})") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
         raise damaged(f"{file} is not a gen-ai-frames checkpoint manifest")
-    if manifest.get("version") != _FORMAT_VERSION:
+    if manifest.get("version") not in (_LEGACY_FORMAT_VERSION, _FORMAT_VERSION):
         raise _NewerFormatError(
             f"Checkpoint {directory} has format version {manifest.get('version')!r}; this version of "
-            f"gen-ai-frames reads version {_FORMAT_VERSION}. {_START_FRESH}"
+            f"gen-ai-frames reads versions {_LEGACY_FORMAT_VERSION} and {_FORMAT_VERSION}. {_START_FRESH}"
+        )
+    if manifest.get("keys", LEGACY_KEY_SCHEME) not in KEY_SCHEMES:
+        raise _NewerFormatError(
+            f"Checkpoint {directory} keys its records with {manifest.get('keys')!r}, which this version "
+            f"of gen-ai-frames does not know (it knows {list(KEY_SCHEMES)}): upgrade gen-ai-frames to "
+            f"resume it. {_START_FRESH}"
         )
     parts = manifest.get("parts")
     valid = (
@@ -827,6 +922,10 @@ class Checkpoint:
         self._compact_every = _compact_every
         # The accessor may call append() from worker threads; parts and the manifest are not thread-safe.
         self._mutex = threading.RLock()
+        # Part files a stored_keys() snapshot points into: compaction leaves them on disk (unlisted)
+        # until close(), so load_results() can still read them; _retired are those compacted away.
+        self._pinned: set[str] = set()
+        self._retired: list[str] = []
 
     # ---------------------------------------------------------------------------------- opening
 
@@ -903,6 +1002,120 @@ class Checkpoint:
     def closed(self) -> bool:
         return self._lock is None
 
+    @property
+    def key_scheme(self) -> str:
+        """How the stored records' ``prompt_hash`` was computed: :data:`~gen_ai_frames.keys.KEY_SCHEME`
+        for checkpoints created by this version, :data:`~gen_ai_frames.keys.LEGACY_KEY_SCHEME` for
+        older ones (they keep it: key the caller's rows with ``keys_for(prompts, ckpt.key_scheme)``).
+
+        >>> import tempfile, os
+        >>> with Checkpoint.open(os.path.join(tempfile.mkdtemp(), "c"), {}) as ckpt:
+        ...     ckpt.key_scheme
+        'xx128'
+        """
+        return str(self._manifest.get("keys", LEGACY_KEY_SCHEME))
+
+    def stored_keys(self) -> StoredKeys:
+        """The key of every stored record, the latest per ``(prompt_hash, occurrence)``, read without
+        the answers: only the ``prompt_hash``, ``occurrence``, ``position`` and ``error`` columns of
+        each part (Parquet column projection). Match the caller's rows to it with
+        :func:`gen_ai_frames.keys.match_keys`, then fetch the answers needed with :meth:`load_results`.
+
+        Parts take precedence in the manifest's order, and later rows of a part over earlier ones.
+        The snapshot stays valid while this Checkpoint is open, whatever is appended or compacted
+        after it: the part files it points into are kept on disk (no longer listed in the manifest)
+        until :meth:`close`, which deletes them; the next open deletes them if the run died first.
+
+        >>> import tempfile, os
+        >>> from gen_ai_frames.keys import keys_for, match_keys
+        >>> with Checkpoint.open(os.path.join(tempfile.mkdtemp(), "c"), {}) as ckpt:
+        ...     ckpt.append(make_records(["a", "b"], responses=["A", None], error=[None, "boom"]))
+        ...     stored = ckpt.stored_keys()
+        ...     stored.failed.tolist(), match_keys(keys_for(["b", "c"], ckpt.key_scheme), stored).tolist()
+        ([False, True], [1, -1])
+        """
+        with self._mutex:
+            self._check_open()
+            files = tuple(p["file"] for p in self._manifest["parts"])
+            self._pinned.update(files)  # before reading: a compaction from another thread keeps them
+            sizes = [int(p["rows"]) for p in self._manifest["parts"]]
+        # Filled part by part: the peak is the keys plus one part's, not twice the keys.
+        total = sum(sizes)
+        hashes = np.empty((total, 2), dtype=np.uint64)
+        occurrence = np.empty(total, dtype=np.int32)
+        position = np.empty(total, dtype=np.int64)
+        failed = np.empty(total, dtype=bool)
+        part = np.repeat(np.arange(len(files), dtype=np.int32), sizes)
+        row = np.empty(total, dtype=np.int32)
+        start = 0
+        for name, size in zip(files, sizes):
+            keys = _read_part_keys(self._store, name)
+            if len(keys[1]) != size:
+                problem = f"inconsistent (manifest says {size} rows, file has {len(keys[1])})"
+                raise CheckpointCorruptError(_corrupt_part_message(self._store, name, problem))
+            stop = start + size
+            hashes[start:stop], occurrence[start:stop], position[start:stop], failed[start:stop] = keys
+            row[start:stop] = np.arange(size, dtype=np.int32)
+            start = stop
+        keep = _latest(hashes, occurrence)
+        if keep is not None:
+            hashes, occurrence, position = hashes[keep], occurrence[keep], position[keep]
+            failed, part, row = failed[keep], part[keep], row[keep]
+        return StoredKeys(hashes, occurrence, position, failed, part, row, files)
+
+    def load_results(self, stored: StoredKeys, index: np.ndarray, columns: Sequence[str]) -> pa.Table:
+        """Columns ``columns`` (names of :data:`RECORD_SCHEMA`, normally :data:`RESULT_COLUMNS`, with
+        their stored types) of the records ``stored[index]``, one row per entry of ``index`` in its
+        order; an entry of -1 (no match, as :func:`gen_ai_frames.keys.match_keys` gives) is a row of
+        nulls. Each part holding some of them is read once, only those columns, and the rows taken
+        with Arrow (no Python loop per row).
+
+        ``stored`` must come from :meth:`stored_keys` of this open Checkpoint; appends and compactions
+        since are fine (see :meth:`stored_keys`).
+
+        >>> import tempfile, os
+        >>> with Checkpoint.open(os.path.join(tempfile.mkdtemp(), "c"), {}) as ckpt:
+        ...     ckpt.append(make_records(["a", "b"], responses=["A", "B"]))
+        ...     stored = ckpt.stored_keys()
+        ...     ckpt.load_results(stored, np.array([1, -1, 0]), ["response"]).column(0).to_pylist()
+        ['B', None, 'A']
+        """
+        names = list(columns)
+        unknown = [name for name in names if name not in RECORD_SCHEMA.names]
+        if unknown:
+            raise ValueError(f"load_results(): unknown columns {unknown}; choose from {RECORD_SCHEMA.names}")
+        schema = pa.schema([RECORD_SCHEMA.field(name) for name in names])
+        index = np.asarray(index, dtype=np.int64).reshape(-1)
+        if len(index) and (index.min() < -1 or index.max() >= len(stored)):
+            raise ValueError(
+                f"load_results(): index must hold positions into the {len(stored)} stored keys (or -1)"
+            )
+        with self._mutex:
+            self._check_open()
+            foreign = sorted(set(stored.files) - self._pinned)
+        if len(stored) and int(stored.part.max()) >= len(stored.files):
+            foreign.append("parts it does not name")
+        if foreign:
+            raise ValueError(
+                "load_results() needs keys from this open Checkpoint's stored_keys() (these point into "
+                f"{foreign[:3]}, which it did not read); call stored_keys() again"
+            )
+        wanted = np.flatnonzero(index >= 0)
+        part = stored.part[index[wanted]]
+        row = stored.row[index[wanted]]
+        order = np.argsort(part, kind="stable")
+        groups = np.split(order, np.flatnonzero(np.diff(part[order])) + 1) if len(order) else []
+        pieces = [
+            _read_part_columns(self._store, stored.files[int(part[group[0]])], schema).take(row[group])
+            for group in groups
+        ]
+        # Rows of ``pieces`` are in ``order``; one row of nulls at the end stands for every -1.
+        pieces.append(pa.Table.from_arrays([pa.nulls(1, f.type) for f in schema], schema=schema))
+        taken = pa.concat_tables(pieces)
+        where = np.full(len(index), taken.num_rows - 1, dtype=np.int64)
+        where[wanted[order]] = np.arange(len(order), dtype=np.int64)
+        return taken.take(pa.array(where))
+
     def records(self) -> pd.DataFrame:
         """All stored records, the latest per ``(prompt_hash, occurrence)``, with RECORD_SCHEMA columns.
 
@@ -955,7 +1168,9 @@ class Checkpoint:
         new_manifest = {**manifest, "next_seq": seq + 1, "parts": parts}
         try:
             # Each part carries the run's fingerprint too, so a lost manifest can be rebuilt.
-            stamped = table.replace_schema_metadata({_PART_FINGERPRINT: json.dumps(self._fingerprint)})
+            stamped = table.replace_schema_metadata(
+                {_PART_FINGERPRINT: json.dumps(self._fingerprint), _PART_KEYS: self.key_scheme}
+            )
             self._store.write(name, lambda f: pq.write_table(stamped, f), exclusive=True)
         except OSError as exc:
             raise CheckpointError(
@@ -1003,7 +1218,10 @@ class Checkpoint:
                 )
                 return
             for name in names:
-                self._store.remove(name)
+                if name in self._pinned:
+                    self._retired.append(name)  # a stored_keys() snapshot still reads it: at close()
+                else:
+                    self._store.remove(name)
 
     def _find_run(self) -> tuple[int, list[str]] | None:
         parts = self._manifest["parts"]
@@ -1012,7 +1230,8 @@ class Checkpoint:
             if i == len(parts) or parts[i]["level"] != parts[start]["level"]:
                 if i - start >= self._compact_every:
                     chosen = parts[start : start + self._compact_every]
-                    return parts[start]["level"], [p["file"] for p in chosen]
+                    if sum(p["rows"] for p in chosen) <= COMPACT_MAX_ROWS:
+                        return parts[start]["level"], [p["file"] for p in chosen]
                 start = i
         return None
 
@@ -1021,6 +1240,14 @@ class Checkpoint:
     def close(self) -> None:
         """Release the lock. Idempotent."""
         with self._mutex:
+            if self._lock is not None:
+                retired, self._retired = self._retired, []
+                for name in retired:  # unlisted already: if this fails, the next open deletes them
+                    try:
+                        self._store.remove(name)
+                    except OSError:
+                        pass
+                self._pinned.clear()
             lock, self._lock = self._lock, None
             if lock is not None:
                 lock.release()
@@ -1143,10 +1370,11 @@ def _prepare(
             directory.remove(name)
         elif match:
             highest = max(highest, int(match.group(1)))
-    if manifest is None:
+    if manifest is None:  # new (or started over with resume=False): the current key scheme
         manifest = {
             "format": _FORMAT,
             "version": _FORMAT_VERSION,
+            "keys": KEY_SCHEME,
             "fingerprint": fingerprint,
             "next_seq": 1,
             "parts": [],
@@ -1192,6 +1420,14 @@ def _no_manifest_message(directory: Storage) -> str:
     )
 
 
+def _part_key_scheme(directory: Storage, name: str) -> str:
+    """The key scheme stamped in a part's metadata (parts of older versions: the legacy one)."""
+    with directory.open_read(name) as f:
+        metadata = pq.read_schema(f).metadata or {}
+    raw = metadata.get(_PART_KEYS)
+    return LEGACY_KEY_SCHEME if raw is None else raw.decode("utf-8")
+
+
 def _part_fingerprint(directory: Storage, name: str) -> dict[str, Any] | None:
     """The fingerprint stamped in a part's metadata (None for parts of older versions)."""
     with directory.open_read(name) as f:
@@ -1209,16 +1445,18 @@ def _rebuild_manifest(directory: Storage, fingerprint: dict[str, Any] | None) ->
     Parts written with other settings than ``fingerprint`` (told by the fingerprint each part
     carries) are refused, not mixed in. With ``fingerprint=None`` the parts' own is used.
     """
-    parts, stamps, dropped = [], set(), []
+    parts, stamps, dropped, schemes = [], set(), [], set()
     for name in _part_files(directory):
         try:
             table = _read_part(directory, name)
             stamp = _part_fingerprint(directory, name)
+            scheme = _part_key_scheme(directory, name)
         except (CheckpointCorruptError, OSError, pa.ArrowException, ValueError):
             dropped.append(name)
             continue
         if stamp is not None:
             stamps.add(json.dumps(stamp, sort_keys=True))
+        schemes.add(scheme)
         # Level 0 for all: compaction merges them again as the run goes on.
         parts.append({"file": name, "level": 0, "rows": table.num_rows})
     if len(stamps) > 1:
@@ -1226,6 +1464,12 @@ def _rebuild_manifest(directory: Storage, fingerprint: dict[str, Any] | None) ->
             f"Checkpoint {directory}: its part files were written with different settings, so its "
             f"manifest cannot be rebuilt. {_START_FRESH}"
         )
+    if len(schemes) > 1 or not schemes <= set(KEY_SCHEMES):
+        raise CheckpointCorruptError(
+            f"Checkpoint {directory}: its part files key their records with {sorted(schemes)}, so its "
+            f"manifest cannot be rebuilt (one checkpoint holds one key scheme). {_START_FRESH}"
+        )
+    scheme = schemes.pop() if schemes else KEY_SCHEME
     stored = json.loads(stamps.pop()) if stamps else None
     if fingerprint is None:
         if stored is None:
@@ -1251,9 +1495,15 @@ def _rebuild_manifest(directory: Storage, fingerprint: dict[str, Any] | None) ->
     for name in dropped:
         directory.remove(name)
     highest = max((_part_number(p["file"]) for p in parts), default=0)
+    # The parts' own scheme: a legacy checkpoint stays a version-1 one, so it resumes as before.
+    keyed = (
+        {"version": _FORMAT_VERSION, "keys": scheme}
+        if scheme != LEGACY_KEY_SCHEME
+        else {"version": _LEGACY_FORMAT_VERSION}
+    )
     return {
         "format": _FORMAT,
-        "version": _FORMAT_VERSION,
+        **keyed,
         "fingerprint": fingerprint,
         "next_seq": highest + 1,
         "parts": parts,

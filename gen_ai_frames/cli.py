@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 
@@ -78,7 +79,7 @@ from .params import GenerationParams, validate_positive_int
 from .plan import DEFAULT_SAMPLE, Plan, Segment, check_plan_arguments, empty_template_fields, make_plan
 from .prompts import build_prompts, template_fields
 from .results import RESULT_TYPES, arrow_array
-from .runner import RowResults, one_progress_bar, output_names, run_rows
+from .runner import RowResults, kept_columns, one_progress_bar, output_names, run_rows
 from .schema import classify_instruction, labels_schema
 from .shards import ShardedCheckpoint, ShardSizeError, kind_of
 
@@ -836,18 +837,21 @@ class _Tally:
     first_error: tuple[int, str, str, str] | None = None  # (row, type, message, suggestion)
 
     def add(self, results: RowResults, offset: int) -> None:
-        columns = results.columns
-        self.rows += len(columns["error"])
+        errors = results.arrays["error"]
+        self.rows += len(errors)
         self.restored += results.restored
         self.sent += results.sent
         self.cached += results.cached
-        for i, message in enumerate(columns["error"]):
-            if message is None:
-                continue
-            kind = columns["error_type"][i] or "unknown"
+        if errors.null_count == len(errors):
+            return
+        failed = pa.array(np.flatnonzero(errors.is_valid().to_numpy(zero_copy_only=False)))
+        kinds = results.arrays["error_type"].take(failed).to_pylist()
+        for i, message, kind in zip(failed.to_pylist(), errors.take(failed).to_pylist(), kinds):
+            kind = kind or "unknown"
             self.errors[kind] += 1
             if self.first_error is None:
-                self.first_error = (offset + i, kind, message, columns["error_suggestion"][i] or "")
+                suggestion = results.arrays["error_suggestion"][i].as_py()
+                self.first_error = (offset + i, kind, message, suggestion or "")
 
     @property
     def failed(self) -> int:
@@ -916,7 +920,7 @@ def _run(job: Job, err: TextIO) -> tuple[int, bool]:
                     return EXIT_FAILED_ROWS, False
                 output.write(_output_table(table, results, names, out_schema, job.options))
                 if run_state is not None:
-                    run_state.finish_shard(index, results.columns)
+                    run_state.finish_shard(index, results.arrays)
             output.commit()
         if run_state is not None:
             run_state.complete()
@@ -949,7 +953,8 @@ def _run_batch(
         options = job.options.replace(
             checkpoint=checkpoint, progress=job.options.progress and len(prompts) > 0
         )
-        return run_sync(run_rows(prompts, client=client, options=options))
+        keep = kept_columns(options, "error_type", "error_suggestion")  # the tally's
+        return run_sync(run_rows(prompts, client=client, options=options, keep=keep))
     except ImportError as exc:  # an in-process provider loads its library when the first batch starts
         raise UsageError(_provider_unavailable(job.provider, exc)) from None
 
@@ -999,7 +1004,9 @@ def _output_table(
     table: pa.Table, results: RowResults, names: dict[str, str], schema: pa.Schema, options: RunOptions
 ) -> pa.Table:
     fields = (
-        {} if options.schema is None else options.schema.columns_from_answers(results.columns["response"])
+        {}
+        if options.schema is None
+        else options.schema.columns_from_answers(results.arrays["response"].to_pylist())
     )
     if options.logprobs:
         fields["confidence"] = results.confidence()
@@ -1008,7 +1015,7 @@ def _output_table(
         if name in fields:
             columns.append(pa.array(fields[name], type=schema.field(names[name]).type, from_pandas=True))
         else:
-            columns.append(arrow_array(name, results.columns[name]))
+            columns.append(arrow_array(name, results.arrays[name]))
     return pa.Table.from_arrays(columns, schema=schema)
 
 

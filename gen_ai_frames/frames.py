@@ -22,7 +22,7 @@ from .factory import create_client
 from .options import GENERATION_OPTIONS, RunOptions, split_options, split_run_and_client
 from .pricing import Estimate, batch_price_for, estimate_tokens, price_for
 from .prompts import Prompts
-from .runner import RowResults, output_names, run_rows
+from .runner import RowResults, kept_columns, output_names, run_rows
 from .schema import classify_instruction, extraction_schema, labels_schema
 
 if TYPE_CHECKING:
@@ -63,15 +63,20 @@ def check_clash(existing: Collection[Any], run: RunOptions) -> dict[str, str]:
 
 
 async def run_prompts(
-    prompts: Prompts, client: Client | None, run: RunOptions, client_options: dict[str, Any]
+    prompts: Prompts,
+    client: Client | None,
+    run: RunOptions,
+    client_options: dict[str, Any],
+    keep: Sequence[str] = (),
 ) -> RowResults:
     """Answer ``prompts`` (building the client from ``client_options`` if none is given); raise an
-    error of the whole run (a bad key, a server that is down) once what was received is saved."""
+    error of the whole run (a bad key, a server that is down) once what was received is saved.
+    The results hold the output's columns and ``keep``."""
     if client is None:
         client = create_client(**client_options)
     if run.mode == "batch" and run.checkpoint is None and prompts.sendable:  # see docs/batch.md
         run = run.replace(checkpoint=default_checkpoint(client, run, prompts.texts))
-    results = await run_rows(prompts, client=client, options=run)
+    results = await run_rows(prompts, client=client, options=run, keep=kept_columns(run, *keep))
     if results.fatal is not None:
         raise results.fatal
     return results

@@ -30,10 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from . import pricing
-from .checkpoint import Checkpoint, row_keys, run_fingerprint
+from .checkpoint import Checkpoint, run_fingerprint
 from .client import Client
 from .errors import ConfigurationError, InvalidPromptError
+from .keys import keys_for, match_keys
 from .options import RunOptions
 from .params import validate_positive_int
 from .pricing import Budget, estimate_tokens, price_for
@@ -435,9 +438,14 @@ async def make_plan(
     checkpoint_hits = cache_hits = 0
     for number, segment in enumerate(segments):
         valid = [i for i in range(segment.start, segment.stop) if texts[i] is not None]
-        answered = await asyncio.to_thread(_answered_keys, client, options, segment.checkpoint)
-        keys = row_keys([texts[i] for i in valid])  # type: ignore[misc]  # sendable rows have text
-        todo = [i for i, key in zip(valid, keys) if key not in answered]
+        answered = await asyncio.to_thread(
+            _answered_rows,
+            client,
+            options,
+            segment.checkpoint,
+            [texts[i] for i in valid],  # type: ignore[misc]
+        )
+        todo = [i for i, done in zip(valid, answered.tolist()) if not done]
         checkpoint_hits += len(valid) - len(todo)
         cached = await cached_prompts([texts[i] for i in todo], client, options)  # type: ignore[misc]
         if cached:
@@ -506,24 +514,29 @@ def _fixed_tokens(options: RunOptions) -> int:
     return tokens
 
 
-def _answered_keys(
-    client: Client, options: RunOptions, path: str | os.PathLike[str] | None
-) -> set[tuple[str, int]]:
-    """Row keys the checkpoint at ``path`` holds answers for (errors too, unless ``retry_errors``).
+def _answered_rows(
+    client: Client, options: RunOptions, path: str | os.PathLike[str] | None, prompts: Sequence[str]
+) -> np.ndarray:
+    """Which of ``prompts`` (a segment's sendable rows, in order) the checkpoint at ``path`` holds
+    answers for (errors too, unless ``retry_errors``), as a bool array.
 
     Opens an existing checkpoint as the run would (the same settings check, the same lock) and
     never creates or starts one over: with ``resume=False`` the run starts over, so nothing counts.
+    Reads only the stored keys (not the answers) and keys ``prompts`` in the checkpoint's scheme.
     """
+    answered = np.zeros(len(prompts), dtype=bool)
     if path is None or not options.resume or not Path(os.fspath(path)).is_dir():
-        return set()
+        return answered
     store = Checkpoint.open(path, run_fingerprint(client, options.params), repair=options.repair)
     with store:
-        records = store.records()
-    answered = set()
-    for digest, occurrence, error in zip(records["prompt_hash"], records["occurrence"], records["error"]):
-        if options.retry_errors and isinstance(error, str):
-            continue
-        answered.add((digest, int(occurrence)))
+        stored = store.stored_keys()
+        scheme = store.key_scheme
+    if len(stored) == 0 or not prompts:
+        return answered
+    found = match_keys(keys_for(prompts, scheme), stored)
+    answered = found >= 0
+    if options.retry_errors:
+        answered &= ~stored.failed[np.maximum(found, 0)]
     return answered
 
 

@@ -57,7 +57,10 @@ DEFAULT_BATCH_ROWS = 50_000
 
 
 def frame_prompts(df: pl.DataFrame, column: str | None, template: str | None) -> Prompts:
-    """The prompts of ``df``'s rows: a column's values, or a template filled from each row."""
+    """The prompts of ``df``'s rows: a column's values, or a template filled from each row.
+    A text column is checked through Arrow, without a Python string per row."""
+    if template is None and column in df.columns and df.schema[column] == pl.String:
+        return Prompts.check_arrow(df.get_column(column).to_arrow())
 
     def values(name: str) -> list[Any]:
         return df.get_column(name).to_list()
@@ -69,6 +72,8 @@ def series_prompts(series: pl.Series, template: str | None) -> Prompts:
     """The prompts of an expression's values: the values themselves, or a template filled from the
     struct's fields (``pl.struct("a", "b")``) or from the one column it names."""
     if template is None:
+        if series.dtype == pl.String:
+            return Prompts.check_arrow(series.to_arrow())
         return build_prompts_from_columns([series.name], lambda _: series.to_list(), series.name, None)
     if isinstance(series.dtype, pl.Struct):
         fields = [field.name for field in series.dtype.fields]
@@ -453,10 +458,10 @@ class PolarsLazyGenAI:
                     state.start_shard(index, batch.height)
                     options_now = run.replace(checkpoint=state.shard_path(index))
                 prompts = frame_prompts(batch, column, template)
-                results = run_sync(run_prompts(prompts, client, options_now, {}))
+                results = run_sync(run_prompts(prompts, client, options_now, {}, keep=["error_type"]))
                 answered = batch.with_columns(result_series(results, run, names))
                 if state is not None:
-                    state.finish_shard(index, results.columns)
+                    state.finish_shard(index, results.arrays)
                 if output is None:
                     kept.append(answered)
                     continue

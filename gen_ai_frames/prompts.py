@@ -15,8 +15,10 @@ from __future__ import annotations
 import math
 import string
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
 
 from .errors import ConfigurationError, InvalidPromptError
 
@@ -33,17 +35,34 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
 class Prompts:
     """One entry per row: ``texts[i]`` is the text to send, or None when ``failed[i]`` says why not.
+
+    A column of a million prompts is held as one Arrow string array (``arrow()``), not a million
+    Python strings: the runner reads the rows it sends a slice at a time (:meth:`texts_of`).
+    ``texts`` builds the Python list on first use, for callers that want one.
 
     >>> prompts = Prompts.check(["Hi", "", 3])
     >>> prompts.texts, sorted(prompts.failed), prompts.sendable
     (['Hi', None, None], [1, 2], [0])
+    >>> prompts.texts_of([0]), prompts.arrow().null_count
+    (['Hi'], 2)
     """
 
-    texts: list[str | None]
-    failed: dict[int, InvalidPromptError]
+    __slots__ = ("_array", "_texts", "failed")
+
+    def __init__(
+        self,
+        texts: list[str | None] | None,
+        failed: dict[int, InvalidPromptError],
+        *,
+        array: pa.Array | None = None,
+    ) -> None:
+        if (texts is None) == (array is None):
+            raise TypeError("Prompts needs exactly one of texts and array")
+        self._texts = texts
+        self._array = array
+        self.failed = failed
 
     @classmethod
     def check(cls, values: Iterable[object]) -> Prompts:
@@ -59,13 +78,86 @@ class Prompts:
                 failed[i] = problem
         return cls(texts, failed)
 
+    @classmethod
+    def check_arrow(cls, values: pa.Array | pa.ChunkedArray) -> Prompts:
+        """:meth:`check` for an Arrow string column, without a Python object per row: missing and
+        blank prompts are found with Arrow compute (blank as :meth:`str.isspace` defines it).
+
+        >>> prompts = Prompts.check_arrow(pa.array(["Hi", None, " \\u3000"]))
+        >>> prompts.texts
+        ['Hi', None, None]
+        >>> [prompts.failed[i].message for i in sorted(prompts.failed)]
+        ['the prompt is missing (None or NaN)', 'the prompt is empty or only whitespace']
+        """
+        import pyarrow.compute as pc
+
+        if isinstance(values, pa.ChunkedArray):
+            values = values.combine_chunks() if values.num_chunks != 1 else values.chunk(0)
+        if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+            raise TypeError(f"check_arrow needs a string array, got {values.type}")
+        values = values.cast(pa.large_string())
+        blank = pc.match_substring_regex(values, _BLANK_PATTERN).fill_null(False)
+        failed: dict[int, InvalidPromptError] = {}
+        if values.null_count or pc.any(blank).as_py():
+            missing = np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))
+            blanks = np.flatnonzero(blank.to_numpy(zero_copy_only=False))
+            for i in missing.tolist():
+                failed[i] = check_prompt(None)  # type: ignore[assignment]
+            for i in blanks.tolist():
+                failed[i] = check_prompt("")  # type: ignore[assignment]
+            if len(blanks):
+                values = pc.if_else(blank, pa.scalar(None, pa.large_string()), values)
+        return cls(None, failed, array=values)
+
     def __len__(self) -> int:
-        return len(self.texts)
+        return len(self._array) if self._array is not None else len(self._texts)  # type: ignore[arg-type]
+
+    @property
+    def texts(self) -> list[str | None]:
+        """Every row's text (None where it failed), as a Python list: built on first use."""
+        if self._texts is None:
+            assert self._array is not None
+            self._texts = self._array.to_pylist()
+        return self._texts
+
+    def texts_of(self, rows: Sequence[int] | np.ndarray) -> list[str]:
+        """The texts of sendable ``rows``, in that order."""
+        if self._texts is not None:
+            texts = self._texts
+            return [texts[i] for i in rows]  # type: ignore[misc]  # sendable rows have text
+        assert self._array is not None
+        return self._array.take(np.asarray(rows, dtype=np.int64)).to_pylist()
+
+    def arrow(self) -> pa.Array:
+        """Every row's text as a ``large_string`` Arrow array, null where the row failed.
+
+        Prompts that Arrow cannot hold (lone surrogates, which pandas stores happily but UTF-8
+        cannot) raise ``UnicodeEncodeError``: callers keep to :attr:`texts` then."""
+        if self._array is None:
+            try:
+                self._array = pa.array(self._texts, type=pa.large_string())
+            except pa.ArrowInvalid as exc:
+                raise UnicodeEncodeError("utf-8", "", 0, 1, f"a prompt cannot be UTF-8: {exc}") from None
+        return self._array
+
+    def sendable_mask(self) -> np.ndarray:
+        """A boolean array: True where the row can be sent."""
+        mask = np.ones(len(self), dtype=bool)
+        if self.failed:
+            mask[np.fromiter(self.failed, dtype=np.int64, count=len(self.failed))] = False
+        return mask
 
     @property
     def sendable(self) -> list[int]:
         """Positions of the rows that can be sent."""
-        return [i for i, text in enumerate(self.texts) if text is not None]
+        return np.flatnonzero(self.sendable_mask()).tolist()
+
+
+# Whitespace as str.isspace() defines it, exactly: a prompt of only these characters is blank.
+_BLANK_PATTERN = (
+    "^[\\t\\n\\x0b\\x0c\\r\\x1c-\\x1f \\x{85}\\x{a0}\\x{1680}\\x{2000}-\\x{200a}"
+    "\\x{2028}\\x{2029}\\x{202f}\\x{205f}\\x{3000}]*$"
+)
 
 
 def build_prompts(df: pd.DataFrame, column: Hashable | None, template: str | None) -> Prompts:
@@ -85,7 +177,22 @@ def build_prompts(df: pd.DataFrame, column: Hashable | None, template: str | Non
     if template is not None:
         return _fill_template(df, template)
     _check_columns(df, [column])
-    return Prompts.check(df[column].tolist())
+    values = df[column]
+    arrow = _arrow_strings(values.array)
+    if arrow is not None:  # a string column backed by Arrow: checked without a Python str per row
+        return Prompts.check_arrow(arrow)
+    return Prompts.check(values.tolist())
+
+
+def _arrow_strings(array: object) -> pa.ChunkedArray | None:
+    """The Arrow data of a pandas string array backed by Arrow (pandas' default ``str`` and
+    ``string`` dtypes with pyarrow), else None."""
+    data = getattr(array, "_pa_array", None)
+    if isinstance(data, pa.ChunkedArray) and (
+        pa.types.is_string(data.type) or pa.types.is_large_string(data.type)
+    ):
+        return data
+    return None
 
 
 def template_fields(template: str) -> list[str]:

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 
@@ -30,6 +31,7 @@ __all__ = [
     "RECORD_SCHEMA",
     "RESULT_COLUMNS",
     "RESULT_TYPES",
+    "ResultBuffer",
     "ResultColumn",
     "arrow_array",
     "pandas_array",
@@ -102,11 +104,187 @@ RECORD_SCHEMA = pa.schema(
 )
 
 
-def pandas_array(name: str, values: Sequence[Any]) -> pd.api.extensions.ExtensionArray:
-    """``values`` of result column ``name`` as a pandas array of its dtype (None becomes ``<NA>``)."""
+def pandas_array(
+    name: str, values: Sequence[Any] | pa.Array | pa.ChunkedArray
+) -> pd.api.extensions.ExtensionArray:
+    """``values`` of result column ``name`` (Python values or Arrow) as a pandas array of its dtype
+    (None becomes ``<NA>``); Arrow text is used as it is, not copied."""
     return pd.array(values, dtype=PANDAS_DTYPES[name])
 
 
-def arrow_array(name: str, values: Sequence[Any]) -> pa.Array:
-    """``values`` of result column ``name`` as an Arrow array of its output type."""
+def arrow_array(name: str, values: Sequence[Any] | pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """``values`` of result column ``name`` (Python values or Arrow) as Arrow of its output type."""
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        return values.cast(RESULT_TYPES[name])
     return pa.array(values, type=RESULT_TYPES[name])
+
+
+# One row's values, in RESULT_COLUMNS order.
+RowValues = tuple[Any, ...]
+
+#: Rows a buffer collects as Python values before it turns them into Arrow columns.
+SEAL_ROWS = 4096
+# Output rows put in order at a time by ResultBuffer.columns(): bounds the copies made on the way.
+_WINDOW_ROWS = 1 << 16
+
+
+class ResultBuffer:
+    """The results of ``n`` rows, held as Arrow columns while a run receives them.
+
+    A run answers rows out of order. :meth:`add` keeps each row's values (one tuple, shared by
+    rows that share a request) until :data:`SEAL_ROWS` are pending, then :meth:`seal` turns them
+    into Arrow arrays in the order they came: the checkpoint's next part (:meth:`unwritten`) and
+    the run's output. The output keeps only the ``keep`` columns; :meth:`columns` puts them in row
+    order at the end, a window of rows at a time, letting go of each batch once its rows are
+    placed. So a run holds about one Arrow copy of its output, not a Python object per value.
+
+    >>> buffer = ResultBuffer(3, keep=["response", "error"])
+    >>> buffer.add([2], ("c",) + (None,) * 11)
+    >>> buffer.add([0, 1], ("a",) + (None,) * 11)
+    >>> buffer.columns()["response"].to_pylist()
+    ['a', 'a', 'c']
+    """
+
+    def __init__(self, n: int, keep: Sequence[str], *, record: bool = False) -> None:
+        self.n = n
+        self.keep = list(keep)
+        #: Also keep every result column of the stored rows until the checkpoint takes them.
+        self.record = record
+        self._rows: list[int] = []
+        self._values: list[RowValues] = []
+        self._stored: list[bool] = []
+        self._batches: list[dict[str, pa.Array]] = []  # kept columns, in arrival order
+        #: Rows sealed for the checkpoint and not handed over yet.
+        self.unwritten_rows = 0
+        self._unwritten: list[tuple[np.ndarray, pa.Table]] = []
+        self._batch_of = np.full(n, -1, dtype=np.int32)  # which batch holds each row's result
+        self._row_in = np.zeros(n, dtype=np.int32)  # and where in it
+
+    @property
+    def pending(self) -> int:
+        """Rows added and not sealed yet."""
+        return len(self._rows)
+
+    def add(self, rows: Sequence[int], values: RowValues, *, store: bool = True) -> None:
+        """``values`` (one per result column) for every row of ``rows``; ``store``: the rows go to
+        the checkpoint."""
+        for i in rows:
+            self._rows.append(i)
+            self._values.append(values)
+            self._stored.append(store)
+        if len(self._rows) >= SEAL_ROWS:
+            self.seal()
+
+    def add_table(self, positions: np.ndarray, table: pa.Table) -> None:
+        """Rows whose results are Arrow columns already (restored from a checkpoint): at least
+        the ``keep`` columns; they are not stored again."""
+        arrays = {name: _one_chunk(table.column(name)).cast(_BUFFER_TYPES[name]) for name in self.keep}
+        self._place(np.asarray(positions, dtype=np.int64), arrays)
+
+    def seal(self) -> None:
+        """Turn the pending rows into Arrow columns."""
+        if not self._rows:
+            return
+        positions = np.array(self._rows, dtype=np.int64)
+        stored = np.array(self._stored, dtype=bool)
+        by_column = list(zip(*self._values))
+        self._rows, self._values, self._stored = [], [], []
+        wanted = RESULT_COLUMNS if self.record and stored.any() else self.keep
+        arrays = {
+            name: pa.array(by_column[RESULT_COLUMNS.index(name)], type=_BUFFER_TYPES[name])
+            for name in dict.fromkeys([*self.keep, *wanted])
+        }
+        del by_column
+        if self.record and stored.any():
+            table = pa.table({name: arrays[name] for name in RESULT_COLUMNS})
+            if not stored.all():
+                table, positions_stored = table.filter(pa.array(stored)), positions[stored]
+            else:
+                positions_stored = positions
+            self._unwritten.append((positions_stored, table))
+            self.unwritten_rows += table.num_rows
+        self._place(positions, {name: arrays[name] for name in self.keep})
+
+    def unwritten(self) -> tuple[np.ndarray, pa.Table] | None:
+        """Seal, then hand over every sealed row to store: its positions and all result columns
+        (the checkpoint's stored types are cast by the checkpoint). None when there is nothing."""
+        self.seal()
+        if not self._unwritten:
+            return None
+        taken, self._unwritten = self._unwritten, []
+        self.unwritten_rows = 0
+        if len(taken) == 1:
+            return taken[0]
+        return np.concatenate([p for p, _ in taken]), pa.concat_tables([t for _, t in taken])
+
+    def _place(self, positions: np.ndarray, arrays: dict[str, pa.Array]) -> None:
+        number = len(self._batches)
+        self._batches.append(arrays)
+        self._batch_of[positions] = number
+        self._row_in[positions] = np.arange(len(positions), dtype=np.int32)
+
+    def columns(self) -> dict[str, pa.ChunkedArray]:
+        """The ``keep`` columns in row order (null for rows that got no result). Ends the buffer:
+        its batches are let go of as their rows are placed."""
+        self.seal()
+        batches, self._batches = self._batches, []
+        batch_of, row_in = self._batch_of, self._row_in
+        left = np.bincount(batch_of[batch_of >= 0], minlength=len(batches))
+        chunks: dict[str, list[pa.Array]] = {name: [] for name in self.keep}
+        for start in range(0, self.n, _WINDOW_ROWS):
+            which = batch_of[start : start + _WINDOW_ROWS]
+            where = row_in[start : start + _WINDOW_ROWS]
+            used = np.unique(which[which >= 0])
+            if len(used) == 1 and (which == used[0]).all() and _is_run(where):
+                source = batches[int(used[0])]  # one batch, in order: a slice, no copy
+                for name in self.keep:
+                    chunks[name].append(source[name].slice(int(where[0]), len(where)))
+            else:  # rows from several batches, or out of order: gather them
+                self._gather(batches, used.tolist(), which, where, chunks)
+            if len(used):
+                left[used] -= np.bincount(which[which >= 0], minlength=len(batches))[used]
+                for b in used[left[used] == 0].tolist():
+                    batches[b] = {}  # every row of this batch is placed: free it
+        self._batch_of = self._row_in = np.zeros(0, dtype=np.int32)
+        return {name: pa.chunked_array(chunks[name], type=_BUFFER_TYPES[name]) for name in self.keep}
+
+    def _gather(
+        self,
+        batches: list[dict[str, pa.Array]],
+        used: list[int],
+        which: np.ndarray,
+        where: np.ndarray,
+        chunks: dict[str, list[pa.Array]],
+    ) -> None:
+        """One window's rows (row ``k`` is row ``where[k]`` of batch ``which[k]``, -1: no result),
+        taken from each batch they sit in, then put in order."""
+        picked = [np.flatnonzero(which == b) for b in used]
+        order = np.full(len(which), -1, dtype=np.int64)
+        if picked:
+            arrived = np.concatenate(picked)
+            order[arrived] = np.arange(len(arrived))
+        index = pa.array(order, pa.int64(), mask=order < 0)
+        for name in self.keep:
+            if not picked:
+                chunks[name].append(pa.nulls(len(which), _BUFFER_TYPES[name]))
+                continue
+            parts = [batches[b][name].take(pa.array(where[rows])) for b, rows in zip(used, picked)]
+            chunks[name].append(pa.concat_arrays(parts).take(index))
+
+
+def _is_run(where: np.ndarray) -> bool:
+    """True when ``where`` counts up by one: rows that sit in order in their batch."""
+    return bool(len(where) == 0 or (where[-1] - where[0] == len(where) - 1 and (np.diff(where) == 1).all()))
+
+
+def _one_chunk(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    if isinstance(column, pa.ChunkedArray):
+        return column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    return column
+
+
+#: Types of the result columns while a run holds them: text as ``large_string``, which pandas'
+#: Arrow-backed ``string`` dtype uses as it is (no copy into the frame).
+_BUFFER_TYPES: dict[str, pa.DataType] = {
+    c.name: pa.large_string() if c.arrow == pa.string() else c.arrow for c in COLUMNS
+}

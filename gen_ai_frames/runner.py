@@ -6,6 +6,13 @@ from a background writer (:class:`_Writer`): receiving never waits for a write, 
 takes whatever is pending as one part (group commit), so a slow disk means fewer, larger parts
 rather than answers piling up unsaved. A crash loses only the rows in flight plus those received
 since the last write began; an interrupt, an error or a stop writes everything received first.
+
+Ten million rows fit on one machine because nothing here holds a Python object per row for the
+whole run: prompts stay an Arrow column (read a slice at a time while sending), results are
+Arrow columns (:class:`~gen_ai_frames.results.ResultBuffer`, whose batches are also the
+checkpoint's parts), row keys are NumPy arrays hashed over the whole column at once
+(:mod:`gen_ai_frames.keys`), and a resume matches rows against the stored keys alone, reading the
+stored answers only once the new rows are sent.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -24,18 +32,28 @@ import pyarrow as pa
 
 from .batch import run_batch
 from .cache import RunCache
-from .checkpoint import Checkpoint, row_keys, run_fingerprint
+from .checkpoint import Checkpoint, run_fingerprint
+from .checkpoint import _fix_text as fix_text
 from .client import Client
 from .engine import Result
 from .errors import ConfigurationError, RequestError
+from .keys import KEY_SCHEME, PromptKeys, StoredKeys, keys_for, match_keys
 from .options import RunOptions
 from .params import Message
 from .pricing import Budget, Spend, batch_price_for, estimate_tokens, price_for
 from .prompts import Prompts
 from .ratelimit import SharedLimits, current_shared_limits
-from .results import DETAIL_COLUMNS, RECORD_SCHEMA, RESULT_COLUMNS, arrow_array, pandas_array
+from .results import DETAIL_COLUMNS, RESULT_COLUMNS, ResultBuffer, RowValues, arrow_array, pandas_array
 
-__all__ = ["DETAIL_COLUMNS", "RowResults", "one_progress_bar", "output_names", "run_rows"]
+__all__ = [
+    "DETAIL_COLUMNS",
+    "RowResults",
+    "kept_columns",
+    "one_progress_bar",
+    "output_names",
+    "result_values",
+    "run_rows",
+]
 
 logger = logging.getLogger("gen_ai_frames")
 
@@ -73,44 +91,70 @@ def output_names(options: RunOptions) -> dict[str, str]:
 
 @dataclass
 class RowResults:
-    """One value per row for each of ``RESULT_COLUMNS``; ``sent`` counts requests made this run,
+    """The run's result columns, one value per row, as Arrow arrays (``arrays``: the columns the
+    run was asked to keep, see :func:`run_rows`); ``sent`` counts requests made this run,
     ``cached`` the rows answered from the response cache."""
 
-    columns: dict[str, list[Any]]
+    arrays: dict[str, pa.ChunkedArray]
     restored: int = 0
     sent: int = 0
     cached: int = 0
     fatal: RequestError | None = None
 
+    @functools.cached_property
+    def columns(self) -> dict[str, list[Any]]:
+        """The kept columns as Python lists, built on first use (handy in tests and small runs; a
+        big run should use :attr:`arrays` or :meth:`frame_columns`)."""
+        return {name: array.to_pylist() for name, array in self.arrays.items()}
+
+    def __len__(self) -> int:
+        return len(self.arrays["error"])
+
     def frame_columns(self, options: RunOptions) -> dict[str, pd.api.extensions.ExtensionArray]:
-        """Every output column of the run as a pandas array, keyed like :func:`output_names`."""
+        """Every output column of the run as a pandas array, keyed like :func:`output_names`.
+        Text columns share the run's Arrow buffers (pandas' Arrow-backed ``string`` dtype)."""
         names = RESULT_COLUMNS if options.details else ["response", "error"]
-        columns = {name: pandas_array(name, self.columns[name]) for name in names}
+        columns = {name: pandas_array(name, self.arrays[name]) for name in names}
         if options.schema is not None:  # failed rows have no response, so every answer here is valid JSON
-            columns.update(options.schema.columns_from_answers(self.columns["response"]))
+            columns.update(options.schema.columns_from_answers(self.arrays["response"].to_pylist()))
         if options.logprobs:
             columns["confidence"] = self.confidence()
         return columns
 
-    def arrow_columns(self, options: RunOptions) -> dict[str, pa.Array]:
+    def arrow_columns(self, options: RunOptions) -> dict[str, pa.ChunkedArray | pa.Array]:
         """Every output column of the run as an Arrow array, keyed like :func:`output_names`:
         the result columns in their output types, a schema's fields typed as
         :meth:`~gen_ai_frames.schema.Schema.arrow_types` says (enums as dictionaries), ``confidence``
         as float64. No pandas on the way: the polars front end builds its columns from these.
         """
         names = RESULT_COLUMNS if options.details else ["response", "error"]
-        columns = {name: arrow_array(name, self.columns[name]) for name in names}
+        columns: dict[str, pa.ChunkedArray | pa.Array] = {
+            name: arrow_array(name, self.arrays[name]) for name in names
+        }
         if options.schema is not None:
-            columns.update(options.schema.arrow_columns_from_answers(self.columns["response"]))
+            columns.update(options.schema.arrow_columns_from_answers(self.arrays["response"].to_pylist()))
         if options.logprobs:
             import pyarrow.compute as pc
 
-            columns["confidence"] = pc.exp(arrow_array("logprob", self.columns["logprob"]))
+            columns["confidence"] = pc.exp(arrow_array("logprob", self.arrays["logprob"]))
         return columns
 
     def confidence(self) -> pd.api.extensions.ExtensionArray:
         """The probability of each answer, from its log-probability; NA where none was returned."""
-        return np.exp(pandas_array("logprob", self.columns["logprob"]))
+        return np.exp(pandas_array("logprob", self.arrays["logprob"]))
+
+
+def kept_columns(options: RunOptions, *also: str) -> list[str]:
+    """The result columns a caller of :func:`run_rows` needs to build its output: ``response`` and
+    ``error``, the details with ``details=True``, ``logprob`` with ``logprobs=True``, and ``also``.
+
+    >>> kept_columns(RunOptions(), "error_type")
+    ['response', 'error', 'error_type']
+    """
+    names = RESULT_COLUMNS if options.details else ["response", "error"]
+    if options.logprobs:
+        names = [*names, "logprob"]
+    return list(dict.fromkeys([*names, *also]))
 
 
 class _Progress:
@@ -215,12 +259,19 @@ def _short(count: int) -> str:
     return str(count)
 
 
-async def run_rows(prompts: Prompts | Sequence[object], *, client: Client, options: RunOptions) -> RowResults:
+async def run_rows(
+    prompts: Prompts | Sequence[object],
+    *,
+    client: Client,
+    options: RunOptions,
+    keep: Sequence[str] | None = None,
+) -> RowResults:
     """Answer every row's prompt; see :meth:`GenAIAccessor.generate` for the options.
 
-    ``options.repair`` opens a damaged checkpoint as :func:`~gen_ai_frames.checkpoint.repair_checkpoint`
-    would (dropping unreadable parts, rebuilding a lost manifest), with a warning, instead of
-    raising ``CheckpointCorruptError``.
+    ``keep``: the result columns the caller needs (:func:`kept_columns`; default: all of them);
+    only those are held for the whole run. ``options.repair`` opens a damaged checkpoint as
+    :func:`~gen_ai_frames.checkpoint.repair_checkpoint` would (dropping unreadable parts,
+    rebuilding a lost manifest), with a warning, instead of raising ``CheckpointCorruptError``.
 
     >>> results = await run_rows(["Hi", None], client=client, options=RunOptions())  # doctest: +SKIP
     >>> results.columns["error"][1]  # doctest: +SKIP
@@ -228,24 +279,21 @@ async def run_rows(prompts: Prompts | Sequence[object], *, client: Client, optio
     """
     if not isinstance(prompts, Prompts):
         prompts = Prompts.check(prompts)
+    sendable = prompts.sendable_mask()
+    valid = np.flatnonzero(sendable)
     if options.mode == "batch":
-        _check_batch(client, options, bool(prompts.sendable))
+        _check_batch(client, options, bool(len(valid)))
     price = (batch_price_for if options.mode == "batch" else price_for)(
         client.model_name, options.prices, client.provider.name
     )
     budget = Budget(price, options.max_cost, client.model_name)
     n = len(prompts)
-    columns: dict[str, list[Any]] = {name: [None] * n for name in RESULT_COLUMNS}
-    outcome = RowResults(columns)
-    for i, problem in prompts.failed.items():  # rows that cannot be sent fail at once
-        _store(columns, i, Result(error=problem))
-    valid = prompts.sendable
-    # Row keys match rows to checkpoint records; without a checkpoint they are not needed.
-    keys = (
-        row_keys([prompts.texts[i] for i in valid])  # type: ignore[misc]  # sendable rows have text
-        if options.checkpoint is not None
-        else []
+    buffer = ResultBuffer(
+        n, list(RESULT_COLUMNS if keep is None else keep), record=options.checkpoint is not None
     )
+    outcome = RowResults({})
+    for i, problem in prompts.failed.items():  # rows that cannot be sent fail at once
+        buffer.add([i], result_values(Result(error=problem)), store=False)
 
     store = None
     if options.checkpoint is not None:
@@ -257,34 +305,38 @@ async def run_rows(prompts: Prompts | Sequence[object], *, client: Client, optio
             repair=options.repair,
             storage_options=options.storage_options,
         )
-    run = _Run(prompts, columns, dict(zip(valid, keys)), store)
+    run = _Run(prompts, buffer, valid, None, store)
     try:
-        todo = valid
-        if store is not None:
-            todo, moved = _restore(store, valid, keys, columns, options.retry_errors)
-            outcome.restored = len(valid) - len(todo)
-            if moved:  # rows inserted above earlier answers: record where those answers sit now
-                await run.flush(moved)
-        groups: dict[Any, list[int]] = {}
         dedupe = options.sends_duplicates_once
-        for i in todo:
-            groups.setdefault(prompts.texts[i] if dedupe else i, []).append(i)
+        if len(valid) and (store is not None or dedupe):
+            # Keys match rows to checkpoint records and find duplicates: hashed over the whole
+            # column at once, in the checkpoint's own scheme.
+            run.keys = await asyncio.to_thread(
+                _row_keys, prompts, valid, KEY_SCHEME if store is None else store.key_scheme
+            )
+        todo, restored = valid, _Restored.none()
+        if store is not None and len(valid):
+            assert run.keys is not None
+            todo, restored = await asyncio.to_thread(_match, store, run.keys, valid, options.retry_errors)
+            outcome.restored = len(restored.rows)
+        groups = _Groups.of(todo, run.keys, valid if dedupe else None)
         if groups:  # rows all restored from the checkpoint need no cache
             run.cache = await RunCache.for_run(client, options)
         if run.cache is not None:
             outcome.cached = await _answer_from_cache(run, groups)
 
-        errors = sum(1 for e in columns["error"] if e is not None)
+        errors = len(prompts.failed) + restored.failed
         outer = _one_bar.get() if options.progress else None
+        already = n - len(todo) + outcome.cached
         if outer is not None:  # one bar for several runs (the batches of a file)
             bar = outer
             bar.cached += outcome.cached
-            bar.adopt(n - len(todo) + outcome.cached, errors, budget.spend)
+            bar.adopt(already, errors, budget.spend)
         else:
             bar = _Progress(
                 n,
                 options.progress and n > 0,
-                initial=n - len(todo) + outcome.cached,
+                initial=already,
                 spend=budget.spend,
                 errors=errors,
                 feed=current_shared_limits(),
@@ -292,12 +344,19 @@ async def run_rows(prompts: Prompts | Sequence[object], *, client: Client, optio
             bar.cached = outcome.cached
         try:
             if options.mode == "batch":
-                await run_batch(run, groups, client, options, budget, bar, outcome)
+                await run_batch(run, groups.as_dict(), client, options, budget, bar, outcome)
             else:
                 await _send_groups(run, groups, client, options, budget, bar, outcome)
         finally:
             if bar is not outer:
                 bar.close()
+        if store is not None and len(restored.rows):
+            # The answers of earlier runs, read now that nothing waits for them; rows inserted
+            # above them are stored again at their new position.
+            await asyncio.to_thread(restored.load, store, buffer)
+            if len(restored.moved):
+                await run.write(*await asyncio.to_thread(restored.moved_records, store))
+        outcome.arrays = buffer.columns()
     finally:
         try:
             if run.cache is not None:
@@ -306,6 +365,134 @@ async def run_rows(prompts: Prompts | Sequence[object], *, client: Client, optio
             if store is not None:
                 await asyncio.to_thread(store.close)
     return outcome
+
+
+def result_values(result: Result) -> RowValues:
+    """A result's value of each of ``RESULT_COLUMNS``, in their order."""
+    error = result.error
+    if error is None:
+        failure: tuple[Any, ...] = (None, None, None, None, result.attempts)
+    else:
+        failure = (error.message, error.type, error.suggestion, error.status_code, error.attempts)
+    return (
+        result.text,
+        *failure,
+        result.finish_reason,
+        result.prompt_tokens,
+        result.completion_tokens,
+        result.latency_s,
+        result.logprob,
+        False,
+    )
+
+
+def _row_keys(prompts: Prompts, valid: np.ndarray, scheme: str) -> PromptKeys:
+    """The keys of the sendable rows ``valid``, hashed over their Arrow buffers where they fit."""
+    try:
+        texts: Any = prompts.arrow()
+        if len(valid) < len(texts):  # some rows failed: hash the others (a copy of their text)
+            texts = texts.take(pa.array(valid))
+    except UnicodeEncodeError:  # lone surrogates: keys.py encodes them as the checkpoint always has
+        texts = prompts.texts_of(valid)
+    return keys_for(texts, scheme)
+
+
+@dataclass
+class _Restored:
+    """Rows answered by an earlier run: ``rows`` (positions), ``index`` (their records in
+    ``stored``), ``moved`` (those stored at another position) and ``failed`` (how many hold an
+    error)."""
+
+    rows: np.ndarray
+    index: np.ndarray
+    stored: StoredKeys | None
+    moved: np.ndarray
+    failed: int
+    keys: PromptKeys | None = None
+    key_rows: np.ndarray | None = None
+
+    @classmethod
+    def none(cls) -> _Restored:
+        empty = np.zeros(0, dtype=np.int64)
+        return cls(empty, empty, None, empty, 0)
+
+    def load(self, store: Checkpoint, buffer: ResultBuffer) -> None:
+        """Put the stored answers in ``buffer`` (only the columns it keeps)."""
+        assert self.stored is not None
+        buffer.add_table(self.rows, store.load_results(self.stored, self.index, buffer.keep))
+
+    def moved_records(self, store: Checkpoint) -> tuple[np.ndarray, pa.Table]:
+        """The moved rows' positions and every result column of their records."""
+        assert self.stored is not None
+        picked = np.flatnonzero(np.isin(self.rows, self.moved))
+        return self.rows[picked], store.load_results(self.stored, self.index[picked], RESULT_COLUMNS)
+
+
+def _match(
+    store: Checkpoint, keys: PromptKeys, valid: np.ndarray, retry_errors: bool
+) -> tuple[np.ndarray, _Restored]:
+    """Match the sendable rows ``valid`` to the checkpoint's records by key, reading only the
+    stored keys. Returns the rows still to send and the restored ones."""
+    stored = store.stored_keys()
+    if not len(stored):
+        return valid, _Restored.none()
+    hit = match_keys(keys, stored, positions=valid)
+    found = hit >= 0
+    if retry_errors:
+        found &= ~stored.failed[np.maximum(hit, 0)]
+    rows, index = valid[found], hit[found]
+    failed = int(stored.failed[index].sum())
+    moved = rows[stored.position[index] != rows]
+    return valid[~found], _Restored(rows, index, stored, moved, failed)
+
+
+class _Groups:
+    """The requests of a run: each ``leader`` row is sent, and its answer also fills the rows
+    that share its prompt (``followers``, with dedupe). Held as an array, not a list per row.
+
+    >>> groups = _Groups(np.array([0, 1]), {0: [2]})
+    >>> groups.rows(0), groups.rows(1), len(groups)
+    ([0, 2], [1], 2)
+    """
+
+    def __init__(self, leaders: np.ndarray, followers: dict[int, list[int]]) -> None:
+        self.leaders = leaders
+        self.followers = followers
+
+    @classmethod
+    def of(cls, todo: np.ndarray, keys: PromptKeys | None, valid: np.ndarray | None) -> _Groups:
+        """One request per row of ``todo``; with ``valid`` (dedupe: the rows ``keys`` belong to),
+        one per distinct prompt, whose first row leads."""
+        if valid is None or keys is None or len(todo) < 2 or not keys.occurrence.any():
+            return cls(todo, {})  # no prompt repeats
+        at = np.searchsorted(valid, todo)
+        hashes = keys.hashes[at]
+        frame = pd.DataFrame({"a": hashes[:, 0], "b": hashes[:, 1]})
+        repeated = frame.duplicated(keep=False).to_numpy()
+        if not repeated.any():
+            return cls(todo, {})
+        followers: dict[int, list[int]] = {}
+        drop = np.zeros(len(todo), dtype=bool)
+        shared = frame[repeated].groupby(["a", "b"], sort=False).indices
+        dup_rows = np.flatnonzero(repeated)
+        for members in shared.values():
+            rows = todo[dup_rows[members]].tolist()
+            followers[rows[0]] = rows[1:]
+            drop[dup_rows[members[1:]]] = True
+        return cls(todo[~drop], followers)
+
+    def __len__(self) -> int:
+        return len(self.leaders)
+
+    def rows(self, leader: int) -> list[int]:
+        return [leader, *self.followers.get(leader, ())]
+
+    def keep_only(self, mask: np.ndarray) -> None:
+        """Keep the leaders where ``mask`` is True (the others were answered another way)."""
+        self.leaders = self.leaders[mask]
+
+    def as_dict(self) -> dict[int, list[int]]:
+        return {leader: self.rows(leader) for leader in self.leaders.tolist()}
 
 
 def _check_batch(client: Client, options: RunOptions, sending: bool) -> None:
@@ -322,102 +509,109 @@ def _check_batch(client: Client, options: RunOptions, sending: bool) -> None:
         )
 
 
-async def _answer_from_cache(run: _Run, groups: dict[Any, list[int]]) -> int:
+async def _answer_from_cache(run: _Run, groups: _Groups) -> int:
     """Answer the groups the cache holds: they leave ``groups``, so they are not sent, not rate
     limited and not charged. Returns the rows answered. Those rows still go to the checkpoint,
     which records every row of a run."""
     cache = run.cache
     assert cache is not None
-    texts = run.prompts.texts
-    columns = run.columns
-    # The other result columns of these rows are None already (no error, no status, no latency).
-    response, finish, tokens_in, tokens_out = (
-        columns[name] for name in ("response", "finish_reason", "prompt_tokens", "completion_tokens")
-    )
-    logprob, attempts, cached = columns["logprob"], columns["attempts"], columns["cached"]
-    answered: list[int] = []
-    names = list(groups)
+    answered = 0
+    hit = np.zeros(len(groups), dtype=bool)
+    leaders = groups.leaders
     # In slices, so a million rows never hold a million keys at once.
-    for start in range(0, len(names), _LOOKUP_ROWS):
-        chunk = names[start : start + _LOOKUP_ROWS]
-        keys = cache.keys.keys(texts[groups[group][0]] for group in chunk)  # type: ignore[misc]
+    for start in range(0, len(leaders), _LOOKUP_ROWS):
+        chunk = leaders[start : start + _LOOKUP_ROWS]
+        keys = cache.keys.keys(run.prompts.texts_of(chunk))
         hits = await cache.lookup(list(dict.fromkeys(keys)))
-        for group, key in zip(chunk, keys) if hits else ():
+        for offset, (leader, key) in enumerate(zip(chunk.tolist(), keys) if hits else ()):
             answer = hits.get(key)
             if answer is not None:
-                for i in groups.pop(group):
-                    response[i], finish[i], tokens_in[i], tokens_out[i], logprob[i] = answer
-                    attempts[i], cached[i] = 0, True
-                    answered.append(i)
+                response, finish, tokens_in, tokens_out, logprob = answer
+                # No error, no status, no latency: attempts 0 and cached True say where it came from.
+                values = (
+                    response,
+                    None,
+                    None,
+                    None,
+                    None,
+                    0,
+                    finish,
+                    tokens_in,
+                    tokens_out,
+                    None,
+                    logprob,
+                    True,
+                )
+                rows = groups.rows(leader)
+                run.buffer.add(rows, values)
+                answered += len(rows)
+                hit[start + offset] = True
+    groups.keep_only(~hit)
     if run.store is not None:
-        for start in range(0, len(answered), _CACHED_PART_ROWS):
-            await run.flush(answered[start : start + _CACHED_PART_ROWS])
-    return len(answered)
+        await run.flush()
+    return answered
 
 
-# Rows answered from the cache go to the checkpoint in parts of at most this many rows.
-_CACHED_PART_ROWS = 50_000
 # Groups looked up in the cache at a time.
 _LOOKUP_ROWS = 20_000
 
 
 @dataclass
 class _Run:
-    """What one run's rows share while they are sent: their prompts, result columns and checkpoint."""
+    """What one run's rows share while they are sent: their prompts, the result buffer, the row
+    keys (of the sendable rows ``valid``) and the checkpoint."""
 
     prompts: Prompts
-    columns: dict[str, list[Any]]
-    position_key: dict[int, tuple[str, int]]
+    buffer: ResultBuffer
+    valid: np.ndarray
+    keys: PromptKeys | None
     store: Checkpoint | None
     #: The response cache, which stores the answers received (None: no cache).
     cache: RunCache | None = None
 
-    async def flush(self, rows: list[int]) -> None:
-        """Append ``rows``' results to the checkpoint."""
-        assert self.store is not None
-        await _flush(self.store, rows, self.prompts.texts, self.columns, self.position_key)
+    def key_of(self, i: int) -> tuple[str, int]:
+        """Row ``i``'s key: its prompt hash (hex) and occurrence."""
+        assert self.keys is not None
+        k = int(np.searchsorted(self.valid, i))
+        return self.keys.hex(k), int(self.keys.occurrence[k])
+
+    async def flush(self) -> None:
+        """Write every result received and not stored yet to the checkpoint, as one part."""
+        part = self.buffer.unwritten()
+        if part is not None:
+            await self.write(*part)
+
+    async def write(self, positions: np.ndarray, results: pa.Table) -> None:
+        """Store the results of rows ``positions`` as one part. The record is built and encoded
+        off the event loop, so requests keep flowing meanwhile."""
+        store = self.store
+        assert store is not None
+        await asyncio.to_thread(lambda: store.append(self._records(positions, results)))
+
+    def _records(self, positions: np.ndarray, results: pa.Table) -> pa.Table:
+        assert self.keys is not None
+        k = np.searchsorted(self.valid, positions)
+        columns = {
+            "position": pa.array(positions, pa.int64()),
+            "prompt_hash": self.keys.hex_array(k),
+            "occurrence": pa.array(self.keys.occurrence[k], pa.int32()),
+            "prompt": _prompt_column(self.prompts, positions),
+            **{name: results.column(name) for name in RESULT_COLUMNS},
+        }
+        return pa.table(columns)
 
 
-def _restore(
-    store: Checkpoint,
-    valid: list[int],
-    keys: list[tuple[str, int]],
-    columns: dict[str, list[Any]],
-    retry_errors: bool,
-) -> tuple[list[int], list[int]]:
-    """Fill rows answered by an earlier run from the checkpoint.
-
-    Returns the rows still to send, and the restored rows whose position changed since they were stored.
-    """
-    records = store.records()
-    if records.empty:
-        return valid, []
-    stored = {
-        (h, int(o)): (int(p), row)
-        for h, o, p, row in zip(
-            records["prompt_hash"],
-            records["occurrence"],
-            records["position"],
-            records[RESULT_COLUMNS].itertuples(index=False, name=None),
-        )
-    }
-    error_index = RESULT_COLUMNS.index("error")
-    todo, moved = [], []
-    for i, key in zip(valid, keys):
-        position, row = stored.get(key, (None, None))
-        if row is None or (retry_errors and not pd.isna(row[error_index])):
-            todo.append(i)
-            continue
-        for name, value in zip(RESULT_COLUMNS, row):
-            columns[name][i] = None if pd.isna(value) else value
-        if position != i:
-            moved.append(i)
-    return todo, moved
+def _prompt_column(prompts: Prompts, positions: np.ndarray) -> pa.Array:
+    """The prompts of rows ``positions``; lone surrogates (which UTF-8 cannot hold) as U+FFFD."""
+    try:
+        return prompts.arrow().take(pa.array(positions, pa.int64()))
+    except UnicodeEncodeError:
+        return pa.array([fix_text(t) for t in prompts.texts_of(positions)], pa.large_string())
 
 
 async def _send_groups(
     run: _Run,
-    groups: dict[Any, list[int]],
+    groups: _Groups,
     client: Client,
     options: RunOptions,
     budget: Budget,
@@ -426,35 +620,43 @@ async def _send_groups(
 ) -> None:
     if not groups:
         return
-    texts = run.prompts.texts
+    prompts, buffer, cache = run.prompts, run.buffer, run.cache
 
     def items() -> Iterator[tuple[list[int], list[Message]]]:
-        for rows in groups.values():
-            yield rows, [{"role": "user", "content": texts[rows[0]]}]  # type: ignore[dict-item]
+        # Texts are read a slice at a time: the engine pulls items lazily, so only the slice
+        # being sent lives as Python strings.
+        leaders = groups.leaders
+        for start in range(0, len(leaders), _TEXT_SLICE):
+            chunk = leaders[start : start + _TEXT_SLICE]
+            for leader, text in zip(chunk.tolist(), prompts.texts_of(chunk)):
+                yield groups.rows(leader), [{"role": "user", "content": text}]
 
     writer = None if run.store is None else _Writer(run, options.chunk_size)
     async with client.engine(**options.engine_limits, on_status=bar.show_status) as engine:
 
-        def receive(rows: list[int], result: Result) -> None:
+        def receive(rows: list[int], result: Result, messages: list[Message] | None = None) -> None:
             error = result.error
             sent = error is None or error.sent
             outcome.sent += sent
+            text: str | None = None
             if error is None:
                 prompt_tokens = result.prompt_tokens
                 if prompt_tokens is None:
-                    prompt_tokens = estimate_tokens(texts[rows[0]])  # type: ignore[arg-type]
+                    text = prompts.texts_of(rows[:1])[0]
+                    prompt_tokens = estimate_tokens(text)
                 stop = budget.charge(prompt_tokens, result.completion_tokens or 0)
                 if stop is not None:
                     engine.stop(stop)
-            for i in rows:
-                _store(run.columns, i, result)
-            if error is None and run.cache is not None and run.cache.working:
-                run.cache.put(run.cache.keys.key(texts[rows[0]]), result)  # type: ignore[arg-type]
-            bar.advance(len(rows), error is not None)
             # Unsent rows, and rows that met an error of the run rather than of the row (a bad
             # key, a server that is down), stay out of the checkpoint: a resume sends them.
-            if writer is not None and sent and not (error is not None and error.fatal):
-                writer.add(rows)
+            buffer.add(rows, result_values(result), store=sent and not (error is not None and error.fatal))
+            if error is None and cache is not None and cache.working:
+                if text is None:
+                    text = prompts.texts_of(rows[:1])[0]
+                cache.put(cache.keys.key(text), result)
+            bar.advance(len(rows), error is not None)
+            if writer is not None:
+                writer.poke()
 
         try:
             async for rows, result in engine.stream(items(), options.params):
@@ -473,30 +675,34 @@ async def _send_groups(
         outcome.fatal = engine.fatal
 
 
+# Prompts read into Python strings at a time while sending.
+_TEXT_SLICE = 1024
+
+
 class _Writer:
     """Writes answered rows to the checkpoint from a background task (group commit).
 
-    :meth:`add` only queues rows, so receiving never waits for the disk. The task writes as soon
-    as ``chunk_size`` rows are pending (or ``interval`` seconds after the last write, when answers
-    are slow), taking *everything* pending as one part: while a write is in progress the next
-    rows pile up and go in the next part together. A failed write is raised by the next
-    :meth:`add` or by :meth:`close`, which writes whatever is still pending.
+    :meth:`poke` only checks a count, so receiving never waits for the disk. The task writes as
+    soon as ``chunk_size`` rows are pending (or ``interval`` seconds after the last write, when
+    answers are slow), taking *everything* pending as one part: while a write is in progress the
+    next rows pile up and go in the next part together. A failed write is raised by the next
+    :meth:`poke` or by :meth:`close`, which writes whatever is still pending.
     """
 
     def __init__(self, run: _Run, chunk_size: int, interval: float | None = None) -> None:
         self._run_state = run
+        self._buffer = run.buffer
         self._chunk_size = chunk_size
         self._interval = FLUSH_INTERVAL_S if interval is None else interval
-        self._pending: list[int] = []
         self._wake = asyncio.Event()
         self._closing = False
         self._task = asyncio.ensure_future(self._run())
 
-    def add(self, rows: list[int]) -> None:
+    def poke(self) -> None:
         if self._task.done():
             self._task.result()  # the write failed: stop the run with its error (CheckpointError)
-        self._pending.extend(rows)
-        if len(self._pending) >= self._chunk_size:
+        buffer = self._buffer
+        if buffer.pending + buffer.unwritten_rows >= self._chunk_size:
             self._wake.set()
 
     async def close(self) -> None:
@@ -511,44 +717,6 @@ class _Writer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self._interval)
             self._wake.clear()
-            if self._pending:
-                rows, self._pending = self._pending, []
-                await self._run_state.flush(rows)
-            if self._closing and not self._pending:
+            await self._run_state.flush()
+            if self._closing and not (self._buffer.pending or self._buffer.unwritten_rows):
                 return
-
-
-async def _flush(
-    store: Checkpoint,
-    rows: list[int],
-    prompts: Sequence[str | None],
-    columns: dict[str, list[Any]],
-    position_key: dict[int, tuple[str, int]],
-) -> None:
-    table = pa.table(
-        {
-            "position": pa.array(rows, pa.int64()),
-            "prompt_hash": [position_key[i][0] for i in rows],
-            "occurrence": pa.array([position_key[i][1] for i in rows], pa.int32()),
-            "prompt": [prompts[i] for i in rows],
-            **{name: [columns[name][i] for i in rows] for name in RESULT_COLUMNS},
-        }
-    ).cast(RECORD_SCHEMA)
-    # Parquet encoding and fsync happen off the loop, so requests keep flowing meanwhile.
-    await asyncio.to_thread(store.append, table)
-
-
-def _store(columns: dict[str, list[Any]], i: int, result: Result) -> None:
-    error = result.error
-    columns["response"][i] = result.text
-    columns["error"][i] = None if error is None else error.message
-    columns["error_type"][i] = None if error is None else error.type
-    columns["error_suggestion"][i] = None if error is None else error.suggestion
-    columns["status_code"][i] = None if error is None else error.status_code
-    columns["attempts"][i] = result.attempts if error is None else error.attempts
-    columns["finish_reason"][i] = result.finish_reason
-    columns["prompt_tokens"][i] = result.prompt_tokens
-    columns["completion_tokens"][i] = result.completion_tokens
-    columns["latency_s"][i] = result.latency_s
-    columns["logprob"][i] = result.logprob
-    columns["cached"][i] = False

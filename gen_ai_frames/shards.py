@@ -46,11 +46,12 @@ import os
 import re
 import uuid
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 
 from .checkpoint import (
     Checkpoint,
@@ -307,16 +308,17 @@ class ShardedCheckpoint:
         Checkpoint.open(directory, fingerprint, resume=False).close()
         self._write_shard(number, {"rows": None, "finished": False})
 
-    def finish_shard(self, number: int, columns: Mapping[str, Sequence[Any]]) -> None:
-        """Record shard ``number``'s counts for the current input, from its result columns.
+    def finish_shard(self, number: int, columns: Mapping[str, pa.Array | pa.ChunkedArray]) -> None:
+        """Record shard ``number``'s counts for the current input, from its result columns
+        (``error`` and ``error_type``, as Arrow: :attr:`RowResults.arrays`).
 
         Rows that cannot be sent (no prompt) are never stored in a checkpoint, so only this
         record has them; a failed write only costs ``status`` its exact counts.
         """
-        errors = Counter(
-            t or "unknown" for t, e in zip(columns["error_type"], columns["error"]) if e is not None
-        )
-        rows, failed = len(columns["error"]), sum(errors.values())
+        error = columns["error"]
+        kinds = columns["error_type"].filter(error.is_valid()).to_pylist()
+        errors = Counter(kind or "unknown" for kind in kinds)
+        rows, failed = len(error), sum(errors.values())
         with contextlib.suppress(OSError):
             self._write_shard(
                 number,

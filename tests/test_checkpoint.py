@@ -38,7 +38,9 @@ from gen_ai_frames.checkpoint import (
     repair_checkpoint,
     row_keys,
 )
+import gen_ai_frames.checkpoint as checkpoint_module
 from gen_ai_frames.errors import GenAIError
+from gen_ai_frames.keys import keys_for
 from gen_ai_frames.options import RunOptions
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +100,8 @@ def test_round_trip_keeps_values_nulls_and_types(tmp_path: Path) -> None:
     pd.testing.assert_frame_equal(stored, records)
     # Parquet text is UTF-8: a lone surrogate is stored as U+FFFD, but the key is the original's.
     assert stored["prompt"][2] == "\ufffd lone"
-    assert stored["prompt_hash"][2] == prompt_hash("\ud800 lone")
+    # (New checkpoints key with keys_for in KEY_SCHEME; this asserted prompt_hash, the legacy scheme.)
+    assert stored["prompt_hash"][2] == keys_for(["\ud800 lone"]).hex(0) != keys_for(["\ufffd lone"]).hex(0)
     assert stored["status_code"].dtype == "Int32"
     assert stored["prompt"].dtype == pd.StringDtype()
     assert len(parts_of(path)) == 1
@@ -477,6 +480,24 @@ def test_many_small_appends_leave_few_files(tmp_path: Path, monkeypatch: pytest.
     assert read_checkpoint(path).index.tolist() == list(range(appends * rows))
 
 
+def test_compaction_never_writes_a_part_bigger_than_the_cap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A merge reads its parts whole: capping the merged part's rows caps a long run's memory.
+    monkeypatch.setattr(os, "fsync", lambda fd: None)
+    monkeypatch.setattr(checkpoint_module, "COMPACT_MAX_ROWS", 12)
+    path = tmp_path / "c"
+    with Checkpoint.open(path, FP, compact_every=2) as ckpt:
+        for i in range(40):
+            ckpt.append(make_records([f"p{i}-{j}" for j in range(3)], positions=range(i * 3, i * 3 + 3)))
+        ckpt.append(make_records(["p0-0"], positions=[0], responses=["again"]))
+        stored = ckpt.records()
+    rows = [pq.read_metadata(path / part).num_rows for part in parts_of(path)]
+    assert max(rows) <= 12 and max(rows) > 3  # compacted, up to the cap and no further
+    assert len(stored) == 120
+    assert stored.set_index("prompt")["response"]["p0-0"] == "again"
+
+
 def test_failed_compaction_warns_and_keeps_the_append(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -671,8 +692,12 @@ def test_read_after_a_filtered_resume_hides_no_stored_answer(fake_server: Any, t
 
     path = tmp_path / "c"
     df = pd.DataFrame({"prompt": [f"q{i}" for i in range(6)]})
-    options: dict[str, Any] = {"endpoint": fake_server.url, "model_name": "m", "checkpoint": path,
-                               "progress": False}
+    options: dict[str, Any] = {
+        "endpoint": fake_server.url,
+        "model_name": "m",
+        "checkpoint": path,
+        "progress": False,
+    }
     df.genai.generate(column="prompt", **options)
     # Resume with the last three rows only: they now sit at positions 0-2, where q0-q2 were.
     out = df.iloc[3:].reset_index(drop=True).genai.generate(column="prompt", **options)
@@ -714,7 +739,9 @@ def test_run_rows_with_repair_true_resends_only_the_lost_rows(fake_server: Any, 
     assert fake_server.stats()["requests"] == results.sent == lost
 
 
-def test_parts_written_before_the_logprob_column_existed_still_resume(fake_server: Any, tmp_path: Path) -> None:
+def test_parts_written_before_the_logprob_column_existed_still_resume(
+    fake_server: Any, tmp_path: Path
+) -> None:
     import gen_ai_frames  # noqa: F401  (registers df.genai)
     from gen_ai_frames import create_client
 

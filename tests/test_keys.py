@@ -9,7 +9,16 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from gen_ai_frames.keys import LONG_PROMPT_BYTES, hash_prompts, prompt_keys
+from gen_ai_frames.checkpoint import prompt_hash, row_keys
+from gen_ai_frames.keys import (
+    KEY_SCHEME,
+    LEGACY_KEY_SCHEME,
+    LONG_PROMPT_BYTES,
+    hash_prompts,
+    hashes_from_hex,
+    keys_for,
+    prompt_keys,
+)
 
 
 def test_the_hash_of_a_prompt_never_changes() -> None:
@@ -81,3 +90,83 @@ def test_hashes_spread_over_both_lanes() -> None:
     for lane in (0, 1):
         bits = np.unpackbits(np.ascontiguousarray(hashes[:, lane]).view(np.uint8)).reshape(-1, 64).mean(axis=0)
         assert 0.45 < bits.min() and bits.max() < 0.55  # every bit set about half the time
+
+
+# ------------------------------------------------------------------------- hex and key schemes
+
+
+def varied_prompts() -> list[str]:
+    rng = random.Random(3)
+    prompts = ["".join(rng.choice("ab é\n{}") for _ in range(rng.randint(0, 40))) for _ in range(500)]
+    return prompts + ["a", "a", "", "", "x" * (LONG_PROMPT_BYTES + 5), "\ud800 lone", "\ud800 lone"]
+
+
+def test_hex_array_equals_hex_of_each_row_and_parses_back() -> None:
+    keys = keys_for(varied_prompts())
+    texts = keys.hex_array()
+    assert texts.type == pa.string() and len(texts) == len(keys)
+    assert texts.to_pylist() == [keys.hex(i) for i in range(len(keys))]
+    assert all(len(t) == 32 and t == t.lower() for t in texts.to_pylist())
+    assert (hashes_from_hex(texts) == keys.hashes).all()
+    rows = np.array([5, 0, 5, len(keys) - 1])
+    assert keys.hex_array(rows).to_pylist() == [keys.hex(int(i)) for i in rows]
+    assert keys.hex_array(np.array([], dtype=np.int64)).to_pylist() == []
+    mask = np.zeros(len(keys), dtype=bool)
+    mask[[3, 7]] = True
+    assert keys.hex_array(mask).to_pylist() == [keys.hex(3), keys.hex(7)]
+    assert hashes_from_hex(pa.array([], pa.string())).shape == (0, 2)
+
+
+def test_hashes_from_hex_takes_any_arrow_layout_and_upper_case() -> None:
+    keys = keys_for(["a", "b", "c", "d"])
+    texts = keys.hex_array().to_pylist()
+    layouts = [
+        pa.array(texts, pa.large_string()),
+        pa.chunked_array([pa.array(texts[:1]), pa.array(texts[1:])]),
+        pa.array(["0" * 32, *texts])[1:],  # a slice: offsets do not start at zero
+        pa.array([t.upper() for t in texts]),
+    ]
+    for layout in layouts:
+        assert (hashes_from_hex(layout) == keys.hashes).all()
+    assert hashes_from_hex(pa.array(["000000000000000100000000000000ff"])).tolist() == [[1, 255]]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [["abc"], ["0" * 31 + "g"], ["0" * 33], ["0" * 32, None], ["0" * 32, "0" * 30 + "  "]],
+    ids=["short", "not-hex", "long", "null", "spaces"],
+)
+def test_hashes_from_hex_refuses_what_is_not_a_hash(bad: list[str | None]) -> None:
+    with pytest.raises(ValueError, match="32 hex digits|missing"):
+        hashes_from_hex(pa.array(bad, pa.string()))
+
+
+def test_hashes_from_hex_needs_strings() -> None:
+    with pytest.raises(TypeError, match="Arrow string array"):
+        hashes_from_hex(pa.array([1, 2]))
+
+
+def test_legacy_scheme_equals_prompt_hash_and_row_keys() -> None:
+    prompts = varied_prompts()
+    legacy = keys_for(prompts, LEGACY_KEY_SCHEME)
+    assert [(legacy.hex(i), int(o)) for i, o in enumerate(legacy.occurrence)] == row_keys(prompts)
+    assert legacy.hex_array().to_pylist() == [prompt_hash(p) for p in prompts]
+    assert legacy.hex(0) == hashlib.blake2b(prompts[0].encode(), digest_size=16).hexdigest()
+    clean = [p for p in prompts if "\ud800" not in p]  # Arrow input cannot hold lone surrogates
+    arrow = keys_for(pa.chunked_array([pa.array(clean[:7]), pa.array(clean[7:])]), LEGACY_KEY_SCHEME)
+    assert arrow.hex_array().to_pylist() == [prompt_hash(p) for p in clean]
+    assert keys_for([], LEGACY_KEY_SCHEME).hashes.shape == (0, 2)
+
+
+def test_the_two_schemes_differ_and_the_default_is_the_new_one() -> None:
+    prompts = ["Hi", "there"]
+    assert KEY_SCHEME == "xx128" and LEGACY_KEY_SCHEME == "blake2b"
+    assert (keys_for(prompts).hashes == prompt_keys(prompts).hashes).all()
+    assert (keys_for(prompts, KEY_SCHEME).hashes != keys_for(prompts, LEGACY_KEY_SCHEME).hashes).all()
+
+
+def test_an_unknown_scheme_is_refused() -> None:
+    with pytest.raises(ValueError, match="Unknown key scheme 'md5'.*xx128"):
+        keys_for(["a"], "md5")
+    with pytest.raises(ValueError, match="missing prompt"):
+        keys_for(["a", None], LEGACY_KEY_SCHEME)  # type: ignore[list-item]
