@@ -24,6 +24,7 @@ tasks and the tail of the run (the last partitions alone) count against it.
     python benchmarks/bench_dask_limits.py                     # all, about 5 minutes
     python benchmarks/bench_dask_limits.py --only primitives,overhead
     python benchmarks/bench_dask_limits.py --rows 700 --json /tmp/limits.json
+    python benchmarks/bench_dask_limits.py --only learned,overhead --repeat 3 --timeline
 """
 
 from __future__ import annotations
@@ -125,7 +126,8 @@ def primitives(client: Any, calls: int) -> list[dict[str, Any]]:
 
 # --------------------------------------------------------------------------------- scenarios
 def run(client: Any, server: Any, name: str, rows: int, *, static: bool = False, server_rpm: float | None,
-        latency: float = 0.0, shape: list[int] = SHAPE, **options: Any) -> dict[str, Any]:
+        latency: float = 0.0, shape: list[int] = SHAPE, timeline: bool = False,
+        **options: Any) -> dict[str, Any]:
     import gen_ai_frames.dask as gdask
 
     server.configure(rate_limit_rpm=server_rpm, latency=latency)
@@ -139,9 +141,13 @@ def run(client: Any, server: Any, name: str, rows: int, *, static: bool = False,
             progress=False, details=True, **options)
     finally:
         gdask._distributed_client = real
+    topics = set(client.get_events()) if timeline else set()
+    cpu = _cpu(client, server)
     started = time.monotonic()
+    wall = time.time()
     result = out.compute()
     elapsed = time.monotonic() - started
+    cpu = {name: used - cpu[name] for name, used in _cpu(client, server).items()}
     stats = server.stats()
     answered = int(result["response"].notna().sum())
     tokens = result["prompt_tokens"].fillna(0).sum() + result["completion_tokens"].fillna(0).sum()
@@ -156,12 +162,58 @@ def run(client: Any, server: Any, name: str, rows: int, *, static: bool = False,
         "elapsed_s": elapsed,
         "rows_per_s": answered / elapsed,
         "tokens": int(tokens),
+        # CPU seconds per 1,000 rows: less sensitive to other processes' load than rows/s.
+        "workers_cpu_ms_per_row": cpu["workers"] / rows * 1e3,
+        "scheduler_cpu_ms_per_row": cpu["scheduler"] / rows * 1e3,
+        "server_cpu_ms_per_row": cpu["server"] / rows * 1e3,
     }
     row["429_share"] = row["429s"] / rows
     if server_rpm:
         row["utilisation"] = answered / (server_rpm / 60 * elapsed)
     print("  " + json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    if timeline and not static:
+        row["timeline"] = _timeline(client, topics, wall)
+        if row["timeline"]:
+            row["exchanges"] = row["timeline"][-1]["exchanges"]
+            print(f"    {row['exchanges']} exchanges with the coordinator", flush=True)
     return row
+
+
+def _process_cpu() -> float:
+    import psutil
+
+    times = psutil.Process().cpu_times()
+    return times.user + times.system
+
+
+def _cpu(client: Any, server: Any) -> dict[str, float]:
+    """CPU seconds used so far by the worker processes, the scheduler and the fake server."""
+    return {
+        "workers": sum(client.run(_process_cpu).values()),
+        "scheduler": client.run_on_scheduler(_process_cpu),
+        "server": server.cpu_seconds(),
+    }
+
+
+def _timeline(client: Any, before: set[str], wall: float) -> list[dict[str, Any]]:
+    """When the 429s came: the coordinator's progress events of this run (one at most every
+    PUBLISH_S), as seconds since ``compute()`` began, requests and 429s since the previous event,
+    and the rate-limit status."""
+    time.sleep(1.0)  # the last event travels worker -> scheduler
+    events = [(at, msg) for topic, items in client.get_events().items()
+              if topic.startswith("gen-ai-frames-") and topic not in before for at, msg in items]
+    events.sort(key=lambda event: event[0])
+    rows, requests, limited = [], 0, 0
+    for at, msg in events:
+        rows.append({"t": round(at - wall, 2), "requests": msg["requests"] - requests,
+                     "429s": msg["rate_limited"] - limited, "status": msg["status"],
+                     "exchanges": msg.get("exchanges")})
+        requests, limited = msg["requests"], msg["rate_limited"]
+    for entry in rows:
+        if entry["429s"]:
+            print(f"    t={entry['t']:6.2f} s  +{entry['requests']:3d} requests  +{entry['429s']:2d} 429s  "
+                  f"{entry['status']}", flush=True)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fast-rows", type=int, default=20_000, help="rows of the overhead scenario")
     parser.add_argument("--calls", type=int, default=300, help="calls per primitive")
     parser.add_argument("--only", default=",".join(SCENARIOS))
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of each scenario but primitives")
+    parser.add_argument("--timeline", action="store_true",
+                        help="print when the 429s came (the coordinator's progress events)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     only = set(args.only.split(","))
@@ -187,31 +242,72 @@ def main(argv: list[str] | None = None) -> int:
             print("primitives (round trip from a worker task):", flush=True)
             results["primitives"] = primitives(client, args.calls)
         runs = results.setdefault("runs", [])
-        if "learned" in only:
-            runs.append(run(client, server, "learned", args.rows, server_rpm=600, latency=0.05, max_concurrent=32))
-        if "told" in only:
-            runs.append(run(client, server, "told", args.rows, server_rpm=600, latency=0.05, max_concurrent=32,
-                            requests_per_minute=600))
-            runs.append(run(client, server, "told-static", args.rows, static=True, server_rpm=600, latency=0.05,
-                            max_concurrent=32, requests_per_minute=600))
-        if "budget" in only:
-            budget_rows = 400
-            shape = [1, 1, 1, 1, 1, 1, 30, 30]  # six tiny partitions, two big ones
-            budget = 5.0 * budget_rows / 2  # "question N": 2 + 3 tokens at $1 a token = $5 a row
-            for name, static in (("budget", False), ("budget-static", True)):
-                row = run(client, server, name, budget_rows, static=static, server_rpm=None, shape=shape,
-                          max_concurrent=16, max_cost=budget, prices={"m": (1e6, 1e6)})
-                row.update(budget=budget, spend=float(row["tokens"]), bound=budget + 2 * 5.0)
-                runs.append(row)
-        if "overhead" in only:
-            for name, static in (("overhead-static", True), ("overhead-shared", False),
-                                 ("overhead-static", True), ("overhead-shared", False)):
-                runs.append(run(client, server, name, args.fast_rows, static=static, server_rpm=None,
-                                max_concurrent=64))
+        for _ in range(args.repeat):
+            scenarios(client, server, args, only, runs)
     if args.json:
         Path(args.json).write_text(json.dumps({"environment": _common.environment(), "results": results},
                                               indent=2, default=float))
+    summary(results.get("runs", []))
     return 0
+
+
+def scenarios(client: Any, server: Any, args: argparse.Namespace, only: set[str], runs: list) -> None:
+    """One round of every scenario asked for but ``primitives``."""
+    if "learned" in only:
+        runs.append(run(client, server, "learned", args.rows, server_rpm=600, latency=0.05, max_concurrent=32,
+                        timeline=args.timeline))
+    if "told" in only:
+        runs.append(run(client, server, "told", args.rows, server_rpm=600, latency=0.05, max_concurrent=32,
+                        requests_per_minute=600))
+        runs.append(run(client, server, "told-static", args.rows, static=True, server_rpm=600, latency=0.05,
+                        max_concurrent=32, requests_per_minute=600))
+    if "budget" in only:
+        budget_rows = 400
+        shape = [1, 1, 1, 1, 1, 1, 30, 30]  # six tiny partitions, two big ones
+        budget = 5.0 * budget_rows / 2  # "question N": 2 + 3 tokens at $1 a token = $5 a row
+        for name, static in (("budget", False), ("budget-static", True)):
+            row = run(client, server, name, budget_rows, static=static, server_rpm=None, shape=shape,
+                      max_concurrent=16, max_cost=budget, prices={"m": (1e6, 1e6)})
+            row.update(budget=budget, spend=float(row["tokens"]), bound=budget + 2 * 5.0)
+            runs.append(row)
+    if "overhead" in only:
+        for name, static in (("overhead-static", True), ("overhead-shared", False),
+                             ("overhead-static", True), ("overhead-shared", False)):
+            runs.append(run(client, server, name, args.fast_rows, static=static, server_rpm=None,
+                            max_concurrent=64, timeline=args.timeline))
+
+
+def summary(runs: list[dict[str, Any]]) -> None:
+    """Medians over the rounds: the 429 share and utilisation of ``learned``, and the paired
+    shared / static rows/s ratio of ``overhead`` (each shared run against the static run before it)."""
+    learned = [r for r in runs if r["scenario"] == "learned"]
+    if learned:
+        shares = [r["429_share"] for r in learned]
+        use = [r["utilisation"] for r in learned]
+        print(f"learned: 429 share {', '.join(f'{s:.1%}' for s in shares)} "
+              f"(median {_common.median(shares):.1%}, max {max(shares):.1%}); "
+              f"utilisation median {_common.median(use):.3f}, min {min(use):.3f}; "
+              f"failed {sum(r['failed'] for r in learned)}", flush=True)
+    ratios = []
+    static = None
+    for r in runs:
+        if r["scenario"] == "overhead-static":
+            static = r
+        elif r["scenario"] == "overhead-shared" and static is not None:
+            ratios.append(r["rows_per_s"] / static["rows_per_s"])
+    cpu = []
+    static = None
+    for r in runs:
+        if r["scenario"] == "overhead-static":
+            static = r
+        elif r["scenario"] == "overhead-shared" and static is not None:
+            cpu.append(r["workers_cpu_ms_per_row"] / static["workers_cpu_ms_per_row"])
+    if cpu:
+        print(f"overhead: workers' CPU per row, shared / static {', '.join(f'{x:.2f}' for x in cpu)} "
+              f"(median {_common.median(cpu):.2f})", flush=True)
+    if ratios:
+        print(f"overhead: shared / static {', '.join(f'{x:.2f}' for x in ratios)} "
+              f"(median {_common.median(ratios):.2f}, min {min(ratios):.2f})", flush=True)
 
 
 if __name__ == "__main__":

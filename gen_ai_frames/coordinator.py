@@ -8,9 +8,18 @@ every partition talks to it through a :class:`SharedRun`, which the engine consu
 :class:`~gen_ai_frames.ratelimit.SharedLimits` seam.
 
 Round trips are what a shared limiter costs, so a partition never asks per request: it *leases*
-request slots in batches (as many as the pace allows in :data:`LEASE_S` seconds, or a whole batch
-when nothing paces the run) and sends what it learned (answers, 429s, headers, spend, rows done)
-with its next lease. Urgent news (a 429, a pause) triggers a lease at once.
+request slots in batches (as many as the pace allows in :data:`LEASE_S` seconds) and sends what it
+learned (answers, 429s, headers, spend, rows done) with its next lease. Urgent news (a 429, a pause)
+triggers a lease at once. When nothing paces the run (no limit given or learned, no budget), a
+grant is *unbounded*: the partition sends without slots until a later exchange tells it otherwise.
+Its exchanges are then only reports (every :data:`UNBOUNDED_REPORT_S` when the run's news is pushed
+to it, see :meth:`RunCoordinator.wait_news`, else every :data:`LEASE_S`): a round trip to a Dask
+Actor costs milliseconds of CPU, which a run as fast as the machine goes would pay in throughput.
+
+Until the run hears its first response, only :data:`PROBES` request goes out run-wide (for at most
+:data:`PROBE_MAX_S`): the provider's headers on that answer state the limit, which every partition
+then paces to from a full bucket, where a burst of every partition's slow start at a limit not
+known yet would mostly come back as 429s.
 
 Nothing here imports Dask: the coordinator is a plain object, so it is tested without a cluster.
 
@@ -19,6 +28,9 @@ Nothing here imports Dask: the coordinator is a plain object, so it is tested wi
 >>> grant = coordinator.lease("p0", 4, {"requests": 1.0}, {})
 >>> [round(w, 2) for w in grant["waits"]], grant["concurrency"]
 ([0.0, 0.1], 4)
+>>> told_nothing = RunCoordinator(max_concurrent=8, npartitions=2, clock=lambda: 100.0)
+>>> [len(told_nothing.lease(p, 4, {"requests": 1.0}, {})["waits"]) for p in ("p0", "p1")]
+[1, 0]
 """
 
 from __future__ import annotations
@@ -37,7 +49,7 @@ from .errors import NotSentError
 from .pricing import Spend, budget_spent
 from .ratelimit import Pace, RateLimiter
 
-__all__ = ["LEASE_S", "RunCoordinator", "SharedRun"]
+__all__ = ["LEASE_S", "PROBES", "PROBE_MAX_S", "RunCoordinator", "SharedRun"]
 
 logger = logging.getLogger("gen_ai_frames")
 
@@ -47,6 +59,17 @@ LEASE_S = 0.2
 PUBLISH_S = 0.5
 #: Seconds a lease may take before the coordinator counts as lost (its worker died).
 LOST_AFTER_S = 15.0
+#: Requests in flight run-wide before the run's first response, when nothing paces it yet.
+PROBES = 1
+#: Seconds the probe may take before the run goes on without it (a server that never answers
+#: must not hold the run to one request at a time).
+PROBE_MAX_S = 5.0
+#: Seconds between two leases of a partition waiting for the probe's answer.
+PROBE_POLL_S = 0.05
+#: Seconds between two reports of an unbounded partition told of the run's news as it happens.
+UNBOUNDED_REPORT_S = 1.0
+#: Seconds a news watch waits on the coordinator's side before it answers anyway.
+NEWS_WAIT_S = 10.0
 
 Clock = Callable[[], float]
 
@@ -69,6 +92,7 @@ def _empty_report() -> dict[str, Any]:
         "headers": None,  # the rate-limit headers of the latest answer
         "pause": None,  # (seconds, reason): a pause the server asked for
         "settled": 0,  # slots used (request sent, or given up)
+        "free": 0,  # requests sent without a slot (an unbounded grant), ended
         "returned": 0,  # slots not used, still ahead (the partition ended): their time is free again
         "expired": 0,  # slots not used in time, or booked under an old pace: their time is gone
         "prompt_tokens": 0,
@@ -116,6 +140,9 @@ class RunCoordinator:
         self._publish = publish
         self._clock = clock
         self.rounds = 0
+        #: Changes when what partitions are granted does (a pause, a pace, a stop): see wait_news.
+        self.news = 0
+        self._watchers: list[Callable[[int], None]] = []
         self._start_round()
 
     def _start_round(self) -> None:
@@ -138,7 +165,11 @@ class RunCoordinator:
         self.finished = 0
         self.requests = 0
         self.rate_limited = 0
+        self.exchanges = 0  # leases and reports heard: what the shared limits cost in round trips
         self._published_at = float("-inf")
+        #: The run heard from the provider (a response, a 429, a pause, a request ended): probing ends.
+        self.heard = False
+        self._probe_since: float | None = None
 
     # The one call partitions make ------------------------------------------------------------
 
@@ -146,10 +177,11 @@ class RunCoordinator:
         """Take ``member``'s ``report`` and lease it up to ``want`` request slots costing ``costs``.
 
         The grant: ``waits`` (seconds from now at which each slot may be used), ``paced`` (False:
-        the slots are not tied to a time), ``generation`` (changes when the pace does: slots of an
-        older one are void), ``pause`` (seconds the run stays paused), ``stop`` (the budget is
-        spent: ``(message, suggestion)``), ``concurrency`` (this partition's share of
-        ``max_concurrent``).
+        the slots are not tied to a time), ``unbounded`` (nothing paces the run: send without
+        slots until told otherwise), ``probe`` (the run waits for its first response: news is
+        urgent), ``generation`` (changes when the pace does: slots of an older one are void),
+        ``pause`` (seconds the run stays paused), ``stop`` (the budget is spent:
+        ``(message, suggestion)``), ``concurrency`` (this partition's share of ``max_concurrent``).
         """
         now = self._clock()
         m = self.members.get(member)
@@ -157,11 +189,23 @@ class RunCoordinator:
             if self.finished and self.finished >= self.npartitions:
                 self._start_round()  # every partition ended: this is a new compute of the run
             m = self.members[member] = _Member()
+        self.exchanges += 1
+        before = self._grant_state()
         self._apply(m, member, report, now)
+        if self._grant_state() != before:
+            self._tell_news()
         waits: list[float] = []
         paced = self._request_rate() is not None
-        if self.stop is None and not m.finished and want > 0:
+        probe = self._probing(now)
+        # Nothing to book or count: the partition sends freely, its reports still flow.
+        unbounded = not paced and not probe and self.stop is None and not self._budgeted()
+        if self.stop is None and not m.finished and want > 0 and not unbounded:
             count = self._affordable(m, self._lease_size(want), costs)
+            if probe:
+                if self._probe_since is None:
+                    self._probe_since = now
+                in_flight = sum(member.outstanding for member in self.members.values())
+                count = min(count, max(0, PROBES - in_flight))
             start = max(now, self.paused_until)
             tokens = int(costs.get("tokens", 0))
             for _ in range(count):
@@ -174,6 +218,9 @@ class RunCoordinator:
         return {
             "waits": waits,
             "paced": paced,
+            "unbounded": unbounded,
+            "probe": probe,
+            "news": self.news,
             "generation": self.pace.generation,
             "pause": max(0.0, self.paused_until - now),
             "pause_reason": self.pause_reason,
@@ -184,6 +231,10 @@ class RunCoordinator:
     def _apply(self, m: _Member, member: str, report: Mapping[str, Any], now: float) -> None:
         if not report:
             return
+        if not self.heard and any(
+            report.get(name) for name in ("answers", "rate_limited", "headers", "pause", "settled", "free")
+        ):
+            self.heard = True  # even a request that failed: the probe must not hold the run longer
         if report.get("total") is not None:
             m.total = report["total"]
             m.done = report.get("done", 0)
@@ -208,7 +259,7 @@ class RunCoordinator:
             seconds, reason = report["pause"]
             self._pause(now, seconds, reason)
         settled, returned = report.get("settled", 0), report.get("returned", 0)
-        self.requests += settled
+        self.requests += settled + report.get("free", 0)
         m.outstanding = max(0, m.outstanding - settled - returned - report.get("expired", 0))
         if returned:
             self.pace.unbook(returned, now)
@@ -233,6 +284,43 @@ class RunCoordinator:
             self.finished += 1
             self._maybe_publish(now, force=True)
 
+    def _grant_state(self) -> tuple[Any, ...]:
+        """What unbounded partitions must hear of at once when it changes."""
+        return (self.paused_until, self.stop is None, self.pace.generation, self._request_rate() is None)
+
+    def _tell_news(self) -> None:
+        self.news += 1
+        watchers, self._watchers = self._watchers, []
+        for notify in watchers:
+            notify(self.news)
+
+    def watch(self, version: int, notify: Callable[[int], None]) -> None:
+        """Call ``notify(news)`` once the run's news differs from ``version`` (at once if it does)."""
+        if version != self.news:
+            notify(self.news)
+        else:
+            self._watchers.append(notify)
+
+    async def wait_news(self, version: int, timeout: float = NEWS_WAIT_S) -> int:
+        """The run's news once it differs from ``version``, or after ``timeout`` seconds: a partition
+        waits on this (a long poll) instead of asking every lease period. Run it in the loop (the
+        thread) that runs :meth:`lease`."""
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        def notify(news: int) -> None:
+            if not future.done():
+                future.set_result(news)
+
+        self.watch(version, notify)
+        try:
+            async with asyncio.timeout(timeout):
+                return await future
+        except TimeoutError:
+            return self.news
+        finally:
+            if notify in self._watchers:
+                self._watchers.remove(notify)
+
     def _pause(self, now: float, seconds: float, reason: str) -> None:
         if now + seconds > self.paused_until:
             self.paused_until = now + seconds
@@ -250,6 +338,15 @@ class RunCoordinator:
             rates.append(self.limiter.tokens_per_minute / 60.0)  # at least one token a request
         return min(rates) if rates else None
 
+    def _probing(self, now: float) -> bool:
+        """Before the run's first response, when nothing paces it: one request for the run."""
+        if self.heard or self._request_rate() is not None:
+            return False
+        return self._probe_since is None or now - self._probe_since < PROBE_MAX_S
+
+    def _budgeted(self) -> bool:
+        return self.max_cost is not None and self.price is not None
+
     def _lease_size(self, want: int) -> int:
         rate = self._request_rate()
         if rate is None:
@@ -261,8 +358,9 @@ class RunCoordinator:
         at the mean cost of an answer so far (a worst case before the first answer). While less
         than a request's worth is left, a partition with none in flight may send one more, so the
         run spends at most the budget plus one request per partition."""
-        if self.max_cost is None or self.price is None:
+        if not self._budgeted():
             return count
+        assert self.price is not None and self.max_cost is not None
         spent = self.spend.usd or 0.0
         if spent >= self.max_cost:
             return 0
@@ -327,6 +425,7 @@ class RunCoordinator:
             "status": status,
             "requests": self.requests,
             "rate_limited": self.rate_limited,
+            "exchanges": self.exchanges,
             "partitions": self.finished,
             "npartitions": self.npartitions,
             "finished": self.finished >= self.npartitions,
@@ -339,12 +438,22 @@ class RunCoordinator:
         self._publish(self.snapshot())
 
 
+def _stated(headers: Mapping[str, str]) -> dict[str, str]:
+    """The rate-limit headers of an answer, by lower-case name."""
+    return {k.lower(): v for k, v in headers.items() if "ratelimit" in k.lower()}
+
+
 class SharedRun:
     """A partition's side of the run's :class:`RunCoordinator`: the engine's
     :class:`~gen_ai_frames.ratelimit.SharedLimits` and the runner's progress feed.
 
     ``call(member, want, costs, report)`` is the coordinator's :meth:`RunCoordinator.lease`
     (a Dask Actor method in a worker); it blocks, so it runs in a thread, one at a time.
+
+    ``watch(news, notify)``, if given, arranges for ``notify(news)`` to be called (from any thread)
+    once the run's news differs from ``news`` (:meth:`RunCoordinator.watch`, or a long poll of
+    :meth:`RunCoordinator.wait_news` in Dask): an unbounded partition then reports only every
+    :data:`UNBOUNDED_REPORT_S`, and hears of a pause, a pace or a stop as soon as it happens.
 
     If the coordinator is lost (a lease fails: its worker died), the partition carries on alone,
     with a warning: paced by what its own engine learned and by ``fallback`` (its static share of
@@ -359,11 +468,15 @@ class SharedRun:
         *,
         want: int = 64,
         clock: Clock = time.monotonic,
-        sleep: Callable[[float], Any] = asyncio.sleep,
         fallback: RateLimiter | None = None,
         budgeted: bool = False,
+        watch: Callable[[int, Callable[[int], None]], None] | None = None,
     ) -> None:
         self._call = call
+        self._watch = watch
+        self._watching = False  # a watch is armed: its notify has not come yet
+        self.news = 0  # the run's news as of the last grant
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._fallback = fallback
         self._budgeted = budgeted
         #: Set when the coordinator could not be reached: this partition paces itself from then.
@@ -371,7 +484,6 @@ class SharedRun:
         self.member = member
         self.want = want
         self._clock = clock
-        self._sleep = sleep
         self._slots: collections.deque[float | None] = collections.deque()
         self._report = _empty_report()
         self.generation = 0
@@ -388,6 +500,13 @@ class SharedRun:
         self._starved = False
         self._closing = False
         self.exchanges = 0
+        #: The last grant was unbounded: requests go without slots until an exchange says otherwise.
+        self.unbounded = False
+        #: The run waits for its first response (the coordinator's probe): news is urgent.
+        self.probing = False
+        self._free = 0  # requests sent without a slot and not yet ended
+        self._headers: Mapping[str, str] | None = None  # the latest answer's, not yet reported
+        self._heard_limits = False
 
     # SharedLimits ----------------------------------------------------------------------------
 
@@ -407,6 +526,9 @@ class SharedRun:
                 return 0.0
             if self.lost is not None:
                 return self._alone(costs)
+            if self.unbounded and not self._slots:
+                self._free += 1
+                return 0.0
             now = self._clock()
             self._drop_stale(now)
             if self._slots:
@@ -415,7 +537,8 @@ class SharedRun:
                     self._wake.set()  # lease more before running out: requests need not wait for it
                 return 0.0 if at is None else max(0.0, at - now)
             self._granted.clear()
-            self._wake.set()
+            if not self._starved:
+                self._wake.set()
             await self._granted.wait()
 
     def settle(
@@ -431,7 +554,13 @@ class SharedRun:
         """A slot was used: ``outcome`` is ``"answered"``, ``"served"`` (an error the server
         answered), ``"rate_limited"`` (a 429) or ``"failed"`` (no response, or never sent)."""
         report = self._report
-        report["settled"] += 1
+        if self._free:
+            self._free -= 1
+            report["free"] += 1
+        else:
+            report["settled"] += 1
+        if self.probing:
+            self._urgent()  # the run waits for this: the first response's news
         if outcome in ("answered", "served"):
             report["answers"] += 1
         if outcome == "answered" and (prompt_tokens or completion_tokens):
@@ -445,16 +574,19 @@ class SharedRun:
             self._urgent()
 
     def learn(self, headers: Mapping[str, str]) -> None:
-        """An answer's headers: the rate-limit ones go to the coordinator with the next lease."""
-        stated = {k.lower(): v for k, v in headers.items() if "ratelimit" in k.lower()}
-        if stated:
-            self._report["headers"] = stated
+        """An answer's headers: the rate-limit ones go to the coordinator with the next lease.
+        Only the latest answer's count, so they are picked out once per lease, not per answer."""
+        self._headers = headers
+        if self.unbounded and not self._heard_limits and _stated(headers):
+            self._heard_limits = True
+            self._urgent()  # the first limit an unbounded partition hears of: pace to it now
 
     def pause(self, seconds: float, reason: str) -> None:
         """The server asked this partition to wait: the whole run waits."""
         until = self._clock() + seconds
         if until > self.paused_until:
             self.paused_until, self.pause_reason = until, reason
+            self._void_before(until)
         current = self._report["pause"]
         if current is None or seconds > current[0]:
             self._report["pause"] = (seconds, reason)
@@ -472,7 +604,7 @@ class SharedRun:
             await asyncio.gather(task, return_exceptions=True)
         self._slots_back()
         if self._has_news() and self.lost is None:
-            report, self._report = self._report, _empty_report()
+            report = self._take_report()
             try:
                 await asyncio.to_thread(self._call_coordinator, 0, report)
             except Exception:  # the run's answers matter more: finish() tries again
@@ -503,6 +635,7 @@ class SharedRun:
             return
         if self._task is None or self._task.done():
             self._closing = False
+            self._loop = asyncio.get_running_loop()
             self._wake, self._granted = asyncio.Event(), asyncio.Event()
             self._task = asyncio.ensure_future(self._pump())
 
@@ -515,21 +648,27 @@ class SharedRun:
         least every :data:`LEASE_S` seconds while the run goes on."""
         assert self._wake is not None and self._granted is not None
         while not self._closing:
-            if not self._starved:
-                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that comes
-                # as the event is set, and close() would wait for this loop forever.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(LEASE_S):
-                        await self._wake.wait()
-                if self._closing:
-                    return  # close() reports what is left
-            else:  # the last lease gave nothing (the budget): ask again later, not in a loop
-                await self._sleep(LEASE_S)
+            # Starved (the last lease gave nothing: the budget, the probe in flight), the requests
+            # waiting for slots do not wake the pump: it asks again later or on urgent news.
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that comes
+            # as the event is set, and close() would wait for this loop forever.
+            if self._starved and self.probing:
+                period = PROBE_POLL_S
+            elif self.unbounded and self._watching:
+                period = UNBOUNDED_REPORT_S  # only reports: the news comes when it happens
+            else:
+                period = LEASE_S
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(period):
+                    await self._wake.wait()
+            if self._closing:
+                return  # close() reports what is left
             self._wake.clear()
             # Paced, only what keeps a lease period ahead: booking further would hold the run's
-            # time for this partition alone.
-            want = max(0, self.want - len(self._slots)) if self._runs_low(self._clock()) else 0
-            report, self._report = self._report, _empty_report()
+            # time for this partition alone. Unbounded, ask anyway: the answer may be slots.
+            runs_low = self.unbounded or self._runs_low(self._clock())
+            want = max(0, self.want - len(self._slots)) if runs_low else 0
+            report = self._take_report()
             try:
                 grant = await asyncio.to_thread(self._call_coordinator, want, report)
             except Exception as exc:  # not when cancelled: the call goes on in its thread and may land
@@ -542,7 +681,7 @@ class SharedRun:
 
     def _exchange(self, want: int) -> None:
         """One lease, blocking (where no loop runs)."""
-        report, self._report = self._report, _empty_report()
+        report = self._take_report()
         try:
             grant = self._call_coordinator(want, report)
         except BaseException:
@@ -564,11 +703,16 @@ class SharedRun:
         if grant["pause"] > 0 and now + grant["pause"] > self.paused_until:
             self.paused_until = now + grant["pause"]
             self.pause_reason = grant.get("pause_reason")
+            self._void_before(self.paused_until)
+        self.unbounded = bool(grant.get("unbounded"))
+        self.probing = bool(grant.get("probe"))
+        self.news = grant.get("news", 0)
+        self._arm_watch()
         if grant["stop"] is not None and self.stopped is None:
             message, suggestion = grant["stop"]
             self.stopped = NotSentError(message, suggestion=suggestion, retryable=False, sent=False)
         waits = grant["waits"]
-        self._starved = want > 0 and not waits and not self._slots
+        self._starved = want > 0 and not waits and not self._slots and not self.unbounded
         if grant["paced"]:
             self._slots.extend(now + wait for wait in waits)
         else:
@@ -578,12 +722,48 @@ class SharedRun:
             if self._pace is not None:
                 self._pace.limit_concurrency(self.concurrency)
 
+    def _take_report(self) -> dict[str, Any]:
+        """The news since the last exchange, for the next one (a fresh report starts)."""
+        report, self._report = self._report, _empty_report()
+        headers, self._headers = self._headers, None
+        if headers is not None:
+            stated = _stated(headers)
+            if stated:
+                report["headers"] = stated
+        return report
+
+    def _notify(self, news: int) -> None:
+        """The run's news changed (or the watch timed out); called from any thread."""
+        loop = self._loop
+        if loop is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the partition's loop is closed: nobody to tell
+            loop.call_soon_threadsafe(self._heard, news)
+
+    def _heard(self, news: int) -> None:
+        self._watching = False
+        if news != self.news:
+            self._urgent()  # an exchange brings the pause, the pace or the stop
+        else:
+            self._arm_watch()  # nothing new (the watch timed out): watch again
+
+    def _arm_watch(self) -> None:
+        """Unbounded, watch the run's news (once at a time) rather than ask every lease period."""
+        if not self.unbounded or self._watch is None or self._watching or self._closing or self.lost:
+            return
+        self._watching = True
+        try:
+            self._watch(self.news, self._notify)
+        except Exception:  # the lease path notices a lost coordinator: poll every LEASE_S meanwhile
+            self._watching = False
+
     def _merge_back(self, report: dict[str, Any]) -> None:
         """A failed exchange: keep its news for the next one."""
         current = self._report
         for name in (
             "answers",
             "settled",
+            "free",
             "returned",
             "expired",
             "prompt_tokens",
@@ -637,6 +817,13 @@ class SharedRun:
         if last is None:
             return len(self._slots) < max(1, self.want // 2)
         return last - now < LEASE_S
+
+    def _void_before(self, until: float) -> None:
+        """A pause until ``until``: paced slots before its end are void (their time is gone), so
+        the partitions resume at the pace booked after it, not all at once."""
+        kept = collections.deque(at for at in self._slots if at is None or at >= until)
+        self._report["expired"] += len(self._slots) - len(kept)
+        self._slots = kept
 
     def _drop_stale(self, now: float) -> None:
         """A paced slot left unused for a lease period is dropped: used late, it would burst."""

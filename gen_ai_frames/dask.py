@@ -55,7 +55,7 @@ from dask.dataframe.extensions import register_dataframe_accessor
 
 from .checkpoint import run_fingerprint, storage_for
 from .client import Client
-from .coordinator import LOST_AFTER_S, RunCoordinator, SharedRun
+from .coordinator import LOST_AFTER_S, NEWS_WAIT_S, RunCoordinator, SharedRun
 from .errors import ConfigurationError
 from .factory import create_client
 from .options import RunOptions, split_run_and_client, takes_options
@@ -268,6 +268,7 @@ def _generate_partition(
         want=job.lease,
         fallback=RateLimiter(*rates) if any(rates) else None,
         budgeted=job.budgeted,
+        watch=_news_watch(coordinator),
     )
     try:
         with sharing_limits(shared):
@@ -279,6 +280,46 @@ def _generate_partition(
             shared.finish()  # its rows count as done, its concurrency goes to the others
         except Exception as exc:  # the coordinator is gone (its worker died): the rows are answered
             logger.warning("gen_ai_frames.dask: could not report a finished partition: %s", exc)
+
+
+class _RunActor:
+    """The run's :class:`~gen_ai_frames.coordinator.RunCoordinator` as a Dask Actor. Its methods
+    are async so that Dask runs them on the worker's event loop, one thread: a partition's news
+    watch (a long poll) waits there without holding a thread, and is told by the leases."""
+
+    def __init__(self, **options: Any) -> None:
+        self._run = RunCoordinator(**options)
+
+    async def lease(self, member: str, want: int, costs: dict, report: dict) -> dict:
+        return self._run.lease(member, want, costs, report)
+
+    async def news(self, version: int, timeout: float = NEWS_WAIT_S) -> int:
+        return await self._run.wait_news(version, timeout)
+
+    async def settings(self) -> dict[str, Any]:
+        return self._run.settings()
+
+
+def _news_watch(coordinator: Any) -> Any:
+    """``watch(news, notify)`` for a partition's :class:`SharedRun`: a long poll of the
+    coordinator's news, awaited on this worker's event loop (no thread waits for it)."""
+    import distributed
+
+    try:
+        loop = distributed.get_worker().loop
+    except ValueError:  # not in a worker: the partition polls every lease period instead
+        return None
+
+    def watch(news: int, notify: Any) -> None:
+        async def relay() -> None:
+            try:
+                notify(await coordinator.news(news))
+            except Exception:  # the coordinator is gone: the next lease notices and says so
+                pass
+
+        loop.add_callback(relay)
+
+    return watch
 
 
 def _log_event(topic: str, snapshot: dict[str, Any]) -> None:
@@ -433,7 +474,7 @@ class DaskGenAIAccessor:
             if run.progress:
                 cluster.subscribe_topic(topic, _RunBar())
             coordinator = cluster.submit(
-                RunCoordinator,
+                _RunActor,
                 max_concurrent=run.max_concurrent,
                 requests_per_minute=totals.get("requests_per_minute"),
                 tokens_per_minute=totals.get("tokens_per_minute"),

@@ -82,6 +82,36 @@ def test_told_nothing_the_run_learns_one_limit(cluster: Any, fake: FakeServer) -
     assert rate_limited(fake) <= 0.1 * rows, fake.stats()["outcome_counts"]
 
 
+def test_told_nothing_the_start_does_not_overrun_the_limit(cluster: Any, fake: FakeServer) -> None:
+    # 5/s, a bucket of 5 requests; answers take 50 ms, so the limit is not known at once.
+    fake.configure(rate_limit_rpm=300, latency=0.05)
+    sizes = [s // 2 for s in SIZES]
+    rows = sum(sizes)
+    out = uneven(sizes).genai.generate(column="prompt", max_concurrent=64, **options(fake)).compute()
+    assert out["error"].isna().all() and len(out) == rows
+    # Every partition slow-starting at once (8 requests each, then one more per answer) at a limit
+    # nobody knows yet would overrun the bucket (~10 429s); one probe learns it first.
+    assert rate_limited(fake) <= 1, fake.stats()["outcome_counts"]
+
+
+def test_an_unpaced_run_costs_few_round_trips(cluster: Any, fake: FakeServer) -> None:
+    before = set(cluster.get_events())
+    rows = 3000
+    out = uneven([rows // 8] * 8).genai.generate(column="prompt", max_concurrent=16, **options(fake))
+    assert out.compute()["error"].isna().all()
+    deadline = time.monotonic() + 30  # the last event travels worker -> scheduler -> this client
+    while time.monotonic() < deadline:
+        events = [msg for topic, items in cluster.get_events().items()
+                  if topic.startswith("gen-ai-frames-") and topic not in before for _, msg in items]
+        if events and events[-1]["finished"]:
+            break
+        time.sleep(0.05)
+    assert events[-1]["requests"] == rows
+    # Nothing paces the run: no slots to lease (64 at a time would take ~100 leases), only
+    # reports about once a second per partition, and a few at its start and end.
+    assert events[-1]["exchanges"] <= rows / 30, events[-1]
+
+
 def test_told_the_limit_the_partitions_share_it(cluster: Any, fake: FakeServer) -> None:
     fake.configure(rate_limit_rpm=1200)
     rows = sum(SIZES)
