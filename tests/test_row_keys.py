@@ -54,6 +54,14 @@ def manifest_of(path: Path) -> dict[str, Any]:
     return json.loads((path / "manifest.json").read_text())
 
 
+def rebuild_manifest(path: Path) -> None:
+    """Lose the manifest, then let repair rebuild it from the parts (its warning is expected)."""
+    (path / "manifest.json").unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        repair_checkpoint(path)
+
+
 def write_legacy_part(path: Path, seq: int, records: pd.DataFrame, fingerprint: dict[str, Any]) -> dict:
     """A part as versions before key schemes wrote it: BLAKE2b keys, only the fingerprint in its
     metadata, and none of the columns added to the format since."""
@@ -250,10 +258,7 @@ def test_repair_recovers_the_scheme_from_the_parts(tmp_path: Path) -> None:
     with Checkpoint.open(old, FP) as ckpt:  # a part written by this version, stamped blake2b
         ckpt.append(make_records(["b"], positions=[1], responses=["B"], scheme=ckpt.key_scheme))
     for path, scheme in ((new, KEY_SCHEME), (old, LEGACY_KEY_SCHEME)):
-        (path / "manifest.json").unlink()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            repair_checkpoint(path)
+        rebuild_manifest(path)
         with Checkpoint.open(path, FP) as ckpt:
             assert ckpt.key_scheme == scheme
             assert (match_keys(keys_for(["a"], scheme), ckpt.stored_keys()) == 0).all()
@@ -373,10 +378,7 @@ def test_stored_keys_after_compaction_and_repair(tmp_path: Path) -> None:
 
     expected = ["again", *[f"A{i}" for i in range(1, 9)], "S8"]
     assert len(stored) == 10
-    (path / "manifest.json").unlink()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        repair_checkpoint(path)
+    rebuild_manifest(path)
     with Checkpoint.open(path, FP) as ckpt:
         assert ckpt.key_scheme == KEY_SCHEME
         assert answers(ckpt.stored_keys(), ckpt) == expected
