@@ -113,7 +113,7 @@ class RowResults:
     def frame_columns(self, options: RunOptions) -> dict[str, pd.api.extensions.ExtensionArray]:
         """Every output column of the run as a pandas array, keyed like :func:`output_names`.
         Text columns share the run's Arrow buffers (pandas' Arrow-backed ``string`` dtype)."""
-        names = RESULT_COLUMNS if options.details else ["response", "error"]
+        names = _result_names(options)
         columns = {name: pandas_array(name, self.arrays[name]) for name in names}
         if options.schema is not None:  # failed rows have no response, so every answer here is valid JSON
             columns.update(options.schema.columns_from_answers(self.arrays["response"].to_pylist()))
@@ -127,7 +127,7 @@ class RowResults:
         :meth:`~gen_ai_frames.schema.Schema.arrow_types` says (enums as dictionaries), ``confidence``
         as float64. No pandas on the way: the polars front end builds its columns from these.
         """
-        names = RESULT_COLUMNS if options.details else ["response", "error"]
+        names = _result_names(options)
         columns: dict[str, pa.ChunkedArray | pa.Array] = {
             name: arrow_array(name, self.arrays[name]) for name in names
         }
@@ -144,6 +144,11 @@ class RowResults:
         return np.exp(pandas_array("logprob", self.arrays["logprob"]))
 
 
+def _result_names(options: RunOptions) -> list[str]:
+    """The result columns the output shows: ``response`` and ``error``, and the details if asked."""
+    return RESULT_COLUMNS if options.details else ["response", "error"]
+
+
 def kept_columns(options: RunOptions, *also: str) -> list[str]:
     """The result columns a caller of :func:`run_rows` needs to build its output: ``response`` and
     ``error``, the details with ``details=True``, ``logprob`` with ``logprobs=True``, and ``also``.
@@ -151,7 +156,7 @@ def kept_columns(options: RunOptions, *also: str) -> list[str]:
     >>> kept_columns(RunOptions(), "error_type")
     ['response', 'error', 'error_type']
     """
-    names = RESULT_COLUMNS if options.details else ["response", "error"]
+    names = _result_names(options)
     if options.logprobs:
         names = [*names, "logprob"]
     return list(dict.fromkeys([*names, *also]))
@@ -367,8 +372,9 @@ async def run_rows(
     return outcome
 
 
-def result_values(result: Result) -> RowValues:
-    """A result's value of each of ``RESULT_COLUMNS``, in their order."""
+def result_values(result: Result, *, cached: bool = False) -> RowValues:
+    """A result's value of each of ``RESULT_COLUMNS``, in their order; ``cached``: it came from
+    the response cache."""
     error = result.error
     if error is None:
         failure: tuple[Any, ...] = (None, None, None, None, result.attempts)
@@ -382,7 +388,7 @@ def result_values(result: Result) -> RowValues:
         result.completion_tokens,
         result.latency_s,
         result.logprob,
-        False,
+        cached,
     )
 
 
@@ -408,8 +414,6 @@ class _Restored:
     stored: StoredKeys | None
     moved: np.ndarray
     failed: int
-    keys: PromptKeys | None = None
-    key_rows: np.ndarray | None = None
 
     @classmethod
     def none(cls) -> _Restored:
@@ -528,20 +532,15 @@ async def _answer_from_cache(run: _Run, groups: _Groups) -> int:
             if answer is not None:
                 response, finish, tokens_in, tokens_out, logprob = answer
                 # No error, no status, no latency: attempts 0 and cached True say where it came from.
-                values = (
-                    response,
-                    None,
-                    None,
-                    None,
-                    None,
-                    0,
-                    finish,
-                    tokens_in,
-                    tokens_out,
-                    None,
-                    logprob,
-                    True,
+                answered_by_cache = Result(
+                    text=response,
+                    finish_reason=finish,
+                    prompt_tokens=tokens_in,
+                    completion_tokens=tokens_out,
+                    attempts=0,
+                    logprob=logprob,
                 )
+                values = result_values(answered_by_cache, cached=True)
                 rows = groups.rows(leader)
                 run.buffer.add(rows, values)
                 answered += len(rows)
