@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import gen_ai_frames.checkpoint as checkpoint_module
 from gen_ai_frames.checkpoint import (
     RECORD_SCHEMA,
     RESULT_COLUMNS,
@@ -38,9 +39,8 @@ from gen_ai_frames.checkpoint import (
     repair_checkpoint,
     row_keys,
 )
-import gen_ai_frames.checkpoint as checkpoint_module
 from gen_ai_frames.errors import GenAIError
-from gen_ai_frames.keys import keys_for
+from gen_ai_frames.keys import KEY_SCHEME, keys_for
 from gen_ai_frames.options import RunOptions
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -483,7 +483,7 @@ def test_many_small_appends_leave_few_files(tmp_path: Path, monkeypatch: pytest.
 def test_compaction_never_writes_a_part_bigger_than_the_cap(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A merge reads its parts whole: capping the merged part's rows caps a long run's memory.
+    # The cap bounds how much one merge rewrites, and how big a part a resume reads.
     monkeypatch.setattr(os, "fsync", lambda fd: None)
     monkeypatch.setattr(checkpoint_module, "COMPACT_MAX_ROWS", 12)
     path = tmp_path / "c"
@@ -496,6 +496,33 @@ def test_compaction_never_writes_a_part_bigger_than_the_cap(
     assert max(rows) <= 12 and max(rows) > 3  # compacted, up to the cap and no further
     assert len(stored) == 120
     assert stored.set_index("prompt")["response"]["p0-0"] == "again"
+
+
+def test_a_merge_keeps_the_latest_records_and_copies_its_parts_one_at_a_time(tmp_path: Path) -> None:
+    path = tmp_path / "c"
+    with Checkpoint.open(path, FP, compact_every=3) as ckpt:
+        ckpt.append(make_records(["a", "b", "a"], positions=[0, 1, 2], responses=["a1", "b1", "a2"]))
+        ckpt.append(make_records(["c", "b"], positions=[3, 1], responses=["c1", "b2"]))
+        ckpt.append(make_records(["a", "d"], positions=[0, 4], responses=["a3", "d1"]))  # merges
+        (merged,) = parts_of(path)
+        stored = ckpt.records()
+    parquet = pq.ParquetFile(path / merged)
+    # Streamed: each input part became its own row group (none was dropped whole here).
+    assert parquet.metadata.num_row_groups == 3
+    table = parquet.read()
+    # The latest record per key, in the order the survivors were written.
+    assert table.column("response").to_pylist() == ["a2", "c1", "b2", "a3", "d1"]
+    assert table.column("position").to_pylist() == [2, 3, 1, 0, 4]
+    metadata = parquet.schema_arrow.metadata
+    assert json.loads(metadata[b"gen_ai_frames.fingerprint"]) == FP  # a lost manifest can be rebuilt
+    assert metadata[b"gen_ai_frames.keys"] == KEY_SCHEME.encode()
+    assert dict(zip(stored["prompt"] + stored["position"].astype(str), stored["response"])) == {
+        "a0": "a3",
+        "b1": "b2",
+        "a2": "a2",
+        "c3": "c1",
+        "d4": "d1",
+    }
 
 
 def test_failed_compaction_warns_and_keeps_the_append(

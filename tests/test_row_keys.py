@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import gen_ai_frames  # noqa: F401  (registers df.genai)
+import gen_ai_frames.checkpoint as checkpoint_module
 from gen_ai_frames import create_client
 from gen_ai_frames.checkpoint import (
     RECORD_SCHEMA,
@@ -309,11 +310,11 @@ def test_stored_keys_reads_only_the_key_columns(tmp_path: Path, monkeypatch: pyt
         ckpt.append(make_records([f"p{i}" for i in range(n)], responses=huge))
         asked: list[Any] = []
         read_bytes = [0]
-        real_read_table, real_open = pq.read_table, ckpt.storage.open_read
+        real_read, real_open = checkpoint_module._read_parquet, ckpt.storage.open_read
 
-        def spy_read_table(source: Any, *args: Any, **kwargs: Any) -> pa.Table:
-            asked.append(kwargs.get("columns"))
-            return real_read_table(source, *args, **kwargs)
+        def spy_read(source: Any, columns: Any = None) -> pa.Table:
+            asked.append(columns)
+            return real_read(source, columns)
 
         class Counting:
             def __init__(self, f: Any) -> None:
@@ -333,7 +334,7 @@ def test_stored_keys_reads_only_the_key_columns(tmp_path: Path, monkeypatch: pyt
             def __exit__(self, *exc: object) -> None:
                 self.f.close()
 
-        monkeypatch.setattr(pq, "read_table", spy_read_table)
+        monkeypatch.setattr(checkpoint_module, "_read_parquet", spy_read)
         monkeypatch.setattr(ckpt.storage, "open_read", lambda name: Counting(real_open(name)))
         stored = ckpt.stored_keys()
     size = (path / manifest_of(path)["parts"][0]["file"]).stat().st_size
