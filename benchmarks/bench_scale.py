@@ -12,6 +12,14 @@ is measured. Each variant runs in its own fresh subprocess:
                 10,000,000), then resumes it with one new row appended to the frame: the wall time of
                 that call is the time to the first (and only) request
 
+``--frontend`` picks who runs ``plain`` and ``ckpt`` (issue 19 asks the same of each):
+
+* ``pandas``    ``df.genai.generate`` (the default; the only one for ``resume`` and ``synthetic``)
+* ``polars``    ``pl_df.genai.generate`` over a polars frame of the same prompts
+* ``dask``      ``ddf.genai.generate(...).compute(scheduler="synchronous")`` over ONE partition
+                holding every row: what one Dask worker runs for one partition (the partition's
+                sharded checkpoint included). The Dask frame is built before the baseline RSS.
+
 Memory: ``peak RSS over the frame`` is the process's peak RSS (``ru_maxrss``) minus its RSS once the
 input frame is built; ``returned`` is the deep memory size of the columns the call added, and
 ``peak / returned`` their ratio (issue 19's target: <= 2 at 1,000,000 rows).
@@ -23,6 +31,7 @@ code with the runner's ``_send_groups`` step reports it.
     python benchmarks/bench_scale.py                          # 1,000,000 rows, all variants
     python benchmarks/bench_scale.py --rows 200000 --variants plain,ckpt,resume
     python benchmarks/bench_scale.py --variants synthetic --synthetic-rows 10000000
+    python benchmarks/bench_scale.py --frontend polars --variants plain,ckpt
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 VARIANTS = ("plain", "ckpt", "resume", "synthetic")
+FRONTENDS = ("pandas", "polars", "dask")
 
 
 def make_prompts(n: int, start: int = 0) -> list[str]:
@@ -98,11 +108,41 @@ def _time_first_send() -> list[float]:
     return moments
 
 
-def worker(args: argparse.Namespace) -> None:
-    import aiohttp  # noqa: F401  (imported lazily by the transport: keep it out of the timing)
+def make_frame(frontend: str, prompts: list[str]) -> Any:
+    """The input frame of ``frontend``: a pandas, polars or one-partition Dask frame."""
     import pandas as pd
 
-    import gen_ai_frames  # registers df.genai
+    if frontend == "polars":
+        import polars as pl
+
+        return pl.DataFrame({"prompt": prompts})
+    df = pd.DataFrame({"prompt": prompts})
+    if frontend == "dask":
+        import dask.dataframe as dd
+
+        import gen_ai_frames.dask  # noqa: F401  (registers ddf.genai)
+
+        return dd.from_pandas(df, npartitions=1)
+    return df
+
+
+def check_output(frontend: str, out: Any) -> tuple[int, int]:
+    """Rows answered right, and the bytes of the columns the call added (``response``, ``error``)."""
+    if frontend == "polars":
+        import polars as pl
+
+        added = out.select("response", "error")
+        correct = out.select((pl.col("response") == "echo: " + pl.col("prompt")).sum()).item()
+        return int(correct), int(added.estimated_size())
+    added = out[["response", "error"]]
+    correct = int((added["response"] == "echo: " + out["prompt"]).sum())
+    return correct, int(added.memory_usage(deep=True, index=False).sum())
+
+
+def worker(args: argparse.Namespace) -> None:
+    import aiohttp  # noqa: F401  (imported lazily by the transport: keep it out of the timing)
+
+    import gen_ai_frames  # registers df.genai, and pl_df.genai / ddf.genai when installed
 
     variant = args._worker
     extra: dict[str, Any] = {}
@@ -115,25 +155,27 @@ def worker(args: argparse.Namespace) -> None:
         prompts = make_prompts(n) + make_prompts(1, start=n)
     else:
         prompts = make_prompts(n)
-    df = pd.DataFrame({"prompt": prompts})
+    frame = make_frame(args.frontend, prompts)
     del prompts
     gc.collect()
     client = gen_ai_frames.create_client(provider="openai", endpoint=args.url, model_name="m")
     first_send = _time_first_send()
     base_rss = rss_bytes()
     checkpoint = None if variant == "plain" else args.checkpoint
+    kwargs = dict(client=client, chunk_size=args.chunk_size, checkpoint=checkpoint,
+                  max_concurrent=args.max_concurrent, progress=False)
     started = time.perf_counter()
     with _common.measure() as m:
-        out = df.genai.generate(column="prompt", client=client, chunk_size=args.chunk_size,
-                                checkpoint=checkpoint, max_concurrent=args.max_concurrent, progress=False)
+        if args.frontend == "dask":
+            out = frame.genai.generate("prompt", **kwargs).compute(scheduler="synchronous")
+        else:
+            out = frame.genai.generate("prompt", **kwargs)
     peak = peak_rss_bytes()
-    added = out[["response", "error"]]
-    expected = "echo: " + df["prompt"]
-    correct = int((added["response"] == expected).sum())
+    correct, returned = check_output(args.frontend, out)
     _common.emit_result({
-        "variant": variant, "n": len(df), **m.as_dict(), "correct": correct,
+        "variant": variant, "n": len(out), **m.as_dict(), "correct": correct,
         "peak_over_frame_mb": (peak - base_rss) / 1e6,
-        "returned_mb": added.memory_usage(deep=True, index=False).sum() / 1e6,
+        "returned_mb": returned / 1e6,
         "to_first_send_s": (first_send[0] - started) if first_send else None,
         **extra,
     })
@@ -146,17 +188,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--synthetic-rows", type=int, default=10_000_000, help="rows of the synthetic checkpoint")
     p.add_argument("--max-concurrent", type=int, default=128)
     p.add_argument("--chunk-size", type=int, default=2000)
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=None, help="default: all for pandas, plain,ckpt for the others")
+    p.add_argument("--frontend", choices=FRONTENDS, default="pandas",
+                   help="who runs plain/ckpt: the pandas accessor, polars, or one Dask partition")
     p.add_argument("--tmp-dir", default=None, help="where checkpoints go (default: system temp)")
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--_worker", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--url", help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.variants is None:
+        args.variants = ",".join(VARIANTS if args.frontend == "pandas" else ("plain", "ckpt"))
     args.variant_list = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in args.variant_list if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variant(s) {unknown}; choose from {VARIANTS}")
+    if args.frontend != "pandas" and not set(args.variant_list) <= {"plain", "ckpt"}:
+        p.error(f"--frontend {args.frontend} runs the plain and ckpt variants only")
     if "resume" in args.variant_list and "ckpt" not in args.variant_list:
         p.error("resume needs the ckpt variant in the same run (it resumes that checkpoint)")
     return args
@@ -168,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         worker(args)
         return 0
     _common.print_environment()
-    print(f"# bench_scale: rows={args.rows:,}, synthetic={args.synthetic_rows:,}, "
+    print(f"# bench_scale: frontend={args.frontend}, rows={args.rows:,}, synthetic={args.synthetic_rows:,}, "
           f"max_concurrent={args.max_concurrent}, chunk_size={args.chunk_size}, zero latency")
     tmp = tempfile.mkdtemp(prefix="bench_scale_", dir=args.tmp_dir)
     runs = []
@@ -179,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", variant, "--url", server.url,
                        "--rows", str(args.rows), "--synthetic-rows", str(args.synthetic_rows),
                        "--max-concurrent", str(args.max_concurrent), "--chunk-size", str(args.chunk_size),
-                       "--checkpoint", ckpt]
+                       "--checkpoint", ckpt, "--frontend", args.frontend]
                 result = _common.run_measured_worker(server, cmd, timeout=args.timeout)
                 result.pop("stderr", None)
                 n = result["n"]
