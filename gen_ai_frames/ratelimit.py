@@ -182,7 +182,8 @@ class Pace:
         #: A cap on the window set from outside (a Dask partition's share of its run's total).
         self.cap = maximum
         self._clock = clock
-        self._changed = asyncio.Event()
+        #: Requests waiting for a slot, first come first served (see :meth:`_hand_out`).
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self.started = clock()
         #: Per-minute limits the provider stated, by kind ("requests", "tokens", ...).
         self.budgets: dict[str, _Budget] = {}
@@ -203,19 +204,39 @@ class Pace:
     # Concurrency -------------------------------------------------------------------------------
 
     async def acquire(self) -> None:
-        while self.in_flight >= min(self.window, self.cap):
-            self._changed.clear()
-            await self._changed.wait()
-        self.in_flight += 1
+        """Wait for a slot under ``min(window, cap)``; slots go to waiters in arrival order."""
+        if not self._waiters and self.in_flight < min(self.window, self.cap):
+            self.in_flight += 1
+            return
+        turn = asyncio.get_running_loop().create_future()
+        self._waiters.append(turn)
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                self.release()  # handed a slot while being cancelled: pass it on
+            elif turn in self._waiters:  # not yet skipped by _hand_out
+                self._waiters.remove(turn)
+            raise
 
     def release(self) -> None:
         self.in_flight -= 1
-        self._changed.set()
+        self._hand_out()
+
+    def _hand_out(self) -> None:
+        """Give the free slots to the first waiters, one each. Only as many waiters wake as there
+        are slots: with 64 workers over a cap of 32, waking them all on every release (an event)
+        cost each answer 32 wake-ups that found no slot."""
+        while self._waiters and self.in_flight < min(self.window, self.cap):
+            turn = self._waiters.popleft()
+            if not turn.done():
+                self.in_flight += 1  # taken on the waiter's behalf: no one can overtake it
+                turn.set_result(None)
 
     def _open_fully(self) -> None:
         if self.window < self.maximum:
             self.window = self.maximum
-            self._changed.set()
+            self._hand_out()
 
     # Pacing ------------------------------------------------------------------------------------
 
@@ -262,7 +283,7 @@ class Pace:
             if self._slow_start or self._grown >= self.window:
                 self.window += 1
                 self._grown = 0
-                self._changed.set()
+                self._hand_out()
         if self._binding:
             if self._adaptive is not None:
                 self._adaptive.rate *= 1 + self.INCREASE
@@ -340,7 +361,7 @@ class Pace:
         """Cap the requests in flight (a partition's share of a run spread over processes), below
         the window slow start opens."""
         self.cap = max(1, cap)
-        self._changed.set()
+        self._hand_out()
 
     @property
     def request_rate(self) -> float | None:
