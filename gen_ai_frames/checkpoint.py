@@ -1274,7 +1274,8 @@ class Checkpoint:
                     table = _read_part(self._store, name)
                     if keep is not None:
                         table = table.take(keep)
-                    writer.write_table(table)
+                    if table.num_rows:
+                        writer.write_table(table)
 
         self._write_part(write, total, level=level, replaces=names)
 
