@@ -46,6 +46,8 @@ from .runner import RowResults, run_rows
 if TYPE_CHECKING:
     import pandas as pd
 
+    from .engine import Engine
+
 __all__ = [
     "CONTEXT_WINDOWS",
     "DEFAULT_SAMPLE",
@@ -596,7 +598,7 @@ async def _send_sample(
     uses_cache = cache_path(options.cache, temperature=options.temperature) is not None
     keep = (options.checkpoint is not None and options.resume) or uses_cache
     plan.sample_kept = keep
-    engines: list[Any] = []
+    engines: list[Engine] = []
     watched = _watching(client, engines)
     measured: list[tuple[int, int, RowResults]] = []
     batches = [chosen[:1]]
@@ -627,9 +629,7 @@ async def _send_sample(
             plan.fatal = _error_text(fatal.type, fatal.message, fatal.suggestion)
             break
     for engine in engines:
-        state = getattr(engine, "_state", None)  # the run's shared state: what its pace learned
-        if state is not None:
-            plan.rate_limits.update({kind: budget.limit for kind, budget in state.pace.budgets.items()})
+        plan.rate_limits.update(engine.rate_limits)  # what each sample run's pace learned
     return _measure(plan, measured)
 
 
@@ -637,7 +637,7 @@ def _error_text(kind: str | None, message: str, suggestion: str | None) -> str:
     return f"{kind or 'error'}: {message}" + (f" {suggestion}" if suggestion else "")
 
 
-def _watching(client: Client, engines: list[Any]) -> Client:
+def _watching(client: Client, engines: list[Engine]) -> Client:
     """A copy of ``client`` whose engines are also put in ``engines``, to read what they learned."""
     watched = copy.copy(client)
     engine = client.engine
