@@ -42,7 +42,7 @@ import sqlite3
 import sys
 import warnings
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
@@ -202,7 +202,7 @@ class _Parser(argparse.ArgumentParser):
         'in.csv'
         """
         argv = list(sys.argv[1:] if args is None else args)
-        spaced = _spaced_cache_values(argv)
+        spaced = _spaced_cache_values(argv, _input_commands(self))
         if not spaced:
             return super().parse_args(argv, namespace)
         try:
@@ -215,21 +215,36 @@ class _Parser(argparse.ArgumentParser):
         return parsed
 
 
-#: The commands that read INPUT and take --cache.
-_INPUT_COMMANDS = ("generate", "classify", "plan")
 _INPUT_MISSING = "the following arguments are required: INPUT"
 
 
-def _spaced_cache_values(argv: Sequence[str]) -> list[int]:
-    """Positions of ``--cache`` followed by a separate word in an INPUT command's ``argv``.
+def _input_commands(parser: argparse.ArgumentParser) -> set[str]:
+    """The commands of ``parser`` that read INPUT and take --cache (generate, classify, plan).
 
-    >>> _spaced_cache_values(["generate", "--cache", "in.csv", "-o", "o.csv", "--cache=c.db"])
+    >>> sorted(_input_commands(build_parser()))
+    ['classify', 'generate', 'plan']
+    """
+    found = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, command in action.choices.items():
+                dests = {a.dest for a in command._actions if not a.option_strings}
+                flags = {flag for a in command._actions for flag in a.option_strings}
+                if "input" in dests and "--cache" in flags:
+                    found.add(name)
+    return found
+
+
+def _spaced_cache_values(argv: Sequence[str], commands: Collection[str]) -> list[int]:
+    """Positions of ``--cache`` followed by a separate word in ``argv`` of one of ``commands``.
+
+    >>> _spaced_cache_values(["generate", "--cache", "in.csv", "-o", "o.csv", "--cache=c.db"], {"generate"})
     [1]
-    >>> _spaced_cache_values(["cache", "info", "--cache", "c.db"])
+    >>> _spaced_cache_values(["cache", "info", "--cache", "c.db"], {"generate"})
     []
     """
     command = next((i for i, word in enumerate(argv) if not word.startswith("-")), None)
-    if command is None or argv[command] not in _INPUT_COMMANDS:
+    if command is None or argv[command] not in commands:
         return []
     found = []
     for i in range(command + 1, len(argv) - 1):
