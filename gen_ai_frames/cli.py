@@ -31,6 +31,7 @@ gen-ai-frames 0.1.0
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import difflib
 import importlib.resources
@@ -41,7 +42,7 @@ import sqlite3
 import sys
 import warnings
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
@@ -184,6 +185,113 @@ class _Parser(argparse.ArgumentParser):
                     message += f"; did you mean {close[0]}?"
                     break
         raise UsageError(message + hint)
+
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> argparse.Namespace:
+        """argparse's, except that a bare ``--cache`` placed before INPUT leaves INPUT alone.
+
+        ``--cache`` takes an optional value, so argparse gives it the word that follows:
+        ``generate --cache in.csv -o out.csv`` would make ``in.csv`` the cache and leave no INPUT.
+        When INPUT is then missing and that word names an input file (by its extension), the word
+        is INPUT and the cache is at its default place; when INPUT is given elsewhere and the word
+        also names an input file, which one was meant is unclear and the parse stops with an error.
+        ``--cache=PATH`` is never ambiguous.
+
+        >>> build_parser().parse_args(["plan", "--cache", "in.csv", "--column", "q"]).input
+        'in.csv'
+        """
+        argv = list(sys.argv[1:] if args is None else args)
+        spaced = _spaced_cache_values(argv, _input_commands(self))
+        if not spaced:
+            return super().parse_args(argv, namespace)
+        try:
+            parsed = super().parse_args(argv, copy.copy(namespace))
+        except UsageError as err:
+            if not str(err).startswith(_INPUT_MISSING):
+                raise
+            return super().parse_args(_cache_word_as_input(argv, spaced, err), namespace)
+        _check_cache_word(parsed, argv, spaced)
+        return parsed
+
+
+_INPUT_MISSING = "the following arguments are required: INPUT"
+
+
+def _input_commands(parser: argparse.ArgumentParser) -> set[str]:
+    """The commands of ``parser`` that read INPUT and take --cache (generate, classify, plan).
+
+    >>> sorted(_input_commands(build_parser()))
+    ['classify', 'generate', 'plan']
+    """
+    found = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, command in action.choices.items():
+                dests = {a.dest for a in command._actions if not a.option_strings}
+                flags = {flag for a in command._actions for flag in a.option_strings}
+                if "input" in dests and "--cache" in flags:
+                    found.add(name)
+    return found
+
+
+def _spaced_cache_values(argv: Sequence[str], commands: Collection[str]) -> list[int]:
+    """Positions of ``--cache`` followed by a separate word in ``argv`` of one of ``commands``.
+
+    >>> _spaced_cache_values(["generate", "--cache", "in.csv", "-o", "o.csv", "--cache=c.db"], {"generate"})
+    [1]
+    >>> _spaced_cache_values(["cache", "info", "--cache", "c.db"], {"generate"})
+    []
+    """
+    command = next((i for i, word in enumerate(argv) if not word.startswith("-")), None)
+    if command is None or argv[command] not in commands:
+        return []
+    found = []
+    for i in range(command + 1, len(argv) - 1):
+        if argv[i] == "--":  # the rest are positionals, even one spelled --cache
+            break
+        if argv[i] == "--cache" and not argv[i + 1].startswith("-"):
+            found.append(i)
+    return found
+
+
+def _input_like(word: str) -> bool:
+    """Whether ``word`` names a file ``generate`` reads (by its extension).
+
+    >>> _input_like("reviews.csv.gz"), _input_like("answers.sqlite3"), _input_like("on")
+    (True, False, False)
+    """
+    try:
+        file_format(Path(word), INPUT_FORMATS, "input")
+    except UsageError:
+        return False
+    return True
+
+
+def _cache_word_as_input(argv: Sequence[str], spaced: Sequence[int], err: UsageError) -> list[str]:
+    """``argv`` with the word a bare ``--cache`` took moved before it, as INPUT; raises ``err``,
+    told why, when no such word names an input file."""
+    for i in spaced:
+        if _input_like(argv[i + 1]):
+            # Nothing but options follows the word (INPUT is missing): the moved --cache is bare.
+            return [*argv[:i], argv[i + 1], "--cache", *argv[i + 2 :]]
+    word = argv[spaced[-1] + 1]
+    raise UsageError(
+        f"{err}; --cache took {word!r} as its value (the response cache's path), which is not an input "
+        f"file ({', '.join(INPUT_FORMATS)}): give INPUT as well"
+    ) from None
+
+
+def _check_cache_word(parsed: argparse.Namespace, argv: Sequence[str], spaced: Sequence[int]) -> None:
+    """Refuse ``--cache WORD`` when INPUT is given elsewhere and WORD names an input file too."""
+    for i in spaced:
+        word = argv[i + 1]
+        if _input_like(word):
+            raise UsageError(
+                f"'--cache {word}' is ambiguous: {word!r} looks like an input file, and INPUT is "
+                f"{parsed.input!r}. Write --cache={word} if {word!r} is the response cache's path, or a "
+                f"bare --cache for its default place (see '{PROG} {parsed.command} --help')"
+            )
 
 
 def _all_flags(parser: argparse.ArgumentParser) -> list[str]:
@@ -451,13 +559,21 @@ def _add_run_options(
                     type=parse,
                     default=default,
                     metavar=meta["metavar"],
-                    help=meta["help"] + shown,
+                    help=meta["help"] + shown + _CLI_NOTES.get(spec.name, ""),
                 )
                 continue
             arguments.add_argument(
                 flag, type=parse, default=default, metavar=meta["metavar"], help=meta["help"] + shown
             )
     return added
+
+
+#: What a flag means on the command line, beyond its RunOptions help.
+_CLI_NOTES = {
+    "cache": ". Here: --cache alone uses the default place, before or after INPUT; --cache=PATH "
+    "names a file (--cache PATH works too when INPUT is given elsewhere); --cache=off turns off "
+    "GEN_AI_FRAMES_CACHE",
+}
 
 
 def _run_options(args: argparse.Namespace, **changes: Any) -> RunOptions:
@@ -648,7 +764,8 @@ def plan_job(job: Job, *, sample: int = DEFAULT_SAMPLE, context_window: int | No
     for index, start in enumerate(range(0, len(frame), job.batch_rows), start=1):
         stop = min(start + job.batch_rows, len(frame))
         shard = None if run is None else run.shard_path(index)
-        segments.append(Segment(start, stop, shard, prepare(index, stop - start)))
+        # No checkpoint to start (the sample's answers are kept by the cache alone): nothing to prepare.
+        segments.append(Segment(start, stop, shard, None if run is None else prepare(index, stop - start)))
     try:
         return run_sync(
             make_plan(

@@ -261,6 +261,19 @@ class Engine:
             self.unconsumed = [queue.get_nowait() for _ in range(queue.qsize())]
             self.unconsumed = [item for item in self.unconsumed if isinstance(item, tuple)]
 
+    @property
+    def rate_limits(self) -> dict[str, float]:
+        """The per-minute limits the provider stated in its headers during the last run, by kind
+        (``"requests"``, ``"tokens"``, ...); empty before a run or when it stated none. A new dict on
+        every read: changing it changes nothing in the engine.
+
+        >>> Engine(provider, transport).rate_limits  # doctest: +SKIP
+        {}
+        """
+        if self._state is None:
+            return {}
+        return {kind: budget.limit for kind, budget in self._state.pace.budgets.items()}
+
     def stop(self, reason: NotSentError) -> None:
         """Stop sending (e.g. a budget is spent): requests in flight finish, the rest get ``reason``."""
         if self._state is not None and self._state.fatal is None:

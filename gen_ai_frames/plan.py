@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import pricing
+from .cache import RunCache
 from .checkpoint import Checkpoint, run_fingerprint
 from .client import Client
 from .errors import ConfigurationError, InvalidPromptError
@@ -45,6 +46,8 @@ from .runner import RowResults, run_rows
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from .engine import Engine
 
 __all__ = [
     "CONTEXT_WINDOWS",
@@ -119,18 +122,23 @@ def batch_price_for(client: Client, options: RunOptions) -> tuple[float, float] 
 async def cached_prompts(texts: Sequence[str], client: Client, options: RunOptions) -> set[str]:
     """The prompts among ``texts`` whose answers the run's response cache already holds (none
     without a cache): a plan counts their rows as cache hits and never samples them."""
-    from .cache import RunCache
-
     cache = await RunCache.for_run(client, options)
     if cache is None:
         return set()
     try:
-        distinct = list(dict.fromkeys(texts))
-        keys = cache.keys.keys(distinct)
-        hits = await cache.lookup(list(dict.fromkeys(keys)))
-        return {text for text, key in zip(distinct, keys) if key in hits}
+        return await _cached_in(cache, texts)
     finally:
         await cache.close()
+
+
+async def _cached_in(cache: RunCache | None, texts: Sequence[str]) -> set[str]:
+    """The prompts among ``texts`` that the open ``cache`` holds answers for (none without one)."""
+    if cache is None or not texts:
+        return set()
+    distinct = list(dict.fromkeys(texts))
+    keys = cache.keys.keys(distinct)
+    hits = await cache.lookup(list(dict.fromkeys(keys)))
+    return {text for text, key in zip(distinct, keys) if key in hits}
 
 
 def empty_template_fields(df: pd.DataFrame, template: str | None) -> dict[str, int]:
@@ -425,9 +433,36 @@ async def make_plan(
     1
     """
     check_plan_arguments(sample, context_window)
-    texts = prompts.texts
     price = price_for(client.model_name, options.prices, client.provider.name)
     Budget(price, options.max_cost, client.model_name)  # max_cost needs a price: the run's own check
+    # One open of the response cache for the whole plan: every segment's lookups and every sample
+    # run share it (an open reads the file's settings, and warns once about a file it cannot use).
+    cache = await RunCache.for_run(client, options)
+    if cache is None:  # off, or unusable: the sample runs must not open it again
+        options = options.replace(cache=False)
+    try:
+        return await _make_plan(
+            prompts, client, options, cache, sample, context_window, empty_fields, notes, segments
+        )
+    finally:
+        if cache is not None:
+            await cache.close()
+
+
+async def _make_plan(
+    prompts: Prompts,
+    client: Client,
+    options: RunOptions,
+    cache: RunCache | None,
+    sample: int,
+    context_window: int | None,
+    empty_fields: Mapping[str, int] | None,
+    notes: Sequence[str],
+    segments: Sequence[Segment] | None,
+) -> Plan:
+    """:func:`make_plan` with the plan's one response cache (None: no cache)."""
+    texts = prompts.texts
+    price = price_for(client.model_name, options.prices, client.provider.name)
     if segments is None:
         segments = [Segment(0, len(texts), options.checkpoint)]
 
@@ -447,7 +482,7 @@ async def make_plan(
         )
         todo = [i for i, done in zip(valid, answered.tolist()) if not done]
         checkpoint_hits += len(valid) - len(todo)
-        cached = await cached_prompts([texts[i] for i in todo], client, options)  # type: ignore[misc]
+        cached = await _cached_in(cache, [texts[i] for i in todo])  # type: ignore[misc]
         if cached:
             cache_hits += sum(1 for i in todo if texts[i] in cached)
             todo = [i for i in todo if texts[i] not in cached]
@@ -480,7 +515,7 @@ async def make_plan(
     reported: dict[int, int] | None = None
     if chosen:
         sampled = _Sample(prompts, segments, segment_of, groups if dedupe else None)
-        reported = await _send_sample(plan, sampled, chosen, client, options)
+        reported = await _send_sample(plan, sampled, chosen, client, options, cache)
     fixed_tokens = _fixed_tokens(options)
     estimated = {i: estimate_tokens(texts[i]) + fixed_tokens for i in requests}  # type: ignore[arg-type]
     kept = set(chosen[: plan.sample_saved]) if plan.sample_kept else set()
@@ -585,18 +620,20 @@ class _Sample:
 
 
 async def _send_sample(
-    plan: Plan, sample: _Sample, chosen: list[int], client: Client, options: RunOptions
+    plan: Plan,
+    sample: _Sample,
+    chosen: list[int],
+    client: Client,
+    options: RunOptions,
+    cache: RunCache | None,
 ) -> dict[int, int] | None:
     """Send the sample's requests through the runner, the first alone: a bad key or model stops
     the plan after one request. Returns the prompt tokens each answer reported, by row (None when
     some answer reported none)."""
-    # The checkpoint, and the response cache when the run uses one, keep the sample's answers.
-    from .cache import cache_path
-
-    uses_cache = cache_path(options.cache, temperature=options.temperature) is not None
-    keep = (options.checkpoint is not None and options.resume) or uses_cache
+    # The checkpoint, and the plan's response cache when it has one, keep the sample's answers.
+    keep = (options.checkpoint is not None and options.resume) or cache is not None
     plan.sample_kept = keep
-    engines: list[Any] = []
+    engines: list[Engine] = []
     watched = _watching(client, engines)
     measured: list[tuple[int, int, RowResults]] = []
     batches = [chosen[:1]]
@@ -615,7 +652,9 @@ async def _send_sample(
         # goes without one (and the plan says its answers are not kept).
         sample_options = options.replace(progress=False, checkpoint=segment.checkpoint if keep else None)
         rows = sample.rows(batch, with_earlier=keep)
-        results = await run_rows(sample.subset(number, rows), client=watched, options=sample_options)
+        results = await run_rows(
+            sample.subset(number, rows), client=watched, options=sample_options, cache=cache
+        )
         plan.sample_sent += results.sent
         measured.extend((i, i - segment.start, results) for i in batch)
         if results.fatal is None:
@@ -627,9 +666,7 @@ async def _send_sample(
             plan.fatal = _error_text(fatal.type, fatal.message, fatal.suggestion)
             break
     for engine in engines:
-        state = getattr(engine, "_state", None)  # the run's shared state: what its pace learned
-        if state is not None:
-            plan.rate_limits.update({kind: budget.limit for kind, budget in state.pace.budgets.items()})
+        plan.rate_limits.update(engine.rate_limits)  # what each sample run's pace learned
     return _measure(plan, measured)
 
 
@@ -637,7 +674,7 @@ def _error_text(kind: str | None, message: str, suggestion: str | None) -> str:
     return f"{kind or 'error'}: {message}" + (f" {suggestion}" if suggestion else "")
 
 
-def _watching(client: Client, engines: list[Any]) -> Client:
+def _watching(client: Client, engines: list[Engine]) -> Client:
     """A copy of ``client`` whose engines are also put in ``engines``, to read what they learned."""
     watched = copy.copy(client)
     engine = client.engine

@@ -270,6 +270,7 @@ async def run_rows(
     client: Client,
     options: RunOptions,
     keep: Sequence[str] | None = None,
+    cache: RunCache | None = None,
 ) -> RowResults:
     """Answer every row's prompt; see :meth:`GenAIAccessor.generate` for the options.
 
@@ -277,6 +278,8 @@ async def run_rows(
     only those are held for the whole run. ``options.repair`` opens a damaged checkpoint as
     :func:`~gen_ai_frames.checkpoint.repair_checkpoint` would (dropping unreadable parts,
     rebuilding a lost manifest), with a warning, instead of raising ``CheckpointCorruptError``.
+    ``cache``: a response cache the caller opened and will close (a plan's, shared by its sample
+    runs), used instead of opening one per ``options.cache``.
 
     >>> results = await run_rows(["Hi", None], client=client, options=RunOptions())  # doctest: +SKIP
     >>> results.columns["error"][1]  # doctest: +SKIP
@@ -326,7 +329,7 @@ async def run_rows(
             outcome.restored = len(restored.rows)
         groups = _Groups.of(todo, run.keys, valid if dedupe else None)
         if groups:  # rows all restored from the checkpoint need no cache
-            run.cache = await RunCache.for_run(client, options)
+            run.cache = cache if cache is not None else await RunCache.for_run(client, options)
         if run.cache is not None:
             outcome.cached = await _answer_from_cache(run, groups)
 
@@ -364,7 +367,7 @@ async def run_rows(
         outcome.arrays = buffer.columns()
     finally:
         try:
-            if run.cache is not None:
+            if run.cache is not None and run.cache is not cache:  # the caller's stays open
                 await run.cache.close()
         finally:
             if store is not None:
