@@ -65,6 +65,23 @@ def fake_server() -> Iterator[Any]:
         yield server
 
 
+@pytest.fixture(scope="module")
+def module_server() -> Iterator[Any]:
+    """One fake server for a whole test module: starting one per test costs more than the tests."""
+    from gen_ai_frames.testing import FakeServer
+
+    with FakeServer() as server:
+        yield server
+
+
+@pytest.fixture
+def server(module_server: Any) -> Iterator[Any]:
+    """The module's fake server with fresh counters, and its key and latency put back afterwards."""
+    module_server.reset()
+    yield module_server
+    module_server.configure(api_key=None, latency=0.0)
+
+
 # --------------------------------------------------------------------------- local model probe
 
 

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,22 +28,6 @@ from gen_ai_frames.shards import ShardedCheckpoint
 from .conftest import FAKE_KEY
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def module_server() -> Iterator[Any]:
-    from gen_ai_frames.testing import FakeServer
-
-    with FakeServer() as server:
-        yield server
-
-
-@pytest.fixture
-def server(module_server: Any) -> Iterator[Any]:
-    """One server for the module (starting one per test costs more than the tests), fresh counters."""
-    module_server.reset()
-    yield module_server
-    module_server.configure(api_key=None, latency=0.0)
 
 
 @pytest.fixture(autouse=True)

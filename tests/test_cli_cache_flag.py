@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +23,6 @@ from gen_ai_frames.testing import FakeServer
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = ["alpha", "beta", "gamma"]
-
-
-@pytest.fixture(scope="module")
-def module_server() -> Iterator[FakeServer]:
-    with FakeServer() as server:
-        yield server
-
-
-@pytest.fixture
-def server(module_server: FakeServer) -> FakeServer:
-    module_server.reset()
-    return module_server
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,6 @@ on loopback: through ``df.genai.plan`` and through the CLI's ``plan`` with sever
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,18 +19,6 @@ from gen_ai_frames.cli import main
 from gen_ai_frames.testing import FakeServer
 
 from .conftest import FAST_RETRY
-
-
-@pytest.fixture(scope="module")
-def module_server() -> Iterator[FakeServer]:
-    with FakeServer() as server:
-        yield server
-
-
-@pytest.fixture
-def server(module_server: FakeServer) -> FakeServer:
-    module_server.reset()
-    return module_server
 
 
 @pytest.fixture(autouse=True)
