@@ -379,11 +379,13 @@ class Engine:
                     generation = shared.generation
                 if wait > 0:
                     await self._sleep(wait)
-                    paused_until, booked = state.paused_until, pace.generation
-                    if shared is not None:
-                        paused_until, booked = max(paused_until, shared.paused_until), shared.generation
-                    if paused_until > self._clock() or booked != generation:
-                        continue  # a 429 or new limits arrived while this request waited: book again
+                # Checked even without a pace wait: a 429 may have paused the run while this request
+                # waited for its concurrency slot (pace.acquire), after the check at the loop's top.
+                paused_until, booked = state.paused_until, pace.generation
+                if shared is not None:
+                    paused_until, booked = max(paused_until, shared.paused_until), shared.generation
+                if paused_until > self._clock() or booked != generation:
+                    continue  # a 429 or new limits arrived while this request waited: book again
                 if shared is not None and shared.stopped is not None and state.fatal is None:
                     state.fatal = shared.stopped  # the run's budget is spent
                 if state.fatal is not None:

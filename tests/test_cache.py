@@ -4,19 +4,23 @@ which counts the requests it answers."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pandas as pd
 import pytest
 
 import gen_ai_frames  # noqa: F401  (registers df.genai)
+import gen_ai_frames.cache as cache_module
 from gen_ai_frames import create_client
 from gen_ai_frames.cache import (
     CACHE_ENV,
@@ -28,6 +32,7 @@ from gen_ai_frames.cache import (
     default_cache_path,
 )
 from gen_ai_frames.checkpoint import read_checkpoint
+from gen_ai_frames.engine import Result
 from gen_ai_frames.errors import ConfigurationError
 from gen_ai_frames.options import RunOptions
 from gen_ai_frames.params import GenerationParams
@@ -607,9 +612,56 @@ def test_reads_and_writes_are_batched_and_off_the_event_loop(
 
     monkeypatch.setattr(ResponseCache, "lookup", spy_lookup)
     monkeypatch.setattr(ResponseCache, "put_many", spy_put_many)
+    # No write falls due by time (a loaded machine makes the run last many intervals), so the writes
+    # depend on the answers alone; the interval is tested with a fake clock below.
+    monkeypatch.setattr(cache_module, "_WRITE_INTERVAL_S", math.inf)
+    assert cache_module._WRITE_BATCH == 5000
     generate(fake, [f"p{i}" for i in range(5000)], cache=str(tmp_path / "c.sqlite3"), max_concurrent=64)
     assert requests(fake) == 5000
     assert calls and not any(loop for _, loop, _ in calls)  # in worker threads, never on the event loop
     assert [(kind, rows) for kind, _, rows in calls if kind == "lookup"] == [("lookup", 5000)]
     puts = [rows for kind, _, rows in calls if kind == "put"]
-    assert sum(puts) == 5000 and len(puts) <= 4  # batches of up to 5,000, not one per row
+    assert puts == [5000]  # one batch of 5,000 written when it filled, not one write per row
+
+
+def test_answers_below_a_full_batch_are_written_once_the_interval_has_passed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fake monotonic clock in the cache module: the interval passes without sleeping."""
+    import asyncio
+
+    now = [1000.0]
+    monkeypatch.setattr(cache_module, "time", SimpleNamespace(monotonic=lambda: now[0], time=time.time))
+    writes: list[int] = []
+    put_many = ResponseCache.put_many
+
+    def spy_put_many(self: ResponseCache, answers: Any, used: Any = ()) -> None:
+        answers = list(answers)
+        writes.append(len(answers))
+        put_many(self, answers, used)
+
+    monkeypatch.setattr(ResponseCache, "put_many", spy_put_many)
+    client = create_client(endpoint="http://127.0.0.1:9/v1", model_name="m")  # nothing is sent
+    answer = Result(text="A", finish_reason="stop", prompt_tokens=1, completion_tokens=1)
+
+    async def run() -> None:
+        run = await cache_module.RunCache.open(client, GenerationParams(), str(tmp_path / "c.sqlite3"))
+        assert run is not None
+        for i in range(3):
+            run.put(run.keys.key(f"p{i}"), answer)
+        now[0] += cache_module._WRITE_INTERVAL_S - 0.01
+        run.put(run.keys.key("p3"), answer)
+        await asyncio.sleep(0)
+        assert writes == []  # neither a full batch nor the interval: nothing written yet
+        now[0] += 0.01
+        run.put(run.keys.key("p4"), answer)  # the interval has passed: these five are written
+        await asyncio.sleep(0)  # the write starts and takes its batch
+        run.put(run.keys.key("p5"), answer)  # the next write is due only at the next interval
+        run.put(run.keys.key("p6"), answer)
+        await run.close()  # waits for the write in flight, then writes the rest
+
+    asyncio.run(run())
+    assert writes == [5, 2]
+    with ResponseCache(tmp_path / "c.sqlite3") as cache:
+        keys = KeyMaker(client.fingerprint(), GenerationParams())
+        assert len(cache.get_many([keys.key(f"p{i}") for i in range(7)])) == 7
