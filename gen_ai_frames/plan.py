@@ -442,7 +442,7 @@ async def make_plan(
         options = options.replace(cache=False)
     try:
         return await _make_plan(
-            prompts, client, options, cache, sample, context_window, empty_fields, notes, segments
+            prompts, client, options, price, cache, sample, context_window, empty_fields, notes, segments
         )
     finally:
         if cache is not None:
@@ -453,6 +453,7 @@ async def _make_plan(
     prompts: Prompts,
     client: Client,
     options: RunOptions,
+    price: tuple[float, float] | None,
     cache: RunCache | None,
     sample: int,
     context_window: int | None,
@@ -460,9 +461,9 @@ async def _make_plan(
     notes: Sequence[str],
     segments: Sequence[Segment] | None,
 ) -> Plan:
-    """:func:`make_plan` with the plan's one response cache (None: no cache)."""
+    """:func:`make_plan` with the model's ``price`` and the plan's one response cache (None: no
+    cache)."""
     texts = prompts.texts
-    price = price_for(client.model_name, options.prices, client.provider.name)
     if segments is None:
         segments = [Segment(0, len(texts), options.checkpoint)]
 
