@@ -43,7 +43,7 @@ import sys
 import warnings
 from collections import Counter
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
@@ -63,7 +63,7 @@ from .cache import (
 )
 from .checkpoint import CheckpointError, checkpoint_status, repair_checkpoint, run_fingerprint, storage_for
 from .client import Client
-from .errors import ConfigurationError, LocalModelError
+from .errors import ConfigurationError, LocalModelError, RequestError
 from .factory import create_client
 from .files import (
     INPUT_FORMATS,
@@ -137,6 +137,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(args.handler(args))
         except (UsageError, ConfigurationError, CheckpointError) as err:
             return _fail(err)
+        except RequestError as err:  # batch mode's calls (upload, create, poll) raise, with advice
+            print(f"{PROG}: the run stopped: {err.type}: {err.message}", file=sys.stderr)
+            if err.suggestion:  # the command line has no api_key=: only the environment variable
+                suggestion = err.suggestion.replace("pass `api_key=` or set", "set")
+                print(f"  suggestion: {suggestion}", file=sys.stderr)
+            if getattr(args, "checkpoint", None):
+                print(f"{PROG}: batches submitted so far are recorded in {args.checkpoint}", file=sys.stderr)
+            return EXIT_FAILED_ROWS
         except KeyboardInterrupt:
             print(f"{PROG}: {'terminated (SIGTERM)' if terminated else 'interrupted'}", file=sys.stderr)
             if getattr(args, "checkpoint", None):
@@ -1023,6 +1031,15 @@ def _run(job: Job, err: TextIO) -> tuple[int, bool]:
             one_progress_bar(source.rows, job.options.progress),
             Output(job.output, out_format, out_schema) as output,
         ):
+            if job.options.mode == "batch" and job.options.wait and batches > 1:
+                stopped = _submit_every_batch(
+                    job, client, params, fields, run_state, in_format, compression, err
+                )
+                if stopped is not None:
+                    tally.add(stopped, 0)
+                    output.discard()
+                    _print_stop(job, tally, stopped, err)
+                    return EXIT_FAILED_ROWS, False
             for index, table in enumerate(source.batches(), start=1):
                 offset = (index - 1) * job.batch_rows
                 if job.options.progress and batches > 1:
@@ -1074,6 +1091,35 @@ def _run_batch(
         return run_sync(run_rows(prompts, client=client, options=options, keep=keep))
     except ImportError as exc:  # an in-process provider loads its library when the first batch starts
         raise UsageError(_provider_unavailable(job.provider, exc)) from None
+
+
+def _submit_every_batch(
+    job: Job,
+    client: Client,
+    params: GenerationParams,
+    fields: list[str] | None,
+    run_state: ShardedCheckpoint | None,
+    in_format: str,
+    compression: str | None,
+    err: TextIO,
+) -> RowResults | None:
+    """Batch mode over several input batches: submit the provider batches of every input batch
+    before waiting for any. The provider then runs them side by side, so the file takes about as
+    long as its slowest batch rather than the sum of them all (up to 24 hours each). The answers are
+    collected by the usual pass that follows, which finds every batch recorded in its checkpoint.
+
+    Returns the results of an input batch that stopped the run (a bad key, say), else None.
+    """
+    submitting = replace(job, options=job.options.replace(wait=False, progress=False))
+    with open_input(job.input, in_format, compression, job.batch_rows) as source:
+        batches = math.ceil(source.rows / job.batch_rows)
+        for index, table in enumerate(source.batches(), start=1):
+            if job.options.progress:
+                print(f"submitting batch {index}/{batches}", file=err)
+            results = _run_batch(submitting, client, params, table, fields, index, run_state)
+            if results.fatal is not None:
+                return results
+    return None
 
 
 def _check_paths(source: Path, target: Path) -> None:

@@ -70,6 +70,8 @@ class FakeBatches:
         self.created = 0
         self.polls = 0
         self.submitted: dict[str, int] = {}
+        #: ``(event, batch id)`` in the order they happened: "created", then how each batch ended.
+        self.events: list[tuple[str, str]] = []
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -79,6 +81,7 @@ class FakeBatches:
             "rows": sum(self.submitted.values()),
             "submitted": dict(self.submitted),
             "states": {b.id: b.state for b in self.batches.values()},
+            "events": list(self.events),
         }
 
     def register(self, app: web.Application) -> None:
@@ -148,6 +151,7 @@ class FakeBatches:
             cid = str(line.get("custom_id"))
             self.submitted[cid] = self.submitted.get(cid, 0) + 1
         self.batches[batch.id] = batch
+        self.events.append(("created", batch.id))
         return batch
 
     def _advance(self, batch: _Batch) -> None:
@@ -213,6 +217,7 @@ class FakeBatches:
 
     def _end(self, batch: _Batch, state: str) -> None:
         batch.state = state
+        self.events.append((state, batch.id))
         if batch.dialect in ("openai", "azure"):
             self._write_openai_files(batch)
 
