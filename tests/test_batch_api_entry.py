@@ -80,3 +80,58 @@ def test_dask_batch_mode(server: FakeServer, tmp_path: Path) -> None:
     assert result["response"].tolist() == ["echo: " + p for p in df["prompt"]]
     assert server.stats()["batches"]["created"] == 3  # one per partition
     assert set(server.stats()["batches"]["submitted"].values()) == {1}
+
+
+# The CLI over a file of several input batches submits every batch before waiting for any, so the
+# provider runs them side by side (a file takes about its slowest batch, not the sum).
+
+
+def _args(tmp_path: Path, server: FakeServer, n: int, *extra: str) -> tuple[pd.DataFrame, list[str]]:
+    df = pd.DataFrame({"id": range(n), "prompt": [f"question {i}" for i in range(n)]})
+    source = tmp_path / "in.csv"
+    df.to_csv(source, index=False)
+    args = ["generate", str(source), "-o", str(tmp_path / "out.parquet"), "--column", "prompt",
+            "--endpoint", server.url, "--model", "gpt-4o-mini", "--no-progress", "--batch",
+            "--batch-rows", "10", "--checkpoint", str(tmp_path / "run.ckpt"), *extra]
+    return df, args
+
+
+def test_every_input_batch_is_submitted_before_any_is_waited_for(server: FakeServer, tmp_path: Path) -> None:
+    server.configure(batch_polls_per_state=3)  # each batch needs several polls to finish
+    df, args = _args(tmp_path, server, 35)
+    assert main(args) == 0
+    out = pd.read_parquet(tmp_path / "out.parquet")
+    assert out["response"].tolist() == ["echo: " + p for p in df["prompt"]]
+    events = server.stats()["batches"]["events"]
+    created = [i for i, (event, _) in enumerate(events) if event == "created"]
+    finished = [i for i, (event, _) in enumerate(events) if event != "created"]
+    assert len(created) == 4 and len(finished) == 4  # 35 rows in input batches of 10: four
+    assert max(created) < min(finished), events  # all four were running at the provider at once
+    # Each input batch's checkpoint records exactly one provider batch: none was submitted twice.
+    shards = sorted(d for d in (tmp_path / "run.ckpt").iterdir() if d.is_dir())
+    assert [len(read_batch_records(d)) for d in shards] == [1, 1, 1, 1]
+    assert server.stats()["batches"]["rows"] == 35
+
+
+def test_a_resumed_file_submits_only_what_no_batch_covers(server: FakeServer, tmp_path: Path) -> None:
+    df, args = _args(tmp_path, server, 25)
+    assert main([*args, "--no-wait"]) == 1  # submitted, pending
+    assert server.stats()["batches"]["created"] == 3
+    assert main(args) == 0  # the submit pass finds the three recorded; the collect pass downloads them
+    assert server.stats()["batches"]["created"] == 3
+    out = pd.read_parquet(tmp_path / "out.parquet")
+    assert out["response"].tolist() == ["echo: " + p for p in df["prompt"]]
+
+
+def test_a_bad_key_stops_the_submit_pass_with_no_output(server: FakeServer, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-wrong-key-000000000000")
+    _, args = _args(tmp_path, server, 25)
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "the run stopped: AuthenticationError" in err and "Traceback" not in err
+    assert "suggestion: Check the API key: set the OPENAI_API_KEY environment variable" in err
+    assert "sk-wrong-key" not in err
+    assert not (tmp_path / "out.parquet").exists()
+    assert server.stats()["batches"]["created"] == 0
