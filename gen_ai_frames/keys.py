@@ -167,6 +167,7 @@ def keys_for_chunks(
         at = 0
         for chunk in chunks:
             part = hash_chunk(chunk)
+            del chunk  # let this chunk go before the next one is made
             if at + len(part) > rows:
                 raise ValueError(f"keys_for_chunks(): the chunks hold more than rows={rows} prompts")
             hashes[at : at + len(part)] = part

@@ -119,6 +119,16 @@ class Prompts:
             start += len(piece)
         return cls(None, failed, array=pa.chunked_array(pieces, type=kind))
 
+    @property
+    def chunks(self) -> list[pa.Array]:
+        """The column's pieces as held (its own buffers, blanks made null): empty for prompts
+        checked from Python values.
+
+        >>> [len(chunk) for chunk in Prompts.check_arrow(pa.chunked_array([["a"], [], ["b", "c"]])).chunks]
+        [1, 2]
+        """
+        return list(self._chunks)
+
     def __len__(self) -> int:
         return int(self._starts[-1]) if self._texts is None else len(self._texts)
 
