@@ -4,9 +4,11 @@ A checkpoint matches stored answers to the caller's rows by ``(prompt hash, occu
 occurrence counts earlier rows with the same prompt (see :func:`gen_ai_frames.checkpoint.row_keys`).
 Hashing prompts one by one in Python costs about a microsecond a row, which is ten seconds before
 the first request when resuming ten million rows. Here the hash runs over the Arrow buffers of the
-whole column with NumPy: the prompts' UTF-8 bytes are read eight at a time as 64-bit words, and two
-independent lanes mix them (the round and the final avalanche of xxHash64, with different seeds
-and multipliers per lane), so the cost is a few vector operations per word of text.
+column with NumPy, chunk by chunk (:func:`keys_for_chunks`; a row's hash depends on its own text
+only, so the chunking never changes a key): the prompts' UTF-8 bytes are read eight at a time as
+64-bit words, and two independent lanes mix them (the round and the final avalanche of xxHash64,
+with different seeds and multipliers per lane), so the cost is a few vector operations per word of
+text.
 
 Prompts longer than :data:`LONG_PROMPT_BYTES` are rare and would make the word matrices wide, so they
 are hashed one by one with BLAKE2b instead: each prompt's key depends only on its own text.
