@@ -4,9 +4,11 @@ A checkpoint matches stored answers to the caller's rows by ``(prompt hash, occu
 occurrence counts earlier rows with the same prompt (see :func:`gen_ai_frames.checkpoint.row_keys`).
 Hashing prompts one by one in Python costs about a microsecond a row, which is ten seconds before
 the first request when resuming ten million rows. Here the hash runs over the Arrow buffers of the
-whole column with NumPy: the prompts' UTF-8 bytes are read eight at a time as 64-bit words, and two
-independent lanes mix them (the round and the final avalanche of xxHash64, with different seeds
-and multipliers per lane), so the cost is a few vector operations per word of text.
+column with NumPy, chunk by chunk (:func:`keys_for_chunks`; a row's hash depends on its own text
+only, so the chunking never changes a key): the prompts' UTF-8 bytes are read eight at a time as
+64-bit words, and two independent lanes mix them (the round and the final avalanche of xxHash64,
+with different seeds and multipliers per lane), so the cost is a few vector operations per word of
+text.
 
 Prompts longer than :data:`LONG_PROMPT_BYTES` are rare and would make the word matrices wide, so they
 are hashed one by one with BLAKE2b instead: each prompt's key depends only on its own text.
@@ -34,7 +36,7 @@ pandas hash index, never a Python loop per row.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,6 +53,7 @@ __all__ = [
     "hash_prompts",
     "hashes_from_hex",
     "keys_for",
+    "keys_for_chunks",
     "match_keys",
     "prompt_keys",
 ]
@@ -142,8 +145,44 @@ def keys_for(prompts: Sequence[str] | pa.Array | pa.ChunkedArray, scheme: str = 
     )
 
 
+def keys_for_chunks(
+    chunks: Iterable[pa.Array | Sequence[str]], scheme: str = KEY_SCHEME, *, rows: int | None = None
+) -> PromptKeys:
+    """:func:`keys_for` of the prompts of ``chunks`` in order, hashed one chunk at a time, so the
+    column is never combined into one array: each prompt's hash depends on its own text alone, and
+    the occurrences are counted over all the hashes at the end. The keys are those of
+    :func:`keys_for` over the concatenated prompts, however they are chunked. ``rows``: how many
+    prompts the chunks hold, when known: each chunk's hashes go straight into one array of them.
+
+    >>> keys = keys_for_chunks([pa.array(["a"]), pa.array([]), pa.array(["b", "a"])])
+    >>> bool((keys.hashes == keys_for(["a", "b", "a"]).hashes).all()), keys.occurrence.tolist()
+    (True, [0, 0, 1])
+    """
+    if scheme not in KEY_SCHEMES:
+        keys_for([], scheme)  # raises its error for the unknown scheme
+    hash_chunk = hash_prompts if scheme == KEY_SCHEME else _blake2b_hashes
+    if rows is None:
+        parts = [hash_chunk(chunk) for chunk in chunks]
+        hashes = np.concatenate(parts) if parts else np.empty((0, 2), dtype=np.uint64)
+    else:
+        hashes = np.empty((rows, 2), dtype=np.uint64)
+        at = 0
+        for chunk in chunks:
+            part = hash_chunk(chunk)
+            del chunk  # let this chunk go before the next one is made
+            if at + len(part) > rows:
+                raise ValueError(f"keys_for_chunks(): the chunks hold more than rows={rows} prompts")
+            hashes[at : at + len(part)] = part
+            at += len(part)
+        if at != rows:
+            raise ValueError(f"keys_for_chunks(): the chunks hold {at} prompts, not rows={rows}")
+    return PromptKeys(hashes, _occurrences(hashes))
+
+
 def _blake2b_hashes(prompts: Sequence[str] | pa.Array | pa.ChunkedArray) -> np.ndarray:
     """``(n, 2)`` uint64: BLAKE2b (16 bytes) of each prompt's UTF-8 (surrogatepass) bytes, one by one."""
+    if isinstance(prompts, pa.ChunkedArray):  # chunk by chunk: never combined into one copy
+        return _per_chunk(_blake2b_hashes, prompts)
     array = _as_binary(prompts)
     n = len(array)
     if n == 0:
@@ -394,6 +433,8 @@ def hash_prompts(prompts: Sequence[str] | pa.Array | pa.ChunkedArray) -> np.ndar
     >>> hash_prompts(["Hi"]).shape
     (1, 2)
     """
+    if isinstance(prompts, pa.ChunkedArray):  # chunk by chunk: never combined into one copy
+        return _per_chunk(hash_prompts, prompts)
     array = _as_binary(prompts)
     n = len(array)
     out = np.empty((n, 2), dtype=np.uint64)
@@ -426,10 +467,15 @@ def hash_prompts(prompts: Sequence[str] | pa.Array | pa.ChunkedArray) -> np.ndar
     return out
 
 
-def _as_binary(prompts: Sequence[str] | pa.Array | pa.ChunkedArray) -> pa.Array:
-    """The prompts as one ``large_binary`` array of their UTF-8 bytes."""
-    if isinstance(prompts, pa.ChunkedArray):
-        prompts = prompts.combine_chunks()
+def _per_chunk(hash_chunk: Callable[[pa.Array], np.ndarray], prompts: pa.ChunkedArray) -> np.ndarray:
+    """``hash_chunk`` of each chunk, concatenated: each row's hash depends on its text alone."""
+    parts = [hash_chunk(chunk) for chunk in prompts.chunks]
+    return np.concatenate(parts) if parts else np.empty((0, 2), dtype=np.uint64)
+
+
+def _as_binary(prompts: Sequence[str] | pa.Array) -> pa.Array:
+    """The prompts (one array, never a chunked one: hash those chunk by chunk) as a ``large_binary``
+    array of their UTF-8 bytes."""
     if not isinstance(prompts, pa.Array):
         try:
             prompts = pa.array(prompts, type=pa.large_string())

@@ -60,7 +60,7 @@ def frame_prompts(df: pl.DataFrame, column: str | None, template: str | None) ->
     """The prompts of ``df``'s rows: a column's values, or a template filled from each row.
     A text column is checked through Arrow, without a Python string per row."""
     if template is None and column in df.columns and df.schema[column] == pl.String:
-        return Prompts.check_arrow(df.get_column(column).to_arrow())
+        return Prompts.check_arrow(_string_views(df.get_column(column)))
 
     def values(name: str) -> list[Any]:
         return df.get_column(name).to_list()
@@ -73,7 +73,7 @@ def series_prompts(series: pl.Series, template: str | None) -> Prompts:
     struct's fields (``pl.struct("a", "b")``) or from the one column it names."""
     if template is None:
         if series.dtype == pl.String:
-            return Prompts.check_arrow(series.to_arrow())
+            return Prompts.check_arrow(_string_views(series))
         return build_prompts_from_columns([series.name], lambda _: series.to_list(), series.name, None)
     if isinstance(series.dtype, pl.Struct):
         fields = [field.name for field in series.dtype.fields]
@@ -81,6 +81,18 @@ def series_prompts(series: pl.Series, template: str | None) -> Prompts:
             fields, lambda name: series.struct.field(name).to_list(), None, template
         )
     return build_prompts_from_columns([series.name], lambda _: series.to_list(), None, template)
+
+
+def _string_views(series: pl.Series) -> pa.ChunkedArray:
+    """A polars text column as Arrow ``string_view`` chunks over polars' own buffers: no copy.
+
+    ``to_arrow()`` without a compat level gives ``large_string``, which needs every string
+    contiguous: a copy of the whole column. Each chunk is exported alone (``to_arrow`` would first
+    rechunk a column of several)."""
+    newest = pl.CompatLevel.newest()
+    chunks = [chunk.to_arrow(compat_level=newest) for chunk in series.get_chunks()]
+    kept = [chunk for chunk in chunks if len(chunk)]
+    return pa.chunked_array(kept) if kept else pa.chunked_array([], type=pa.string_view())
 
 
 def output_dtypes(run: RunOptions) -> dict[str, pl.DataType]:
@@ -97,13 +109,22 @@ def output_dtypes(run: RunOptions) -> dict[str, pl.DataType]:
 
 
 def result_series(results: RowResults, run: RunOptions, names: Mapping[str, str]) -> list[pl.Series]:
-    """The run's output columns as typed polars Series named as ``names`` says, through Arrow."""
+    """The run's output columns as typed polars Series named as ``names`` says, through Arrow.
+
+    Each column keeps the run's chunks (``pl.Series(name, chunked)`` would rechunk them: a copy of
+    every answer), and a column with no value at all (``error`` when every row succeeded) is made
+    as polars' own null column instead of being converted value by value."""
     dtypes = output_dtypes(run)
     out = []
     for name, array in results.arrow_columns(run).items():
+        if len(array) and array.null_count == len(array):
+            out.append(pl.repeat(None, len(array), dtype=dtypes[name], eager=True).alias(names[name]))
+            continue
         if pa.types.is_dictionary(array.type):  # an enum: polars' Enum, with every value, not the seen ones
             array = array.cast(pa.string())
-        series = pl.Series(names[name], array)
+        series = pl.from_arrow(array, rechunk=False)
+        assert isinstance(series, pl.Series)  # an array gives a Series, never a frame
+        series = series.alias(names[name])
         if series.dtype != dtypes[name]:
             series = series.cast(dtypes[name])
         out.append(series)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import string
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -38,8 +38,11 @@ __all__ = [
 class Prompts:
     """One entry per row: ``texts[i]`` is the text to send, or None when ``failed[i]`` says why not.
 
-    A column of a million prompts is held as one Arrow string array (``arrow()``), not a million
-    Python strings: the runner reads the rows it sends a slice at a time (:meth:`texts_of`).
+    A column of a million prompts is held as Arrow string arrays, not a million Python strings:
+    the column's own chunks (a Parquet file's row groups, polars' ``string_view`` buffers), cut into
+    zero-copy pieces of at most :data:`PIECE_ROWS` rows and never combined into one array. The
+    runner reads the rows it sends a bounded piece at a time (:meth:`texts_of`, :meth:`take`,
+    :meth:`pieces`); a ``string_view`` piece is cast to ``large_string`` only while it is read.
     ``texts`` builds the Python list on first use, for callers that want one.
 
     >>> prompts = Prompts.check(["Hi", "", 3])
@@ -49,19 +52,21 @@ class Prompts:
     (['Hi'], 2)
     """
 
-    __slots__ = ("_array", "_texts", "failed")
+    __slots__ = ("_chunks", "_starts", "_texts", "failed")
 
     def __init__(
         self,
         texts: list[str | None] | None,
         failed: dict[int, InvalidPromptError],
         *,
-        array: pa.Array | None = None,
+        array: pa.Array | pa.ChunkedArray | None = None,
     ) -> None:
         if (texts is None) == (array is None):
             raise TypeError("Prompts needs exactly one of texts and array")
         self._texts = texts
-        self._array = array
+        self._chunks: list[pa.Array] = [] if array is None else _pieces_of(array)
+        # Where each chunk starts, and (last) where the column ends.
+        self._starts = np.cumsum([0, *map(len, self._chunks)], dtype=np.int64)
         self.failed = failed
 
     @classmethod
@@ -80,10 +85,12 @@ class Prompts:
 
     @classmethod
     def check_arrow(cls, values: pa.Array | pa.ChunkedArray) -> Prompts:
-        """:meth:`check` for an Arrow string column, without a Python object per row: missing and
-        blank prompts are found with Arrow compute (blank as :meth:`str.isspace` defines it).
+        """:meth:`check` for an Arrow string column (``string``, ``large_string`` or ``string_view``),
+        without a Python object per row and without copying the column: missing and blank prompts
+        are found with Arrow compute piece by piece (blank as :meth:`str.isspace` defines it), and
+        blank rows read as missing (null) afterwards.
 
-        >>> prompts = Prompts.check_arrow(pa.array(["Hi", None, " \\u3000"]))
+        >>> prompts = Prompts.check_arrow(pa.chunked_array([["Hi", None], [" \\u3000"]]))
         >>> prompts.texts
         ['Hi', None, None]
         >>> [prompts.failed[i].message for i in sorted(prompts.failed)]
@@ -91,33 +98,45 @@ class Prompts:
         """
         import pyarrow.compute as pc
 
-        if isinstance(values, pa.ChunkedArray):
-            values = values.combine_chunks() if values.num_chunks != 1 else values.chunk(0)
-        if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
-            raise TypeError(f"check_arrow needs a string array, got {values.type}")
-        values = values.cast(pa.large_string())
-        blank = pc.match_substring_regex(values, _BLANK_PATTERN).fill_null(False)
+        kind = values.type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
+            raise TypeError(f"check_arrow needs a string array, got {kind}")
         failed: dict[int, InvalidPromptError] = {}
-        if values.null_count or pc.any(blank).as_py():
-            missing = np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))
-            blanks = np.flatnonzero(blank.to_numpy(zero_copy_only=False))
-            for i in missing.tolist():
-                failed[i] = check_prompt(None)  # type: ignore[assignment]
-            for i in blanks.tolist():
-                failed[i] = check_prompt("")  # type: ignore[assignment]
-            if len(blanks):
-                values = pc.if_else(blank, pa.scalar(None, pa.large_string()), values)
-        return cls(None, failed, array=values)
+        pieces = []
+        start = 0
+        for piece in _pieces_of(values):
+            blank = pc.match_substring_regex(_large(piece), _BLANK_PATTERN).fill_null(False)
+            if piece.null_count or pc.any(blank).as_py():
+                missing = np.flatnonzero(piece.is_null().to_numpy(zero_copy_only=False))
+                blanks = np.flatnonzero(blank.to_numpy(zero_copy_only=False))
+                for i in missing.tolist():
+                    failed[start + i] = check_prompt(None)  # type: ignore[assignment]
+                for i in blanks.tolist():
+                    failed[start + i] = check_prompt("")  # type: ignore[assignment]
+                if len(blanks):
+                    piece = _without(piece, blanks)
+            pieces.append(piece)
+            start += len(piece)
+        return cls(None, failed, array=pa.chunked_array(pieces, type=kind))
+
+    @property
+    def chunks(self) -> list[pa.Array]:
+        """The column's pieces as held (its own buffers, blanks made null): empty for prompts
+        checked from Python values.
+
+        >>> [len(chunk) for chunk in Prompts.check_arrow(pa.chunked_array([["a"], [], ["b", "c"]])).chunks]
+        [1, 2]
+        """
+        return list(self._chunks)
 
     def __len__(self) -> int:
-        return len(self._array) if self._array is not None else len(self._texts)  # type: ignore[arg-type]
+        return int(self._starts[-1]) if self._texts is None else len(self._texts)
 
     @property
     def texts(self) -> list[str | None]:
         """Every row's text (None where it failed), as a Python list: built on first use."""
         if self._texts is None:
-            assert self._array is not None
-            self._texts = self._array.to_pylist()
+            self._texts = [text for chunk in self._chunks for text in chunk.to_pylist()]
         return self._texts
 
     def texts_of(self, rows: Sequence[int] | np.ndarray) -> list[str]:
@@ -125,20 +144,73 @@ class Prompts:
         if self._texts is not None:
             texts = self._texts
             return [texts[i] for i in rows]  # type: ignore[misc]  # sendable rows have text
-        assert self._array is not None
-        return self._array.take(np.asarray(rows, dtype=np.int64)).to_pylist()
+        return self.take(rows).to_pylist()
+
+    def take(self, rows: Sequence[int] | np.ndarray) -> pa.Array:
+        """The texts of ``rows`` (any order, any chunks) as a ``large_string`` array, null where a
+        row failed; only the pieces that hold them are read.
+
+        Prompts that Arrow cannot hold (lone surrogates) raise ``UnicodeEncodeError``, as :meth:`arrow`.
+
+        >>> Prompts.check_arrow(pa.chunked_array([["a", "b"], ["c"]])).take([2, 0]).to_pylist()
+        ['c', 'a']
+        """
+        positions = np.asarray(rows, dtype=np.int64)
+        if self._texts is not None:
+            texts = self._texts
+            return _large_array([texts[i] for i in positions.tolist()])
+        if len(positions) and (positions.min() < 0 or positions.max() >= len(self)):
+            raise IndexError(f"Prompts.take(): rows must be in [0, {len(self)})")
+        chunk = np.searchsorted(self._starts, positions, side="right") - 1
+        in_order = bool((np.diff(chunk) >= 0).all())
+        order = np.arange(len(positions)) if in_order else np.argsort(chunk, kind="stable")
+        ordered = chunk[order]
+        parts = []
+        for group in np.split(order, np.flatnonzero(np.diff(ordered)) + 1):
+            if len(group) == 0:
+                continue
+            c = int(chunk[group[0]])
+            parts.append(_take_from(self._chunks[c], positions[group] - self._starts[c]))
+        if not parts:
+            return pa.array([], type=pa.large_string())
+        joined = parts[0] if len(parts) == 1 else pa.concat_arrays(parts)
+        if in_order:
+            return joined
+        back = np.empty_like(order)
+        back[order] = np.arange(len(order))
+        return joined.take(pa.array(back))
+
+    def pieces(self, rows: np.ndarray) -> Iterator[pa.Array]:
+        """The texts of ``rows`` (ascending) as ``large_string`` arrays of at most
+        :data:`PIECE_ROWS` rows each, in order: a chunk's rows are a zero-copy slice where they are
+        all of it, else a copy of those rows alone. For hashing a column without holding it twice.
+
+        >>> prompts = Prompts.check_arrow(pa.chunked_array([["a", "b"], ["c"]]))
+        >>> [piece.to_pylist() for piece in prompts.pieces(np.array([0, 2]))]
+        [['a'], ['c']]
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        if self._texts is not None:
+            for lo in range(0, len(rows), PIECE_ROWS):
+                yield self.take(rows[lo : lo + PIECE_ROWS])
+            return
+        bounds = np.searchsorted(rows, self._starts)
+        for c in range(len(self._chunks)):
+            lo, hi = int(bounds[c]), int(bounds[c + 1])
+            for at in range(lo, hi, PIECE_ROWS):
+                yield _take_from(self._chunks[c], rows[at : min(hi, at + PIECE_ROWS)] - self._starts[c])
 
     def arrow(self) -> pa.Array:
-        """Every row's text as a ``large_string`` Arrow array, null where the row failed.
+        """Every row's text as one ``large_string`` Arrow array, null where the row failed: a copy
+        of the whole column (the runner reads :meth:`take` and :meth:`pieces` instead).
 
         Prompts that Arrow cannot hold (lone surrogates, which pandas stores happily but UTF-8
         cannot) raise ``UnicodeEncodeError``: callers keep to :attr:`texts` then."""
-        if self._array is None:
-            try:
-                self._array = pa.array(self._texts, type=pa.large_string())
-            except pa.ArrowInvalid as exc:
-                raise UnicodeEncodeError("utf-8", "", 0, 1, f"a prompt cannot be UTF-8: {exc}") from None
-        return self._array
+        if self._texts is not None:
+            return _large_array(self._texts)
+        if not self._chunks:
+            return pa.array([], type=pa.large_string())
+        return pa.concat_arrays([_large(chunk) for chunk in self._chunks])
 
     def sendable_mask(self) -> np.ndarray:
         """A boolean array: True where the row can be sent."""
@@ -151,6 +223,49 @@ class Prompts:
     def sendable(self) -> list[int]:
         """Positions of the rows that can be sent."""
         return np.flatnonzero(self.sendable_mask()).tolist()
+
+
+#: Rows of the pieces a column is held and read in: bounds the copy a ``string_view`` piece's cast
+#: makes (about 4 MB of ~55-character prompts).
+PIECE_ROWS = 1 << 16
+
+
+def _pieces_of(values: pa.Array | pa.ChunkedArray) -> list[pa.Array]:
+    """The column's chunks cut into zero-copy slices of at most :data:`PIECE_ROWS` rows."""
+    chunks = values.chunks if isinstance(values, pa.ChunkedArray) else [values]
+    return [chunk.slice(lo, PIECE_ROWS) for chunk in chunks for lo in range(0, len(chunk), PIECE_ROWS)]
+
+
+def _large(piece: pa.Array) -> pa.Array:
+    """A piece as ``large_string`` (the kernels' type): the piece itself if it is one already."""
+    return piece if pa.types.is_large_string(piece.type) else piece.cast(pa.large_string())
+
+
+def _take_from(piece: pa.Array, rows: np.ndarray) -> pa.Array:
+    """Rows ``rows`` of one piece as ``large_string``: only the span they cover is cast, and a run
+    of consecutive rows is a slice of it."""
+    lo, hi = int(rows.min()), int(rows.max()) + 1
+    span = _large(piece.slice(lo, hi - lo))
+    if hi - lo == len(rows) and bool((np.diff(rows) == 1).all()):
+        return span
+    return span.take(pa.array(rows - lo))
+
+
+def _without(piece: pa.Array, rows: np.ndarray) -> pa.Array:
+    """The piece with ``rows`` made null: a new validity bitmap over the same buffers (no kernel
+    for ``string_view`` could, and no text is copied)."""
+    valid = piece.is_valid().to_numpy(zero_copy_only=False).copy()
+    valid[rows] = False
+    bits = np.packbits(np.concatenate([np.zeros(piece.offset, dtype=bool), valid]), bitorder="little")
+    buffers = [pa.py_buffer(bits), *piece.buffers()[1:]]
+    return pa.Array.from_buffers(piece.type, len(piece), buffers, offset=piece.offset)
+
+
+def _large_array(texts: list[str | None]) -> pa.Array:
+    try:
+        return pa.array(texts, type=pa.large_string())
+    except pa.ArrowInvalid as exc:
+        raise UnicodeEncodeError("utf-8", "", 0, 1, f"a prompt cannot be UTF-8: {exc}") from None
 
 
 # Whitespace as str.isspace() defines it, exactly: a prompt of only these characters is blank.

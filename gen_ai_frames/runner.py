@@ -37,7 +37,7 @@ from .checkpoint import _fix_text as fix_text
 from .client import Client
 from .engine import Result
 from .errors import ConfigurationError, RequestError
-from .keys import KEY_SCHEME, PromptKeys, StoredKeys, keys_for, match_keys
+from .keys import KEY_SCHEME, PromptKeys, StoredKeys, keys_for, keys_for_chunks, match_keys
 from .options import RunOptions
 from .params import Message
 from .pricing import Budget, Spend, batch_price_for, estimate_tokens, price_for
@@ -396,14 +396,12 @@ def result_values(result: Result, *, cached: bool = False) -> RowValues:
 
 
 def _row_keys(prompts: Prompts, valid: np.ndarray, scheme: str) -> PromptKeys:
-    """The keys of the sendable rows ``valid``, hashed over their Arrow buffers where they fit."""
+    """The keys of the sendable rows ``valid``, hashed over their Arrow buffers where they fit, a
+    bounded piece at a time (the column is never copied whole; the keys do not depend on chunks)."""
     try:
-        texts: Any = prompts.arrow()
-        if len(valid) < len(texts):  # some rows failed: hash the others (a copy of their text)
-            texts = texts.take(pa.array(valid))
+        return keys_for_chunks(prompts.pieces(valid), scheme, rows=len(valid))
     except UnicodeEncodeError:  # lone surrogates: keys.py encodes them as the checkpoint always has
-        texts = prompts.texts_of(valid)
-    return keys_for(texts, scheme)
+        return keys_for(prompts.texts_of(valid), scheme)
 
 
 @dataclass
@@ -606,7 +604,7 @@ class _Run:
 def _prompt_column(prompts: Prompts, positions: np.ndarray) -> pa.Array:
     """The prompts of rows ``positions``; lone surrogates (which UTF-8 cannot hold) as U+FFFD."""
     try:
-        return prompts.arrow().take(pa.array(positions, pa.int64()))
+        return prompts.take(positions)  # only the pieces holding these rows are read
     except UnicodeEncodeError:
         return pa.array([fix_text(t) for t in prompts.texts_of(positions)], pa.large_string())
 
