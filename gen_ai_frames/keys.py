@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -162,8 +163,7 @@ def keys_for_chunks(
         keys_for([], scheme)  # raises its error for the unknown scheme
     hash_chunk = hash_prompts if scheme == KEY_SCHEME else _blake2b_hashes
     if rows is None:
-        parts = [hash_chunk(chunk) for chunk in chunks]
-        hashes = np.concatenate(parts) if parts else np.empty((0, 2), dtype=np.uint64)
+        hashes = _per_chunk(hash_chunk, chunks)
     else:
         hashes = np.empty((rows, 2), dtype=np.uint64)
         at = 0
@@ -182,7 +182,7 @@ def keys_for_chunks(
 def _blake2b_hashes(prompts: Sequence[str] | pa.Array | pa.ChunkedArray) -> np.ndarray:
     """``(n, 2)`` uint64: BLAKE2b (16 bytes) of each prompt's UTF-8 (surrogatepass) bytes, one by one."""
     if isinstance(prompts, pa.ChunkedArray):  # chunk by chunk: never combined into one copy
-        return _per_chunk(_blake2b_hashes, prompts)
+        return _per_chunk(_blake2b_hashes, prompts.chunks)
     array = _as_binary(prompts)
     n = len(array)
     if n == 0:
@@ -434,7 +434,7 @@ def hash_prompts(prompts: Sequence[str] | pa.Array | pa.ChunkedArray) -> np.ndar
     (1, 2)
     """
     if isinstance(prompts, pa.ChunkedArray):  # chunk by chunk: never combined into one copy
-        return _per_chunk(hash_prompts, prompts)
+        return _per_chunk(hash_prompts, prompts.chunks)
     array = _as_binary(prompts)
     n = len(array)
     out = np.empty((n, 2), dtype=np.uint64)
@@ -467,9 +467,9 @@ def hash_prompts(prompts: Sequence[str] | pa.Array | pa.ChunkedArray) -> np.ndar
     return out
 
 
-def _per_chunk(hash_chunk: Callable[[pa.Array], np.ndarray], prompts: pa.ChunkedArray) -> np.ndarray:
-    """``hash_chunk`` of each chunk, concatenated: each row's hash depends on its text alone."""
-    parts = [hash_chunk(chunk) for chunk in prompts.chunks]
+def _per_chunk(hash_chunk: Callable[[Any], np.ndarray], chunks: Iterable[Any]) -> np.ndarray:
+    """``hash_chunk`` of each of ``chunks``, concatenated: each row's hash depends on its text alone."""
+    parts = [hash_chunk(chunk) for chunk in chunks]
     return np.concatenate(parts) if parts else np.empty((0, 2), dtype=np.uint64)
 
 
