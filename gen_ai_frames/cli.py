@@ -138,10 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (UsageError, ConfigurationError, CheckpointError) as err:
             return _fail(err)
         except RequestError as err:  # batch mode's calls (upload, create, poll) raise, with advice
-            print(f"{PROG}: the run stopped: {err.type}: {err.message}", file=sys.stderr)
-            if err.suggestion:  # the command line has no api_key=: only the environment variable
-                suggestion = err.suggestion.replace("pass `api_key=` or set", "set")
-                print(f"  suggestion: {suggestion}", file=sys.stderr)
+            _print_request_error("the run stopped", err, sys.stderr)
             if getattr(args, "checkpoint", None):
                 print(f"{PROG}: batches submitted so far are recorded in {args.checkpoint}", file=sys.stderr)
             return EXIT_FAILED_ROWS
@@ -1222,10 +1219,8 @@ def _print_summary(job: Job, tally: _Tally, err: TextIO) -> None:
 
 
 def _print_stop(job: Job, tally: _Tally, results: RowResults, err: TextIO) -> None:
-    fatal = results.fatal
-    assert fatal is not None
-    print(f"{PROG}: the run stopped early: {fatal.type}: {fatal.message}", file=err)
-    print(f"  suggestion: {fatal.suggestion}", file=err)
+    assert results.fatal is not None
+    _print_request_error("the run stopped early", results.fatal, err)
     _print_errors(tally, err)
     if job.checkpoint is not None:
         print(
@@ -1235,6 +1230,14 @@ def _print_stop(job: Job, tally: _Tally, results: RowResults, err: TextIO) -> No
         )
     else:
         print(f"{PROG}: no output written; add --checkpoint DIR to keep answers across runs", file=err)
+
+
+def _print_request_error(what: str, error: RequestError, err: TextIO) -> None:
+    """``error`` and its suggestion, as the command line says them (it has no ``api_key=``: only
+    the environment variable)."""
+    print(f"{PROG}: {what}: {error.type}: {error.message}", file=err)
+    if error.suggestion:
+        print(f"  suggestion: {error.suggestion.replace('pass `api_key=` or set', 'set')}", file=err)
 
 
 def _print_errors(tally: _Tally, err: TextIO) -> None:
