@@ -20,7 +20,7 @@ is measured. Each variant runs in its own fresh subprocess:
                 holding every row: what one Dask worker runs for one partition (the partition's
                 sharded checkpoint included). The Dask frame is built before the baseline RSS.
 
-Memory: ``peak RSS over the frame`` is the process's peak RSS (``ru_maxrss``) minus its RSS once the
+Memory: ``peak RSS over the frame`` is the process's peak RSS (``VmHWM``) minus its RSS once the
 input frame is built; the peak is reset at that moment (``/proc/self/clear_refs``), so building the
 frame (a million Python strings, or ``dd.from_pandas``, which peaks at ~135 MB over the frame while it
 tokenizes it) cannot hide the call's own peak. The ``dask`` front end imports ``distributed`` before
@@ -68,6 +68,17 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
+    """The peak RSS of this process's memory (``VmHWM``), which :func:`reset_peak_rss` resets.
+
+    Not ``ru_maxrss``: it also keeps the peak seen when any thread of the process exited (the
+    kernel folds it in then), which no reset clears."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
