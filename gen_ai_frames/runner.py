@@ -22,9 +22,9 @@ import contextlib
 import contextvars
 import functools
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -56,6 +56,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger("gen_ai_frames")
+
+T = TypeVar("T")
 
 # How often a slow run writes what it has even if a chunk is not full: bounds the loss of a crash
 # in time as well as in rows.
@@ -319,13 +321,13 @@ async def run_rows(
         if len(valid) and (store is not None or dedupe):
             # Keys match rows to checkpoint records and find duplicates: hashed over the whole
             # column at once, in the checkpoint's own scheme.
-            run.keys = await asyncio.to_thread(
+            run.keys = await in_thread(
                 _row_keys, prompts, valid, KEY_SCHEME if store is None else store.key_scheme
             )
         todo, restored = valid, _Restored.none()
         if store is not None and len(valid):
             assert run.keys is not None
-            todo, restored = await asyncio.to_thread(_match, store, run.keys, valid, options.retry_errors)
+            todo, restored = await in_thread(_match, store, run.keys, valid, options.retry_errors)
             outcome.restored = len(restored.rows)
         groups = _Groups.of(todo, run.keys, valid if dedupe else None)
         if groups:  # rows all restored from the checkpoint need no cache
@@ -361,9 +363,9 @@ async def run_rows(
         if store is not None and len(restored.rows):
             # The answers of earlier runs, read now that nothing waits for them; rows inserted
             # above them are stored again at their new position.
-            await asyncio.to_thread(restored.load, store, buffer)
+            await in_thread(restored.load, store, buffer)
             if len(restored.moved):
-                await run.write(*await asyncio.to_thread(restored.moved_records, store))
+                await run.write(*await in_thread(restored.moved_records, store))
         outcome.arrays = buffer.columns()
     finally:
         try:
@@ -373,6 +375,25 @@ async def run_rows(
             if store is not None:
                 await asyncio.to_thread(store.close)
     return outcome
+
+
+async def in_thread(function: Callable[..., T], *args: Any) -> T:
+    """``function(*args)`` on a worker thread (as :func:`asyncio.to_thread`), after which the
+    thread hands the Arrow memory it freed back to the system.
+
+    Arrow's default pool (mimalloc) keeps the pages a thread freed for that thread's next use. The
+    runner's worker threads build big short-lived arrays (row keys, checkpoint parts, merges) and
+    then sit idle, each keeping its pages: a checkpointed run of 100,000 polars rows held 30 MB more
+    at its end without this (benchmarks/RESULTS.md, section 12).
+    """
+
+    def work() -> T:
+        try:
+            return function(*args)
+        finally:
+            pa.default_memory_pool().release_unused()
+
+    return await asyncio.to_thread(work)
 
 
 def result_values(result: Result, *, cached: bool = False) -> RowValues:
@@ -586,7 +607,7 @@ class _Run:
         off the event loop, so requests keep flowing meanwhile."""
         store = self.store
         assert store is not None
-        await asyncio.to_thread(lambda: store.append(self._records(positions, results)))
+        await in_thread(lambda: store.append(self._records(positions, results)))
 
     def _records(self, positions: np.ndarray, results: pa.Table) -> pa.Table:
         assert self.keys is not None
