@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         del prompts
         gc.collect()
         client = gen_ai_frames.create_client(provider="openai", endpoint=server.url, model_name="m")
+        bench_scale.load_arrow_compute()  # as bench_scale.py: ~50 MB of library, once per process
         printer.base_rss = bench_scale.rss_bytes()
         printer.show("start")
         out = frame.genai.generate(
