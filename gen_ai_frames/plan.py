@@ -18,7 +18,6 @@ plan for gpt-4o-mini (openai): will pay for 812 requests of 10,000 rows
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import copy
 import html
@@ -42,7 +41,7 @@ from .options import RunOptions
 from .params import validate_positive_int
 from .pricing import Budget, estimate_tokens, price_for
 from .prompts import Prompts, template_fields
-from .runner import RowResults, run_rows
+from .runner import RowResults, in_thread, run_rows
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -474,12 +473,13 @@ async def _make_plan(
     checkpoint_hits = cache_hits = 0
     for number, segment in enumerate(segments):
         valid = [i for i in range(segment.start, segment.stop) if texts[i] is not None]
-        answered = await asyncio.to_thread(
+        # Keys hashed and stored keys read on a worker thread, whose Arrow memory is then given back.
+        answered = await in_thread(
             _answered_rows,
             client,
             options,
             segment.checkpoint,
-            [texts[i] for i in valid],  # type: ignore[misc]
+            [texts[i] for i in valid],
         )
         todo = [i for i, done in zip(valid, answered.tolist()) if not done]
         checkpoint_hits += len(valid) - len(todo)
