@@ -37,11 +37,12 @@ from .checkpoint import Checkpoint, run_fingerprint
 from .client import Client
 from .errors import ConfigurationError, InvalidPromptError
 from .keys import keys_for, match_keys
+from .memory import in_thread
 from .options import RunOptions
 from .params import validate_positive_int
 from .pricing import Budget, estimate_tokens, price_for
 from .prompts import Prompts, template_fields
-from .runner import RowResults, in_thread, run_rows
+from .runner import RowResults, run_rows
 
 if TYPE_CHECKING:
     import pandas as pd

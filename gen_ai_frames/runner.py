@@ -22,9 +22,9 @@ import contextlib
 import contextvars
 import functools
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -38,6 +38,7 @@ from .client import Client
 from .engine import Result
 from .errors import ConfigurationError, RequestError
 from .keys import KEY_SCHEME, PromptKeys, StoredKeys, keys_for, keys_for_chunks, match_keys
+from .memory import in_thread
 from .options import RunOptions
 from .params import Message
 from .pricing import Budget, Spend, batch_price_for, estimate_tokens, price_for
@@ -56,8 +57,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("gen_ai_frames")
-
-T = TypeVar("T")
 
 # How often a slow run writes what it has even if a chunk is not full: bounds the loss of a crash
 # in time as well as in rows.
@@ -123,15 +122,19 @@ class RowResults:
             columns["confidence"] = self.confidence()
         return columns
 
-    def arrow_columns(self, options: RunOptions) -> dict[str, pa.ChunkedArray | pa.Array]:
+    def arrow_columns(
+        self, options: RunOptions, *, text: pa.DataType | None = None
+    ) -> dict[str, pa.ChunkedArray | pa.Array]:
         """Every output column of the run as an Arrow array, keyed like :func:`output_names`:
-        the result columns in their output types, a schema's fields typed as
-        :meth:`~gen_ai_frames.schema.Schema.arrow_types` says (enums as dictionaries), ``confidence``
-        as float64. No pandas on the way: the polars front end builds its columns from these.
+        the result columns in their output types (text as ``text``, when given: see
+        :func:`~gen_ai_frames.results.arrow_array`), a schema's fields
+        typed as :meth:`~gen_ai_frames.schema.Schema.arrow_types` says (enums as dictionaries),
+        ``confidence`` as float64. No pandas on the way: the polars front end builds its columns
+        from these, with ``text=pa.string_view()``, the layout polars holds text in.
         """
         names = _result_names(options)
         columns: dict[str, pa.ChunkedArray | pa.Array] = {
-            name: arrow_array(name, self.arrays[name]) for name in names
+            name: arrow_array(name, self.arrays[name], text=text) for name in names
         }
         if options.schema is not None:
             columns.update(options.schema.arrow_columns_from_answers(self.arrays["response"].to_pylist()))
@@ -375,25 +378,6 @@ async def run_rows(
             if store is not None:
                 await asyncio.to_thread(store.close)
     return outcome
-
-
-async def in_thread(function: Callable[..., T], *args: Any) -> T:
-    """``function(*args)`` on a worker thread (as :func:`asyncio.to_thread`), after which the
-    thread hands the Arrow memory it freed back to the system.
-
-    Arrow's default pool (mimalloc) keeps the pages a thread freed for that thread's next use. The
-    runner's worker threads build big short-lived arrays (row keys, checkpoint parts, merges) and
-    then sit idle, each keeping its pages: a checkpointed run of 100,000 polars rows held 30 MB more
-    at its end without this (benchmarks/RESULTS.md, section 12).
-    """
-
-    def work() -> T:
-        try:
-            return function(*args)
-        finally:
-            pa.default_memory_pool().release_unused()
-
-    return await asyncio.to_thread(work)
 
 
 def result_values(result: Result, *, cached: bool = False) -> RowValues:
