@@ -38,7 +38,7 @@ from .client import Client
 from .engine import Result
 from .errors import ConfigurationError, RequestError
 from .keys import KEY_SCHEME, PromptKeys, StoredKeys, keys_for, keys_for_chunks, match_keys
-from .memory import in_thread
+from .memory import in_thread, release_unused
 from .options import RunOptions
 from .params import Message
 from .pricing import Budget, Spend, batch_price_for, estimate_tokens, price_for
@@ -333,6 +333,8 @@ async def run_rows(
             todo, restored = await in_thread(_match, store, run.keys, valid, options.retry_errors)
             outcome.restored = len(restored.rows)
         groups = _Groups.of(todo, run.keys, valid if dedupe else None)
+        if store is None:  # the keys found the duplicates; only a checkpoint needs them later
+            run.keys = None
         if groups:  # rows all restored from the checkpoint need no cache
             run.cache = cache if cache is not None else await RunCache.for_run(client, options)
         if run.cache is not None:
@@ -370,6 +372,9 @@ async def run_rows(
             if len(restored.moved):
                 await run.write(*await in_thread(restored.moved_records, store))
         outcome.arrays = buffer.columns()
+        # Putting the last windows in order freed their batches, and the keys are gone: the
+        # caller builds its frame next, on top of whatever the allocators kept.
+        release_unused()
     finally:
         try:
             if run.cache is not None and run.cache is not cache:  # the caller's stays open

@@ -527,3 +527,28 @@ def test_generate_stores_keys_in_the_checkpoints_scheme(fake_server: Any, client
     stored = pa.concat_tables(parts).sort_by("position")
     assert stored["prompt_hash"].to_pylist() == keys_for(prompts).hex_array().to_pylist()
     assert stored["occurrence"].to_pylist() == [0, 0, 1]
+
+
+@pytest.mark.parametrize("with_checkpoint", [False, True])
+def test_keys_are_held_while_sending_only_for_a_checkpoint(
+    with_checkpoint: bool, fake_server: Any, client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a checkpoint the keys only find the duplicates: a million-row run lets their 20 bytes
+    a row go before it sends, and still sends each distinct prompt once."""
+    import gen_ai_frames.runner as runner
+
+    held: list[Any] = []
+    send = runner._send_groups
+
+    async def watching(run: Any, *args: Any) -> None:
+        held.append(run.keys)
+        await send(run, *args)
+
+    monkeypatch.setattr(runner, "_send_groups", watching)
+    df = pd.DataFrame({"q": [f"question {i % 7}" for i in range(20)]})
+    out = df.genai.generate(
+        column="q", client=client, progress=False, checkpoint=tmp_path / "run.ckpt" if with_checkpoint else None
+    )
+    assert fake_server.stats()["requests"] == 7
+    assert out["response"].tolist() == [f"echo: question {i % 7}" for i in range(20)]
+    assert len(held) == 1 and (held[0] is not None) == with_checkpoint
