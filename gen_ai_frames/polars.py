@@ -116,7 +116,7 @@ def result_series(results: RowResults, run: RunOptions, names: Mapping[str, str]
     as polars' own null column instead of being converted value by value."""
     dtypes = output_dtypes(run)
     out = []
-    for name, array in results.arrow_columns(run).items():
+    for name, array in results.arrow_columns(run, text=pa.string_view()).items():
         if len(array) and array.null_count == len(array):
             out.append(pl.repeat(None, len(array), dtype=dtypes[name], eager=True).alias(names[name]))
             continue
@@ -186,7 +186,9 @@ class PolarsGenAI:
         names = check_clash(self._df.columns, run)
         prompts = frame_prompts(self._df, column, template)
         results = await run_prompts(prompts, client, run, client_options)
-        return self._df.with_columns(result_series(results, run, names))
+        columns = result_series(results, run, names)
+        del results  # the columns share its characters: its offsets can go before the frame is built
+        return self._df.with_columns(columns)
 
     @takes_options(exclude=("schema", "logprobs"))
     def classify(

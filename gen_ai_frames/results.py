@@ -112,11 +112,33 @@ def pandas_array(
     return pd.array(values, dtype=PANDAS_DTYPES[name])
 
 
-def arrow_array(name: str, values: Sequence[Any] | pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
-    """``values`` of result column ``name`` (Python values or Arrow) as Arrow of its output type."""
-    if isinstance(values, (pa.Array, pa.ChunkedArray)):
-        return values.cast(RESULT_TYPES[name])
-    return pa.array(values, type=RESULT_TYPES[name])
+def arrow_array(
+    name: str, values: Sequence[Any] | pa.Array | pa.ChunkedArray, *, text: pa.DataType | None = None
+) -> pa.Array | pa.ChunkedArray:
+    """``values`` of result column ``name`` (Python values or Arrow) as Arrow of its output type;
+    ``text``: another string type for Arrow values of a text column.
+
+    Arrow text becomes ``string_view`` without a copy of its characters (the views point into the
+    same buffer); where this pyarrow cannot cast to it, the column stays ``string``. With ``text``,
+    a column without any value comes back as Arrow's ``null`` type, which holds no buffer (null
+    views would cost 16 bytes a row).
+
+    >>> arrow_array("response", pa.array(["a"], pa.large_string()), text=pa.string_view()).type
+    DataType(string_view)
+    >>> arrow_array("error", pa.array([None], pa.large_string()), text=pa.string_view()).type
+    DataType(null)
+    """
+    kind = RESULT_TYPES[name]
+    if not isinstance(values, (pa.Array, pa.ChunkedArray)):
+        return pa.array(values, type=kind)
+    if text is not None and kind == pa.string():
+        if len(values) and values.null_count == len(values):
+            return pa.nulls(len(values))
+        try:
+            return values.cast(text)
+        except pa.ArrowNotImplementedError:
+            pass
+    return values.cast(kind)
 
 
 # One row's values, in RESULT_COLUMNS order.

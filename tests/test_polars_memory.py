@@ -50,6 +50,24 @@ def test_result_columns_keep_the_runs_chunks_and_text_buffers() -> None:
         assert held == {source.buffers()[2].address}
 
 
+def test_result_columns_hold_the_text_and_polars_views_only() -> None:
+    """The run's text goes to polars as ``string_view`` over its own character buffers: once the
+    run's results are let go of, Arrow holds the characters and one 16-byte view a row, no copy of
+    the text and none of the run's offsets (8 bytes a row) or its all-null error column."""
+    rows = 40_000
+    before = pa.total_allocated_bytes()
+    response = answers(4, rows // 4)
+    errors = pa.chunked_array([pa.nulls(rows // 4, pa.large_string())] * 4)
+    text = sum(chunk.buffers()[2].size for chunk in response.chunks)
+    results = RowResults({"response": response, "error": errors})
+    del response, errors
+    series = result_series(results, RunOptions(), NAMES)
+    del results
+    held = pa.total_allocated_bytes() - before
+    assert text + 16 * rows <= held <= text + 16 * rows + 64 * 1024
+    assert [s.to_list()[-1] for s in series] == [f"echo: a long enough answer 3-{rows // 4 - 1}", None]
+
+
 def test_an_all_null_column_is_a_typed_null_column() -> None:
     n = 70_000
     response = answers(2, n // 2)
