@@ -52,6 +52,15 @@ def _malloc_in_use() -> int | None:
     return int(info.uordblks + info.hblkhd)
 
 
+def _malloc_trim() -> bool:
+    """Ask glibc to return its free pages to the system; False off glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
 class PhasePrinter:
     """Prints RSS, Arrow's pool and malloc, relative to a baseline, at each wrapped step."""
 
@@ -144,6 +153,11 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint=os.path.join(tmp, "run.ckpt") if args.checkpoint else None,
         )
         printer.show("returned")
+        # What the allocators keep of memory already freed: the RSS each release gives back.
+        pa.default_memory_pool().release_unused()
+        printer.show("after Arrow pool release")
+        if _malloc_trim():
+            printer.show("after malloc_trim")
         correct, returned = bench_scale.check_output(args.frontend, out)
     print(f"# {correct}/{len(out)} rows answered right; returned columns {returned / 1e6:.1f} MB")
     return 0 if correct == len(out) else 1
