@@ -111,12 +111,13 @@ def output_dtypes(run: RunOptions) -> dict[str, pl.DataType]:
 def result_series(results: RowResults, run: RunOptions, names: Mapping[str, str]) -> list[pl.Series]:
     """The run's output columns as typed polars Series named as ``names`` says, through Arrow.
 
-    Each column keeps the run's chunks (``pl.Series(name, chunked)`` would rechunk them: a copy of
+    Takes the output columns out of ``results`` (:meth:`RowResults.take_arrow_columns`). Each
+    column keeps the run's chunks (``pl.Series(name, chunked)`` would rechunk them: a copy of
     every answer), and a column with no value at all (``error`` when every row succeeded) is made
     as polars' own null column instead of being converted value by value."""
     dtypes = output_dtypes(run)
     out = []
-    for name, array in results.arrow_columns(run, text=pa.string_view()).items():
+    for name, array in results.take_arrow_columns(run, text=pa.string_view()).items():
         if len(array) and array.null_count == len(array):
             out.append(pl.repeat(None, len(array), dtype=dtypes[name], eager=True).alias(names[name]))
             continue
@@ -186,9 +187,7 @@ class PolarsGenAI:
         names = check_clash(self._df.columns, run)
         prompts = frame_prompts(self._df, column, template)
         results = await run_prompts(prompts, client, run, client_options)
-        columns = result_series(results, run, names)
-        del results  # the columns share its characters: its offsets can go before the frame is built
-        return self._df.with_columns(columns)
+        return self._df.with_columns(result_series(results, run, names))
 
     @takes_options(exclude=("schema", "logprobs"))
     def classify(
@@ -482,9 +481,9 @@ class PolarsLazyGenAI:
                     options_now = run.replace(checkpoint=state.shard_path(index))
                 prompts = frame_prompts(batch, column, template)
                 results = run_sync(run_prompts(prompts, client, options_now, {}, keep=["error_type"]))
-                answered = batch.with_columns(result_series(results, run, names))
-                if state is not None:
+                if state is not None:  # counted from the error columns, before they are taken
                     state.finish_shard(index, results.arrays)
+                answered = batch.with_columns(result_series(results, run, names))
                 if output is None:
                     kept.append(answered)
                     continue

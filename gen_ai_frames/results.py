@@ -22,6 +22,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from .memory import release_unused
+
 __all__ = [
     "ADDED_COLUMNS",
     "COLUMNS",
@@ -119,21 +121,15 @@ def arrow_array(
     ``text``: another string type for Arrow values of a text column.
 
     Arrow text becomes ``string_view`` without a copy of its characters (the views point into the
-    same buffer); where this pyarrow cannot cast to it, the column stays ``string``. With ``text``,
-    a column without any value comes back as Arrow's ``null`` type, which holds no buffer (null
-    views would cost 16 bytes a row).
+    same buffer); where this pyarrow cannot cast to it, the column stays ``string``.
 
     >>> arrow_array("response", pa.array(["a"], pa.large_string()), text=pa.string_view()).type
     DataType(string_view)
-    >>> arrow_array("error", pa.array([None], pa.large_string()), text=pa.string_view()).type
-    DataType(null)
     """
     kind = RESULT_TYPES[name]
     if not isinstance(values, (pa.Array, pa.ChunkedArray)):
         return pa.array(values, type=kind)
     if text is not None and kind == pa.string():
-        if len(values) and values.null_count == len(values):
-            return pa.nulls(len(values))
         try:
             return values.cast(text)
         except pa.ArrowNotImplementedError:
@@ -264,12 +260,17 @@ class ResultBuffer:
                 self._frontier += int(missing[0])
                 break
             self._frontier += len(step)
+        placed = self._placed
         while self._placed < n:
             stop = min(self._placed + _WINDOW_ROWS, n)
             if stop > self._frontier and not final:
-                return
+                break
             self._place_window(self._placed, stop)
             self._placed = stop
+        if self._placed > placed:
+            # Placing a window copies its rows and lets their batches go: a few MB a window that
+            # the allocators would otherwise keep for this thread (see gen_ai_frames.memory).
+            release_unused()
 
     def _place_window(self, start: int, stop: int) -> None:
         batches, chunks = self._batches, self._chunks

@@ -122,31 +122,54 @@ class RowResults:
             columns["confidence"] = self.confidence()
         return columns
 
-    def arrow_columns(
+    def take_arrow_columns(
         self, options: RunOptions, *, text: pa.DataType | None = None
     ) -> dict[str, pa.ChunkedArray | pa.Array]:
         """Every output column of the run as an Arrow array, keyed like :func:`output_names`:
         the result columns in their output types (text as ``text``, when given: see
-        :func:`~gen_ai_frames.results.arrow_array`), a schema's fields
-        typed as :meth:`~gen_ai_frames.schema.Schema.arrow_types` says (enums as dictionaries),
+        :func:`~gen_ai_frames.results.arrow_array`), a schema's fields typed as
+        :meth:`~gen_ai_frames.schema.Schema.arrow_types` says (enums as dictionaries),
         ``confidence`` as float64. No pandas on the way: the polars front end builds its columns
         from these, with ``text=pa.string_view()``, the layout polars holds text in.
+
+        The result columns are moved out of :attr:`arrays` (columns kept for other uses stay), one
+        chunk at a time: each goes as soon as it is cast, so a million rows' offsets (8 bytes a
+        row) and the views made from them (16) are never all held at once.
         """
-        names = _result_names(options)
-        columns: dict[str, pa.ChunkedArray | pa.Array] = {
-            name: arrow_array(name, self.arrays[name], text=text) for name in names
-        }
+        derived: dict[str, pa.ChunkedArray | pa.Array] = {}
         if options.schema is not None:
-            columns.update(options.schema.arrow_columns_from_answers(self.arrays["response"].to_pylist()))
+            derived.update(options.schema.arrow_columns_from_answers(self.arrays["response"].to_pylist()))
         if options.logprobs:
             import pyarrow.compute as pc
 
-            columns["confidence"] = pc.exp(arrow_array("logprob", self.arrays["logprob"]))
-        return columns
+            derived["confidence"] = pc.exp(arrow_array("logprob", self.arrays["logprob"]))
+        names = _result_names(options)
+        # Columns without any value first: their buffers go before any views are made.
+        order = sorted(names, key=lambda name: self.arrays[name].null_count < len(self.arrays[name]))
+        cast = {name: _cast_moving(name, self.arrays.pop(name), text) for name in order}
+        return {**{name: cast[name] for name in names}, **derived}
 
     def confidence(self) -> pd.api.extensions.ExtensionArray:
         """The probability of each answer, from its log-probability; NA where none was returned."""
         return np.exp(pandas_array("logprob", self.arrays["logprob"]))
+
+
+def _cast_moving(name: str, column: pa.ChunkedArray, text: pa.DataType | None) -> pa.ChunkedArray | pa.Array:
+    """Result column ``name`` cast as :func:`~gen_ai_frames.results.arrow_array` says, chunk by
+    chunk, letting each source chunk go once it is cast (the caller hands its only reference over).
+
+    With ``text``, a column without any value comes back as Arrow's ``null`` type, which holds no
+    buffer: null views would cost 16 bytes a row."""
+    if text is not None and len(column) and column.null_count == len(column):
+        return pa.nulls(len(column))
+    if column.num_chunks < 2:
+        return arrow_array(name, column, text=text)
+    chunks = column.chunks
+    del column
+    cast = []
+    while chunks:
+        cast.append(arrow_array(name, chunks.pop(0), text=text))
+    return pa.chunked_array(cast)
 
 
 def _result_names(options: RunOptions) -> list[str]:

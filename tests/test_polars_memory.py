@@ -3,6 +3,10 @@ column is polars' own, and chunked prompts from either library resume the other'
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -146,3 +150,41 @@ def test_the_expression_namespace_over_a_chunked_column(client: Any, monkeypatch
     assert out["response"].to_list() == [None if t is None or not t.strip() else f"echo: {t}" for t in TEXTS]
     assert out["error"].is_null().to_list() == [t is not None and bool(t.strip()) for t in TEXTS]
     assert out.schema["response"] == pl.String and out.schema["error"] == pl.String
+
+
+# A run's result columns (400,000 rows in 16 windows, and an error column without a value) turned
+# into polars columns, in a fresh process whose Arrow pool peak is then read (it is the process's
+# peak: a test suite's earlier allocations would hide it).
+_CONVERT_AND_PEAK = textwrap.dedent(
+    """
+    import json
+    import pyarrow as pa
+    from gen_ai_frames.options import RunOptions
+    from gen_ai_frames.polars import result_series
+    from gen_ai_frames.runner import RowResults
+
+    rows, windows = 400_000, 16
+    per = rows // windows
+    response = pa.chunked_array(
+        [pa.array([f"echo: a long enough answer {w}-{i}" for i in range(per)], pa.large_string())
+         for w in range(windows)])
+    error = pa.chunked_array([pa.nulls(per, pa.large_string()) for _ in range(windows)])
+    held = pa.total_allocated_bytes()
+    results = RowResults({"response": response, "error": error})
+    del response, error
+    series = result_series(results, RunOptions(), {"response": "response", "error": "error"})
+    assert series[0].to_list()[-1] == f"echo: a long enough answer {windows - 1}-{per - 1}"
+    print(json.dumps([held, pa.default_memory_pool().max_memory(), per]))
+    """
+)
+
+
+def test_converting_the_columns_never_holds_the_offsets_and_all_the_views_at_once() -> None:
+    """The error column without a value goes first, then the response's offsets (8 bytes a row)
+    go chunk by chunk as polars' views (16 bytes a row) are made: the conversion's peak is what the
+    run held plus about one window's views. Casting whole columns would add 16 bytes for every row
+    (6.4 MB here); the error column taken last, 8."""
+    done = subprocess.run([sys.executable, "-c", _CONVERT_AND_PEAK], capture_output=True, text=True,
+                          timeout=120, check=True)
+    held, peak, per_window = json.loads(done.stdout)
+    assert peak - held < 2 * 16 * per_window, f"the conversion added {(peak - held) / 1e6:.1f} MB to {held / 1e6:.1f} MB"
