@@ -5,6 +5,8 @@
 the runner's steps are wrapped to print, on entry (``>``) and exit (``<``):
 
 * ``rss``: the process's RSS over its RSS once the frame was built;
+* ``peak``: the process's peak RSS since then, over the same baseline (``VmHWM``, reset at the
+  baseline): a step whose ``peak`` is above both its ``rss`` figures peaked inside;
 * ``pool``: bytes Arrow's default pool has allocated (``pa.total_allocated_bytes``);
 * ``malloc``: bytes glibc's malloc has handed out (``mallinfo2``: NumPy and Python's big objects).
 
@@ -73,6 +75,7 @@ class PhasePrinter:
         malloc = _malloc_in_use()
         print(
             f"{label:32s} rss +{(bench_scale.rss_bytes() - self.base_rss) / 1e6:7.1f} MB"
+            f"  peak +{(bench_scale.peak_rss_bytes() - self.base_rss) / 1e6:7.1f} MB"
             f"  pool {pa.total_allocated_bytes() / 1e6:7.1f} MB"
             + ("" if malloc is None else f"  malloc {malloc / 1e6:7.1f} MB"),
             flush=True,
@@ -147,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         client = gen_ai_frames.create_client(provider="openai", endpoint=server.url, model_name="m")
         bench_scale.load_arrow_compute()  # as bench_scale.py: ~50 MB of library, once per process
         printer.base_rss = bench_scale.rss_bytes()
+        bench_scale.reset_peak_rss()
         printer.show("start")
         out = frame.genai.generate(
             "prompt", client=client, chunk_size=2000, max_concurrent=128, progress=False,

@@ -38,7 +38,7 @@ from .client import Client
 from .engine import Result
 from .errors import ConfigurationError, RequestError
 from .keys import KEY_SCHEME, PromptKeys, StoredKeys, keys_for, keys_for_chunks, match_keys
-from .memory import in_thread, release_unused
+from .memory import in_thread
 from .options import RunOptions
 from .params import Message
 from .pricing import Budget, Spend, batch_price_for, estimate_tokens, price_for
@@ -394,10 +394,7 @@ async def run_rows(
             await in_thread(restored.load, store, buffer)
             if len(restored.moved):
                 await run.write(*await in_thread(restored.moved_records, store))
-        outcome.arrays = buffer.columns()
-        # Putting the last windows in order freed their batches, and the keys are gone: the
-        # caller builds its frame next, on top of whatever the allocators kept.
-        release_unused()
+        outcome.arrays = buffer.columns()  # which hands back what placing the last windows freed
     finally:
         try:
             if run.cache is not None and run.cache is not cache:  # the caller's stays open
