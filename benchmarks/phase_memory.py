@@ -54,15 +54,6 @@ def _malloc_in_use() -> int | None:
     return int(info.uordblks + info.hblkhd)
 
 
-def _malloc_trim() -> bool:
-    """Ask glibc to return its free pages to the system; False off glibc."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        return False
-    return True
-
-
 class PhasePrinter:
     """Prints RSS, Arrow's pool and malloc, relative to a baseline, at each wrapped step."""
 
@@ -120,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import gen_ai_frames
     import gen_ai_frames.checkpoint as checkpoint
+    import gen_ai_frames.memory
     import gen_ai_frames.results as results
     import gen_ai_frames.runner as runner
 
@@ -160,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         # What the allocators keep of memory already freed: the RSS each release gives back.
         pa.default_memory_pool().release_unused()
         printer.show("after Arrow pool release")
-        if _malloc_trim():
+        trim = gen_ai_frames.memory._malloc_trim()  # the package's own handle on glibc's
+        if trim is not None:
+            trim(0)
             printer.show("after malloc_trim")
         correct, returned = bench_scale.check_output(args.frontend, out)
     print(f"# {correct}/{len(out)} rows answered right; returned columns {returned / 1e6:.1f} MB")
