@@ -200,9 +200,9 @@ async def run_batch(
     dedupe = options.sends_duplicates_once
     texts = run.prompts.texts
     by_id: dict[str, list[int]] = {}
-    for rows in groups.values():
-        for i in rows:
-            by_id.setdefault(custom_id(run.key_of(i), dedupe), []).append(i)
+    rows = [i for group in groups.values() for i in group]
+    for i, key in zip(rows, run.keys_of(rows)):
+        by_id.setdefault(custom_id(key, dedupe), []).append(i)
     sender = _Sender(client, dialect)
     state = _BatchRun(run, by_id, dialect, sender, records, options, budget, bar, outcome, texts)
     try:

@@ -52,7 +52,9 @@ __all__ = [
     "PromptKeys",
     "StoredKeys",
     "hash_prompts",
+    "hashes_for",
     "hashes_from_hex",
+    "hashes_to_hex",
     "keys_for",
     "keys_for_chunks",
     "match_keys",
@@ -105,10 +107,11 @@ class PromptKeys:
         True
         """
         if rows is None:
-            return _hex_array(self.hashes)
+            return hashes_to_hex(self.hashes)
         rows = np.asarray(rows)
         # A mask picks its True rows (as an int64 array it would pick rows 0 and 1).
-        return _hex_array(self.hashes[np.flatnonzero(rows) if rows.dtype == bool else rows.astype(np.int64)])
+        picked = np.flatnonzero(rows) if rows.dtype == bool else rows.astype(np.int64)
+        return hashes_to_hex(self.hashes[picked])
 
     def binary(self) -> pa.FixedSizeBinaryArray:
         """The hashes as an Arrow ``binary(16)`` array (big-endian, like :meth:`hex`), without a copy
@@ -136,11 +139,28 @@ def keys_for(prompts: Sequence[str] | pa.Array | pa.ChunkedArray, scheme: str = 
     >>> keys_for(["a", "a"]).occurrence.tolist()
     [0, 1]
     """
+    hashes = hashes_for(prompts, scheme)
+    return PromptKeys(hashes, _occurrences(hashes))
+
+
+def hashes_for(prompts: Sequence[str] | pa.Array | pa.ChunkedArray, scheme: str = KEY_SCHEME) -> np.ndarray:
+    """The ``(n, 2)`` uint64 hashes of ``prompts`` (no nulls) in key scheme ``scheme``, without
+    their occurrences: a row's hash depends on its own text alone, so any subset of a column can
+    be hashed again later and gets the keys' hashes (a run rehashes each part it writes rather than
+    holding 16 bytes a row while it sends).
+
+    >>> bool((hashes_for(["b"]) == keys_for(["a", "b"]).hashes[1]).all())
+    True
+    """
+    return _hasher(scheme)(prompts)
+
+
+def _hasher(scheme: str) -> Callable[[Any], np.ndarray]:
+    """The hash function of key scheme ``scheme``."""
     if scheme == KEY_SCHEME:
-        return prompt_keys(prompts)
+        return hash_prompts
     if scheme == LEGACY_KEY_SCHEME:
-        hashes = _blake2b_hashes(prompts)
-        return PromptKeys(hashes, _occurrences(hashes))
+        return _blake2b_hashes
     raise ValueError(
         f"Unknown key scheme {scheme!r}; this version of gen-ai-frames knows {list(KEY_SCHEMES)}"
     )
@@ -159,9 +179,7 @@ def keys_for_chunks(
     >>> bool((keys.hashes == keys_for(["a", "b", "a"]).hashes).all()), keys.occurrence.tolist()
     (True, [0, 0, 1])
     """
-    if scheme not in KEY_SCHEMES:
-        keys_for([], scheme)  # raises its error for the unknown scheme
-    hash_chunk = hash_prompts if scheme == KEY_SCHEME else _blake2b_hashes
+    hash_chunk = _hasher(scheme)
     if rows is None:
         hashes = _per_chunk(hash_chunk, chunks)
     else:
@@ -204,8 +222,13 @@ _NIBBLES[np.frombuffer(b"0123456789abcdef", dtype=np.uint8)] = np.arange(16)
 _NIBBLES[np.frombuffer(b"ABCDEF", dtype=np.uint8)] = np.arange(10, 16)
 
 
-def _hex_array(hashes: np.ndarray) -> pa.Array:
-    """``(n, 2)`` uint64 hashes as 32 lower-case hex digits each (big-endian), an Arrow string array."""
+def hashes_to_hex(hashes: np.ndarray) -> pa.Array:
+    """``(n, 2)`` uint64 hashes as 32 lower-case hex digits each (big-endian), an Arrow string array:
+    a checkpoint's ``prompt_hash`` column, the inverse of :func:`hashes_from_hex`.
+
+    >>> hashes_to_hex(np.array([[1, 255]], dtype=np.uint64)).to_pylist()
+    ['000000000000000100000000000000ff']
+    """
     n = len(hashes)
     raw = np.ascontiguousarray(hashes.astype(">u8")).view(np.uint8).reshape(n, 16)
     digits = np.empty((n, 32), dtype=np.uint8)

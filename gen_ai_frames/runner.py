@@ -37,7 +37,16 @@ from .checkpoint import _fix_text as fix_text
 from .client import Client
 from .engine import Result
 from .errors import ConfigurationError, RequestError
-from .keys import KEY_SCHEME, PromptKeys, StoredKeys, keys_for, keys_for_chunks, match_keys
+from .keys import (
+    KEY_SCHEME,
+    PromptKeys,
+    StoredKeys,
+    hashes_for,
+    hashes_to_hex,
+    keys_for,
+    keys_for_chunks,
+    match_keys,
+)
 from .memory import in_thread
 from .options import RunOptions
 from .params import Message
@@ -341,23 +350,26 @@ async def run_rows(
             repair=options.repair,
             storage_options=options.storage_options,
         )
-    run = _Run(prompts, buffer, valid, None, store)
+    run = _Run(prompts, buffer, store)
     try:
         dedupe = options.sends_duplicates_once
+        scheme = KEY_SCHEME if store is None else store.key_scheme
+        keys: PromptKeys | None = None
         if len(valid) and (store is not None or dedupe):
             # Keys match rows to checkpoint records and find duplicates: hashed over the whole
             # column at once, in the checkpoint's own scheme.
-            run.keys = await in_thread(
-                _row_keys, prompts, valid, KEY_SCHEME if store is None else store.key_scheme
-            )
+            keys = await in_thread(_row_keys, prompts, valid, scheme)
         todo, restored = valid, _Restored.none()
         if store is not None and len(valid):
-            assert run.keys is not None
-            todo, restored = await in_thread(_match, store, run.keys, valid, options.retry_errors)
+            assert keys is not None
+            todo, restored = await in_thread(_match, store, keys, valid, options.retry_errors)
             outcome.restored = len(restored.rows)
-        groups = _Groups.of(todo, run.keys, valid if dedupe else None)
-        if store is None:  # the keys found the duplicates; only a checkpoint needs them later
-            run.keys = None
+        groups = _Groups.of(todo, keys, valid if dedupe else None)
+        if store is not None:
+            # From here on a part's keys are hashed again from its prompts when it is written:
+            # the run holds only the occurrences that are not 0, not 20 bytes a row.
+            run.keys = _RecordKeys(scheme, valid, None if keys is None else keys.occurrence)
+        del keys
         if groups:  # rows all restored from the checkpoint need no cache
             run.cache = cache if cache is not None else await RunCache.for_run(client, options)
         if run.cache is not None:
@@ -586,24 +598,67 @@ async def _answer_from_cache(run: _Run, groups: _Groups) -> int:
 _LOOKUP_ROWS = 20_000
 
 
+class _RecordKeys:
+    """How a checkpointed run keys the records it writes, holding next to nothing per row: the key
+    scheme, and the occurrence of each row whose prompt came earlier (usually none). A record's
+    hash is computed again from its prompt (:func:`~gen_ai_frames.keys.hashes_for`), which gives
+    the hash the rows were matched with, since a hash depends on its own prompt alone.
+
+    >>> keys = _RecordKeys(KEY_SCHEME, np.array([0, 2, 5]), np.array([0, 1, 0], dtype=np.int32))
+    >>> keys.occurrence(np.array([5, 2, 0])).tolist()
+    [0, 1, 0]
+    """
+
+    def __init__(self, scheme: str, valid: np.ndarray, occurrence: np.ndarray | None) -> None:
+        self.scheme = scheme
+        if occurrence is None:
+            occurrence = np.zeros(len(valid), dtype=np.int32)
+        repeated = np.flatnonzero(occurrence)
+        self._repeated_rows = valid[repeated]  # ascending, as ``valid`` is
+        self._repeated_occurrence = occurrence[repeated]
+
+    def occurrence(self, positions: np.ndarray) -> np.ndarray:
+        """The occurrence (int32) of the rows at ``positions``."""
+        out = np.zeros(len(positions), dtype=np.int32)
+        rows = self._repeated_rows
+        if len(rows):
+            at = np.minimum(np.searchsorted(rows, positions), len(rows) - 1)
+            hit = rows[at] == positions
+            out[hit] = self._repeated_occurrence[at[hit]]
+        return out
+
+    def of(self, prompts: Prompts, positions: np.ndarray) -> tuple[pa.Array, np.ndarray, pa.Array]:
+        """The rows' prompt column (lone surrogates as U+FFFD, which UTF-8 cannot hold), their
+        hashes and their occurrences."""
+        try:
+            column = prompts.take(positions)  # only the pieces holding these rows are read
+            hashes = hashes_for(column, self.scheme)
+        except UnicodeEncodeError:  # hashed as they were matched: keys.py encodes them itself
+            texts = prompts.texts_of(positions)
+            hashes = hashes_for(texts, self.scheme)
+            column = pa.array([fix_text(t) for t in texts], pa.large_string())
+        return column, hashes, pa.array(self.occurrence(positions), pa.int32())
+
+
 @dataclass
 class _Run:
-    """What one run's rows share while they are sent: their prompts, the result buffer, the row
-    keys (of the sendable rows ``valid``) and the checkpoint."""
+    """What one run's rows share while they are sent: their prompts, the result buffer, the
+    checkpoint and how its records are keyed."""
 
     prompts: Prompts
     buffer: ResultBuffer
-    valid: np.ndarray
-    keys: PromptKeys | None
     store: Checkpoint | None
+    #: How records are keyed (set once the rows are matched; None without a checkpoint).
+    keys: _RecordKeys | None = None
     #: The response cache, which stores the answers received (None: no cache).
     cache: RunCache | None = None
 
-    def key_of(self, i: int) -> tuple[str, int]:
-        """Row ``i``'s key: its prompt hash (hex) and occurrence."""
+    def keys_of(self, rows: Sequence[int]) -> list[tuple[str, int]]:
+        """Each row's key: its prompt hash (hex) and occurrence."""
         assert self.keys is not None
-        k = int(np.searchsorted(self.valid, i))
-        return self.keys.hex(k), int(self.keys.occurrence[k])
+        positions = np.asarray(rows, dtype=np.int64)
+        _, hashes, occurrence = self.keys.of(self.prompts, positions)
+        return list(zip(hashes_to_hex(hashes).to_pylist(), occurrence.to_pylist()))
 
     async def flush(self) -> None:
         """Write every result received and not stored yet to the checkpoint, as one part."""
@@ -620,23 +675,15 @@ class _Run:
 
     def _records(self, positions: np.ndarray, results: pa.Table) -> pa.Table:
         assert self.keys is not None
-        k = np.searchsorted(self.valid, positions)
+        prompt, hashes, occurrence = self.keys.of(self.prompts, positions)
         columns = {
             "position": pa.array(positions, pa.int64()),
-            "prompt_hash": self.keys.hex_array(k),
-            "occurrence": pa.array(self.keys.occurrence[k], pa.int32()),
-            "prompt": _prompt_column(self.prompts, positions),
+            "prompt_hash": hashes_to_hex(hashes),
+            "occurrence": occurrence,
+            "prompt": prompt,
             **{name: results.column(name) for name in RESULT_COLUMNS},
         }
         return pa.table(columns)
-
-
-def _prompt_column(prompts: Prompts, positions: np.ndarray) -> pa.Array:
-    """The prompts of rows ``positions``; lone surrogates (which UTF-8 cannot hold) as U+FFFD."""
-    try:
-        return prompts.take(positions)  # only the pieces holding these rows are read
-    except UnicodeEncodeError:
-        return pa.array([fix_text(t) for t in prompts.texts_of(positions)], pa.large_string())
 
 
 async def _send_groups(

@@ -552,3 +552,39 @@ def test_keys_are_held_while_sending_only_for_a_checkpoint(
     assert fake_server.stats()["requests"] == 7
     assert out["response"].tolist() == [f"echo: question {i % 7}" for i in range(20)]
     assert len(held) == 1 and (held[0] is not None) == with_checkpoint
+
+
+@pytest.mark.parametrize("repeat", [None, 7])
+def test_a_checkpointed_run_holds_no_hashes_while_sending(
+    repeat: int | None, fake_server: Any, client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While sending, a checkpointed run holds only the occurrences that are not 0 (12 bytes each),
+    not every row's 16-byte hash: each part's hashes are computed again from its prompts, and they
+    are the keys a resume matches."""
+    import gen_ai_frames.runner as runner
+
+    held: list[int] = []
+    send = runner._send_groups
+
+    async def watching(run: Any, *args: Any) -> None:
+        held.append(sum(value.nbytes for value in vars(run.keys).values() if isinstance(value, np.ndarray)))
+        await send(run, *args)
+
+    monkeypatch.setattr(runner, "_send_groups", watching)
+    n = 3000
+    prompts = [f"question {i if repeat is None else i % repeat}" for i in range(n)]
+    checkpoint = tmp_path / "run.ckpt"
+    df = pd.DataFrame({"q": prompts})
+    df.genai.generate(column="q", client=client, progress=False, checkpoint=checkpoint, chunk_size=500)
+    repeated = 0 if repeat is None else n - repeat
+    assert held == [12 * repeated]
+    parts = [pq.read_table(checkpoint / part["file"]) for part in manifest_of(checkpoint)["parts"]]
+    assert len(parts) > 1
+    stored = pa.concat_tables(parts).sort_by("position")
+    keys = keys_for(prompts)
+    assert stored["prompt_hash"].to_pylist() == keys.hex_array().to_pylist()
+    assert stored["occurrence"].to_pylist() == keys.occurrence.tolist()
+    before = fake_server.stats()["requests"]
+    again = df.genai.generate(column="q", client=client, progress=False, checkpoint=checkpoint)
+    assert fake_server.stats()["requests"] == before  # every row matched its stored key
+    assert again["response"].tolist() == [f"echo: {p}" for p in prompts]
