@@ -181,8 +181,10 @@ class ResultBuffer:
         #: Rows sealed for the checkpoint and not handed over yet.
         self.unwritten_rows = 0
         self._unwritten: list[tuple[np.ndarray, pa.Table]] = []
-        self._batch_of = np.full(n, -1, dtype=np.int32)  # which batch holds each row's result
-        self._row_in = np.zeros(n, dtype=np.int32)  # and where in it
+        # Per window of rows not placed yet: which batch holds each row's result (row 0, -1: none
+        # yet) and where in it (row 1). A window's index goes once it is placed, so a run nearly
+        # done holds the index of its last windows only, not 8 bytes for each of its rows.
+        self._index: dict[int, np.ndarray] = {}
 
     @property
     def pending(self) -> int:
@@ -245,21 +247,41 @@ class ResultBuffer:
         number = len(self._batches)
         self._batches.append(arrays)
         self._left.append(len(positions))
-        self._batch_of[positions] = number
-        self._row_in[positions] = np.arange(len(positions), dtype=np.int32)
+        window = positions // _WINDOW_ROWS
+        # Rows arrive nearly in order, so a batch usually lies in one window; restored rows may
+        # lie in all of them: grouped by window with one sort.
+        order = np.argsort(window, kind="stable")
+        bounds = np.flatnonzero(np.diff(window[order])) + 1
+        for in_window in np.split(order, bounds) if len(order) else ():
+            w = int(window[in_window[0]])
+            index = self._window_index(w)
+            at = positions[in_window] - w * _WINDOW_ROWS
+            index[0, at] = number
+            index[1, at] = in_window
         self._advance(final=False)
+
+    def _window_index(self, w: int) -> np.ndarray:
+        """Window ``w``'s index (see ``_index``), made when it is first needed."""
+        index = self._index.get(w)
+        if index is None:
+            size = min(_WINDOW_ROWS, self.n - w * _WINDOW_ROWS)
+            index = self._index[w] = np.stack([np.full(size, -1, np.int32), np.zeros(size, np.int32)])
+        return index
 
     def _advance(self, final: bool) -> None:
         """Move the frontier over the rows that have arrived, then put every window below it in
         row order (every window, ``final``ly: rows that never got a result are null)."""
-        batch_of, n = self._batch_of, self.n
+        n = self.n
         while self._frontier < n:
-            step = batch_of[self._frontier : self._frontier + _WINDOW_ROWS]
-            missing = np.flatnonzero(step < 0)
+            w, offset = divmod(self._frontier, _WINDOW_ROWS)
+            index = self._index.get(w)
+            if index is None:  # no row of this window has arrived
+                break
+            missing = np.flatnonzero(index[0, offset:] < 0)
             if len(missing):
                 self._frontier += int(missing[0])
                 break
-            self._frontier += len(step)
+            self._frontier += index.shape[1] - offset
         placed = self._placed
         while self._placed < n:
             stop = min(self._placed + _WINDOW_ROWS, n)
@@ -274,8 +296,8 @@ class ResultBuffer:
 
     def _place_window(self, start: int, stop: int) -> None:
         batches, chunks = self._batches, self._chunks
-        which = self._batch_of[start:stop]
-        where = self._row_in[start:stop]
+        which, where = self._window_index(start // _WINDOW_ROWS)
+        del self._index[start // _WINDOW_ROWS]
         used, counts = np.unique(which[which >= 0], return_counts=True)
         if len(used) == 1 and counts[0] == len(which) and _is_run(where):
             source = batches[int(used[0])]  # one batch, in order: a slice, no copy
@@ -294,7 +316,6 @@ class ResultBuffer:
         self._advance(final=True)
         chunks, self._chunks = self._chunks, {name: [] for name in self.keep}
         self._batches, self._left = [], []
-        self._batch_of = self._row_in = np.zeros(0, dtype=np.int32)
         return {name: pa.chunked_array(chunks[name], type=_BUFFER_TYPES[name]) for name in self.keep}
 
     def _gather(

@@ -109,3 +109,18 @@ def test_an_arrow_backed_column_is_not_turned_into_python_strings() -> None:
     assert prompts._texts is None  # held as Arrow until someone asks for the list
     assert prompts.texts_of([0]) == ["Hi"]
     assert sorted(prompts.failed) == [1, 2]
+
+
+def test_placed_windows_let_their_row_index_go(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run nearly done holds the row index (8 bytes a row) of its unplaced windows only: at a
+    million rows that is 8 MB less at the end of sending, where a checkpointed run peaks."""
+    monkeypatch.setattr(results_module, "_WINDOW_ROWS", 100)
+    monkeypatch.setattr(results_module, "SEAL_ROWS", 50)
+    buffer = ResultBuffer(1000, ["response"])
+    for i in range(950):
+        buffer.add([i], _values(f"r{i}"))
+    assert sum(index.nbytes for index in buffer._index.values()) == 8 * 100  # window 9's alone
+    for i in range(950, 1000):
+        buffer.add([i], _values(f"r{i}"))
+    assert buffer._index == {}
+    assert buffer.columns()["response"].to_pylist() == [f"r{i}" for i in range(1000)]
