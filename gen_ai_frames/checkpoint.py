@@ -409,21 +409,13 @@ def _dedup_latest(table: pa.Table) -> pa.Table:
     return table if last is None else table.take(last)
 
 
-def _latest_rows(keys: pa.Table) -> pa.Array | None:
+def _latest_rows(keys: pa.Table) -> np.ndarray | None:
     """Indices of the last row of each ``(prompt_hash, occurrence)`` in ``keys``, in order; None
-    when no key repeats (the common case, which then costs no copy)."""
-    if keys.num_rows == 0:
-        return None
-    order = pa.array(np.arange(keys.num_rows, dtype=np.int64))
-    last = (
-        keys.append_column("__row", order)
-        .group_by(_KEY_COLUMNS, use_threads=False)
-        .aggregate([("__row", "max")])
-        .column("__row_max")
+    when no key repeats (the common case, which then costs no copy). See :func:`_latest`."""
+    return _latest(
+        hashes_from_hex(keys.column("prompt_hash")),
+        keys.column("occurrence").to_numpy().astype(np.int32, copy=False),
     )
-    if len(last) == keys.num_rows:
-        return None
-    return last.sort()
 
 
 _NULLABLE_TYPES = {
@@ -1255,17 +1247,16 @@ class Checkpoint:
         """
         keys = [_read_part_columns(self._store, name, _KEY_SCHEMA) for name in names]
         sizes = [table.num_rows for table in keys]
-        last = _latest_rows(pa.concat_tables(keys))
+        rows = _latest_rows(pa.concat_tables(keys))
         del keys
-        if last is None:
+        if rows is None:
             survivors: list[np.ndarray | None] = [None] * len(names)
         else:
             # Split the surviving (sorted) row numbers back into each part's own row numbers.
-            rows = last.to_numpy()
             starts = np.cumsum([0, *sizes])
             bounds = np.searchsorted(rows, starts)
             survivors = [rows[bounds[i] : bounds[i + 1]] - starts[i] for i in range(len(names))]
-        total = sum(sizes) if last is None else len(last)
+        total = sum(sizes) if rows is None else len(rows)
         schema = RECORD_SCHEMA.with_metadata(self._part_metadata())
 
         def write(f: BinaryIO) -> None:

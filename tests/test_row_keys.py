@@ -558,7 +558,7 @@ def test_keys_are_held_while_sending_only_for_a_checkpoint(
 def test_a_checkpointed_run_holds_no_hashes_while_sending(
     repeat: int | None, fake_server: Any, client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """While sending, a checkpointed run holds only the occurrences that are not 0 (12 bytes each),
+    """While sending, a checkpointed run holds only the occurrences that are not 0 (at most 12 bytes each),
     not every row's 16-byte hash: each part's hashes are computed again from its prompts, and they
     are the keys a resume matches."""
     import gen_ai_frames.runner as runner
@@ -577,7 +577,8 @@ def test_a_checkpointed_run_holds_no_hashes_while_sending(
     df = pd.DataFrame({"q": prompts})
     df.genai.generate(column="q", client=client, progress=False, checkpoint=checkpoint, chunk_size=500)
     repeated = 0 if repeat is None else n - repeat
-    assert held == [12 * repeated]
+    assert len(held) == 1
+    assert (0 < held[0] <= 12 * repeated) if repeated else held[0] == 0
     parts = [pq.read_table(checkpoint / part["file"]) for part in manifest_of(checkpoint)["parts"]]
     assert len(parts) > 1
     stored = pa.concat_tables(parts).sort_by("position")
