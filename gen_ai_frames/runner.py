@@ -11,8 +11,9 @@ Ten million rows fit on one machine because nothing here holds a Python object p
 whole run: prompts stay an Arrow column (read a slice at a time while sending), results are
 Arrow columns (:class:`~gen_ai_frames.results.ResultBuffer`, whose batches are also the
 checkpoint's parts), row keys are NumPy arrays hashed over the whole column at once
-(:mod:`gen_ai_frames.keys`), and a resume matches rows against the stored keys alone, reading the
-stored answers only once the new rows are sent.
+(:mod:`gen_ai_frames.keys`) and let go once they have matched and grouped the rows (a checkpoint
+part's keys are hashed again from its prompts when it is written), and a resume matches rows
+against the stored keys alone, reading the stored answers only once the new rows are sent.
 """
 
 from __future__ import annotations
