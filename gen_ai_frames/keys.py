@@ -121,9 +121,9 @@ class PromptKeys:
 
 
 def prompt_keys(prompts: Sequence[str] | pa.Array | pa.ChunkedArray) -> PromptKeys:
-    """The hash and occurrence of every prompt (no nulls: rows without a prompt are never keyed)."""
-    hashes = hash_prompts(prompts)
-    return PromptKeys(hashes, _occurrences(hashes))
+    """The hash and occurrence of every prompt (no nulls: rows without a prompt are never keyed),
+    in :data:`KEY_SCHEME`: :func:`keys_for` with its default scheme."""
+    return keys_for(prompts)
 
 
 def keys_for(prompts: Sequence[str] | pa.Array | pa.ChunkedArray, scheme: str = KEY_SCHEME) -> PromptKeys:
