@@ -101,7 +101,7 @@ def test_a_run_hands_back_its_row_arrays_once_they_are_freed(
 ) -> None:
     """A run's row numbers (4 bytes a row) are freed only when it returns, just before the caller
     builds its frame: the release must come after that, or glibc keeps their pages for the whole
-    conversion (13 MB of polars' peak at a million rows)."""
+    conversion (where polars without a checkpoint peaks)."""
     import weakref
 
     import gen_ai_frames.runner as runner
